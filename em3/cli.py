@@ -1,0 +1,114 @@
+"""The ``em3`` command line: one entry point, subcommands registered per package.
+
+Each package that adds commands exposes ``register(subparsers)`` in a ``cli``
+module; they are imported lazily so ``em3 --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import time
+from typing import Callable, Sequence
+
+from em3.config import default_run_dir, load_settings
+
+__all__ = ["main", "add_connection_flags", "settings_from_args"]
+
+# Packages whose ``cli.register`` adds subcommands; missing ones are skipped.
+_COMMAND_MODULES = ("stream.cli", "learners.cli", "serving.cli", "simulators.cli", "em3.demo_cli")
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every component takes to reach external Kafka and Redis."""
+    parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (env EM3_BOOTSTRAP_SERVERS)")
+    parser.add_argument("--redis-url", help="Redis URL, redis:// or rediss:// (env EM3_REDIS_URL)")
+    parser.add_argument("--topic-prefix", help="prefix of every topic name (env EM3_TOPIC_PREFIX, default em3.)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    return load_settings(
+        bootstrap_servers=getattr(args, "bootstrap_servers", None),
+        redis_url=getattr(args, "redis_url", None),
+        topic_prefix=getattr(args, "topic_prefix", None),
+    )
+
+
+def _services(args: argparse.Namespace) -> int:
+    from em3.services import LocalServices, services_status, stop_services
+
+    run_dir = args.run_dir or default_run_dir()
+    if args.action == "up":
+        status = services_status(run_dir)
+        if any(s.get("answers") for s in status.values()):
+            print(json.dumps(status, indent=2))
+            print("services already running; `em3 services down` first", file=sys.stderr)
+            return 1
+        services = LocalServices(run_dir, kafka_port=args.kafka_port, redis_port=args.redis_port,
+                                 detached=not args.foreground)
+        info = services.start()
+        print(json.dumps({"bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url,
+                          "run_dir": str(run_dir)}))
+        if args.foreground:
+            # Stay in the foreground until Ctrl-C or SIGTERM, then stop both.
+            stop = False
+
+            def _on_signal(signum: int, frame: object) -> None:
+                nonlocal stop
+                stop = True
+
+            signal.signal(signal.SIGTERM, _on_signal)
+            try:
+                while not stop:
+                    time.sleep(0.2)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                services.stop()
+        return 0
+    if args.action == "down":
+        print(json.dumps({"stopped": stop_services(run_dir)}))
+        return 0
+    status = services_status(run_dir)
+    print(json.dumps(status, indent=2))
+    return 0 if all(s.get("answers") for s in status.values()) else 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="em3", description="em3-stream: online end-to-end EM3 training")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="start/stop the embedded Kafka broker (Tansu) and Redis")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--run-dir", help="pid files, logs, services.json (env EM3_RUN_DIR, default runs/services)")
+    p.add_argument("--kafka-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--redis-port", type=int, default=None, help="default: a free port")
+    p.add_argument("--foreground", action="store_true", help="stay attached; stop both on Ctrl-C")
+    p.set_defaults(func=_services)
+
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        register: Callable[[argparse._SubParsersAction], None] = module.register
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, strategies as st
+
+from em3 import codec
+from em3.errors import DecodeError
+from em3.types import Click, Impression, ItemContent, Sample
+
+TS = 1_700_000_000.0
+
+
+def _imp(**kw):
+    base = dict(impression_id="imp-1", request_id="r1", user_id="u1", item_id="i1", position=0, served_at=TS,
+                model_line="em3", model_version=3, arm="A", propensity=0.5, context={"device": "ios"})
+    base.update(kw)
+    return Impression(**base)
+
+
+def test_round_trip_every_type():
+    imp = _imp()
+    records = [imp, Click("imp-1", "u1", "i1", TS + 5), Sample(imp, 1, TS + 5, correction=True),
+               ItemContent("i1", "text", image=b"\x00\x01", attributes={"g": "x"})]
+    for r in records:
+        assert codec.decode(codec.encode(r)) == r
+
+
+def test_sample_id_is_stable_and_differs_for_corrections():
+    imp = _imp()
+    assert Sample(imp, 0, TS).sample_id == Sample(imp, 0, TS + 1).sample_id
+    assert Sample(imp, 0, TS).sample_id != Sample(imp, 1, TS, correction=True).sample_id
+
+
+@pytest.mark.parametrize(
+    "raw, reason",
+    [
+        (b"\xff\xfe", "bad_bytes"),
+        (b"{not json", "bad_json"),
+        (b"[1,2]", "not_an_object"),
+        (b'{"type":"click"}', "missing_version"),
+        (b'{"v":99,"type":"click"}', "unknown_schema_version"),
+        (b'{"v":1,"type":"impression"}', "wrong_type"),
+        (b'{"v":1,"type":"click","user_id":"u","item_id":"i","clicked_at":1.7e9}', "missing_field"),
+        (b'{"v":1,"type":"click","impression_id":5,"user_id":"u","item_id":"i","clicked_at":1.7e9}', "mistyped_field"),
+        (b'{"v":1,"type":"click","impression_id":"x","user_id":"u","item_id":"i","clicked_at":true}', "mistyped_field"),
+        (b'{"v":1,"type":"click","impression_id":"x","user_id":"u","item_id":"i","clicked_at":5}', "absurd_timestamp"),
+        (b'{"v":1,"type":"click","impression_id":"","user_id":"u","item_id":"i","clicked_at":1.7e9}', "bad_value"),
+    ],
+)
+def test_malformed_click_gives_typed_reason(raw, reason):
+    with pytest.raises(DecodeError) as info:
+        codec.decode_click(raw)
+    assert info.value.reason == reason
+
+
+def test_impression_rejects_bad_propensity_and_position():
+    body = codec.to_dict(_imp())
+    for field, value, reason in [("propensity", 0.0, "bad_value"), ("position", -1, "bad_value"),
+                                 ("context", {"a": 1}, "mistyped_field")]:
+        bad = dict(body, **{field: value})
+        with pytest.raises(DecodeError) as info:
+            codec.decode_impression(json.dumps(bad).encode())
+        assert info.value.reason == reason
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise_anything_but_decode_error(raw):
+    try:
+        codec.decode(raw)
+    except DecodeError:
+        pass
