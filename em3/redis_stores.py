@@ -13,17 +13,18 @@ Key layout (prefix ``em3:`` by default; see ``docs/architecture.md``):
 """
 from __future__ import annotations
 
+import json
 from typing import Iterable, Sequence
 
 import redis
 
 from em3 import codec
 from em3.config import RedisSettings
-from em3.errors import DecodeError
+from em3.errors import DecodeError, SnapshotError
 from em3.stores import DEFAULT_HISTORY_LENGTH
-from em3.types import ItemContent
+from em3.types import ItemContent, SnapshotManifest
 
-__all__ = ["connect", "RedisContentStore", "RedisHistoryStore", "RedisError"]
+__all__ = ["connect", "RedisContentStore", "RedisHistoryStore", "RedisSnapshotStore", "RedisError"]
 
 RedisError = redis.RedisError
 
@@ -137,3 +138,114 @@ class RedisHistoryStore:
                     break
             out.append(items)
         return out
+
+
+class RedisSnapshotStore:
+    """Versioned snapshots per model line: blob + manifest, a version pointer,
+    a pub/sub notification, the last ``keep`` versions kept.
+
+    Publishing is one MULTI/EXEC transaction (blob, manifest, version set,
+    pointer), so a reader that follows the pointer always finds a complete
+    snapshot; the notification is sent after the transaction commits.
+    Verification of checksum and config is the reader's job
+    (:func:`em3.snapshot.unpack`), so a corrupt blob is never silently served.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "em3:", keep: int = 10) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, but {keep} is given")
+        self.client = client
+        self.prefix = prefix
+        self.keep = keep
+
+    # keys -----------------------------------------------------------------
+    def _k(self, line: str, suffix: str) -> str:
+        return f"{self.prefix}snap:{line}:{suffix}"
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel on which new versions are announced."""
+        return f"{self.prefix}snapshots"
+
+    # writing ----------------------------------------------------------------
+    def next_version(self, line: str) -> int:
+        """A new, never reused version number for ``line`` (atomic INCR)."""
+        return int(self.client.incr(self._k(line, "seq")))
+
+    def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
+        """Store a snapshot and move the line's pointer to it, then notify."""
+        line, version = manifest.model_line, manifest.version
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self._k(line, f"{version}:blob"), blob)
+        pipe.set(self._k(line, f"{version}:manifest"), codec.manifest_to_json(manifest))
+        pipe.zadd(self._k(line, "versions"), {str(version): version})
+        pipe.set(self._k(line, "latest"), version)
+        pipe.sadd(f"{self.prefix}snap-lines", line)
+        pipe.execute()
+        self.client.publish(self.channel, json.dumps({"line": line, "version": version}))
+        self._prune(line)
+
+    def _prune(self, line: str) -> None:
+        versions = self.versions(line)
+        latest = self.latest_version(line)
+        stale = [v for v in versions[: max(0, len(versions) - self.keep)] if v != latest]
+        if not stale:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        for v in stale:
+            pipe.delete(self._k(line, f"{v}:blob"), self._k(line, f"{v}:manifest"))
+            pipe.zrem(self._k(line, "versions"), str(v))
+        pipe.execute()
+
+    def rollback(self, line: str, version: int | None = None) -> int:
+        """Point ``line`` at ``version`` (default: the one before the current) and notify."""
+        versions = self.versions(line)
+        current = self.latest_version(line)
+        if version is None:
+            older = [v for v in versions if current is not None and v < current]
+            if not older:
+                raise SnapshotError(f"line {line!r} has no version older than {current} to roll back to")
+            version = older[-1]
+        if version not in versions:
+            raise SnapshotError(f"line {line!r} keeps versions {versions}; {version} is not among them")
+        self.client.set(self._k(line, "latest"), version)
+        self.client.publish(self.channel, json.dumps({"line": line, "version": version, "rollback": True}))
+        return version
+
+    # reading ----------------------------------------------------------------
+    def lines(self) -> list[str]:
+        return sorted(m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(f"{self.prefix}snap-lines"))
+
+    def versions(self, line: str) -> list[int]:
+        """Kept versions, oldest first."""
+        return [int(v) for v in self.client.zrange(self._k(line, "versions"), 0, -1)]
+
+    def latest_version(self, line: str) -> int | None:
+        raw = self.client.get(self._k(line, "latest"))
+        return None if raw is None else int(raw)
+
+    def manifest(self, line: str, version: int) -> SnapshotManifest:
+        raw = self.client.get(self._k(line, f"{version}:manifest"))
+        if raw is None:
+            raise SnapshotError(f"no manifest for line {line!r} version {version}")
+        return codec.decode_manifest(raw)
+
+    def get(self, line: str, version: int | None = None) -> tuple[SnapshotManifest, bytes]:
+        """The manifest and blob of ``version`` (default: the pointer's)."""
+        if version is None:
+            version = self.latest_version(line)
+            if version is None:
+                raise SnapshotError(f"line {line!r} has no published snapshot")
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self._k(line, f"{version}:manifest"))
+        pipe.get(self._k(line, f"{version}:blob"))
+        raw_manifest, blob = pipe.execute()
+        if raw_manifest is None or blob is None:
+            raise SnapshotError(f"snapshot {line!r} version {version} is missing (pruned?)")
+        return codec.decode_manifest(raw_manifest), blob
+
+    def subscribe(self):
+        """A pub/sub object subscribed to the notification channel (caller closes it)."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(self.channel)
+        return pubsub

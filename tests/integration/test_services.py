@@ -70,3 +70,39 @@ def test_services_cli_up_status_down_leaves_nothing(tmp_path):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_snapshot_store_publishes_prunes_and_rolls_back(settings, redis_client):
+    import time
+
+    from em3.errors import SnapshotError
+    from em3.redis_stores import RedisSnapshotStore
+    from em3.types import SnapshotManifest
+
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, keep=3)
+    pubsub = store.subscribe()
+    published = []
+    for _ in range(5):
+        v = store.next_version("em3")
+        m = SnapshotManifest("em3", v, published[-1] if published else None, time.time(), {"d": 8},
+                             {"t:0": 10 * v}, sha256="ab" * 32, num_bytes=3)
+        store.publish(m, b"abc")
+        published.append(v)
+    assert published == [1, 2, 3, 4, 5]
+    assert store.versions("em3") == [3, 4, 5]
+    assert store.latest_version("em3") == 5
+    manifest, blob = store.get("em3")
+    assert (manifest.version, manifest.offsets, blob) == (5, {"t:0": 50}, b"abc")
+    notes = []
+    deadline = time.time() + 5
+    while len(notes) < 5 and time.time() < deadline:
+        msg = pubsub.get_message(timeout=0.2)
+        if msg:
+            notes.append(msg["data"])
+    assert len(notes) == 5
+    assert store.rollback("em3") == 4 and store.latest_version("em3") == 4
+    with pytest.raises(SnapshotError):
+        store.rollback("em3", 1)
+    with pytest.raises(SnapshotError):
+        store.get("nope")
+    pubsub.close()
