@@ -1,0 +1,6 @@
+"""``python -m em3`` is the ``em3`` command."""
+import sys
+
+from em3.cli import main
+
+sys.exit(main())
