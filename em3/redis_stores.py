@@ -10,6 +10,8 @@ Key layout (prefix ``em3:`` by default; see ``docs/architecture.md``):
 ``{p}snap:{line}:versions``        sorted set of kept versions (score = version)
 ``{p}snap:{line}:latest``          the version pointer (an int)
 ``{p}snapshots``                   pub/sub channel: ``{"line":..., "version":...}``
+``{p}pop:{kind}``                  sorted set: click / impression counts per item (popularity arm)
+``{p}items-updated``               pub/sub channel: JSON list of item ids whose content changed
 """
 from __future__ import annotations
 
@@ -24,7 +26,18 @@ from em3.errors import DecodeError, SnapshotError
 from em3.stores import DEFAULT_HISTORY_LENGTH
 from em3.types import ItemContent, SnapshotManifest
 
-__all__ = ["connect", "RedisContentStore", "RedisHistoryStore", "RedisSnapshotStore", "RedisError"]
+__all__ = [
+    "connect",
+    "RedisContentStore",
+    "RedisHistoryStore",
+    "RedisSnapshotStore",
+    "RedisError",
+    "RedisPopularityStore",
+    "POPULARITY_KINDS",
+    "item_updates_channel",
+    "publish_item_updates",
+    "registered_mask",
+]
 
 RedisError = redis.RedisError
 
@@ -249,3 +262,62 @@ class RedisSnapshotStore:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel)
         return pubsub
+
+
+# --- serving additions: popularity counters and item-update notices ----------------
+
+POPULARITY_KINDS = ("clicks", "impressions")
+
+
+class RedisPopularityStore:
+    """Per-item counters of clicks or impressions in a sorted set ``{p}pop:{kind}``.
+
+    The popularity baseline arm ranks candidates by these counts; the serving
+    app increments ``clicks`` on ``POST /v1/click`` and ``impressions`` from the
+    impression logger's background thread.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "em3:") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _key(self, kind: str) -> str:
+        if kind not in POPULARITY_KINDS:
+            raise ValueError(f"kind must be one of {POPULARITY_KINDS}, but {kind!r} is given")
+        return f"{self.prefix}pop:{kind}"
+
+    def incr_many(self, kind: str, item_ids: Iterable[str], amount: float = 1.0) -> None:
+        """Add ``amount`` to the counter of each id (repeats add up)."""
+        key = self._key(kind)
+        pipe = self.client.pipeline(transaction=False)
+        n = 0
+        for item_id in item_ids:
+            pipe.zincrby(key, amount, item_id)
+            n += 1
+        if n:
+            pipe.execute()
+
+    def get_many(self, kind: str, item_ids: Sequence[str]) -> list[float]:
+        """The counters of ``item_ids`` (0.0 for never counted ones)."""
+        if not item_ids:
+            return []
+        scores = self.client.zmscore(self._key(kind), list(item_ids))
+        return [0.0 if s is None else float(s) for s in scores]
+
+
+def item_updates_channel(prefix: str = "em3:") -> str:
+    """The pub/sub channel on which servers announce changed item content."""
+    return f"{prefix}items-updated"
+
+
+def publish_item_updates(client: redis.Redis, prefix: str, item_ids: Sequence[str]) -> None:
+    """Tell every server that the content of ``item_ids`` changed (JSON list of ids)."""
+    if item_ids:
+        client.publish(item_updates_channel(prefix), json.dumps(list(item_ids)))
+
+
+def registered_mask(client: redis.Redis, prefix: str, item_ids: Sequence[str]) -> list[bool]:
+    """Whether each id is in the registered-items set ``{p}items`` (one round trip)."""
+    if not item_ids:
+        return []
+    return [bool(x) for x in client.smismember(f"{prefix}items", list(item_ids))]
