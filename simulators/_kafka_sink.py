@@ -1,0 +1,154 @@
+"""The Kafka edge of the simulators: produce Impression and Click events to topics.
+
+Topics are ``{prefix}impressions`` and ``{prefix}clicks`` (the names of
+:class:`em3.config.TopicNames`); records are keyed by ``user_id`` (so one
+user's events stay on one partition, in order), carry the event time as the
+Kafka timestamp, and hold :func:`em3.codec.encode` bytes.
+
+The Kafka client itself is only touched through :mod:`stream.kafka` (the one
+module of the project that imports confluent-kafka).
+
+:func:`fast_encode` gives the same bytes as :func:`em3.codec.encode` for
+impressions and clicks without ``dataclasses.asdict`` (about 5x faster, which
+is what lets a replay reach 50k events/s on one core);
+``tests/unit/simulators/test_kafka_sink.py`` checks the bytes are equal.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+from em3.codec import SCHEMA_VERSION, encode
+from em3.config import KafkaSettings, TopicNames
+from em3.types import Click, Impression
+
+__all__ = ["SinkStats", "produce_events", "fast_encode", "DEFAULT_PREFIX"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "em3."
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def fast_encode(event: Impression | Click) -> bytes:
+    """``em3.codec.encode(event)`` for impressions and clicks, faster."""
+    if type(event) is Impression:
+        return _dumps({
+            "impression_id": event.impression_id, "request_id": event.request_id,
+            "user_id": event.user_id, "item_id": event.item_id, "position": event.position,
+            "served_at": event.served_at, "model_line": event.model_line,
+            "model_version": event.model_version, "arm": event.arm, "propensity": event.propensity,
+            "context": dict(event.context), "v": SCHEMA_VERSION, "type": "impression",
+        }).encode("utf-8")
+    if type(event) is Click:
+        return _dumps({
+            "impression_id": event.impression_id, "user_id": event.user_id, "item_id": event.item_id,
+            "clicked_at": event.clicked_at, "v": SCHEMA_VERSION, "type": "click",
+        }).encode("utf-8")
+    return encode(event)
+
+
+@dataclass
+class SinkStats:
+    """What was produced: per-topic counts, delivery failures and timing."""
+
+    produced: dict[str, int] = field(default_factory=dict)
+    delivered: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    @property
+    def total(self) -> int:
+        """Records handed to the producer."""
+        return sum(self.produced.values())
+
+    def to_dict(self) -> dict[str, object]:
+        """A JSON-ready dict."""
+        return {"produced": dict(self.produced), "total": self.total, "delivered": self.delivered,
+                "failed": self.failed, "errors": dict(self.errors), "wall_s": self.wall_s}
+
+
+def produce_events(
+    events: Iterable[Impression | Click], kafka: KafkaSettings | str, *, prefix: str = DEFAULT_PREFIX,
+    create_topics: bool = True, partitions: int = 1, producer_overrides: Mapping[str, object] | None = None,
+    flush_timeout_s: float = 60.0, encoder: Callable[[Impression | Click], bytes] = fast_encode,
+) -> SinkStats:
+    """Produce ``events`` to ``{prefix}impressions`` and ``{prefix}clicks``.
+
+    Parameters
+    ----------
+    events : iterable of Impression or Click
+        Typically :meth:`simulators.replay.LogReplayer.run`.
+    kafka : KafkaSettings or str
+        Settings, or bootstrap servers as ``"host:port"``.
+    prefix : str
+        Topic name prefix (default ``"em3."``).
+    create_topics : bool
+        Create the two topics first if missing.
+    partitions : int
+        Partitions of topics created here.
+    producer_overrides : mapping, optional
+        librdkafka settings, ``_`` for ``.`` (``{"linger_ms": 5}``).
+    flush_timeout_s : float
+        How long to wait for outstanding deliveries at the end.
+    encoder : callable
+        Event to bytes (default :func:`fast_encode`, equal to ``em3.codec.encode``).
+
+    Returns
+    -------
+    SinkStats
+
+    Raises
+    ------
+    TimeoutError
+        When deliveries are still outstanding after ``flush_timeout_s``.
+    """
+    from stream.kafka import ensure_topics, make_producer  # the Kafka client lives there
+
+    if flush_timeout_s <= 0:
+        raise ValueError(f"flush_timeout_s must be > 0, but {flush_timeout_s} is given")
+    settings = KafkaSettings(kafka) if isinstance(kafka, str) else kafka
+    topics = TopicNames(prefix)
+    if create_topics:
+        ensure_topics(settings, [topics.impressions, topics.clicks], partitions=partitions)
+    producer = make_producer(settings, **dict(producer_overrides or {}))
+    stats = SinkStats(produced={topics.impressions: 0, topics.clicks: 0})
+
+    def on_delivery(err, _msg) -> None:
+        if err is None:
+            stats.delivered += 1
+        else:
+            stats.failed += 1
+            name = str(err.name()) if hasattr(err, "name") else str(err)
+            stats.errors[name] = stats.errors.get(name, 0) + 1
+
+    imp_topic, click_topic = topics.impressions, topics.clicks
+    produced = stats.produced
+    start = time.monotonic()
+    for n, event in enumerate(events, start=1):
+        if type(event) is Impression:
+            topic, ts = imp_topic, event.served_at
+        else:
+            topic, ts = click_topic, event.clicked_at
+        value = encoder(event)
+        key = event.user_id.encode("utf-8")
+        while True:
+            try:
+                producer.produce(topic, value, key, timestamp=int(ts * 1000), on_delivery=on_delivery)
+                break
+            except BufferError:  # local queue full: serve delivery reports, then retry
+                producer.poll(0.05)
+        produced[topic] += 1
+        if n % 10_000 == 0:
+            producer.poll(0)
+    remaining = producer.flush(flush_timeout_s)
+    stats.wall_s = time.monotonic() - start
+    if remaining:
+        raise TimeoutError(f"{remaining} records still undelivered after {flush_timeout_s} s")
+    if stats.failed:
+        logger.error("%d of %d records failed delivery: %s", stats.failed, stats.total, stats.errors)
+    return stats
