@@ -37,6 +37,7 @@ __all__ = [
     "item_updates_channel",
     "publish_item_updates",
     "registered_mask",
+    "RedisAppliedLog",
 ]
 
 RedisError = redis.RedisError
@@ -321,3 +322,71 @@ def registered_mask(client: redis.Redis, prefix: str, item_ids: Sequence[str]) -
     if not item_ids:
         return []
     return [bool(x) for x in client.smismember(f"{prefix}items", list(item_ids))]
+
+
+class RedisAppliedLog:
+    """The sample ids each published snapshot version applied, per partition, chained by parent.
+
+    Written by the learners (:class:`learners.publisher.SnapshotPublisher`) just
+    before the snapshot of the same version is published; a version whose
+    snapshot was never published is unreachable from the line's pointer and is
+    ignored. Walking ``parent`` links from a published version back gives every
+    sample id in that model state's lineage: the learner rebuilds its dedup
+    window from it, and ``benchmarks/recovery.py`` audits it.
+
+    Key: ``{p}learn:{line}:applied:{version}``, JSON
+    ``{"parent": int | null, "ids": {"topic:partition": [sample_id, ...]}}``.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "em3:") -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _key(self, line: str, version: int) -> str:
+        return f"{self.prefix}learn:{line}:applied:{version}"
+
+    def put(
+        self,
+        line: str,
+        version: int,
+        parent: int | None,
+        ids: dict[str, list[str]],
+        ttl_s: float | None = None,
+    ) -> None:
+        """Record the ids applied by ``version`` since ``parent``; ``ttl_s`` expires the record."""
+        body = json.dumps({"parent": parent, "ids": ids}, separators=(",", ":"))
+        if ttl_s is None:
+            self.client.set(self._key(line, version), body)
+        else:
+            self.client.set(self._key(line, version), body, px=max(1, int(ttl_s * 1000)))
+
+    def get(self, line: str, version: int) -> tuple[int | None, dict[str, list[str]]] | None:
+        """``(parent, ids)`` of ``version``, or ``None`` if unknown (never written, expired, deleted)."""
+        raw = self.client.get(self._key(line, version))
+        if raw is None:
+            return None
+        obj = json.loads(raw)
+        parent = obj.get("parent")
+        return (None if parent is None else int(parent)), {
+            str(k): [str(i) for i in v] for k, v in dict(obj.get("ids", {})).items()
+        }
+
+    def chain(self, line: str, version: int | None, max_versions: int | None = None):
+        """Yield ``(version, ids)`` from ``version`` back through its parents, newest first.
+
+        Stops at the root, at a missing record, or after ``max_versions``.
+        """
+        seen = 0
+        while version is not None and (max_versions is None or seen < max_versions):
+            record = self.get(line, version)
+            if record is None:
+                return
+            parent, ids = record
+            yield version, ids
+            seen += 1
+            version = parent
+
+    def delete(self, line: str, versions: Iterable[int]) -> None:
+        keys = [self._key(line, v) for v in versions]
+        if keys:
+            self.client.delete(*keys)
