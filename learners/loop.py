@@ -1,0 +1,363 @@
+"""The learner's cycle: consume -> micro-batch -> resolve histories -> score -> learn.
+
+:class:`LearnerLoop` is pure apart from what it is given: a :class:`SampleSource`
+(Kafka in production, :class:`MemorySampleSource` in tests), a history source, a
+learner with the :class:`LearnerLike` interface and a prequential tracker. It
+never publishes or commits; :meth:`LearnerLoop.run_cycle` trains until a snapshot
+is due and returns a :class:`CycleResult` (the offsets it trained to, the sample
+ids it applied, counters and the prequential pairs). The caller (a single learner
+in :mod:`learners.worker`, or the aggregator of a fleet) publishes the snapshot
+and only then commits the offsets.
+
+Per micro-batch:
+
+1. poll up to ``batch_size`` records, waiting at most ``max_batch_wait_s`` after
+   the first one;
+2. decode them (undecodable records are counted, logged and skipped; their offsets
+   still advance);
+3. drop samples whose ``sample_id`` is in the dedup window or repeated in the batch;
+4. fetch each user's history as it was when the impression was served
+   (``before=served_at``);
+5. score the batch with the current model (prequential: every prediction is made
+   before the model learns from that sample), then ``learn_batch``.
+
+Correction samples (a late click on an impression already learned as a negative)
+are learned with the model's fake-negative correction and counted, but kept out
+of the prequential AUC and logloss: they re-label an impression that was already
+scored once.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from em3 import codec
+from em3.errors import DecodeError
+from em3.stores import HistorySource
+from em3.types import Sample
+from learners.dedup import DEFAULT_DEDUP_CAPACITY, DedupWindow
+from learners.publisher import SnapshotPolicy
+
+__all__ = [
+    "LoopConfig",
+    "SourceRecord",
+    "SampleSource",
+    "MemorySampleSource",
+    "LearnerLike",
+    "CycleResult",
+    "LearnerLoop",
+    "COUNTERS",
+]
+
+log = logging.getLogger(__name__)
+
+# Cumulative counters a loop keeps (and a snapshot's stats carry).
+COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Micro-batching and dedup settings of a :class:`LearnerLoop`.
+
+    Parameters
+    ----------
+    batch_size : int
+        Most records per micro-batch (one optimizer step).
+    max_batch_wait_s : float
+        Longest wait for a batch to fill once its first record arrived.
+    poll_timeout_s : float
+        Longest single poll of the source.
+    history_len : int or None
+        History items fetched per sample (default: the model's ``history_len``).
+    dedup_capacity : int
+        Sample ids remembered to drop redeliveries.
+    """
+
+    batch_size: int = 256
+    max_batch_wait_s: float = 0.2
+    poll_timeout_s: float = 0.05
+    history_len: int | None = None
+    dedup_capacity: int = DEFAULT_DEDUP_CAPACITY
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "dedup_capacity"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+        for name in ("max_batch_wait_s", "poll_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
+        if self.history_len is not None and self.history_len <= 0:
+            raise ValueError(f"history_len must be > 0, but {self.history_len!r} is given")
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """One record of the samples topic: ``partition`` is ``"topic:partition"``."""
+
+    partition: str
+    offset: int
+    value: bytes
+
+
+class SampleSource(Protocol):
+    """Where a loop reads encoded samples from; positions are next offsets per partition."""
+
+    def poll(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
+        """Up to ``max_records`` records, waiting at most ``timeout_s`` for the first."""
+        ...
+
+    def partitions(self) -> list[str]:
+        """The ``"topic:partition"`` keys this source reads."""
+        ...
+
+    def seek(self, offsets: Mapping[str, int]) -> None:
+        """Position every partition at ``offsets[key]``, or at its beginning if absent."""
+        ...
+
+    def commit(self, offsets: Mapping[str, int]) -> None:
+        """Record ``offsets`` as consumed (only after the snapshot holding them is published)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class MemorySampleSource:
+    """An in-memory :class:`SampleSource` over lists of encoded records per partition.
+
+    >>> src = MemorySampleSource({"t:0": [b"a", b"b"], "t:1": [b"c"]})
+    >>> [(r.partition, r.offset) for r in src.poll(10, 0.01)]
+    [('t:0', 0), ('t:0', 1), ('t:1', 0)]
+    >>> src.seek({"t:0": 1}); [r.value for r in src.poll(10, 0.01)]
+    [b'b', b'c']
+    """
+
+    def __init__(self, records: Mapping[str, Sequence[bytes]]) -> None:
+        self.records: dict[str, list[bytes]] = {k: list(v) for k, v in records.items()}
+        self.positions: dict[str, int] = {k: 0 for k in self.records}
+        self.committed: dict[str, int] = {}
+
+    def append(self, partition: str, values: Iterable[bytes]) -> None:
+        self.records.setdefault(partition, []).extend(values)
+        self.positions.setdefault(partition, 0)
+
+    def poll(self, max_records: int, timeout_s: float) -> list[SourceRecord]:
+        out: list[SourceRecord] = []
+        for key in sorted(self.records):
+            values, pos = self.records[key], self.positions[key]
+            take = values[pos : pos + max_records - len(out)]
+            out.extend(SourceRecord(key, pos + i, v) for i, v in enumerate(take))
+            self.positions[key] = pos + len(take)
+            if len(out) >= max_records:
+                break
+        if not out:
+            time.sleep(min(timeout_s, 0.01))
+        return out
+
+    def partitions(self) -> list[str]:
+        return sorted(self.records)
+
+    def seek(self, offsets: Mapping[str, int]) -> None:
+        for key in self.records:
+            self.positions[key] = int(offsets.get(key, 0))
+
+    def commit(self, offsets: Mapping[str, int]) -> None:
+        self.committed.update(offsets)
+
+    def close(self) -> None:
+        pass
+
+
+class LearnerLike(Protocol):
+    """What the loop needs of :class:`learners.online.OnlineLearner`."""
+
+    def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]]) -> Mapping[str, float]: ...
+
+    def score(self, records: Sequence[Sample], histories: Sequence[Sequence[str]]) -> np.ndarray: ...
+
+    def state_dict(self) -> Mapping[str, object]: ...
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None: ...
+
+
+@dataclass
+class CycleResult:
+    """What one snapshot cycle did; everything a publisher or aggregator needs.
+
+    ``offsets`` are the next offsets of every partition the loop has a position
+    for (the snapshot holding this cycle includes every record below them);
+    ``applied_ids`` the sample ids learned in this cycle, per partition, in order;
+    ``labels`` and ``probs`` the prequential pairs (non-correction samples).
+    """
+
+    offsets: dict[str, int]
+    applied_ids: dict[str, list[str]]
+    counters: dict[str, int]
+    labels: np.ndarray
+    probs: np.ndarray
+    loss_sum: float = 0.0
+    seconds: float = 0.0
+    state: Mapping[str, object] | None = field(default=None, repr=False)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the cycle consumed anything (so a snapshot would differ from its parent)."""
+        return self.counters.get("records", 0) > 0
+
+    @property
+    def applied(self) -> int:
+        return self.counters.get("samples_applied", 0)
+
+
+class LearnerLoop:
+    """Runs micro-batches through a learner; see the module docstring.
+
+    Parameters
+    ----------
+    learner : LearnerLike
+    source : SampleSource
+    history : HistorySource
+    config : LoopConfig
+    history_len : int
+        Fallback history length when ``config.history_len`` is None (the model's).
+    clock : callable
+        Monotonic seconds (tests inject a fake clock).
+    """
+
+    def __init__(
+        self,
+        learner: LearnerLike,
+        source: SampleSource,
+        history: HistorySource,
+        config: LoopConfig = LoopConfig(),
+        *,
+        history_len: int = 100,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.learner = learner
+        self.source = source
+        self.history = history
+        self.config = config
+        self.history_len = config.history_len or history_len
+        self.clock = clock
+        self.window = DedupWindow(config.dedup_capacity)
+        self.positions: dict[str, int] = {}
+        self.totals: dict[str, int] = {name: 0 for name in COUNTERS}
+        self._new_cycle()
+
+    # ---------------------------------------------------------------- state
+    def _new_cycle(self) -> None:
+        self._cycle_counters = {name: 0 for name in COUNTERS}
+        self._applied: dict[str, list[str]] = defaultdict(list)
+        self._labels: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+        self._loss_sum = 0.0
+
+    def reset(
+        self,
+        state: Mapping[str, object] | None,
+        offsets: Mapping[str, int],
+        window: DedupWindow | None = None,
+        totals: Mapping[str, int] | None = None,
+    ) -> None:
+        """Put the loop exactly where a snapshot left off.
+
+        Loads ``state`` into the learner (None keeps the learner's current weights,
+        e.g. a fresh model), seeks the source to ``offsets`` (partitions absent from
+        them start at their beginning), replaces the dedup window and the
+        cumulative counters, and drops the unfinished cycle.
+        """
+        if state is not None:
+            self.learner.load_state_dict(state)
+        self.source.seek(offsets)
+        self.positions = {k: int(v) for k, v in offsets.items() if k in set(self.source.partitions())}
+        self.window = window if window is not None else DedupWindow(self.config.dedup_capacity)
+        self.totals = {name: int((totals or {}).get(name, 0)) for name in COUNTERS}
+        self._new_cycle()
+
+    # -------------------------------------------------------------- batching
+    def poll_batch(self) -> list[SourceRecord]:
+        """One micro-batch: up to ``batch_size`` records, waiting at most
+        ``max_batch_wait_s`` after the first; empty after one idle poll."""
+        cfg = self.config
+        records = self.source.poll(cfg.batch_size, cfg.poll_timeout_s)
+        if not records:
+            return records
+        deadline = self.clock() + cfg.max_batch_wait_s
+        while len(records) < cfg.batch_size:
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            more = self.source.poll(cfg.batch_size - len(records), min(cfg.poll_timeout_s, remaining))
+            records.extend(more)
+        return records
+
+    def process(self, records: Sequence[SourceRecord]) -> dict[str, float]:
+        """Decode, dedup, score and learn one micro-batch; returns the learner's stats."""
+        counters = self._cycle_counters
+        decoded: list[tuple[str, Sample]] = []
+        for rec in records:
+            counters["records"] += 1
+            self.positions[rec.partition] = max(self.positions.get(rec.partition, 0), rec.offset + 1)
+            try:
+                decoded.append((rec.partition, codec.decode_sample(rec.value)))
+            except DecodeError as exc:
+                counters["decode_errors"] += 1
+                log.warning("undecodable sample at %s@%d skipped: %s", rec.partition, rec.offset, exc)
+        keep = self.window.filter_new([s.sample_id for _, s in decoded])
+        counters["duplicates_dropped"] += len(decoded) - len(keep)
+        if not keep:
+            return {}
+        kept = [decoded[i] for i in keep]
+        samples = [s for _, s in kept]
+        histories = self.history.get_many(
+            [s.impression.user_id for s in samples],
+            self.history_len,
+            [s.impression.served_at for s in samples],
+        )
+        probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
+        plain = np.array([not s.correction for s in samples], dtype=bool)
+        self._labels.append(np.array([s.label for s in samples], dtype=np.int8)[plain])
+        self._probs.append(probs[plain])
+        stats = dict(self.learner.learn_batch(samples, histories))
+        counters["steps"] += 1
+        counters["samples_applied"] += len(samples)
+        counters["corrections_applied"] += int((~plain).sum())
+        self._loss_sum += float(stats.get("loss", 0.0)) * len(samples)
+        for partition, sample in kept:
+            self._applied[partition].append(sample.sample_id)
+        self.window.add_many(s.sample_id for s in samples)
+        return stats
+
+    # ----------------------------------------------------------------- cycle
+    def run_cycle(self, policy: SnapshotPolicy, should_stop: Callable[[], bool] = lambda: False) -> CycleResult:
+        """Train micro-batches until ``policy`` says a snapshot is due or ``should_stop()``."""
+        started = self.clock()
+        while True:
+            records = self.poll_batch()
+            if records:
+                self.process(records)
+            if should_stop() or policy.due(self._cycle_counters["steps"], self.clock() - started):
+                break
+        return self.finish_cycle(self.clock() - started)
+
+    def finish_cycle(self, seconds: float = 0.0) -> CycleResult:
+        """Close the current cycle: fold its counters into the totals and return it."""
+        for name, value in self._cycle_counters.items():
+            self.totals[name] += value
+        result = CycleResult(
+            offsets=dict(self.positions),
+            applied_ids={k: list(v) for k, v in self._applied.items() if v},
+            counters=dict(self._cycle_counters),
+            labels=np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int8),
+            probs=np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float64),
+            loss_sum=self._loss_sum,
+            seconds=seconds,
+        )
+        self._new_cycle()
+        return result

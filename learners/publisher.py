@@ -1,0 +1,255 @@
+"""Snapshot publishing and resuming for one model line.
+
+A snapshot is the model's trainable state (safetensors, :mod:`em3.snapshot`) plus a
+:class:`em3.types.SnapshotManifest` that records the model config, the version and
+its parent, when it was made, the ``"topic:partition" -> next offset`` map it was
+trained to and cumulative statistics. Beside it, :class:`em3.redis_stores.RedisAppliedLog`
+records the sample ids that version applied since its parent.
+
+Order of one publish (:meth:`SnapshotPublisher.publish`):
+
+1. check the line's pointer still names our parent (else someone rolled the line
+   back or another learner publishes to it: :class:`LineMovedError`, and the caller
+   resumes from the pointer);
+2. draw a new version (``INCR``), pack;
+3. write the applied-ids record of that version;
+4. publish blob + manifest + pointer in one Redis transaction, then notify.
+
+Only after :meth:`publish` returns does the caller commit the Kafka offsets. A
+crash before step 4 leaves the pointer on the parent: the restarted learner
+loads the parent, seeks to its offsets and learns the lost cycle again, and the
+orphaned applied record is unreachable from any published version.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from em3.errors import SnapshotError
+from em3.types import SnapshotManifest
+from learners.dedup import DedupWindow
+
+__all__ = [
+    "SnapshotPolicy",
+    "PublisherConfig",
+    "ResumePoint",
+    "SnapshotPublisher",
+    "LineMovedError",
+]
+
+log = logging.getLogger(__name__)
+
+
+class LineMovedError(SnapshotError):
+    """The line's pointer no longer names the version this learner built on."""
+
+
+@dataclass(frozen=True)
+class SnapshotPolicy:
+    """When a snapshot is due: every ``every_steps`` optimizer steps or every
+    ``interval_s`` seconds, whichever comes first (None disables a criterion).
+
+    >>> p = SnapshotPolicy(interval_s=2.0, every_steps=None)
+    >>> p.due(steps=100, elapsed_s=1.0), p.due(steps=0, elapsed_s=2.0)
+    (False, True)
+    """
+
+    interval_s: float | None = 2.0
+    every_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval_s is None and self.every_steps is None:
+            raise ValueError("interval_s and every_steps cannot both be None")
+        if self.interval_s is not None and self.interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, but {self.interval_s!r} is given")
+        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps <= 0):
+            raise ValueError(f"every_steps must be > 0, but {self.every_steps!r} is given")
+
+    def due(self, steps: int, elapsed_s: float) -> bool:
+        if self.every_steps is not None and steps >= self.every_steps:
+            return True
+        return self.interval_s is not None and elapsed_s >= self.interval_s
+
+
+@dataclass(frozen=True)
+class PublisherConfig:
+    """Settings of a :class:`SnapshotPublisher`.
+
+    Parameters
+    ----------
+    dedup_capacity : int
+        Ids the dedup window holds; applied records older than the window are
+        deleted unless ``retain_applied``.
+    retain_applied : bool
+        Keep every applied-ids record (an audit trail: tests and
+        ``benchmarks/recovery.py``).
+    check_pointer : bool
+        Refuse to publish when the line's pointer moved (:class:`LineMovedError`).
+    """
+
+    dedup_capacity: int = 200_000
+    retain_applied: bool = False
+    check_pointer: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dedup_capacity, int) or self.dedup_capacity <= 0:
+            raise ValueError(f"dedup_capacity must be > 0, but {self.dedup_capacity!r} is given")
+
+
+@dataclass
+class ResumePoint:
+    """Where a line's latest loadable snapshot left off."""
+
+    version: int
+    manifest: SnapshotManifest
+    state: Mapping[str, Any]
+    offsets: dict[str, int]
+    window: DedupWindow
+    totals: dict[str, int] = field(default_factory=dict)
+
+
+def _pack(state: Mapping[str, Any], **manifest_fields: Any) -> tuple[bytes, SnapshotManifest]:
+    from em3 import snapshot
+
+    return snapshot.pack(state, **manifest_fields)
+
+
+def _unpack(blob: bytes, manifest: SnapshotManifest, expected_config: Mapping[str, Any]) -> Mapping[str, Any]:
+    from em3 import snapshot
+
+    return snapshot.unpack(blob, manifest, expected_config=expected_config)
+
+
+class SnapshotPublisher:
+    """Publishes and resumes the snapshots of one model line.
+
+    Parameters
+    ----------
+    snapshots : RedisSnapshotStore
+    applied : RedisAppliedLog
+    model_line : str
+    model_config : mapping
+        The saved model config (``ModelConfig.to_dict()``); a resumed snapshot
+        must carry the same one.
+    config : PublisherConfig
+    """
+
+    def __init__(self, snapshots, applied, model_line: str, model_config: Mapping[str, Any],
+                 config: PublisherConfig = PublisherConfig()) -> None:
+        if not model_line or ":" in model_line:
+            raise ValueError(f"model_line must be a non-empty name without ':', but {model_line!r} is given")
+        self.snapshots = snapshots
+        self.applied = applied
+        self.model_line = model_line
+        self.model_config = dict(model_config)
+        self.config = config
+        # (version, applied count) of the window's chain, newest last; used to prune.
+        self._chain: list[tuple[int, int]] = []
+
+    # ---------------------------------------------------------------- resume
+    def resume(self, partitions: Iterable[str] | None = None) -> ResumePoint | None:
+        """The newest loadable snapshot of the line, or None if it has none.
+
+        A corrupt newest version is skipped for the one before it (learning the
+        records after the older one's offsets again); a config mismatch raises
+        :class:`em3.errors.SnapshotError` rather than overwrite the line.
+        ``partitions`` restricts the rebuilt dedup window to those partitions.
+        """
+        latest = self.snapshots.latest_version(self.model_line)
+        if latest is None:
+            self._chain = []
+            return None
+        candidates = [latest] + [v for v in reversed(self.snapshots.versions(self.model_line)) if v < latest]
+        for version in candidates:
+            try:
+                manifest, blob = self.snapshots.get(self.model_line, version)
+            except SnapshotError as exc:
+                log.warning("snapshot %s v%d unreadable (%s); trying an older one", self.model_line, version, exc)
+                continue
+            if dict(manifest.config) != self.model_config:
+                raise SnapshotError(
+                    f"line {self.model_line!r} v{version} was trained with a different model config; "
+                    f"use another --model-line or the same variant (differing keys: "
+                    f"{sorted(k for k in set(manifest.config) | set(self.model_config) if manifest.config.get(k) != self.model_config.get(k))})"
+                )
+            try:
+                state = _unpack(blob, manifest, self.model_config)
+            except SnapshotError as exc:
+                log.warning("snapshot %s v%d fails verification (%s); trying an older one", self.model_line, version, exc)
+                continue
+            window, chain = self._window(version, None if partitions is None else set(partitions))
+            self._chain = chain
+            totals = {k: int(v) for k, v in dict(manifest.stats.get("totals", {})).items()}
+            log.info("resuming %s from v%d (offsets %s, dedup window %d ids)",
+                     self.model_line, version, dict(manifest.offsets), len(window))
+            return ResumePoint(version, manifest, state, dict(manifest.offsets), window, totals)
+        raise SnapshotError(f"line {self.model_line!r} has versions but none is loadable")
+
+    def _window(self, version: int, partitions: set[str] | None) -> tuple[DedupWindow, list[tuple[int, int]]]:
+        chain: list[tuple[int, int]] = []
+
+        def chunks():
+            for v, ids in self.applied.chain(self.model_line, version):
+                chosen = [i for key, values in sorted(ids.items())
+                          if partitions is None or key in partitions for i in values]
+                chain.append((v, sum(len(values) for values in ids.values())))
+                yield chosen
+
+        window = DedupWindow.from_newest_first(self.config.dedup_capacity, chunks())
+        return window, list(reversed(chain))
+
+    def window_for(self, version: int | None, partitions: Iterable[str] | None = None) -> DedupWindow:
+        """The dedup window as of ``version`` (empty for None), for ``partitions``."""
+        if version is None:
+            return DedupWindow(self.config.dedup_capacity)
+        return self._window(version, None if partitions is None else set(partitions))[0]
+
+    # --------------------------------------------------------------- publish
+    def publish(
+        self,
+        state: Mapping[str, Any],
+        *,
+        parent: int | None,
+        offsets: Mapping[str, int],
+        applied_ids: Mapping[str, list[str]],
+        stats: Mapping[str, Any],
+    ) -> SnapshotManifest:
+        """Publish ``state`` as the line's next version; see the module docstring."""
+        line = self.model_line
+        if self.config.check_pointer:
+            current = self.snapshots.latest_version(line)
+            if current != parent:
+                raise LineMovedError(f"line {line!r} points at v{current}, but this learner built on v{parent}")
+        version = self.snapshots.next_version(line)
+        blob, manifest = _pack(
+            state,
+            model_line=line,
+            version=version,
+            parent_version=parent,
+            created_at=time.time(),
+            config=self.model_config,
+            offsets={k: int(v) for k, v in offsets.items()},
+            stats=dict(stats),
+        )
+        self.applied.put(line, version, parent, {k: list(v) for k, v in applied_ids.items() if v})
+        self.snapshots.publish(manifest, blob)
+        self._chain.append((version, sum(len(v) for v in applied_ids.values())))
+        self._prune()
+        return manifest
+
+    def _prune(self) -> None:
+        """Delete applied records that fell out of the dedup window (unless retained)."""
+        if self.config.retain_applied:
+            return
+        total, keep_from = 0, 0
+        for index in range(len(self._chain) - 1, -1, -1):
+            total += self._chain[index][1]
+            if total >= self.config.dedup_capacity:
+                keep_from = index
+                break
+        stale = [v for v, _ in self._chain[:keep_from]]
+        if stale:
+            self.applied.delete(self.model_line, stale)
+            self._chain = self._chain[keep_from:]
