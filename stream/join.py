@@ -1,0 +1,478 @@
+"""The pure impression-click join: event-time windows closed by a watermark.
+
+No Kafka, no Redis, no clock: the caller feeds decoded events and the current
+processing time, and takes back samples, dead letters, history appends and the
+state changes to persist. :mod:`stream.worker` is the I/O shell around it.
+
+Semantics (one :class:`JoinCore` per co-partitioned pair of input partitions)
+----------------------------------------------------------------------------
+* Attribution window ``W``: a click at ``clicked_at <= served_at + W`` makes the
+  impression positive. The label is decided by event times only, never by
+  arrival order, so a replay after a crash gives the same labels.
+* Watermark: the minimum over the two inputs (impressions, clicks) of the
+  largest event time seen, minus ``allowed_lateness_s``; it never goes back.
+  An input with no record for ``idle_timeout_s`` of processing time leaves the
+  minimum; when both are idle the watermark moves on with processing time at
+  ``idle_advance_rate`` event seconds per second (so a finite stream's last
+  windows close, and a quiet partition does not hold state forever).
+* A positive is emitted when its click arrives; a negative when the watermark
+  passes ``served_at + W`` (``label_time = served_at + W``). A click after the
+  window that arrives while the window is still open waits for it to close.
+* A click after the negative, up to ``served_at + W + max_correction_delay_s``,
+  gives one positive *correction* sample (``correction=True``, its own stable
+  id); a later one is dead-lettered (``click_after_max_delay``).
+* Duplicate impressions and repeated clicks are counted and ignored: one final
+  label per impression. Records are kept until the watermark passes the
+  correction horizon; an impression arriving after its horizon is dead-lettered
+  (``late_impression``), so an evicted impression is never labelled twice.
+* A click whose impression is unknown waits until the watermark passes its
+  ``clicked_at`` (the impression, served earlier, must have arrived by then),
+  then is dead-lettered (``orphan_click``).
+* Every positive (first label or correction) appends ``(user, item, clicked_at)``
+  to the user's history.
+
+>>> from em3.types import Impression, Click
+>>> core = JoinCore(JoinConfig(window_s=10, allowed_lateness_s=0))
+>>> core.add_impression(Impression("a", "r", "u", "i", 0, 1_700_000_000.0))
+>>> core.add_impression(Impression("b", "r", "u", "j", 1, 1_700_000_000.0))
+>>> core.add_click(Click("a", "u", "i", 1_700_000_003.0))
+>>> core.advance_watermark(1_700_000_100.0)
+>>> [(s.impression.impression_id, s.label) for s in core.take_output().samples]
+[('a', 1), ('b', 0)]
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from em3.types import Click, Impression, Sample
+
+__all__ = [
+    "JoinConfig",
+    "JoinCore",
+    "JoinOutput",
+    "JoinDeadLetter",
+    "JoinChanges",
+    "ImpressionState",
+    "PENDING",
+    "NEGATIVE",
+    "DONE",
+    "expected_labels",
+]
+
+#: Record status: window open, no label yet.
+PENDING = "P"
+#: Negative emitted; a click may still bring a correction.
+NEGATIVE = "N"
+#: Final positive emitted (first label or correction); kept only for idempotence.
+DONE = "D"
+
+_NEG_INF = -math.inf
+# Deadline kinds, in the order they fire at equal times.
+_CLOSE, _ORPHAN, _EVICT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """Join semantics; all durations in seconds.
+
+    Parameters
+    ----------
+    window_s : attribution window ``W`` after ``served_at``; > 0.
+    allowed_lateness_s : how far behind the newest event time a record may
+        arrive and still count as on time; >= 0.
+    max_correction_delay_s : how long after the window a click still yields a
+        correction sample; >= 0.
+    idle_timeout_s : processing time without records after which an input stops
+        holding the watermark back; > 0, or ``None`` for never.
+    idle_advance_rate : event seconds the watermark advances per processing
+        second while both inputs are idle; > 0 (1.0 follows the wall clock; a
+        large value closes a finite stream's windows quickly).
+    """
+
+    window_s: float = 60.0
+    allowed_lateness_s: float = 5.0
+    max_correction_delay_s: float = 600.0
+    idle_timeout_s: float | None = 5.0
+    idle_advance_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.window_s > 0 and math.isfinite(self.window_s)):
+            raise ValueError(f"window_s must be > 0 and finite, but {self.window_s!r} is given")
+        if not (self.allowed_lateness_s >= 0 and math.isfinite(self.allowed_lateness_s)):
+            raise ValueError(f"allowed_lateness_s must be >= 0, but {self.allowed_lateness_s!r} is given")
+        if not (self.max_correction_delay_s >= 0 and math.isfinite(self.max_correction_delay_s)):
+            raise ValueError(
+                f"max_correction_delay_s must be >= 0, but {self.max_correction_delay_s!r} is given"
+            )
+        if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
+            raise ValueError(f"idle_timeout_s must be > 0 or None, but {self.idle_timeout_s!r} is given")
+        if not self.idle_advance_rate > 0:
+            raise ValueError(f"idle_advance_rate must be > 0, but {self.idle_advance_rate!r} is given")
+
+
+@dataclass
+class ImpressionState:
+    """What the join remembers of one impression (persisted per partition)."""
+
+    impression: Impression
+    status: str = PENDING
+    raw: bytes | None = None  # the impression's JSON as received, reused when emitting samples
+    #: Clicks after the window that arrived while it was still open: they wait for
+    #: the window to close, so an in-window click arriving later still wins.
+    held: list[tuple[Click, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JoinDeadLetter:
+    """A click or impression the join could not label, with why."""
+
+    reason: str
+    detail: str
+    record: Impression | Click
+    offset: int = -1
+
+
+@dataclass
+class JoinOutput:
+    """What the core emitted since the last :meth:`JoinCore.take_output`.
+
+    ``raws`` is parallel to ``samples``: the impression JSON as received (or None).
+    """
+
+    samples: list[Sample] = field(default_factory=list)
+    raws: list[bytes | None] = field(default_factory=list)
+    dead_letters: list[JoinDeadLetter] = field(default_factory=list)
+    history: list[tuple[str, str, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples) + len(self.dead_letters)
+
+
+@dataclass
+class JoinChanges:
+    """State changes since the last :meth:`JoinCore.take_changes`, to persist incrementally.
+
+    ``records`` maps impression id to its new state, or None when evicted;
+    ``orphans`` maps impression id to the clicks still held, or None when none are.
+    """
+
+    records: dict[str, ImpressionState | None] = field(default_factory=dict)
+    orphans: dict[str, list[tuple[Click, int]] | None] = field(default_factory=dict)
+    meta: dict[str, float] = field(default_factory=dict)
+
+
+class JoinCore:
+    """Join state for one partition pair; see the module docstring for the semantics.
+
+    Parameters
+    ----------
+    config : the join semantics.
+    now : processing time at creation (for idleness); any monotonic clock.
+    """
+
+    def __init__(self, config: JoinConfig, now: float = 0.0) -> None:
+        self.config = config
+        self._records: dict[str, ImpressionState] = {}
+        self._orphans: dict[str, list[tuple[Click, int]]] = {}
+        self._heap: list[tuple[float, int, int, str]] = []
+        self._seq = 0
+        self.max_impression_time = _NEG_INF
+        self.max_click_time = _NEG_INF
+        self.watermark = _NEG_INF
+        self._last_impression_at = now
+        self._last_click_at = now
+        self._idle_since: float | None = None
+        self._idle_base = _NEG_INF
+        self._out = JoinOutput()
+        self._changed: set[str] = set()
+        self._orphans_changed: set[str] = set()
+        self.counters: dict[str, int] = {}
+
+    # -- feeding ----------------------------------------------------------------
+    def add_impression(self, impression: Impression, raw: bytes | None = None, now: float | None = None) -> None:
+        """Take one impression (``raw``: its JSON bytes as received, if at hand)."""
+        if now is not None:
+            self._last_impression_at = now
+            self._idle_since = None
+        iid = impression.impression_id
+        if iid in self._records:
+            self._count("duplicate_impression")
+        elif impression.served_at + self.config.window_s + self.config.max_correction_delay_s <= self.watermark:
+            self._dead(
+                "late_impression",
+                f"served_at {impression.served_at!r} is past the correction horizon (watermark {self.watermark!r})",
+                impression,
+            )
+        else:
+            self._records[iid] = ImpressionState(impression, PENDING, raw)
+            self._changed.add(iid)
+            end = impression.served_at + self.config.window_s
+            self._push(end, _CLOSE, iid)
+            self._push(end + self.config.max_correction_delay_s, _EVICT, iid)
+            held = self._orphans.pop(iid, None)
+            if held:
+                self._orphans_changed.add(iid)
+                for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
+                    self._apply_click(self._records[iid], click, offset)
+        if impression.served_at > self.max_impression_time:
+            self.max_impression_time = impression.served_at
+            self._update_watermark()
+        else:
+            self._fire()
+
+    def add_click(self, click: Click, offset: int = -1, now: float | None = None) -> None:
+        """Take one click (``offset``: where it came from, for dead letters)."""
+        if now is not None:
+            self._last_click_at = now
+            self._idle_since = None
+        rec = self._records.get(click.impression_id)
+        if rec is not None:
+            self._apply_click(rec, click, offset)
+        elif click.clicked_at <= self.watermark:
+            self._dead(
+                "orphan_click",
+                "impression unknown (never arrived, or evicted past its correction horizon)",
+                click,
+                offset,
+            )
+        else:
+            self._orphans.setdefault(click.impression_id, []).append((click, offset))
+            self._orphans_changed.add(click.impression_id)
+            self._push(click.clicked_at, _ORPHAN, click.impression_id)
+        if click.clicked_at > self.max_click_time:
+            self.max_click_time = click.clicked_at
+            self._update_watermark()
+        else:
+            self._fire()
+
+    def tick(self, now: float) -> None:
+        """Let processing time move an idle watermark (see :class:`JoinConfig`)."""
+        timeout = self.config.idle_timeout_s
+        if timeout is None:
+            return
+        imp_idle = now - self._last_impression_at >= timeout
+        click_idle = now - self._last_click_at >= timeout
+        if imp_idle and click_idle:
+            if self._idle_since is None:
+                self._idle_since = now
+                self._idle_base = max(self.max_impression_time, self.max_click_time) - self.config.allowed_lateness_s
+                if self._idle_base == _NEG_INF:
+                    return
+            if self._idle_base != _NEG_INF:
+                target = self._idle_base + (now - self._idle_since) * self.config.idle_advance_rate
+                self.advance_watermark(target)
+        elif imp_idle or click_idle:
+            self._update_watermark(imp_idle=imp_idle, click_idle=click_idle)
+
+    def advance_watermark(self, watermark: float) -> None:
+        """Move the watermark to ``watermark`` (never back) and fire what is due."""
+        if watermark > self.watermark:
+            self.watermark = watermark
+        self._fire()
+
+    # -- output -------------------------------------------------------------------
+    def take_output(self) -> JoinOutput:
+        """Everything emitted since the last call."""
+        out, self._out = self._out, JoinOutput()
+        return out
+
+    def take_changes(self) -> JoinChanges:
+        """State changes since the last call (records, held clicks, watermark figures)."""
+        changes = JoinChanges(
+            records={iid: self._records.get(iid) for iid in self._changed},
+            orphans={iid: (list(self._orphans[iid]) if iid in self._orphans else None) for iid in self._orphans_changed},
+            meta=self.meta(),
+        )
+        self._changed = set()
+        self._orphans_changed = set()
+        return changes
+
+    def meta(self) -> dict[str, float]:
+        """The scalar state: newest event time per input and the watermark."""
+        return {
+            "max_impression_time": self.max_impression_time,
+            "max_click_time": self.max_click_time,
+            "watermark": self.watermark,
+        }
+
+    @property
+    def pending(self) -> int:
+        """Impressions with no label yet."""
+        return sum(1 for r in self._records.values() if r.status == PENDING)
+
+    @property
+    def records(self) -> int:
+        """Impressions remembered (pending, negative or done)."""
+        return len(self._records)
+
+    @property
+    def held_clicks(self) -> int:
+        """Clicks waiting for their impression."""
+        return sum(len(v) for v in self._orphans.values())
+
+    @classmethod
+    def restore(
+        cls,
+        config: JoinConfig,
+        records: Iterable[ImpressionState],
+        orphans: Iterable[tuple[Click, int]],
+        meta: dict[str, float],
+        now: float = 0.0,
+    ) -> "JoinCore":
+        """Rebuild a core from persisted state (what :meth:`take_changes` reported)."""
+        core = cls(config, now)
+        core.max_impression_time = float(meta.get("max_impression_time", _NEG_INF))
+        core.max_click_time = float(meta.get("max_click_time", _NEG_INF))
+        core.watermark = float(meta.get("watermark", _NEG_INF))
+        for rec in records:
+            iid = rec.impression.impression_id
+            core._records[iid] = rec
+            end = rec.impression.served_at + config.window_s
+            if rec.status == PENDING:
+                core._push(end, _CLOSE, iid)
+            core._push(end + config.max_correction_delay_s, _EVICT, iid)
+        for click, offset in orphans:
+            core._orphans.setdefault(click.impression_id, []).append((click, offset))
+            core._push(click.clicked_at, _ORPHAN, click.impression_id)
+        return core
+
+    # -- internals ----------------------------------------------------------------
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def _push(self, when: float, kind: int, iid: str) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (when, kind, self._seq, iid))
+
+    def _dead(self, reason: str, detail: str, record: Impression | Click, offset: int = -1) -> None:
+        self._out.dead_letters.append(JoinDeadLetter(reason, detail, record, offset))
+        self._count(f"dead_letter.{reason}")
+
+    def _emit(self, rec: ImpressionState, label: int, label_time: float, correction: bool) -> None:
+        self._out.samples.append(Sample(rec.impression, label, label_time, correction))
+        self._out.raws.append(rec.raw)
+        self._count("correction" if correction else ("positive" if label else "negative"))
+        if label:
+            imp = rec.impression
+            self._out.history.append((imp.user_id, imp.item_id, label_time))
+
+    def _apply_click(self, rec: ImpressionState, click: Click, offset: int) -> None:
+        imp = rec.impression
+        if click.user_id != imp.user_id or click.item_id != imp.item_id:
+            self._dead(
+                "click_mismatch",
+                f"click names user {click.user_id!r} item {click.item_id!r}, "
+                f"impression has {imp.user_id!r} {imp.item_id!r}",
+                click,
+                offset,
+            )
+            return
+        end = imp.served_at + self.config.window_s
+        if rec.status == PENDING:
+            self._changed.add(imp.impression_id)
+            if click.clicked_at <= end:
+                rec.status = DONE
+                self._emit(rec, 1, click.clicked_at, False)
+                if rec.held:  # the later clicks it beat are repeats now
+                    self._count("duplicate_click", len(rec.held))
+                    rec.held = []
+            else:
+                # After the window, but the window is still open: decide when it closes.
+                rec.held.append((click, offset))
+            return
+        if rec.status == NEGATIVE:
+            if click.clicked_at <= end + self.config.max_correction_delay_s:
+                rec.status = DONE
+                self._changed.add(imp.impression_id)
+                self._emit(rec, 1, click.clicked_at, True)
+            else:
+                self._dead(
+                    "click_after_max_delay",
+                    f"clicked {click.clicked_at - imp.served_at:.1f} s after serving, past "
+                    f"window + max correction delay ({self.config.window_s + self.config.max_correction_delay_s} s)",
+                    click,
+                    offset,
+                )
+            return
+        self._count("duplicate_click")
+
+    def _update_watermark(self, imp_idle: bool = False, click_idle: bool = False) -> None:
+        if imp_idle:
+            newest = self.max_click_time
+        elif click_idle:
+            newest = self.max_impression_time
+        else:
+            newest = min(self.max_impression_time, self.max_click_time)
+        wm = newest - self.config.allowed_lateness_s
+        if wm > self.watermark:
+            self.watermark = wm
+        self._fire()
+
+    def _fire(self) -> None:
+        heap = self._heap
+        wm = self.watermark
+        while heap and heap[0][0] <= wm:
+            when, kind, _, iid = heapq.heappop(heap)
+            if kind == _CLOSE:
+                rec = self._records.get(iid)
+                if rec is not None and rec.status == PENDING:
+                    rec.status = NEGATIVE
+                    self._changed.add(iid)
+                    self._emit(rec, 0, when, False)
+                    held, rec.held = rec.held, []
+                    for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
+                        self._apply_click(rec, click, offset)
+            elif kind == _EVICT:
+                if self._records.pop(iid, None) is not None:
+                    self._changed.add(iid)
+            else:
+                held = self._orphans.get(iid)
+                if not held:
+                    continue
+                keep = []
+                for click, offset in held:
+                    if click.clicked_at <= wm:
+                        self._dead("orphan_click", "no impression arrived within the allowed lateness", click, offset)
+                    else:
+                        keep.append((click, offset))
+                if keep:
+                    self._orphans[iid] = keep
+                else:
+                    del self._orphans[iid]
+                self._orphans_changed.add(iid)
+
+
+def expected_labels(
+    impressions: Iterable[Impression], clicks: Iterable[Click], config: JoinConfig
+) -> dict[str, tuple[int, bool]]:
+    """Reference labels for an on-time stream: impression id -> (first label, has correction).
+
+    The first label is 1 if any matching click falls within the window; a
+    correction follows a 0 if a click falls within the correction delay. Only
+    valid when every record respects the allowed lateness.
+
+    >>> from em3.types import Impression, Click
+    >>> imps = [Impression("a", "r", "u", "i", 0, 100.0), Impression("b", "r", "u", "j", 0, 100.0)]
+    >>> expected_labels(imps, [Click("b", "u", "j", 200.0)], JoinConfig(window_s=10, max_correction_delay_s=500))
+    {'a': (0, False), 'b': (0, True)}
+    """
+    by_id: dict[str, Impression] = {}
+    for imp in impressions:
+        by_id.setdefault(imp.impression_id, imp)
+    first: dict[str, list[float]] = {}
+    for c in clicks:
+        imp = by_id.get(c.impression_id)
+        if imp is not None and imp.user_id == c.user_id and imp.item_id == c.item_id:
+            first.setdefault(c.impression_id, []).append(c.clicked_at)
+    out = {}
+    for iid, imp in by_id.items():
+        end = imp.served_at + config.window_s
+        times = first.get(iid, [])
+        if any(t <= end for t in times):
+            out[iid] = (1, False)
+        else:
+            out[iid] = (0, any(t <= end + config.max_correction_delay_s for t in times))
+    return out
