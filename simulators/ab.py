@@ -1,0 +1,345 @@
+"""Online A/B runner: simulated users, rankers as arms, CTR with CIs, an always-valid verdict.
+
+The loop, in event time: requests arrive as a Poisson process; each is
+assigned to an arm (by a salted hash of the request or the user id), the arm's
+:class:`simulators.rankers.Ranker` ranks the candidates, the world responds,
+and the impressions and (delayed) clicks become events. Events are handed, in
+event-time order and only once their time has come, to ``event_sink`` (for
+example a Kafka producer) and to the arm's ranker if it learns online.
+
+The metric
+----------
+The unit is a request; its outcome is its CTR (clicks / items shown), counting
+clicks that come within ``attribution_window_s``. A request enters the
+statistics only once its window has closed, so no observation changes after it
+is counted, as the sequential test requires. Per arm the runner reports the
+mean per-request CTR with a normal-approximation interval; every treatment arm
+is compared with the control by :class:`simulators.sequential.SequentialTest`
+(mSPRT on the difference of means, sums of squares included), at
+``alpha / (number of treatments)`` each (Bonferroni). With ``stop_early`` the
+experiment ends as soon as every treatment has a verdict.
+
+``metrics`` (optional) is called at every look with the event time and may
+return extra series (``{"prequential_auc": {"em3": 0.71}, "freshness_s": {...}}``),
+which land in the timeline for :mod:`simulators.report` to plot.
+"""
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from statistics import NormalDist
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from em3.types import Click, Impression
+from simulators.rankers import Ranker
+from simulators.sequential import DEFAULT_TAU2, SequentialTest
+from simulators.world import World
+
+__all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ABConfig:
+    """Settings of one experiment.
+
+    Parameters
+    ----------
+    n_requests : int
+        Requests to simulate (fewer if ``stop_early`` ends it).
+    k : int
+        Items shown per request.
+    request_rate_per_s : float
+        Mean requests per event-time second (Poisson arrivals).
+    start_time : float, optional
+        Event time of the first request's clock (default: the world's start).
+    split : mapping of str to float, optional
+        Traffic share per arm (default: equal). Must sum to 1.
+    control : str, optional
+        The control arm (default: the first arm).
+    assignment : {"request", "user"}
+        Randomisation unit. ``"user"`` keeps a user in one arm (more realistic;
+        requests of one user are then correlated, which the test ignores).
+    alpha : float
+        Family-wise significance level.
+    tau2 : float
+        mSPRT mixing variance (see :mod:`simulators.sequential`).
+    min_samples : int
+        Per-arm requests before the test may reject.
+    check_every : int
+        Requests between looks.
+    attribution_window_s : float
+        Clicks later than this after their impression do not count.
+    stop_early : bool
+        End when every treatment has a verdict.
+    share_feedback : bool
+        If True, learning rankers see every arm's events, not only their own.
+    seed : int
+        Seed of arrivals and assignment.
+    """
+
+    n_requests: int = 20_000
+    k: int = 10
+    request_rate_per_s: float = 2.0
+    start_time: float | None = None
+    split: Mapping[str, float] | None = None
+    control: str | None = None
+    assignment: str = "request"
+    alpha: float = 0.05
+    tau2: float = DEFAULT_TAU2
+    min_samples: int = 200
+    check_every: int = 500
+    attribution_window_s: float = 1800.0
+    stop_early: bool = False
+    share_feedback: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_requests", "k", "check_every", "min_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
+        for name in ("request_rate_per_s", "tau2", "attribution_window_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha must be in (0, 1), but {self.alpha} is given")
+        if self.assignment not in ("request", "user"):
+            raise ValueError(f"assignment must be 'request' or 'user', but {self.assignment!r} is given")
+
+
+@dataclass
+class ArmStats:
+    """Running per-arm totals over requests whose attribution window has closed."""
+
+    requests: int = 0
+    impressions: int = 0
+    clicks: int = 0
+    sum_ctr: float = 0.0
+    sumsq_ctr: float = 0.0
+
+    def add(self, shown: int, clicks: int) -> None:
+        ctr = clicks / shown if shown else 0.0
+        self.requests += 1
+        self.impressions += shown
+        self.clicks += clicks
+        self.sum_ctr += ctr
+        self.sumsq_ctr += ctr * ctr
+
+    def summary(self, alpha: float) -> dict[str, float]:
+        """Mean per-request CTR with a normal-approximation ``1 - alpha`` interval."""
+        n = self.requests
+        if n == 0:
+            return {"requests": 0, "impressions": 0, "clicks": 0, "ctr": math.nan,
+                    "ci_low": math.nan, "ci_high": math.nan}
+        mean = self.sum_ctr / n
+        var = max(self.sumsq_ctr / n - mean * mean, 0.0) * n / max(n - 1, 1)
+        half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(var / n)
+        return {"requests": n, "impressions": self.impressions, "clicks": self.clicks,
+                "ctr": mean, "ci_low": mean - half, "ci_high": mean + half}
+
+
+@dataclass
+class ABReport:
+    """Everything an experiment produced; :meth:`to_json` is the JSON report."""
+
+    config: dict[str, Any]
+    arms: list[str]
+    control: str
+    requests: int
+    stopped_early: bool
+    final: dict[str, dict[str, float]]
+    tests: dict[str, dict[str, Any]]
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text (NaN and infinities written as null)."""
+        return json.dumps(_clean(self.to_dict()), indent=indent)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def assign_arm(key: str, arms: list[str], cumulative: list[float], salt: str) -> str:
+    """Deterministic arm of ``key``: a salted hash mapped to ``[0, 1)`` and cut by the split.
+
+    >>> assign_arm("req-1", ["a", "b"], [0.5, 1.0], "s") in ("a", "b")
+    True
+    """
+    digest = hashlib.blake2b(f"{salt}|{key}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2.0**64
+    for arm, edge in zip(arms, cumulative):
+        if u < edge:
+            return arm
+    return arms[-1]
+
+
+class ABRunner:
+    """Runs one experiment of ``arms`` on ``world``.
+
+    Parameters
+    ----------
+    world : World
+        The simulated users and items.
+    arms : mapping of str to Ranker
+        Arm name to ranker; the first is the control unless ``config.control`` says otherwise.
+    config : ABConfig, optional
+    event_sink : callable, optional
+        Called with every Impression and Click in event-time order.
+    metrics : callable, optional
+        ``metrics(t) -> {series: {arm: value}}`` at every look (see module docstring).
+    """
+
+    def __init__(self, world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, *,
+                 event_sink: Callable[[Impression | Click], None] | None = None,
+                 metrics: Callable[[float], Mapping[str, Mapping[str, float]]] | None = None) -> None:
+        self.config = cfg = config or ABConfig()
+        if len(arms) < 2:
+            raise ValueError(f"arms must hold at least 2 rankers, but {len(arms)} is given")
+        self.world = world
+        self.arms = dict(arms)
+        self.arm_names = list(self.arms)
+        self.control = cfg.control or self.arm_names[0]
+        if self.control not in self.arms:
+            raise ValueError(f"control must be one of {self.arm_names}, but {self.control!r} is given")
+        split = dict(cfg.split) if cfg.split is not None else {a: 1.0 / len(arms) for a in self.arm_names}
+        if set(split) != set(self.arm_names) or any(v < 0 for v in split.values()) \
+                or not math.isclose(sum(split.values()), 1.0, abs_tol=1e-9):
+            raise ValueError(f"split must give each arm of {self.arm_names} a share >= 0, summing to 1, "
+                             f"but {split} is given")
+        self._cumulative = list(np.cumsum([split[a] for a in self.arm_names]))
+        self.treatments = [a for a in self.arm_names if a != self.control]
+        self.event_sink = event_sink
+        self.metrics = metrics
+
+    def run(self) -> ABReport:
+        """Simulate the experiment and return its report."""
+        cfg, world = self.config, self.world
+        rng = np.random.default_rng([cfg.seed, 7])
+        salt = f"ab-{cfg.seed}"
+        t = cfg.start_time if cfg.start_time is not None else world.config.start_time
+        per_test_alpha = cfg.alpha / len(self.treatments)
+        tests = {a: SequentialTest(cfg.tau2, per_test_alpha, 0.0, cfg.min_samples) for a in self.treatments}
+        stats = {a: ArmStats() for a in self.arm_names}
+        pending_events: list[tuple[float, int, str, Impression | Click]] = []
+        outcomes: list[tuple[float, str, int, int]] = []  # (served_at, arm, shown, clicks in window)
+        counted = 0
+        seq = 0
+        timeline: list[dict[str, Any]] = []
+        stopped_at: dict[str, tuple[int, float]] = {}
+        stopped_early = False
+        n_done = 0
+
+        def deliver(until: float) -> None:
+            batch: dict[str, list] = {a: [] for a in self.arm_names}
+            while pending_events and pending_events[0][0] <= until:
+                _, _, arm, event = heapq.heappop(pending_events)
+                if self.event_sink is not None:
+                    self.event_sink(event)
+                batch[arm].append(event)
+            for name, ranker in self.arms.items():
+                observe = getattr(ranker, "observe", None)
+                if observe is None:
+                    continue
+                events = [e for a in self.arm_names for e in batch[a]] if cfg.share_feedback else batch[name]
+                if events:
+                    if cfg.share_feedback:
+                        events.sort(key=lambda e: e.served_at if isinstance(e, Impression) else e.clicked_at)
+                    observe(events)
+
+        def look(now: float) -> None:
+            nonlocal counted
+            while counted < len(outcomes) and outcomes[counted][0] + cfg.attribution_window_s <= now:
+                _, arm, shown, clicks = outcomes[counted]
+                stats[arm].add(shown, clicks)
+                counted += 1
+            c = stats[self.control]
+            entry: dict[str, Any] = {"t": now, "requests": n_done,
+                                     "arms": {a: stats[a].summary(cfg.alpha) for a in self.arm_names}, "tests": {}}
+            for a in self.treatments:
+                s = stats[a]
+                r = tests[a].update(c.requests, c.sum_ctr, s.requests, s.sum_ctr, c.sumsq_ctr, s.sumsq_ctr)
+                entry["tests"][a] = {"diff": r.diff, "p_value": r.p_value, "ci_low": r.ci_low,
+                                     "ci_high": r.ci_high, "reject": r.reject}
+                if r.reject and a not in stopped_at:
+                    stopped_at[a] = (n_done, now)
+            if self.metrics is not None:
+                entry["metrics"] = {k: dict(v) for k, v in self.metrics(now).items()}
+            timeline.append(entry)
+
+        for i in range(cfg.n_requests):
+            t += float(rng.exponential(1.0 / cfg.request_rate_per_s))
+            deliver(t)
+            req = world.next_request(t)
+            key = req.request_id if cfg.assignment == "request" else req.user_id
+            arm = assign_arm(key, self.arm_names, self._cumulative, salt)
+            context = {**req.context, "t": repr(t)}
+            ranking = self.arms[arm].rank(req.user_id, req.candidates, context, cfg.k)
+            shown = ranking.item_ids[: cfg.k]
+            feedback = world.respond(req.user_id, shown, t)
+            props = ranking.propensities or (1.0,) * len(shown)
+            clicks_in_window = 0
+            for fb in feedback:
+                imp = Impression(f"{req.request_id}-{fb.position}", req.request_id, req.user_id, fb.item_id,
+                                 fb.position, t, model_line=ranking.arm, model_version=ranking.model_version,
+                                 arm=arm, propensity=float(min(max(props[fb.position], 1e-12), 1.0)),
+                                 context=dict(req.context))
+                heapq.heappush(pending_events, (t, seq, arm, imp))
+                seq += 1
+                if fb.clicked:
+                    ct = t + float(fb.delay_s or 0.0)
+                    heapq.heappush(pending_events, (ct, seq, arm, Click(imp.impression_id, req.user_id, fb.item_id, ct)))
+                    seq += 1
+                    if (fb.delay_s or 0.0) <= cfg.attribution_window_s:
+                        clicks_in_window += 1
+            outcomes.append((t, arm, len(shown), clicks_in_window))
+            n_done = i + 1
+            if n_done % cfg.check_every == 0:
+                look(t)
+                if cfg.stop_early and len(stopped_at) == len(self.treatments):
+                    stopped_early = True
+                    break
+        end = t + cfg.attribution_window_s
+        deliver(end)
+        look(end)
+        final = {a: stats[a].summary(cfg.alpha) for a in self.arm_names}
+        verdicts: dict[str, dict[str, Any]] = {}
+        for a in self.treatments:
+            last = tests[a].last
+            if last is None:  # pragma: no cover - look() always runs at the end
+                raise RuntimeError("the sequential test was never updated")
+            verdict = "no_difference_detected"
+            if last.reject:
+                verdict = "treatment_better" if last.ci_low > 0 else "control_better"
+            base = final[self.control]["ctr"]
+            verdicts[a] = {
+                **last.to_dict(), "verdict": verdict, "alpha_per_test": per_test_alpha,
+                "relative_lift": (last.diff / base) if base and base > 0 else math.nan,
+                "stopped_at_request": stopped_at.get(a, (None, None))[0],
+                "stopped_at_time": stopped_at.get(a, (None, None))[1],
+            }
+        cfg_dict = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(cfg).items()}
+        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stopped_early, final, verdicts, timeline)
+
+
+def run_ab(world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, **kwargs: Any) -> ABReport:
+    """Convenience: ``ABRunner(world, arms, config, **kwargs).run()``."""
+    return ABRunner(world, arms, config, **kwargs).run()

@@ -1,0 +1,176 @@
+"""The ranker interface the A/B runner talks to, and baseline rankers.
+
+:class:`Ranker` is all the A/B runner needs: ``rank(user_id, candidates,
+context, k)`` returns a :class:`Ranking` (the ranked item ids, the arm that
+served them and, for stochastic rankers, each item's propensity). An HTTP
+client for the real ranking service, an in-process learner, or a baseline
+below all fit. A ranker that also learns online implements
+:class:`LearningRanker` (``observe(events)``); the runner feeds it its arm's
+impressions and clicks at their event times (clicks after their delays).
+
+Baselines: :class:`RandomRanker` (uniform, with exact propensities),
+:class:`PopularityRanker` (online click counts) and :class:`OracleRanker`
+(the world's hidden truth: an upper bound, and a planted lift for tests).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from em3.types import Click, Impression
+
+__all__ = [
+    "Ranking",
+    "Ranker",
+    "LearningRanker",
+    "RandomRanker",
+    "PopularityRanker",
+    "OracleRanker",
+]
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A ranked list from one arm.
+
+    Attributes
+    ----------
+    item_ids : tuple of str
+        Best first; at most ``k`` items, all from the candidates, no repeats.
+    arm : str
+        The arm (model line) that served it.
+    propensities : tuple of float, optional
+        Probability that each item was shown at its position (1.0 each for a
+        deterministic ranker, the default when ``None``).
+    model_version : int
+        Version of the model that served it (0 if not versioned).
+    """
+
+    item_ids: tuple[str, ...]
+    arm: str
+    propensities: tuple[float, ...] | None = None
+    model_version: int = 0
+
+    def __post_init__(self) -> None:
+        if self.propensities is not None and len(self.propensities) != len(self.item_ids):
+            raise ValueError(
+                f"propensities must have one entry per item ({len(self.item_ids)}), "
+                f"but {len(self.propensities)} are given"
+            )
+
+
+@runtime_checkable
+class Ranker(Protocol):
+    """Anything that ranks candidates for a user."""
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
+        """Return the top ``k`` of ``candidates`` for ``user_id`` in ``context``."""
+        ...
+
+
+@runtime_checkable
+class LearningRanker(Ranker, Protocol):
+    """A ranker that learns from its own impressions and clicks."""
+
+    def observe(self, events: Sequence[Impression | Click]) -> None:
+        """Events in event-time order; clicks arrive after their delay."""
+        ...
+
+
+def _check_k(k: int) -> None:
+    if k <= 0:
+        raise ValueError(f"k must be > 0, but {k} is given")
+
+
+class RandomRanker:
+    """Uniformly random top-``k``; propensity of an item at a position is ``1 / n_candidates``.
+
+    Parameters
+    ----------
+    arm : str
+        Arm name.
+    seed : int
+        Seed of its own random stream.
+    """
+
+    def __init__(self, arm: str = "random", seed: int = 0) -> None:
+        self.arm = arm
+        self._rng = np.random.default_rng(seed)
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
+        _check_k(k)
+        n = len(candidates)
+        take = min(k, n)
+        order = self._rng.choice(n, size=take, replace=False)
+        return Ranking(tuple(candidates[i] for i in order), self.arm, tuple([1.0 / n] * take) if n else ())
+
+
+class PopularityRanker:
+    """Ranks by smoothed click-through rate seen so far (learns online via :meth:`observe`).
+
+    Parameters
+    ----------
+    arm : str
+        Arm name.
+    prior_clicks, prior_impressions : float
+        Beta-like smoothing: ``(clicks + prior_clicks) / (impressions + prior_impressions)``.
+    """
+
+    def __init__(self, arm: str = "popularity", prior_clicks: float = 1.0, prior_impressions: float = 20.0) -> None:
+        if prior_impressions <= 0:
+            raise ValueError(f"prior_impressions must be > 0, but {prior_impressions} is given")
+        if prior_clicks < 0:
+            raise ValueError(f"prior_clicks must be >= 0, but {prior_clicks} is given")
+        self.arm = arm
+        self.prior_clicks = prior_clicks
+        self.prior_impressions = prior_impressions
+        self.impressions: dict[str, int] = defaultdict(int)
+        self.clicks: dict[str, int] = defaultdict(int)
+
+    def observe(self, events: Sequence[Impression | Click]) -> None:
+        for event in events:
+            if isinstance(event, Impression):
+                self.impressions[event.item_id] += 1
+            else:
+                self.clicks[event.item_id] += 1
+
+    def score(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Smoothed CTR of each item."""
+        return np.array([(self.clicks.get(i, 0) + self.prior_clicks)
+                         / (self.impressions.get(i, 0) + self.prior_impressions) for i in item_ids])
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
+        _check_k(k)
+        scores = self.score(candidates)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return Ranking(tuple(candidates[i] for i in order), self.arm)
+
+
+class OracleRanker:
+    """Ranks by the world's hidden attraction at the world's current time.
+
+    ``noise`` (logit-scale Gaussian, seeded) degrades it; ``noise=0`` is the
+    best any model can do. It needs the world and the event time, which the
+    runner passes in ``context["t"]``.
+    """
+
+    def __init__(self, world, arm: str = "oracle", noise: float = 0.0, seed: int = 0) -> None:
+        if noise < 0:
+            raise ValueError(f"noise must be >= 0, but {noise} is given")
+        self.world = world
+        self.arm = arm
+        self.noise = noise
+        self._rng = np.random.default_rng(seed)
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
+        _check_k(k)
+        t = float(context.get("t", self.world.config.start_time))
+        a = np.clip(self.world.attraction(user_id, candidates, t), 1e-12, 1 - 1e-12)
+        logit = np.log(a) - np.log1p(-a)
+        if self.noise > 0:
+            logit = logit + self.noise * self._rng.standard_normal(logit.shape[0])
+        order = np.argsort(-logit, kind="stable")[:k]
+        return Ranking(tuple(candidates[i] for i in order), self.arm)
