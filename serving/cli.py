@@ -1,0 +1,95 @@
+"""``em3 serve``: run a ranking server for one model line or an A/B experiment.
+
+Examples::
+
+    em3 serve --model-line main --port 8000
+    em3 serve --experiment exp.json --host 0.0.0.0 --port 8000 --redis-url redis://...
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+__all__ = ["register", "build_runtime"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the ``em3`` command line."""
+    from em3.cli import add_connection_flags
+
+    p = subparsers.add_parser("serve", help="serve /v1/rank with hot-reloaded snapshots (FastAPI + uvicorn)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-line", help="serve the latest snapshot of this line to all users")
+    which.add_argument("--experiment", help="JSON file: {name, salt?, arms: [{name, fraction, kind, ...}]}")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--redis-prefix", default=None, help="Redis key prefix (default em3:)")
+    p.add_argument("--model-config", default=None,
+                   help="expected ModelConfig: a JSON file or a variant name; default: pin each line "
+                        "to the config of its first loaded snapshot")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="snapshot polling fallback, seconds")
+    p.add_argument("--history-len", type=int, default=100)
+    p.add_argument("--max-candidates", type=int, default=1000)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    p.add_argument("--unknown-candidates", choices=["score", "drop"], default="score")
+    p.add_argument("--toy-model", action="store_true", help="load serving.toy snapshots (tests only)")
+    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    add_connection_flags(p)
+    p.set_defaults(func=_serve)
+
+
+def _expected_config(spec: str | None) -> dict | None:
+    if spec is None:
+        return None
+    path = Path(spec)
+    if path.exists():
+        return json.loads(path.read_text())
+    from em3.model import ModelConfig
+
+    return ModelConfig.for_variant(spec).to_dict()
+
+
+def build_runtime(args: argparse.Namespace):
+    """A :class:`serving.server.ServingRuntime` from parsed ``em3 serve`` flags."""
+    from em3.cli import settings_from_args
+    from serving.ab import ExperimentConfig
+    from serving.ranking import RankingConfig
+    from serving.scoring import EM3Loader
+    from serving.server import ServerConfig, ServingRuntime
+
+    settings = settings_from_args(args)
+    if args.redis_prefix is not None:
+        settings = dataclasses.replace(settings, redis_prefix=args.redis_prefix)
+    if args.experiment:
+        experiment = ExperimentConfig.from_file(args.experiment)
+    else:
+        experiment = ExperimentConfig.single_line(args.model_line)
+    ranking = RankingConfig(history_len=args.history_len, max_candidates=args.max_candidates,
+                            unknown_candidates=args.unknown_candidates)
+    config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
+                          max_body_bytes=args.max_body_bytes)
+    if args.toy_model:
+        from serving.toy import ToyLoader
+
+        loader = ToyLoader(_expected_config(args.model_config))
+    else:
+        loader = EM3Loader(_expected_config(args.model_config))
+    return ServingRuntime.from_settings(settings, config, loader)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    from serving.app import serve_forever
+
+    runtime = build_runtime(args)
+    print(json.dumps({"serving": runtime.config.experiment.name, "url": f"http://{args.host}:{args.port}"}), flush=True)
+    serve_forever(runtime, args.host, args.port)
+    return 0

@@ -1,0 +1,350 @@
+"""The ranking service: pure logic between a loaded model, item content and user history.
+
+Item representations are cached per snapshot version in an :class:`ItemRepCache`.
+When a new version is loaded, :meth:`RankingService.prepare` fills a fresh cache
+for the registered catalog and the items the previous version was asked about,
+off the request path; items that show up later (new registrations, cold-start
+candidates) are computed on first use, from their content, so a new item ranks
+at once. Candidates without registered content are ranked by their ID part
+(or dropped, see :class:`RankingConfig`) and always reported back.
+
+Invalidation is race-free: each cache keeps an epoch per item, read before the
+content is fetched; a row computed from content older than the latest
+invalidation is never stored.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from em3.stores import ContentSource, HistorySource
+from em3.types import ItemContent, SnapshotManifest
+from serving.scoring import RankingModel
+
+__all__ = [
+    "RankingConfig",
+    "ItemRepCache",
+    "ServingState",
+    "RankedItem",
+    "RankResult",
+    "RankingService",
+    "UNKNOWN_POLICIES",
+]
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_POLICIES = ("score", "drop")
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    """Settings of the :class:`RankingService`.
+
+    Parameters
+    ----------
+    history_len : int
+        Most recent clicks read per user (capped by the model's own ``history_len``).
+    max_candidates : int
+        Most candidates one request may carry.
+    cache_max_items : int
+        Rows kept per snapshot version; the oldest inserted go first beyond it.
+    precompute_max_items : int
+        Most items whose rows are computed when a version is loaded.
+    unknown_ttl_s : float
+        How long the ID-only row of an unregistered item is trusted before the
+        content store is asked again.
+    rep_batch_size : int
+        Items per ``item_representations`` call.
+    unknown_candidates : {"score", "drop"}
+        Rank unregistered candidates by their ID part, or leave them out.
+    """
+
+    history_len: int = 100
+    max_candidates: int = 1000
+    cache_max_items: int = 200_000
+    precompute_max_items: int = 50_000
+    unknown_ttl_s: float = 2.0
+    rep_batch_size: int = 256
+    unknown_candidates: str = "score"
+
+    def __post_init__(self) -> None:
+        for name in ("history_len", "max_candidates", "cache_max_items", "rep_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+        if not isinstance(self.precompute_max_items, int) or self.precompute_max_items < 0:
+            raise ValueError(f"precompute_max_items must be >= 0, but {self.precompute_max_items!r} is given")
+        if not self.unknown_ttl_s >= 0:
+            raise ValueError(f"unknown_ttl_s must be >= 0, but {self.unknown_ttl_s!r} is given")
+        if self.unknown_candidates not in UNKNOWN_POLICIES:
+            raise ValueError(
+                f"unknown_candidates must be one of {UNKNOWN_POLICIES}, but {self.unknown_candidates!r} is given"
+            )
+
+
+@dataclass
+class _Row:
+    rep: torch.Tensor  # (D,)
+    known: bool
+    expires: float  # monotonic time; inf for registered items
+
+
+class ItemRepCache:
+    """Item rows of one snapshot version.
+
+    Reads take no lock (a dict lookup); writes and invalidations do.
+    """
+
+    def __init__(self, max_items: int) -> None:
+        if max_items <= 0:
+            raise ValueError(f"max_items must be > 0, but {max_items} is given")
+        self.max_items = max_items
+        self._rows: dict[str, _Row] = {}
+        self._epochs: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def keys(self) -> list[str]:
+        """Cached ids, oldest inserted first."""
+        return list(self._rows)
+
+    def get(self, item_id: str, now: float) -> _Row | None:
+        row = self._rows.get(item_id)
+        if row is None or row.expires < now:
+            return None
+        return row
+
+    def epochs(self, item_ids: Sequence[str]) -> list[int]:
+        """Current invalidation epochs of ``item_ids`` (read before fetching content)."""
+        with self._lock:
+            return [self._epochs.get(i, 0) for i in item_ids]
+
+    def put_many(
+        self, item_ids: Sequence[str], reps: torch.Tensor, known: Sequence[bool],
+        epochs: Sequence[int], expires: Sequence[float],
+    ) -> int:
+        """Store rows whose epoch is still current; returns how many were stored."""
+        stored = 0
+        with self._lock:
+            for n, item_id in enumerate(item_ids):
+                if self._epochs.get(item_id, 0) != epochs[n]:
+                    continue  # invalidated while being computed: content may be stale
+                self._rows.pop(item_id, None)  # re-insert at the end (newest)
+                self._rows[item_id] = _Row(reps[n], bool(known[n]), expires[n])
+                stored += 1
+            while len(self._rows) > self.max_items:
+                self._rows.pop(next(iter(self._rows)))
+        return stored
+
+    def invalidate(self, item_ids: Iterable[str]) -> None:
+        with self._lock:
+            for item_id in item_ids:
+                self._epochs[item_id] = self._epochs.get(item_id, 0) + 1
+                self._rows.pop(item_id, None)
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """One loaded snapshot with its row cache: what a request reads, all at once."""
+
+    model_line: str
+    version: int
+    manifest: SnapshotManifest | None
+    model: RankingModel
+    cache: ItemRepCache
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class RankedItem:
+    item_id: str
+    score: float
+    position: int
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """Top items, unregistered candidates, and where the time went (seconds)."""
+
+    items: list[RankedItem]
+    unknown_item_ids: list[str]
+    history_len: int
+    timings: Mapping[str, float]
+
+
+class RankingService:
+    """Ranks candidates for a user with a :class:`ServingState`.
+
+    Parameters
+    ----------
+    content : ContentSource
+        Registered item content (Redis in production).
+    history : HistorySource
+        Per-user click history, newest first (the join maintains it).
+    config : RankingConfig
+    """
+
+    def __init__(self, content: ContentSource, history: HistorySource, config: RankingConfig | None = None) -> None:
+        self.content = content
+        self.history = history
+        self.config = config or RankingConfig()
+        self._live: "weakref.WeakSet[ItemRepCache]" = weakref.WeakSet()
+        self._live_lock = threading.Lock()
+        self.history_errors = 0
+        self.content_errors = 0
+
+    # -- versions ----------------------------------------------------------------
+    def prepare(
+        self, line: str, manifest: SnapshotManifest | None, model: RankingModel,
+        previous: ServingState | None = None,
+    ) -> ServingState:
+        """A new :class:`ServingState` with rows precomputed for the registered
+        catalog and the items ``previous`` served (newest first), up to
+        ``precompute_max_items``. Runs in the reloader's thread, never per request."""
+        cache = ItemRepCache(self.config.cache_max_items)
+        with self._live_lock:
+            self._live.add(cache)  # invalidations from now on reach this cache
+        wanted: dict[str, None] = {}
+        if previous is not None:
+            for item_id in reversed(previous.cache.keys()):
+                wanted[item_id] = None
+        ids_fn = getattr(self.content, "ids", None)
+        if callable(ids_fn):
+            try:
+                for item_id in ids_fn():
+                    wanted[item_id] = None
+            except Exception as exc:  # noqa: BLE001 - a store outage must not stop a swap
+                self.content_errors += 1
+                logger.warning("could not list the catalog for precompute: %r", exc)
+        ids = list(wanted)[: self.config.precompute_max_items]
+        t0 = time.perf_counter()
+        bs = self.config.rep_batch_size
+        for start in range(0, len(ids), bs):
+            self._compute(model, cache, ids[start:start + bs], time.monotonic())
+        version = manifest.version if manifest is not None else 0
+        logger.info(
+            "line %r v%s: %d item rows precomputed in %.3f s", line, version, len(cache), time.perf_counter() - t0
+        )
+        return ServingState(line, version, manifest, model, cache)
+
+    def invalidate(self, item_ids: Sequence[str]) -> None:
+        """Drop the rows of ``item_ids`` from every live cache (content changed)."""
+        with self._live_lock:
+            caches = list(self._live)
+        for cache in caches:
+            cache.invalidate(item_ids)
+
+    # -- rows ---------------------------------------------------------------------
+    def _compute(
+        self, model: RankingModel, cache: ItemRepCache, item_ids: Sequence[str], now: float
+    ) -> tuple[torch.Tensor, list[bool]] | None:
+        if not item_ids:
+            return None
+        epochs = cache.epochs(item_ids)
+        try:
+            contents: list[ItemContent | None] = list(self.content.get_many(item_ids))
+            fetched = True
+        except Exception as exc:  # noqa: BLE001 - Redis outage: rank by ID, do not cache
+            self.content_errors += 1
+            logger.warning("content lookup failed for %d items: %r", len(item_ids), exc)
+            contents = [None] * len(item_ids)
+            fetched = False
+        reps = model.item_representations(item_ids, contents)  # (N, D)
+        known = [c is not None for c in contents]
+        if fetched:
+            ttl = self.config.unknown_ttl_s
+            expires = [math.inf if k else now + ttl for k in known]
+            cache.put_many(item_ids, reps, known, epochs, expires)
+        return reps, known
+
+    def representations(self, state: ServingState, item_ids: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+        """Rows ``(N, D)`` for ``item_ids`` from the cache, computing misses; and
+        whether each item has registered content."""
+        now = time.monotonic()
+        rows: list[torch.Tensor | None] = []
+        known: list[bool] = []
+        missing: list[int] = []
+        for n, item_id in enumerate(item_ids):
+            row = state.cache.get(item_id, now)
+            if row is None:
+                rows.append(None)
+                known.append(False)
+                missing.append(n)
+            else:
+                rows.append(row.rep)
+                known.append(row.known)
+        if missing:
+            miss_ids = [item_ids[n] for n in dict.fromkeys(missing)]
+            unique = list(dict.fromkeys(miss_ids))
+            computed = self._compute(state.model, state.cache, unique, now)
+            if computed is not None:
+                reps, flags = computed
+                where = {item_id: j for j, item_id in enumerate(unique)}
+                for n in missing:
+                    j = where[item_ids[n]]
+                    rows[n] = reps[j]
+                    known[n] = flags[j]
+        if not rows:
+            return torch.empty(0, 0), known
+        return torch.stack(rows), known  # type: ignore[arg-type]  # (N, D)
+
+    # -- requests -----------------------------------------------------------------
+    def user_history(self, state: ServingState, user_id: str) -> list[str]:
+        limit = min(self.config.history_len, int(getattr(state.model, "history_len", self.config.history_len)))
+        try:
+            return list(self.history.get(user_id, limit))
+        except Exception as exc:  # noqa: BLE001 - rank without history rather than fail
+            self.history_errors += 1
+            logger.warning("history lookup failed for user %r: %r", user_id, exc)
+            return []
+
+    def rank(
+        self, state: ServingState, user_id: str, item_ids: Sequence[str],
+        context: Mapping[str, str] | None = None, k: int | None = None,
+    ) -> RankResult:
+        """The top ``k`` of ``item_ids`` for ``user_id``, best first.
+
+        ``item_ids`` must be unique and at most ``max_candidates`` long.
+        """
+        if len(item_ids) > self.config.max_candidates:
+            raise ValueError(
+                f"item_ids must hold at most {self.config.max_candidates} candidates, but {len(item_ids)} are given"
+            )
+        if k is not None and k <= 0:
+            raise ValueError(f"k must be > 0, but {k} is given")
+        t0 = time.perf_counter()
+        history_ids = self.user_history(state, user_id)
+        t1 = time.perf_counter()
+        cand_reps, known = self.representations(state, item_ids)  # (N, D)
+        unknown = [i for i, flag in zip(item_ids, known) if not flag]
+        keep = list(range(len(item_ids)))
+        if self.config.unknown_candidates == "drop" and unknown:
+            keep = [n for n, flag in enumerate(known) if flag]
+            cand_reps = cand_reps[keep]  # (N', D)
+        if history_ids:
+            hist_reps, _ = self.representations(state, history_ids)  # (H, D)
+        else:
+            hist_reps = cand_reps.new_zeros((0, cand_reps.shape[1] if cand_reps.ndim == 2 else 0))
+        t2 = time.perf_counter()
+        if keep:
+            with torch.inference_mode():
+                scores = state.model.score(user_id, context or {}, hist_reps, cand_reps)  # (N',)
+            scores = torch.nan_to_num(scores.float().reshape(-1), nan=-math.inf)
+            order = torch.argsort(scores, descending=True, stable=True)
+            top = order[: (k or len(keep))].tolist()
+            values = scores.tolist()
+        else:
+            top, values = [], []
+        t3 = time.perf_counter()
+        items = [RankedItem(item_ids[keep[j]], float(values[j]), pos) for pos, j in enumerate(top)]
+        timings = {"history_s": t1 - t0, "reps_s": t2 - t1, "model_s": t3 - t2, "total_s": t3 - t0}
+        return RankResult(items, unknown, len(history_ids), timings)

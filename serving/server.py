@@ -1,0 +1,353 @@
+"""The serving runtime: every moving part of one server, wired together, no HTTP.
+
+:class:`ServingRuntime` owns the reloaders (one per model line or fixed snapshot
+that an experiment arm serves), the snapshot watcher, the ranking service, the
+impression logger and the metrics. :mod:`serving.app` puts HTTP in front of it;
+tests and benchmarks can call it directly.
+
+Build one from settings (Redis, Kafka) with :meth:`ServingRuntime.from_settings`,
+or from parts (in-memory stores, a fake producer) with the constructor.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from em3 import codec
+from em3.config import Settings
+from em3.stores import ContentSource, HistorySource
+from em3.types import Click, Impression, ItemContent
+from serving.ab import ArmConfig, BaselineResult, ExperimentConfig, PopularityRanker, RandomRanker
+from serving.logger import ImpressionLogger, ImpressionLoggerConfig
+from serving.metrics import ServingMetrics
+from serving.ranking import RankingConfig, RankingService
+from serving.reloader import ReloaderConfig, SnapshotReloader, SnapshotWatcher
+from serving.scoring import ModelLoader
+
+__all__ = ["ServerConfig", "ServingRuntime", "NotReady", "Unavailable", "RankedResponse"]
+
+logger = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """The arm that serves this user has no snapshot loaded yet (HTTP 503)."""
+
+
+class Unavailable(RuntimeError):
+    """A dependency (Redis, the Kafka producer) cannot take the request now (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server process.
+
+    Parameters
+    ----------
+    experiment : ExperimentConfig
+        Arms and traffic split (one ``line`` arm for ``--model-line``).
+    ranking : RankingConfig
+    poll_interval_s : float
+        Snapshot polling fallback beside pub/sub.
+    max_body_bytes : int
+        Larger request bodies get 413.
+    impression_buffer : int
+        Impressions held in memory before new ones are dropped.
+    count_impressions : bool
+        Feed the popularity counter of impressions from the logger thread.
+    random_seed : int
+        Seed of the random arm (with the request id).
+    """
+
+    experiment: ExperimentConfig
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    poll_interval_s: float = 1.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    impression_buffer: int = 100_000
+    count_impressions: bool = True
+    random_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be > 0, but {self.poll_interval_s!r} is given")
+        for name in ("max_body_bytes", "impression_buffer"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+
+    def sources(self) -> list[ReloaderConfig]:
+        """One reloader per distinct model source among the arms."""
+        seen: dict[str, ReloaderConfig] = {}
+        for arm in self.experiment.arms:
+            if arm.is_model and arm.source_key not in seen:
+                seen[arm.source_key] = ReloaderConfig(arm.model_line, arm.version)
+        return list(seen.values())
+
+
+@dataclass(frozen=True)
+class RankedResponse:
+    """What /v1/rank answers (see :meth:`to_dict`)."""
+
+    request_id: str
+    arm: str
+    model_line: str
+    model_version: int
+    items: list[tuple[str, float, str, float]]  # item_id, score, impression_id, propensity
+    unknown_item_ids: list[str]
+    timings: Mapping[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "arm": self.arm,
+            "model_line": self.model_line,
+            "model_version": self.model_version,
+            "items": [
+                {"item_id": i, "score": s, "position": pos, "impression_id": imp, "propensity": p}
+                for pos, (i, s, imp, p) in enumerate(self.items)
+            ],
+            "unknown_item_ids": self.unknown_item_ids,
+        }
+
+
+class ServingRuntime:
+    """One server's state and behaviour, independent of HTTP.
+
+    Parameters
+    ----------
+    config : ServerConfig
+    loader : ModelLoader
+        Builds models from snapshots (:class:`serving.scoring.EM3Loader`).
+    snapshot_store : RedisSnapshotStore-like
+    content, history : ContentSource, HistorySource
+    popularity : RedisPopularityStore-like, optional
+        Needed by popularity arms; fed by clicks and impressions.
+    producer : confluent_kafka.Producer-like, optional
+        Impressions and clicks go through it; without one nothing is produced.
+    settings : Settings, optional
+        Topic names; Redis prefix for item-update notices.
+    redis_client : optional
+        For item-update notices and the registered-items check.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        loader: ModelLoader,
+        snapshot_store: Any,
+        content: ContentSource,
+        history: HistorySource,
+        *,
+        popularity: Any = None,
+        producer: Any = None,
+        settings: Settings | None = None,
+        redis_client: Any = None,
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.content = content
+        self.popularity = popularity
+        self.producer = producer
+        self.redis_client = redis_client
+        self.metrics = ServingMetrics()
+        self.ranking = RankingService(content, history, config.ranking)
+        self.reloaders: dict[str, SnapshotReloader] = {
+            src.key: SnapshotReloader(snapshot_store, loader, self.ranking.prepare, src, self.metrics)
+            for src in config.sources()
+        }
+        extra = {}
+        if redis_client is not None and settings is not None:
+            from em3.redis_stores import item_updates_channel
+
+            extra[item_updates_channel(settings.redis_prefix)] = self._on_item_notice
+        self.watcher = SnapshotWatcher(
+            snapshot_store, list(self.reloaders.values()), config.poll_interval_s, extra, self.metrics
+        )
+        self.logger: ImpressionLogger | None = None
+        if producer is not None and settings is not None:
+            hook = None
+            if popularity is not None and config.count_impressions:
+                hook = lambda batch: popularity.incr_many("impressions", [i.item_id for i in batch])  # noqa: E731
+            self.logger = ImpressionLogger(
+                producer, ImpressionLoggerConfig(settings.topics.impressions, buffer_size=config.impression_buffer),
+                on_batch=hook,
+            )
+        self.random = RandomRanker(config.random_seed)
+        self.baseline_errors = 0
+        self.metrics.attach(self._scrape)
+        self.started_at = time.time()
+
+    # -- construction from settings ----------------------------------------------------
+    @classmethod
+    def from_settings(cls, settings: Settings, config: ServerConfig, loader: ModelLoader) -> "ServingRuntime":
+        """Redis stores and a Kafka producer for ``settings``."""
+        from em3.redis_stores import (
+            RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisSnapshotStore, connect,
+        )
+        from stream.kafka import make_producer
+
+        client = connect(settings.redis)
+        prefix = settings.redis_prefix
+        return cls(
+            config, loader, RedisSnapshotStore(client, prefix), RedisContentStore(client, prefix),
+            RedisHistoryStore(client, prefix), popularity=RedisPopularityStore(client, prefix),
+            producer=make_producer(settings.kafka, linger_ms=5), settings=settings, redis_client=client,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self, wait_ready_s: float = 0.0) -> "ServingRuntime":
+        """Start the logger and the watcher; optionally wait for readiness (no error if not)."""
+        if self.logger is not None:
+            self.logger.start()
+        self.watcher.start()
+        deadline = time.monotonic() + wait_ready_s
+        while wait_ready_s and not self.is_ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        if self.logger is not None:
+            self.logger.close()
+        if self.redis_client is not None:
+            try:
+                self.redis_client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+
+    # -- readiness ---------------------------------------------------------------------
+    def is_ready(self) -> bool:
+        return all(r.current is not None for r in self.reloaders.values())
+
+    def readiness(self) -> dict[str, Any]:
+        sources = {key: r.status().to_dict() for key, r in self.reloaders.items()}
+        degraded = any((not s["redis_ok"]) or s["stale"] for s in sources.values())
+        return {
+            "ready": self.is_ready(),
+            "degraded": degraded,
+            "experiment": self.config.experiment.name,
+            "arms": [a.name for a in self.config.experiment.arms],
+            "sources": sources,
+        }
+
+    def _scrape(self) -> dict[str, Any]:
+        sources = []
+        for r in self.reloaders.values():
+            cur = r.current
+            sources.append((r.status(), 0 if cur is None else len(cur.cache)))
+        return {
+            "logger": None if self.logger is None else self.logger.stats(),
+            "sources": sources,
+            "store_errors": {
+                "history": self.ranking.history_errors,
+                "content": self.ranking.content_errors,
+                "baseline": self.baseline_errors,
+            },
+        }
+
+    # -- requests ------------------------------------------------------------------------
+    def rank(
+        self, user_id: str, item_ids: Sequence[str], context: Mapping[str, str] | None = None, k: int | None = None,
+    ) -> RankedResponse:
+        """Rank for ``user_id`` with the arm it is bucketed into, and log impressions.
+
+        Raises :class:`NotReady` if the arm's snapshot is not loaded yet.
+        """
+        context = dict(context or {})
+        k = len(item_ids) if k is None else min(k, len(item_ids))
+        arm = self.config.experiment.arm_for(user_id)
+        request_id = uuid.uuid4().hex
+        served_at = time.time()
+        if arm.is_model:
+            state = self.reloaders[arm.source_key].current
+            if state is None:
+                raise NotReady(f"arm {arm.name!r}: no snapshot of {arm.source_key!r} loaded yet")
+            result = self.ranking.rank(state, user_id, item_ids, context, k)
+            ranked = [(r.item_id, r.score, 1.0) for r in result.items]
+            unknown = result.unknown_item_ids
+            line, version, timings = state.model_line, state.version, result.timings
+            self.metrics.model_seconds.observe(timings["model_s"])
+        else:
+            ranked, unknown = self._rank_baseline(arm, item_ids, k, request_id)
+            line, version, timings = arm.logged_line, 0, {}
+        items = [(item_id, score, f"{request_id}-{pos}", p) for pos, (item_id, score, p) in enumerate(ranked)]
+        if self.logger is not None:
+            self.logger.log_many([
+                Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
+                for pos, (item_id, _, imp_id, p) in enumerate(items)
+            ])
+        self.metrics.arm_requests.labels(arm.name).inc()
+        if unknown:
+            self.metrics.unknown_candidates.inc(len(unknown))
+        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings)
+
+    def _rank_baseline(
+        self, arm: ArmConfig, item_ids: Sequence[str], k: int, request_id: str
+    ) -> tuple[list[tuple[str, float, float]], list[str]]:
+        if arm.kind == "popularity":
+            store = self.popularity
+            try:
+                if store is None:
+                    raise Unavailable("no popularity store configured")
+                result = PopularityRanker(store, arm.popularity).rank(item_ids, k)
+            except Exception as exc:  # noqa: BLE001 - Redis down: candidate order, counted
+                self.baseline_errors += 1
+                logger.warning("popularity lookup failed (%r); serving candidate order", exc)
+                result = BaselineResult(list(item_ids[:k]), [0.0] * k, [1.0] * k)
+        else:
+            result = self.random.rank(item_ids, k, request_id)
+        return list(zip(result.item_ids, result.scores, result.propensities)), self._unregistered(item_ids)
+
+    def _unregistered(self, item_ids: Sequence[str]) -> list[str]:
+        try:
+            if self.redis_client is not None and self.settings is not None:
+                from em3.redis_stores import registered_mask
+
+                mask = registered_mask(self.redis_client, self.settings.redis_prefix, item_ids)
+            else:
+                mask = [c is not None for c in self.content.get_many(item_ids)]
+        except Exception as exc:  # noqa: BLE001 - reporting unknowns is best effort
+            self.baseline_errors += 1
+            logger.warning("registered-items check failed: %r", exc)
+            return []
+        return [i for i, ok in zip(item_ids, mask) if not ok]
+
+    def click(self, click: Click) -> None:
+        """Produce ``click`` to the clicks topic and count it for popularity."""
+        if self.producer is None or self.settings is None:
+            raise Unavailable("this server has no Kafka producer")
+        try:
+            self.producer.produce(self.settings.topics.clicks, key=click.user_id.encode(), value=codec.encode(click))
+        except BufferError as exc:
+            raise Unavailable(f"Kafka producer queue is full: {exc}") from None
+        self.producer.poll(0)
+        self.metrics.clicks.inc()
+        if self.popularity is not None:
+            try:
+                self.popularity.incr_many("clicks", [click.item_id])
+            except Exception as exc:  # noqa: BLE001 - the counter is best effort
+                self.baseline_errors += 1
+                logger.warning("click counter update failed: %r", exc)
+
+    def put_items(self, items: Sequence[ItemContent]) -> None:
+        """Register or update content; drop cached rows here and tell other servers."""
+        ids = [item.item_id for item in items]
+        try:
+            self.content.put_many(items)
+        except Exception as exc:  # noqa: BLE001 - surfaced as 503
+            raise Unavailable(f"content store unavailable: {exc!r}") from None
+        self.ranking.invalidate(ids)
+        self.metrics.items_registered.inc(len(ids))
+        if self.redis_client is not None and self.settings is not None:
+            from em3.redis_stores import publish_item_updates
+
+            try:
+                publish_item_updates(self.redis_client, self.settings.redis_prefix, ids)
+            except Exception as exc:  # noqa: BLE001 - other servers catch up by TTL-free rebuild on next swap
+                logger.warning("item-update notice failed: %r", exc)
+
+    def _on_item_notice(self, payload: Any) -> None:
+        if isinstance(payload, list):
+            self.ranking.invalidate([str(i) for i in payload])
