@@ -96,7 +96,7 @@ class ABConfig:
     tau2: float = DEFAULT_TAU2
     min_samples: int = 200
     check_every: int = 500
-    attribution_window_s: float = 1800.0
+    attribution_window_s: float = 600.0
     stop_early: bool = False
     share_feedback: bool = False
     seed: int = 0
@@ -277,7 +277,8 @@ class ABRunner:
             for a in self.treatments:
                 s = stats[a]
                 r = tests[a].update(c.requests, c.sum_ctr, s.requests, s.sum_ctr, c.sumsq_ctr, s.sumsq_ctr)
-                entry["tests"][a] = {"diff": r.diff, "p_value": r.p_value, "ci_low": r.ci_low,
+                diff = r.diff if min(c.requests, s.requests) > 0 else math.nan
+                entry["tests"][a] = {"diff": diff, "p_value": r.p_value, "ci_low": r.ci_low,
                                      "ci_high": r.ci_high, "reject": r.reject}
                 if r.reject and a not in stopped_at:
                     stopped_at[a] = (n_done, now)
