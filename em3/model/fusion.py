@@ -1,0 +1,104 @@
+"""Fusion-Q-Former: K learned queries read the tokens of every modality.
+
+Each layer runs query self-attention, cross-attention from the queries to the
+concatenated modality tokens (each tagged with a learned modality-type embedding;
+padding and missing modalities masked out), and a feed-forward block, all pre-norm
+with residuals (the shape of BLIP-2's Q-Former, much smaller). The ``K x d`` query
+outputs are flattened and projected to the item's ``d``-wide content embedding.
+
+One learned "null" token is always present and never masked, so an item with every
+modality missing still gets a well-defined embedding (and attention never sees an
+all-masked row, which would give NaN).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ModalityTokens", "FusionQFormer", "MeanFusion"]
+
+
+class ModalityTokens(nn.Module):
+    """Project each modality's tokens to ``d``, add type embeddings, concatenate.
+
+    Call Args: ``tokens[m]`` ``(N, T_m, H_m)`` and ``masks[m]`` ``(N, T_m)`` bool
+    (True at real tokens; all False for an item missing modality ``m``).
+    Returns ``memory`` ``(N, 1 + sum T_m, d)`` and ``valid`` ``(N, 1 + sum T_m)``,
+    the first position being the null token.
+    """
+
+    def __init__(self, in_dims: Sequence[int], d: int) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList([nn.Linear(h, d) for h in in_dims])
+        self.type_emb = nn.Parameter(torch.randn(len(in_dims) + 1, d) * 0.02)  # last row: null token
+        self.null = nn.Parameter(torch.randn(d) * 0.02)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        n = masks[0].shape[0] if masks else 0
+        parts = [(self.null + self.type_emb[-1]).expand(n, 1, -1)]  # (N, 1, d)
+        valid = [torch.ones(n, 1, dtype=torch.bool, device=self.null.device)]
+        for m, (x, mask) in enumerate(zip(tokens, masks)):
+            parts.append(self.proj[m](x) + self.type_emb[m])  # (N, T_m, d)
+            valid.append(mask)
+        memory = self.norm(torch.cat(parts, dim=1))  # (N, T, d)
+        return memory, torch.cat(valid, dim=1)  # (N, T, d), (N, T)
+
+
+class _QFormerLayer(nn.Module):
+    def __init__(self, d: int, heads: int, ffn_mult: int = 2) -> None:
+        super().__init__()
+        self.norm_q = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm_c = nn.LayerNorm(d)
+        self.cross_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm_f = nn.LayerNorm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
+
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        h = self.norm_q(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]  # (N, K, d)
+        h = self.norm_c(q)
+        q = q + self.cross_attn(h, memory, memory, key_padding_mask=~valid, need_weights=False)[0]  # (N, K, d)
+        return q + self.ffn(self.norm_f(q))  # (N, K, d)
+
+
+class FusionQFormer(nn.Module):
+    """K queries x L layers over all modality tokens -> content embedding ``(N, d)``."""
+
+    def __init__(self, in_dims: Sequence[int], d: int, query_num: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tokens = ModalityTokens(in_dims, d)
+        self.queries = nn.Parameter(torch.randn(query_num, d) * 0.02)
+        self.layers = nn.ModuleList([_QFormerLayer(d, heads) for _ in range(layers)])
+        self.out_norm = nn.LayerNorm(d)
+        self.out = nn.Linear(query_num * d, d)
+
+    def query_outputs(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ``K`` query outputs ``(N, K, d)``."""
+        memory, valid = self.tokens(tokens, masks)  # (N, T, d), (N, T)
+        q = self.queries.expand(memory.shape[0], -1, -1)  # (N, K, d)
+        for layer in self.layers:
+            q = layer(q, memory, valid)
+        return self.out_norm(q)  # (N, K, d)
+
+    def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        q = self.query_outputs(tokens, masks)  # (N, K, d)
+        return self.out(q.flatten(1))  # (N, d)
+
+
+class MeanFusion(nn.Module):
+    """The ``no_fusion`` ablation: masked mean of all projected tokens, then a linear map."""
+
+    def __init__(self, in_dims: Sequence[int], d: int) -> None:
+        super().__init__()
+        self.tokens = ModalityTokens(in_dims, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        memory, valid = self.tokens(tokens, masks)  # (N, T, d), (N, T)
+        w = valid.to(memory.dtype).unsqueeze(-1)  # (N, T, 1)
+        pooled = (memory * w).sum(1) / w.sum(1)  # (N, d)
+        return self.out(pooled)  # (N, d)

@@ -1,0 +1,93 @@
+"""Losses: per-sample-weighted BCE with fake-negative correction, and the
+Content-ID contrastive (InfoNCE) loss of EM3."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["weighted_bce", "content_id_infonce"]
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
+                 correction: torch.Tensor | None = None, mode: str = "cancel") -> torch.Tensor:
+    """Mean per-sample-weighted binary cross-entropy on logits.
+
+    Correction samples (``Sample.correction``: a click that arrived after the join
+    already emitted a negative for the impression, which the model has learned) are
+    handled as in Ktena et al. 2019's fake-negative setting:
+
+    - ``"cancel"`` (default): the sample contributes ``-log p + log(1 - p)``, i.e. a
+      positive plus a term that cancels the earlier fake negative (its gradient is
+      the negative of that negative's gradient at the current parameters). Its
+      gradient w.r.t. the logit is exactly ``-1``: bounded, so a burst of late
+      clicks cannot blow up a step.
+    - ``"positive"``: an ordinary positive (the fake negative is left in place).
+
+    Parameters
+    ----------
+    logits, labels : Tensor ``(B,)``
+    weights : Tensor ``(B,)``, optional
+        Per-sample weights (default 1).
+    correction : bool Tensor ``(B,)``, optional
+        True for correction samples (their label must be 1).
+    mode : {"cancel", "positive"}
+
+    Returns
+    -------
+    Tensor
+        Scalar: ``sum(w * loss) / B``.
+    """
+    labels = labels.to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (B,)
+    if correction is not None and mode == "cancel" and bool(correction.any()):
+        # + log(1 - p) = - softplus(z): undoes the earlier "-log(1 - p)" negative.
+        loss = loss - correction.to(logits.dtype) * F.softplus(logits)
+    if weights is not None:
+        loss = loss * weights.to(logits.dtype)
+    return loss.mean() if loss.numel() else logits.sum() * 0.0
+
+
+def content_id_infonce(content: torch.Tensor, ids: torch.Tensor, temperature: float,
+                       negatives: torch.Tensor | None = None,
+                       same_id: torch.Tensor | None = None) -> torch.Tensor:
+    """Content-ID contrastive loss: each item's content embedding must pick out its
+    own ID embedding among the other items' (in-batch) and optional sampled ones.
+
+    ``loss = mean_i -log( exp(s_ii / tau) / (sum_j exp(s_ij / tau) + sum_k exp(s_ik' / tau)) )``
+    with ``s`` the cosine similarity of content ``i`` and ID ``j`` (or sampled ID
+    ``k``).
+
+    Parameters
+    ----------
+    content, ids : Tensor ``(N, d)``
+        Row ``i`` of both belongs to the same item (items unique).
+    temperature : float
+    negatives : Tensor ``(N, M, d)`` or ``(M, d)``, optional
+        Extra ID embeddings used as negatives (per item, or shared).
+    same_id : bool Tensor ``(N, N)``, optional
+        True where items ``i != j`` share an ID bucket (hash collision); those
+        "negatives" are masked out.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss; 0 for fewer than two items and no sampled negatives.
+    """
+    n = content.shape[0]
+    if n == 0 or (n < 2 and negatives is None):
+        return content.sum() * 0.0
+    c = F.normalize(content, dim=-1)  # (N, d)
+    e = F.normalize(ids, dim=-1)  # (N, d)
+    logits = c @ e.T / temperature  # (N, N)
+    if same_id is not None:
+        off_diag = same_id & ~torch.eye(n, dtype=torch.bool, device=same_id.device)
+        logits = logits.masked_fill(off_diag, float("-inf"))
+    if negatives is not None:
+        neg = F.normalize(negatives, dim=-1)
+        if neg.dim() == 2:
+            extra = c @ neg.T  # (N, M)
+        else:
+            extra = torch.einsum("nd,nmd->nm", c, neg)  # (N, M)
+        logits = torch.cat([logits, extra / temperature], dim=1)  # (N, N + M)
+    target = torch.arange(n, device=content.device)
+    return F.cross_entropy(logits, target)

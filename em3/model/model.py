@@ -1,0 +1,290 @@
+"""EM3Model: content encoders + fusion + hashed IDs + DIN ranker, in one module.
+
+An item's representation is ``[content ; id]`` (``(N, 2d)``; ``[id]`` for
+``id_only``), computed once per unique item of a batch (history and targets together)
+so the ranking loss reaches the content modules through every occurrence.
+
+Serving path (per snapshot version): ``reps = model.item_representations(ids, contents)``
+once for the catalog, then ``model.score_candidates(user, context, reps[hist], reps[cands])``
+per request; both under ``torch.no_grad()`` and ``model.eval()``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from em3.model.config import ModelConfig
+from em3.model.encoders import ImageEncoder, PrefixCache, TextEncoder, content_digest, decode_image
+from em3.model.fusion import FusionQFormer, MeanFusion
+from em3.model.losses import content_id_infonce
+from em3.model.ranker import ClickHead, HashEmbedding, TargetAttention
+from em3.types import ItemContent
+
+__all__ = ["EM3Model", "ItemEncoding"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemEncoding:
+    """What :meth:`EM3Model.encode_items` returns for ``N`` unique items.
+
+    ``reps`` ``(N, R)``; ``content`` ``(N, d)`` or None (``id_only``); ``ids``
+    ``(N, d)`` ID embeddings; ``buckets`` ``(N,)`` their table rows.
+    """
+
+    reps: torch.Tensor
+    content: torch.Tensor | None
+    ids: torch.Tensor
+    buckets: torch.Tensor
+
+
+@dataclass
+class _Cached:
+    """Per-item inputs and frozen-prefix activations kept in the LRU cache."""
+
+    token_ids: list[int] | None
+    text_prefix: torch.Tensor | None  # (T, H) when the text tower is cacheable
+    pixels: torch.Tensor | None  # (3, S, S) when the image tower is not cacheable
+    image_prefix: torch.Tensor | None  # (C, h, w) when cacheable
+
+
+class EM3Model(nn.Module):
+    """The EM3 ranking model.
+
+    Parameters
+    ----------
+    config : ModelConfig
+    cache_items : int
+        Capacity (items) of the frozen-prefix LRU cache; runtime only.
+    gradient_checkpointing : bool
+        Recompute trainable encoder layers in backward instead of storing them.
+    """
+
+    def __init__(self, config: ModelConfig, *, cache_items: int = 20_000,
+                 gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        torch.manual_seed(config.seed)
+        d = config.embed_dim
+        self.text = TextEncoder(config) if config.has_text else None
+        self.image = ImageEncoder(config) if config.has_image else None
+        torch.manual_seed(config.seed + 1)
+        in_dims = [enc.hidden_size for enc in (self.text, self.image) if enc is not None]
+        self.fusion: nn.Module | None = None
+        if config.use_content:
+            if config.fusion == "qformer":
+                self.fusion = FusionQFormer(in_dims, d, config.query_num, config.fusion_layers, config.fusion_heads)
+            else:
+                self.fusion = MeanFusion(in_dims, d)
+        self.user_emb = HashEmbedding(config.user_buckets, d, "user")
+        self.item_emb = HashEmbedding(config.item_buckets, d, "item")
+        self.context_emb = HashEmbedding(config.context_buckets, d, "context")
+        self.attention = TargetAttention(config.item_dim, config.attention_hidden)
+        self.head = ClickHead(d, config.item_dim, config.mlp_hidden)
+        self.cache = PrefixCache(cache_items)
+        self.set_gradient_checkpointing(gradient_checkpointing)
+
+    # ------------------------------------------------------------------ state
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        for enc in (self.text, self.image):
+            if enc is not None:
+                enc.gradient_checkpointing = enabled
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor (LoRA, fusion, ranker, embeddings), detached, by name."""
+        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`trainable_state_dict` output; names and shapes must match exactly."""
+        own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"trainable state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, param in own.items():
+                if tuple(state[name].shape) != tuple(param.shape):
+                    raise ValueError(f"{name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
+                param.copy_(state[name].to(param.device, param.dtype))
+
+    def num_trainable_params(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        return self.user_emb.table.weight.device
+
+    # --------------------------------------------------------------- contents
+    def _cached_inputs(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> list[_Cached]:
+        """Inputs and frozen-prefix activations per item, computing misses in one batch."""
+        out: list[_Cached | None] = []
+        misses: list[int] = []
+        digests = [content_digest(c) for c in contents]
+        for i, (iid, dig) in enumerate(zip(item_ids, digests)):
+            hit = self.cache.get(iid, dig)
+            out.append(hit)
+            if hit is None:
+                misses.append(i)
+        if not misses:
+            return out  # type: ignore[return-value]
+        new = [self._prepare(contents[i]) for i in misses]
+        with torch.no_grad():
+            self._fill_prefixes(new)
+        for i, entry in zip(misses, new):
+            out[i] = entry
+            self.cache.put(item_ids[i], digests[i], entry)
+        return out  # type: ignore[return-value]
+
+    def _prepare(self, item: ItemContent | None) -> _Cached:
+        tokens = pixels = None
+        if item is not None and self.text is not None and item.text.strip():
+            tokens = self.text.tokenize(item.text)
+        if item is not None and self.image is not None and item.image:
+            pixels = decode_image(item.image, self.config.image_size)
+            if pixels is not None:
+                pixels = pixels.to(self.device)
+        return _Cached(tokens, None, pixels, None)
+
+    def _fill_prefixes(self, entries: list[_Cached]) -> None:
+        if self.text is not None and self.text.cacheable:
+            rows = [e for e in entries if e.token_ids is not None]
+            if rows:
+                ids, mask = self._pad_tokens([e.token_ids for e in rows])  # (n, T)
+                states = self.text.prefix(ids, mask)  # (n, T, H)
+                for e, s, n in zip(rows, states, mask.sum(1).tolist()):
+                    e.text_prefix = s[:n].clone()
+        if self.image is not None and self.image.cacheable:
+            rows = [e for e in entries if e.pixels is not None]
+            if rows:
+                acts = self.image.prefix(torch.stack([e.pixels for e in rows]))  # (n, C, h, w)
+                for e, a in zip(rows, acts):
+                    e.image_prefix, e.pixels = a.clone(), None
+
+    def _pad_tokens(self, token_lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = max(1, max((len(x) for x in token_lists), default=1))
+        ids = torch.zeros(len(token_lists), t, dtype=torch.long, device=self.device)
+        mask = torch.zeros(len(token_lists), t, dtype=torch.bool, device=self.device)
+        for i, toks in enumerate(token_lists):
+            ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            mask[i, : len(toks)] = True
+        return ids, mask
+
+    def _text_tokens(self, entries: Sequence[_Cached]) -> tuple[torch.Tensor, torch.Tensor]:
+        n, h = len(entries), self.text.hidden_size
+        has = [i for i, e in enumerate(entries) if e.token_ids is not None]
+        t = max([len(entries[i].token_ids) for i in has], default=1)
+        states = torch.zeros(n, t, h, device=self.device)
+        mask = torch.zeros(n, t, dtype=torch.bool, device=self.device)
+        if not has:
+            return states, mask
+        if self.text.cacheable:
+            pre = torch.zeros(len(has), t, h, device=self.device)
+            for row, i in enumerate(has):
+                p = entries[i].text_prefix
+                pre[row, : p.shape[0]] = p
+        sub_ids, sub_mask = self._pad_tokens([entries[i].token_ids for i in has])  # (n', t)
+        if not self.text.cacheable:
+            pre = self.text.prefix(sub_ids, sub_mask)
+        out = self.text(pre.to(states.dtype), sub_mask)  # (n', t, H)
+        idx = torch.tensor(has, device=self.device)
+        states = states.to(out.dtype).index_copy(0, idx, out)  # (N, T, H)
+        mask[idx] = sub_mask
+        return states, mask
+
+    def _image_tokens(self, entries: Sequence[_Cached]) -> tuple[torch.Tensor, torch.Tensor]:
+        has = [i for i, e in enumerate(entries) if e.image_prefix is not None or e.pixels is not None]
+        if not has:
+            n = len(entries)
+            return torch.zeros(n, 1, self.image.hidden_size, device=self.device), \
+                torch.zeros(n, 1, dtype=torch.bool, device=self.device)
+        if self.image.cacheable:
+            x = torch.stack([entries[i].image_prefix for i in has])
+        else:
+            x = self.image.prefix(torch.stack([entries[i].pixels for i in has]))
+        out = self.image(x)  # (n', P, C)
+        states = torch.zeros(len(entries), *out.shape[1:], device=self.device, dtype=out.dtype)
+        idx = torch.tensor(has, device=self.device)
+        states = states.index_copy(0, idx, out)  # (N, P, C)
+        mask = torch.zeros(len(entries), out.shape[1], dtype=torch.bool, device=self.device)
+        mask[idx] = True
+        return states, mask
+
+    def content_embeddings(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor:
+        """Fused content embedding ``(N, d)`` of each item (missing modalities masked)."""
+        entries = self._cached_inputs(item_ids, contents)
+        tokens, masks = [], []
+        if self.text is not None:
+            s, m = self._text_tokens(entries)
+            tokens.append(s)
+            masks.append(m)
+        if self.image is not None:
+            s, m = self._image_tokens(entries)
+            tokens.append(s)
+            masks.append(m)
+        return self.fusion(tokens, masks)  # (N, d)
+
+    def encode_items(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None) -> ItemEncoding:
+        """Representations of ``N`` unique items; ``contents`` aligned with ``item_ids``."""
+        buckets = self.item_emb.buckets_of(item_ids)
+        ids = self.item_emb.table(buckets)  # (N, d)
+        if not self.config.use_content:
+            return ItemEncoding(ids, None, ids, buckets)
+        if contents is None or len(contents) != len(item_ids):
+            raise ValueError(f"contents must align with item_ids ({len(item_ids)} items), "
+                             f"but {None if contents is None else len(contents)} are given")
+        content = self.content_embeddings(item_ids, contents)  # (N, d)
+        reps = torch.cat([content, ids.to(content.dtype)], dim=-1)  # (N, 2d)
+        return ItemEncoding(reps, content, ids, buckets)
+
+    def item_representations(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None) -> torch.Tensor:
+        """``(N, R)`` representations for serving caches (call under ``no_grad``)."""
+        return self.encode_items(item_ids, contents).reps
+
+    # ---------------------------------------------------------------- ranking
+    def forward(self, user_ids: Sequence[str], contexts: Sequence[Mapping[str, str]], item_reps: torch.Tensor,
+                target_idx: torch.Tensor, hist_idx: torch.Tensor, hist_mask: torch.Tensor) -> torch.Tensor:
+        """Click logits ``(B,)``.
+
+        Call Args: ``item_reps`` ``(U, R)`` unique-item reps; ``target_idx`` ``(B,)``
+        and ``hist_idx`` ``(B, L)`` rows of ``item_reps``; ``hist_mask`` ``(B, L)``.
+        """
+        proj = self.attention.project_history(item_reps)  # (U, H)
+        history = item_reps[hist_idx]  # (B, L, R)
+        interest = self.attention(item_reps[target_idx], history, proj[hist_idx], hist_mask)  # (B, R)
+        return self.head(self.user_emb(user_ids).to(item_reps.dtype),
+                         self.context_emb.bag(contexts).to(item_reps.dtype),
+                         item_reps[target_idx], interest)  # (B,)
+
+    def score_candidates(self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
+                         candidate_reps: torch.Tensor) -> torch.Tensor:
+        """Logits ``(C,)`` of ``C`` candidates for one request.
+
+        Call Args: ``history_reps`` ``(L, R)`` (newest first, ``L`` may be 0);
+        ``candidate_reps`` ``(C, R)``; both rows of :meth:`item_representations`.
+        """
+        c = candidate_reps.shape[0]
+        hist = history_reps[: self.config.history_len]
+        history = hist.unsqueeze(0).expand(c, -1, -1)  # (C, L, R)
+        proj = self.attention.project_history(hist).unsqueeze(0).expand(c, -1, -1)  # (C, L, H)
+        mask = torch.ones(c, hist.shape[0], dtype=torch.bool, device=candidate_reps.device)
+        interest = self.attention(candidate_reps, history, proj, mask)  # (C, R)
+        user = self.user_emb([user_id]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
+        ctx = self.context_emb.bag([context]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
+        return self.head(user, ctx, candidate_reps, interest)  # (C,)
+
+    def cic_loss(self, enc: ItemEncoding, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Content-ID InfoNCE over the batch's unique items, plus sampled ID negatives."""
+        if enc.content is None or self.config.cic_weight == 0:
+            return enc.reps.sum() * 0.0
+        negatives = None
+        if self.config.cic_neg_num:
+            rows = torch.randint(0, self.config.item_buckets, (self.config.cic_neg_num,),
+                                 generator=generator).to(self.device)
+            negatives = self.item_emb.table(rows)  # (M, d)
+        same = enc.buckets.unsqueeze(0) == enc.buckets.unsqueeze(1)  # (N, N)
+        return content_id_infonce(enc.content.float(), enc.ids.float(), self.config.cic_temperature,
+                                  negatives=None if negatives is None else negatives.float(), same_id=same)

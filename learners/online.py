@@ -1,0 +1,199 @@
+"""OnlineLearner: the pure learner that the Ray actor wraps.
+
+It owns an :class:`em3.model.EM3Model` and an optimizer, fetches item content from
+an :class:`em3.stores.ContentSource`, and exposes the small interface of
+``learn_batch`` / ``score`` / ``state_dict`` / ``load_state_dict``. No I/O beyond the
+content source it is given.
+
+Each batch encodes every unique item once (targets and history items together), so
+the ranking loss reaches the content modules through every occurrence of an item.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from em3.model import EM3Model, ModelConfig
+from em3.model.losses import weighted_bce
+from em3.stores import ContentSource
+from em3.types import Impression, Sample
+
+__all__ = ["OnlineLearner", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class OnlineLearner:
+    """Trains an EM3 model one mini-batch at a time.
+
+    Parameters
+    ----------
+    model_config : ModelConfig
+    content : ContentSource
+        Where item content is read (``get_many``); missing items get ID-only
+        content (both modalities masked).
+    lr : float
+        Adam learning rate for every trainable tensor.
+    device : str
+        ``"auto"`` (CUDA with bf16 autocast when present, CPU otherwise), ``"cpu"``,
+        ``"cuda"``, ``"cuda:1"`` ...
+    seed : int
+        Seeds the optimizer-side randomness (sampled CIC negatives). The model's
+        initialisation is seeded by ``model_config.seed``.
+    cache_items : int
+        Capacity of the frozen-prefix cache (items).
+    gradient_checkpointing : bool
+        Trade compute for memory in the trainable encoder layers.
+    max_grad_norm : float or None
+        Gradient-norm clip (None: no clipping).
+    """
+
+    def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = 1e-3,
+                 device: str = "auto", seed: int = 0, cache_items: int = 20_000,
+                 gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0) -> None:
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, but {lr} is given")
+        self.config = model_config
+        self.content = content
+        self.device = resolve_device(device)
+        self.amp = self.device.type == "cuda"
+        self.model = EM3Model(model_config, cache_items=cache_items,
+                              gradient_checkpointing=gradient_checkpointing).to(self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.max_grad_norm = max_grad_norm
+        self.steps = 0
+
+    # --------------------------------------------------------------- batching
+    def _autocast(self):
+        if self.amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _prepare(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]]):
+        if len(impressions) != len(histories):
+            raise ValueError(f"histories must align with the batch ({len(impressions)} rows), "
+                             f"but {len(histories)} are given")
+        index: dict[str, int] = {}
+        for imp in impressions:
+            index.setdefault(imp.item_id, len(index))
+        limit = self.config.history_len
+        hists = [list(h)[:limit] for h in histories]
+        for h in hists:
+            for iid in h:
+                index.setdefault(iid, len(index))
+        length = max(1, max((len(h) for h in hists), default=1))
+        hist_idx = torch.zeros(len(hists), length, dtype=torch.long)
+        hist_mask = torch.zeros(len(hists), length, dtype=torch.bool)
+        for row, h in enumerate(hists):
+            if h:
+                hist_idx[row, : len(h)] = torch.tensor([index[i] for i in h])
+                hist_mask[row, : len(h)] = True
+        target_idx = torch.tensor([index[imp.item_id] for imp in impressions], dtype=torch.long)
+        ids = list(index)
+        contents = self.content.get_many(ids) if self.config.use_content else None
+        dev = self.device
+        return ids, contents, target_idx.to(dev), hist_idx.to(dev), hist_mask.to(dev)
+
+    def _logits(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]]):
+        ids, contents, target_idx, hist_idx, hist_mask = self._prepare(impressions, histories)
+        enc = self.model.encode_items(ids, contents)
+        logits = self.model([i.user_id for i in impressions], [i.context for i in impressions],
+                            enc.reps, target_idx, hist_idx, hist_mask)  # (B,)
+        return logits.float(), enc
+
+    # -------------------------------------------------------------- interface
+    def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]],
+                    weights: Sequence[float] | None = None) -> dict[str, float]:
+        """One optimizer step on ``samples``.
+
+        Parameters
+        ----------
+        samples : sequence of Sample
+        histories : sequence of sequence of str
+            Per sample, the user's clicked item ids before the impression, newest
+            first (truncated to ``history_len``).
+        weights : sequence of float, optional
+            Per-sample loss weights (default 1).
+
+        Returns
+        -------
+        dict
+            ``loss``, ``rank_loss``, ``cic_loss``, ``n``, ``positives``,
+            ``corrections``, ``unique_items``, ``seconds``.
+        """
+        t0 = time.perf_counter()
+        if not samples:
+            return {"loss": 0.0, "rank_loss": 0.0, "cic_loss": 0.0, "n": 0, "positives": 0,
+                    "corrections": 0, "unique_items": 0, "seconds": 0.0}
+        self.model.train()
+        labels = torch.tensor([s.label for s in samples], dtype=torch.float32, device=self.device)
+        corr = torch.tensor([s.correction for s in samples], dtype=torch.bool, device=self.device)
+        w = None if weights is None else torch.tensor(list(weights), dtype=torch.float32, device=self.device)
+        if w is not None and w.shape[0] != len(samples):
+            raise ValueError(f"weights must have {len(samples)} entries, but {w.shape[0]} are given")
+        with self._autocast():
+            logits, enc = self._logits([s.impression for s in samples], histories)
+            rank = weighted_bce(logits, labels, w, corr, self.config.correction_mode)
+            cic = self.model.cic_loss(enc, self.generator)
+            loss = rank + self.config.cic_weight * cic
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.steps += 1
+        return {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
+                "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
+                "unique_items": int(enc.reps.shape[0]), "seconds": time.perf_counter() - t0}
+
+    @torch.no_grad()
+    def score(self, records: Sequence[Sample | Impression], histories: Sequence[Sequence[str]],
+              batch_size: int = 1024) -> np.ndarray:
+        """Click probabilities ``(B,)`` for samples or impressions (no gradient).
+
+        Batch-size independent: rows are scored in chunks of ``batch_size`` and the
+        model has no batch-dependent layers (no dropout, frozen BatchNorm).
+        """
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be > 0, but {batch_size} is given")
+        self.model.eval()
+        imps = [r.impression if isinstance(r, Sample) else r for r in records]
+        out = []
+        for start in range(0, len(imps), batch_size):
+            with self._autocast():
+                logits, _ = self._logits(imps[start : start + batch_size], histories[start : start + batch_size])
+            out.append(torch.sigmoid(logits).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    @torch.no_grad()
+    def item_representations(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """``(N, R)`` serving representations, content read from the learner's source."""
+        self.model.eval()
+        contents = self.content.get_many(list(item_ids)) if self.config.use_content else None
+        with self._autocast():
+            return self.model.item_representations(list(item_ids), contents).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors only (LoRA, fusion, ranker, embeddings), on CPU, contiguous."""
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.trainable_state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load :meth:`state_dict` output (e.g. from :func:`em3.snapshot.unpack`)."""
+        self.model.load_trainable_state_dict(state)
+
+    def num_trainable_params(self) -> int:
+        return self.model.num_trainable_params()
