@@ -1,0 +1,158 @@
+"""The HTTP contract, through FastAPI's TestClient on in-memory parts."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from em3 import codec
+from serving.ab import ArmConfig, ExperimentConfig
+from serving.app import create_app
+from serving.ranking import RankingConfig
+
+
+@pytest.fixture
+def runtime(make_runtime, publish):
+    publish(1)
+    rt = make_runtime(max_body_bytes=20_000, ranking=RankingConfig(max_candidates=50))
+    rt.logger.start()
+    for r in rt.reloaders.values():
+        r.check()
+    return rt
+
+
+@pytest.fixture
+def client(runtime):
+    return TestClient(create_app(runtime))
+
+
+def test_rank_returns_ranked_items_with_ids_version_and_unknowns(client, runtime, fake_producer):
+    body = {"user_id": "u1", "item_ids": ["i1", "i2", "ghost", "i3"], "context": {"device": "ios"}, "k": 3}
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model_line"] == "main" and out["model_version"] == 1 and out["arm"] == "main"
+    assert out["unknown_item_ids"] == ["ghost"]
+    assert len(out["items"]) == 3
+    scores = [i["score"] for i in out["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert [i["position"] for i in out["items"]] == [0, 1, 2]
+    assert len({i["impression_id"] for i in out["items"]}) == 3
+    assert all(i["impression_id"].startswith(out["request_id"]) for i in out["items"])
+    runtime.logger.flush(5.0)
+    logged = [codec.decode_impression(v) for t, _, v in fake_producer.records if t == "t.impressions"]
+    assert [i.impression_id for i in logged] == [i["impression_id"] for i in out["items"]]
+    assert all(i.model_version == 1 and i.arm == "main" and i.propensity == 1.0 for i in logged)
+    assert logged[0].context == {"device": "ios"}
+
+
+def test_503_until_a_snapshot_is_loaded(make_runtime):
+    client = TestClient(create_app(make_runtime()))
+    assert client.get("/readyz").status_code == 503
+    r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 503 and r.json()["error"] == "not_ready"
+    assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, field, reason",
+    [
+        ({"item_ids": ["i1"]}, "user_id", "Field required"),
+        ({"user_id": "u1", "item_ids": []}, "item_ids", "at least 1 item"),
+        ({"user_id": "u1", "item_ids": ["i1"], "k": 0}, "k", "greater than 0"),
+        ({"user_id": "u1", "item_ids": ["i1", "i2", "i1"]}, "item_ids", "item_ids[2] = 'i1' repeats item_ids[0]"),
+        ({"user_id": "u1", "item_ids": ["i1", ""]}, "item_ids", "item_ids[1] must be a non-empty string"),
+        ({"user_id": "", "item_ids": ["i1"]}, "user_id", "must be a non-empty string"),
+        ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "valid list"),
+        ({"user_id": "u1", "item_ids": ["i1"], "context": {"d": 3}}, "context.d", "valid string"),
+        ({"user_id": "u1", "item_ids": ["i1"], "extra": 1}, "extra", "Extra inputs"),
+        ({"user_id": "u1", "item_ids": [f"x{n}" for n in range(51)]}, "item_ids",
+         "must hold at most 50 candidates, but 51 are given"),
+    ],
+)
+def test_422_names_the_field_and_the_reason(client, body, field, reason):
+    r = client.post("/v1/rank", json=body)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert any(d["field"] == field and reason in d["reason"] for d in detail), detail
+
+
+def test_malformed_json_is_a_422(client):
+    r = client.post("/v1/rank", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_oversized_body_is_a_413(client):
+    r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["x" * 200] * 200})
+    assert r.status_code == 413
+    assert r.json()["detail"][0]["field"] == "body"
+
+
+def test_click_is_produced_to_the_clicks_topic(client, runtime, fake_producer):
+    r = client.post("/v1/click", json={"impression_id": "r-0", "user_id": "u1", "item_id": "i1",
+                                       "clicked_at": 1.7e9})
+    assert r.status_code == 202, r.text
+    clicks = [codec.decode_click(v) for t, k, v in fake_producer.records if t == "t.clicks"]
+    assert clicks[0].impression_id == "r-0" and clicks[0].clicked_at == 1.7e9
+    assert runtime.popularity.get_many("clicks", ["i1"]) == [1.0]
+    r = client.post("/v1/click", json={"impression_id": "r-0", "user_id": "u1", "item_id": "i1", "clicked_at": 5})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "clicked_at"
+
+
+def test_items_register_update_and_cold_start(client, runtime):
+    r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["new-1", "i1"]})
+    assert r.json()["unknown_item_ids"] == ["new-1"]
+    image = base64.b64encode(b"\x89PNG not really").decode()
+    r = client.post("/v1/items", json={"item_id": "new-1", "text": "a new thing", "image": image,
+                                      "attributes": {"genre": "x"}})
+    assert r.status_code == 200, r.text
+    assert runtime.content.get_many(["new-1"])[0].image == b"\x89PNG not really"
+    r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["new-1", "i1"]})
+    assert r.json()["unknown_item_ids"] == []
+    r = client.post("/v1/items", json={"items": [{"item_id": "b1"}, {"item_id": "b2", "text": "t"}]})
+    assert r.json() == {"registered": ["b1", "b2"]}
+    r = client.post("/v1/items", json={"item_id": "bad", "image": "%%%"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "image"
+    r = client.post("/v1/items", json={"items": [{"item_id": "ok"}, {"text": "no id"}]})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "items[1].item_id"
+
+
+def test_readyz_and_metrics_report_versions_and_failures(client, runtime, memory_store, toy_config):
+    from serving.toy import corrupt, make_toy_snapshot
+
+    manifest, blob = make_toy_snapshot("main", 2, toy_config, seed=2)
+    memory_store.publish(manifest, corrupt(blob))
+    runtime.reloaders["main"].check()
+    client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1"]})
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    src = ready.json()["sources"]["main"]
+    assert src["version"] == 1 and src["pointer"] == 2 and src["stale"] and ready.json()["degraded"]
+    text = client.get("/metrics").text
+    assert 'em3_serving_model_version{line="main",source="main"} 1.0' in text
+    assert 'em3_serving_reload_failures_total{line="main",reason="snapshot",source="main"} 1.0' in text
+    assert 'em3_serving_requests_total{endpoint="/v1/rank",status="200"}' in text
+    assert "em3_serving_impressions_dropped_total 0.0" in text
+
+
+def test_baseline_arms_log_their_propensities(make_runtime, fake_producer):
+    exp = ExperimentConfig("e", (ArmConfig("rnd", 0.5, "random"), ArmConfig("pop", 0.5, "popularity")), salt="s")
+    runtime = make_runtime(exp)
+    runtime.logger.start()
+    client = TestClient(create_app(runtime))
+    assert client.get("/readyz").status_code == 200  # baselines need no snapshot
+    seen = set()
+    for n in range(40):
+        out = client.post("/v1/rank", json={"user_id": f"user{n}", "item_ids": ["i1", "i2", "i3", "i4"],
+                                            "k": 2}).json()
+        seen.add(out["arm"])
+        expected = 0.25 if out["arm"] == "rnd" else 1.0
+        assert [i["propensity"] for i in out["items"]] == [expected, expected]
+        assert out["model_version"] == 0 and out["model_line"] in ("random", "popularity")
+    assert seen == {"rnd", "pop"}
+    runtime.logger.flush(5.0)
+    logged = [codec.decode_impression(v) for t, _, v in fake_producer.records if t == "t.impressions"]
+    assert len(logged) == 80 and {i.arm for i in logged} == {"rnd", "pop"}
+    assert json.loads(client.get("/readyz").text)["ready"] is True

@@ -1,0 +1,67 @@
+"""Impression logging never blocks, counts every loss and keys records by user."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from em3 import codec
+from em3.types import Impression
+from serving.logger import ImpressionLogger, ImpressionLoggerConfig
+
+
+def _imps(n, user="u1"):
+    return [Impression(f"r-{k}", "r", user, f"i{k}", k, 1.7e9, "main", 3, "control", 0.5, {"d": "x"}) for k in range(n)]
+
+
+def test_impressions_reach_the_producer_keyed_by_user(fake_producer):
+    seen = []
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t.impressions"), on_batch=seen.extend).start()
+    log.log_many(_imps(50, "alice"))
+    assert log.flush(5.0)
+    stats = log.close()
+    assert stats.produced == stats.delivered == 50 and stats.dropped == 0
+    topics = {t for t, _, _ in fake_producer.records}
+    assert topics == {"t.impressions"}
+    assert all(k == b"alice" for _, k, _ in fake_producer.records)
+    decoded = [codec.decode_impression(v) for _, _, v in fake_producer.records]
+    assert decoded == _imps(50, "alice")
+    assert len(seen) == 50
+
+
+def test_a_full_buffer_drops_and_counts_without_blocking(fake_producer):
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", buffer_size=5))  # not started: nothing drains
+    t0 = time.perf_counter()
+    dropped = log.log_many(_imps(12))
+    assert time.perf_counter() - t0 < 0.05
+    assert dropped == 7
+    assert log.stats().dropped == 7 and log.stats().queued == 5
+
+
+def test_producer_back_pressure_is_counted_as_drops(fake_producer):
+    fake_producer.full = True
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", produce_retry_s=0.05)).start()
+    log.log_many(_imps(4))
+    deadline = time.monotonic() + 5
+    while log.stats().dropped < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = log.close()
+    assert stats.dropped == 4 and stats.produced == 0
+
+
+def test_a_failing_batch_hook_does_not_stop_logging(fake_producer):
+    def hook(batch):
+        raise ConnectionError("redis down")
+
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t"), on_batch=hook).start()
+    log.log_many(_imps(3))
+    log.flush(5.0)
+    log.log_many(_imps(3))
+    stats = log.close()
+    assert stats.produced == 6 and log.hook_errors >= 1
+
+
+@pytest.mark.parametrize("field, value", [("buffer_size", -3), ("batch_size", 0)])
+def test_config_messages(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
+        ImpressionLoggerConfig("t", **{field: value})

@@ -1,0 +1,147 @@
+"""Hot reload: pointer following, rollback, refusing bad snapshots, Redis outages, the watcher."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from serving.ranking import RankingService
+from serving.reloader import ReloaderConfig, SnapshotReloader, SnapshotWatcher
+from serving.toy import ToyConfig, ToyLoader, corrupt, make_toy_snapshot
+
+
+class _Listener:
+    def __init__(self):
+        self.swaps, self.failures, self.redis = [], [], []
+
+    def on_swap(self, key, line, version, seconds):
+        self.swaps.append(version)
+
+    def on_failure(self, key, line, reason, error):
+        self.failures.append(reason)
+
+    def on_redis(self, ok):
+        self.redis.append(ok)
+
+
+@pytest.fixture
+def reloader(memory_store, content, history):
+    service = RankingService(content, history)
+    return SnapshotReloader(memory_store, ToyLoader(), service.prepare, ReloaderConfig("main"), _Listener())
+
+
+def test_nothing_published_means_not_ready(reloader):
+    assert reloader.check() is False
+    assert reloader.current is None and not reloader.status().ready
+
+
+def test_loads_the_pointer_and_swaps_to_newer_versions(reloader, publish):
+    publish(1)
+    assert reloader.check() is True and reloader.current.version == 1
+    assert len(reloader.current.cache) == 30  # catalog precomputed before the swap
+    assert reloader.check() is False  # nothing new
+    publish(2)
+    old = reloader.current
+    assert reloader.check() is True
+    assert reloader.current.version == 2 and reloader.current is not old
+    assert old.version == 1  # the old state is untouched, in-flight requests finish on it
+    assert reloader.listener.swaps == [1, 2]
+
+
+def test_follows_a_rollback_to_an_older_version(reloader, publish, memory_store):
+    publish(1)
+    publish(2)
+    reloader.check()
+    memory_store.latest["main"] = 1
+    assert reloader.check() is True and reloader.current.version == 1
+
+
+def test_bad_checksum_is_refused_and_the_last_good_keeps_serving(reloader, publish, memory_store, toy_config):
+    publish(1)
+    reloader.check()
+    manifest, blob = make_toy_snapshot("main", 2, toy_config, seed=2)
+    memory_store.publish(manifest, corrupt(blob))
+    assert reloader.check() is False
+    status = reloader.status()
+    assert status.version == 1 and status.pointer == 2 and status.stale
+    assert status.bad_versions == [2] and "checksum" in status.last_error
+    assert reloader.listener.failures == ["snapshot"]
+    assert reloader.check() is False and reloader.listener.failures == ["snapshot"]  # not retried
+    publish(3)
+    assert reloader.check() is True and reloader.current.version == 3
+
+
+def test_config_change_in_a_line_is_refused(reloader, publish, memory_store):
+    publish(1)
+    reloader.check()
+    manifest, blob = make_toy_snapshot("main", 2, ToyConfig(dim=4, buckets=16), seed=2)
+    memory_store.publish(manifest, blob)
+    assert reloader.check() is False
+    assert "config mismatch" in reloader.status().last_error
+    assert reloader.current.version == 1
+
+
+def test_redis_outage_keeps_serving_and_is_reported(reloader, publish, memory_store):
+    publish(1)
+    reloader.check()
+    memory_store.down = True
+    assert reloader.check() is False
+    status = reloader.status()
+    assert status.ready and status.version == 1 and not status.redis_ok
+    assert "redis" in status.last_error
+    memory_store.down = False
+    publish(2)
+    assert reloader.check() is True and reloader.status().redis_ok
+
+
+def test_a_fixed_version_is_never_replaced(memory_store, content, history, publish):
+    service = RankingService(content, history)
+    pinned = SnapshotReloader(memory_store, ToyLoader(), service.prepare, ReloaderConfig("main", version=1))
+    publish(1)
+    publish(2)
+    assert pinned.check() is True and pinned.current.version == 1
+    publish(3)
+    assert pinned.check() is False and pinned.current.version == 1
+    assert pinned.key == "main@1"
+
+
+def test_build_errors_are_contained(memory_store, publish):
+    def boom(line, manifest, model, previous):
+        raise RuntimeError("precompute exploded")
+
+    r = SnapshotReloader(memory_store, ToyLoader(), boom, ReloaderConfig("main"))
+    publish(1)
+    assert r.check() is False and "precompute exploded" in r.status().last_error
+
+
+def test_watcher_follows_notices_and_survives_an_outage(reloader, publish, memory_store):
+    watcher = SnapshotWatcher(memory_store, [reloader], poll_interval_s=0.2).start()
+    try:
+        publish(1)
+        _wait(lambda: reloader.current is not None and reloader.current.version == 1)
+        publish(2)
+        _wait(lambda: reloader.current.version == 2)
+        memory_store.down = True
+        _wait(lambda: not reloader.redis_ok)
+        assert reloader.current.version == 2
+        memory_store.down = False
+        publish(3)
+        _wait(lambda: reloader.current.version == 3 and reloader.redis_ok)
+    finally:
+        watcher.stop()
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="version must be > 0, but -3 is given"):
+        ReloaderConfig("main", version=-3)
+    with pytest.raises(ValueError, match="poll_interval_s must be > 0, but 0 is given"):
+        SnapshotWatcher(None, [], poll_interval_s=0)
+
+
+def _wait(cond, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("condition not met in time")
