@@ -1,0 +1,109 @@
+"""The A/B runner: A/A false positives, a planted lift, reproducibility, events, the report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from em3.types import Click, Impression
+from simulators.ab import ABConfig, ABRunner
+from simulators.rankers import OracleRanker, PopularityRanker, RandomRanker, Ranker, Ranking
+from simulators.world import World, WorldConfig
+
+SMALL = dict(n_users=300, n_items=200, horizon_s=86_400.0)
+
+
+def _aa(seed: int, n_requests: int = 1200):
+    world = World(WorldConfig(seed=seed, **SMALL))
+    arms = {"a": RandomRanker("a", seed), "b": RandomRanker("b", seed + 1000)}
+    cfg = ABConfig(n_requests=n_requests, seed=seed, check_every=50, min_samples=100)
+    return ABRunner(world, arms, cfg).run()
+
+
+def test_aa_runs_rarely_reject():
+    """Ten seeded A/A experiments, looked at every 50 requests.
+
+    At alpha = 0.05 the expected number of false positives is at most 0.5;
+    P(Binomial(10, 0.05) >= 3) = 1.2%, so 3 or more would point to a broken test.
+    (The many-run rate is checked in test_sim_sequential and benchmarks/ab_aa.py.)
+    """
+    rejections = sum(_aa(seed).tests["b"]["reject"] for seed in range(10))
+    assert rejections <= 2
+
+
+def test_planted_lift_is_detected_early():
+    world = World(WorldConfig(seed=1, **SMALL))
+    arms = {"random": RandomRanker("random", 1), "oracle": OracleRanker(world, noise=0.5, seed=2)}
+    cfg = ABConfig(n_requests=6000, seed=1, check_every=100, stop_early=True, request_rate_per_s=1.0)
+    report = ABRunner(world, arms, cfg).run()
+    test = report.tests["oracle"]
+    assert test["verdict"] == "treatment_better"
+    assert test["ci_low"] > 0 and test["p_value"] <= 0.05
+    assert report.stopped_early and report.requests < 6000
+    assert report.final["oracle"]["ctr"] > report.final["random"]["ctr"]
+
+
+def test_same_seed_same_report():
+    assert _aa(3, 400).to_json() == _aa(3, 400).to_json()
+    assert _aa(3, 400).to_json() != _aa(4, 400).to_json()
+
+
+class Recorder:
+    """A learning ranker that records what it observes."""
+
+    def __init__(self, arm: str) -> None:
+        self.arm = arm
+        self.inner = RandomRanker(arm, 0)
+        self.seen: list = []
+
+    def rank(self, user_id, candidates, context, k) -> Ranking:
+        return self.inner.rank(user_id, candidates, context, k)
+
+    def observe(self, events) -> None:
+        self.seen.extend(events)
+
+
+def test_events_reach_the_sink_in_time_order_and_learners_see_their_own_arm():
+    world = World(WorldConfig(seed=2, **SMALL))
+    a, b = Recorder("a"), Recorder("b")
+    sink: list = []
+    cfg = ABConfig(n_requests=600, seed=2, k=5, check_every=100)
+    report = ABRunner(world, {"a": a, "b": b}, cfg, event_sink=sink.append).run()
+    times = [e.served_at if isinstance(e, Impression) else e.clicked_at for e in sink]
+    assert all(x <= y for x, y in zip(times, times[1:]))
+    impressions = [e for e in sink if isinstance(e, Impression)]
+    clicks = [e for e in sink if isinstance(e, Click)]
+    assert len(impressions) == 600 * 5 and clicks
+    by_id = {e.impression_id: e for e in impressions}
+    assert all(c.clicked_at >= by_id[c.impression_id].served_at for c in clicks)
+    assert all(e.arm == "a" for e in a.seen if isinstance(e, Impression))
+    assert all(e.arm == "b" for e in b.seen if isinstance(e, Impression))
+    assert len(a.seen) + len(b.seen) == len(sink)
+    total_clicks = sum(s["clicks"] for s in report.final.values())
+    assert total_clicks <= len(clicks)  # clicks beyond the attribution window do not count
+    assert isinstance(a, Ranker)
+
+
+def test_popularity_ranker_learns():
+    world = World(WorldConfig(seed=5, drift_scale=0.0, **SMALL))
+    arms = {"random": RandomRanker("random", 5), "pop": PopularityRanker()}
+    report = ABRunner(world, arms, ABConfig(n_requests=4000, seed=5, check_every=500)).run()
+    assert report.final["pop"]["ctr"] > report.final["random"]["ctr"]
+
+
+def test_report_json_is_valid_and_has_a_timeline():
+    report = _aa(7, 300)
+    data = json.loads(report.to_json())  # NaN and inf become null
+    assert data["control"] == "a" and data["arms"] == ["a", "b"]
+    assert len(data["timeline"]) == 300 // 50 + 1
+    assert set(data["tests"]["b"]) >= {"verdict", "p_value", "ci_low", "ci_high", "diff", "stopped_at_request"}
+
+
+def test_bad_config():
+    world = World(WorldConfig(seed=0, **SMALL))
+    with pytest.raises(ValueError, match="at least 2"):
+        ABRunner(world, {"a": RandomRanker()})
+    with pytest.raises(ValueError, match="split must give each arm"):
+        ABRunner(world, {"a": RandomRanker(), "b": RandomRanker()}, ABConfig(split={"a": 0.7, "b": 0.7}))
+    with pytest.raises(ValueError, match="n_requests must be > 0, but -3 is given"):
+        ABConfig(n_requests=-3)
