@@ -24,7 +24,9 @@ errors, where the standard error is the sample standard deviation (``ddof=1``)
 of the estimator's per-round influence terms over ``sqrt(n)``. For IPS and DR
 the influence terms are the per-round rewards themselves; for SNIPS and replay
 (ratio estimators) they are the delta-method terms ``w_i (r_i - V) / mean(w)``.
-``ci="bootstrap"`` is the percentile bootstrap of the per-round rewards with
+Replay with 0/1 rewards uses the Wilson score interval of the accepted
+rounds' click rate instead (the normal one collapses to a point when no
+accepted round was clicked). ``ci="bootstrap"`` is the percentile bootstrap of the per-round rewards with
 an explicit seed, the same procedure as ``obp.utils.
 estimate_confidence_interval_by_bootstrap`` (and with the same seed it draws
 the same resamples).
@@ -59,6 +61,7 @@ __all__ = [
     "replay_round_rewards",
     "bootstrap_ci",
     "normal_ci",
+    "wilson_ci",
     "position_item_reward_model",
 ]
 
@@ -423,7 +426,8 @@ def estimate_replay(
     ``numpy.random.default_rng(random_state)``; for a one-hot (deterministic)
     ``action_dist`` the result equals ``obp.ope.ReplayMethod``. The estimate is
     the mean reward over accepted rounds; its interval treats the accepted
-    rounds' rewards as i.i.d. (``ci="bootstrap"`` resamples them).
+    rounds' rewards as i.i.d.: Wilson for 0/1 rewards, otherwise normal
+    (``ci="bootstrap"`` resamples them).
 
     Returns
     -------
@@ -437,7 +441,28 @@ def estimate_replay(
         logger.warning("replay accepted no round out of %d; the estimate is undefined", reward_.shape[0])
         return OPEEstimate("replay", float("nan"), -math.inf, math.inf, math.inf, 0, alpha, ci)
     est = float(kept.mean())
-    return _finish("replay", est, kept, kept, alpha, ci, n_bootstrap_samples, random_state)
+    result = _finish("replay", est, kept, kept, alpha, ci, n_bootstrap_samples, random_state)
+    if ci == "normal" and np.all((kept == 0.0) | (kept == 1.0)):
+        low, high = wilson_ci(float(kept.sum()), kept.shape[0], alpha)
+        result = OPEEstimate("replay", est, low, high, result.std_err, result.n, alpha, ci)
+    return result
+
+
+def wilson_ci(successes: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion (stays sensible with 0 or n successes).
+
+    >>> low, high = wilson_ci(0, 100)
+    >>> low, round(high, 4)
+    (0.0, 0.037)
+    """
+    _check_alpha(alpha)
+    if n <= 0:
+        raise ValueError(f"n must be > 0, but {n} is given")
+    z = NormalDist().inv_cdf(1.0 - alpha / 2.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --- a reward model for DR --------------------------------------------------------

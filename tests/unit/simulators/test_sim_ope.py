@@ -164,3 +164,13 @@ def test_position_item_reward_model_shrinks_towards_position_mean():
     assert q[0, 0] == pytest.approx((1 + 2 * pos0_mean) / (2 + 2))
     assert q[1, 0] == pytest.approx((0 + 2 * pos0_mean) / (2 + 2))
     assert q[2, 0] == pytest.approx(pos0_mean)  # never shown: the prior
+
+
+def test_replay_interval_without_clicks_is_not_a_point():
+    n = 400
+    action = np.arange(n) % 4
+    dist = np.zeros((n, 4, 1))
+    dist[:, 0, 0] = 1.0
+    est = estimate_replay(np.zeros(n), action, dist)
+    assert est.estimate == 0.0 and est.n == 100
+    assert est.ci_low == 0.0 and 0.02 < est.ci_high < 0.05  # Wilson: about 3.7% for 0 of 100
