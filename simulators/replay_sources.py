@@ -85,20 +85,26 @@ def obd_rows(
     log = load_obd(campaign, policy, data_dir)
     delay = click_delay if click_delay is not None else LogNormalDelay()
     rng = np.random.default_rng(seed)
-    delays = delay.sample(rng, int(log.reward.sum()))
-    user_ids = [obd_user_id(f) for f in log.user_features]
+    delays = delay.sample(rng, int(log.reward.sum())).tolist()
+    ids: dict[tuple[str, ...], str] = {}
+    user_ids = []
+    for feats in map(tuple, log.user_features.tolist()):
+        uid = ids.get(feats)
+        if uid is None:
+            uid = ids[feats] = obd_user_id(np.array(feats))
+        user_ids.append(uid)
     context = {"campaign": campaign, "source": "obd"}
+    model_line = f"obd-{policy}"
+    id_prefix = f"obd-{policy}-{campaign}-"
+    columns = zip(log.action.tolist(), log.position.tolist(), log.timestamp.tolist(), log.pscore.tolist(),
+                  log.reward.tolist(), user_ids)
     k = 0
-    for i in range(log.n_rounds):
-        impression_id = f"obd-{policy}-{campaign}-{i}"
-        imp = Impression(
-            impression_id=impression_id, request_id=impression_id, user_id=user_ids[i],
-            item_id=str(int(log.action[i])), position=int(log.position[i]),
-            served_at=float(log.timestamp[i]), model_line=f"obd-{policy}", arm=policy,
-            propensity=float(log.pscore[i]), context=context,
-        )
-        if log.reward[i]:
-            yield LogRow(imp, float(delays[k]))
+    for i, (action, position, served_at, pscore, reward, user_id) in enumerate(columns):
+        impression_id = f"{id_prefix}{i}"
+        imp = Impression(impression_id, impression_id, user_id, str(action), position, served_at,
+                         model_line, 0, policy, pscore, context)
+        if reward:
+            yield LogRow(imp, delays[k])
             k += 1
         else:
             yield LogRow(imp)

@@ -22,3 +22,16 @@ def test_fast_encode_equals_codec():
 def test_fast_encode_falls_back_for_other_types():
     item = ItemContent("x", "text")
     assert fast_encode(item) == encode(item)
+
+
+def test_fast_encode_unusual_values_fall_back_to_codec():
+    odd = [
+        Impression("i", "r", "u", "it", 1, 1_700_000_000, propensity=1),  # ints where floats are usual
+        Impression("i", "r", "u", "it", True, 1.7e9),  # a bool position
+        Impression("i", "r", "u", "it", 0, float("inf")),
+        Impression("i", "r", "u", "it", 0, 1.7e9, context={"a": 1}),
+        Impression("i\n\t\\", "", "\u2603", "x" * 300, 10**6, 1.7e9 + 1e-7, context={}),
+        Click("i", "u", "it", 1_700_000_000),
+    ]
+    for e in odd:
+        assert fast_encode(e) == encode(e)
