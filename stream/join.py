@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -70,8 +71,6 @@ NEGATIVE = "N"
 DONE = "D"
 
 _NEG_INF = -math.inf
-# Deadline kinds, in the order they fire at equal times.
-_CLOSE, _ORPHAN, _EVICT = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -175,10 +174,18 @@ class JoinCore:
 
     def __init__(self, config: JoinConfig, now: float = 0.0) -> None:
         self.config = config
+        self._window = config.window_s
+        self._horizon = config.window_s + config.max_correction_delay_s
+        self._lateness = config.allowed_lateness_s
         self._records: dict[str, ImpressionState] = {}
         self._orphans: dict[str, list[tuple[Click, int]]] = {}
-        self._heap: list[tuple[float, int, int, str]] = []
-        self._seq = 0
+        # Window ends of remembered impressions (min-heap); clicks waiting for their
+        # impression (min-heap); eviction times, appended as windows close (so in
+        # order but for late impressions; lookups also check the horizon, so
+        # eviction is exact whatever this queue's order).
+        self._closes: list[tuple[float, str]] = []
+        self._orphan_due: list[tuple[float, str]] = []
+        self._evictions: deque[tuple[float, str]] = deque()
         self.max_impression_time = _NEG_INF
         self.max_click_time = _NEG_INF
         self.watermark = _NEG_INF
@@ -198,29 +205,35 @@ class JoinCore:
             self._last_impression_at = now
             self._idle_since = None
         iid = impression.impression_id
-        if iid in self._records:
+        served = impression.served_at
+        wm = self.watermark
+        if self._lookup(iid) is not None:
             self._count("duplicate_impression")
-        elif impression.served_at + self.config.window_s + self.config.max_correction_delay_s <= self.watermark:
+        elif served + self._horizon <= wm:
             self._dead(
                 "late_impression",
-                f"served_at {impression.served_at!r} is past the correction horizon (watermark {self.watermark!r})",
+                f"served_at {served!r} is past the correction horizon (watermark {wm!r})",
                 impression,
             )
         else:
-            self._records[iid] = ImpressionState(impression, PENDING, raw)
+            rec = self._records[iid] = ImpressionState(impression, PENDING, raw)
             self._changed.add(iid)
-            end = impression.served_at + self.config.window_s
-            self._push(end, _CLOSE, iid)
-            self._push(end + self.config.max_correction_delay_s, _EVICT, iid)
-            held = self._orphans.pop(iid, None)
-            if held:
-                self._orphans_changed.add(iid)
-                for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
-                    self._apply_click(self._records[iid], click, offset)
-        if impression.served_at > self.max_impression_time:
-            self.max_impression_time = impression.served_at
-            self._update_watermark()
-        else:
+            heapq.heappush(self._closes, (served + self._window, iid))
+            if self._orphans:
+                held = self._orphans.pop(iid, None)
+                if held:
+                    self._orphans_changed.add(iid)
+                    for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
+                        self._apply_click(rec, click, offset)
+        if served > self.max_impression_time:
+            self.max_impression_time = served
+            newest = self.max_click_time
+            new = (served if served < newest else newest) - self._lateness
+            if new > wm:
+                self.watermark = wm = new
+        if self._closes[0][0] <= wm if self._closes else False:
+            self._fire()
+        elif self._orphan_due or self._evictions:
             self._fire()
 
     def add_click(self, click: Click, offset: int = -1, now: float | None = None) -> None:
@@ -228,7 +241,7 @@ class JoinCore:
         if now is not None:
             self._last_click_at = now
             self._idle_since = None
-        rec = self._records.get(click.impression_id)
+        rec = self._lookup(click.impression_id)
         if rec is not None:
             self._apply_click(rec, click, offset)
         elif click.clicked_at <= self.watermark:
@@ -241,12 +254,20 @@ class JoinCore:
         else:
             self._orphans.setdefault(click.impression_id, []).append((click, offset))
             self._orphans_changed.add(click.impression_id)
-            self._push(click.clicked_at, _ORPHAN, click.impression_id)
+            heapq.heappush(self._orphan_due, (click.clicked_at, click.impression_id))
         if click.clicked_at > self.max_click_time:
             self.max_click_time = click.clicked_at
             self._update_watermark()
         else:
             self._fire()
+
+    def _lookup(self, iid: str) -> ImpressionState | None:
+        rec = self._records.get(iid)
+        if rec is not None and rec.impression.served_at + self._horizon <= self.watermark:
+            del self._records[iid]  # past its horizon: evicted, whatever the queue says
+            self._changed.add(iid)
+            return None
+        return rec
 
     def tick(self, now: float) -> None:
         """Let processing time move an idle watermark (see :class:`JoinConfig`)."""
@@ -330,22 +351,17 @@ class JoinCore:
         for rec in records:
             iid = rec.impression.impression_id
             core._records[iid] = rec
-            end = rec.impression.served_at + config.window_s
-            if rec.status == PENDING:
-                core._push(end, _CLOSE, iid)
-            core._push(end + config.max_correction_delay_s, _EVICT, iid)
+            core._closes.append((rec.impression.served_at + config.window_s, iid))
+        heapq.heapify(core._closes)
         for click, offset in orphans:
             core._orphans.setdefault(click.impression_id, []).append((click, offset))
-            core._push(click.clicked_at, _ORPHAN, click.impression_id)
+            core._orphan_due.append((click.clicked_at, click.impression_id))
+        heapq.heapify(core._orphan_due)
         return core
 
     # -- internals ----------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
-
-    def _push(self, when: float, kind: int, iid: str) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (when, kind, self._seq, iid))
 
     def _dead(self, reason: str, detail: str, record: Impression | Click, offset: int = -1) -> None:
         self._out.dead_letters.append(JoinDeadLetter(reason, detail, record, offset))
@@ -412,37 +428,47 @@ class JoinCore:
         self._fire()
 
     def _fire(self) -> None:
-        heap = self._heap
         wm = self.watermark
-        while heap and heap[0][0] <= wm:
-            when, kind, _, iid = heapq.heappop(heap)
-            if kind == _CLOSE:
-                rec = self._records.get(iid)
-                if rec is not None and rec.status == PENDING:
-                    rec.status = NEGATIVE
-                    self._changed.add(iid)
-                    self._emit(rec, 0, when, False)
-                    held, rec.held = rec.held, []
-                    for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
-                        self._apply_click(rec, click, offset)
-            elif kind == _EVICT:
-                if self._records.pop(iid, None) is not None:
-                    self._changed.add(iid)
-            else:
-                held = self._orphans.get(iid)
-                if not held:
-                    continue
-                keep = []
-                for click, offset in held:
-                    if click.clicked_at <= wm:
-                        self._dead("orphan_click", "no impression arrived within the allowed lateness", click, offset)
-                    else:
-                        keep.append((click, offset))
-                if keep:
-                    self._orphans[iid] = keep
+        closes = self._closes
+        records = self._records
+        evictions = self._evictions
+        md = self.config.max_correction_delay_s
+        while closes and closes[0][0] <= wm:
+            when, iid = heapq.heappop(closes)
+            rec = records.get(iid)
+            if rec is None:
+                continue
+            evictions.append((when + md, iid))
+            if rec.status == PENDING:
+                rec.status = NEGATIVE
+                self._changed.add(iid)
+                self._emit(rec, 0, when, False)
+                held, rec.held = rec.held, []
+                for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
+                    self._apply_click(rec, click, offset)
+        due = self._orphan_due
+        while due and due[0][0] <= wm:
+            _, iid = heapq.heappop(due)
+            held = self._orphans.get(iid)
+            if not held:
+                continue
+            keep = []
+            for click, offset in held:
+                if click.clicked_at <= wm:
+                    self._dead("orphan_click", "no impression arrived within the allowed lateness", click, offset)
                 else:
-                    del self._orphans[iid]
-                self._orphans_changed.add(iid)
+                    keep.append((click, offset))
+            if keep:
+                self._orphans[iid] = keep
+            else:
+                del self._orphans[iid]
+            self._orphans_changed.add(iid)
+        while evictions and evictions[0][0] <= wm:
+            _, iid = evictions.popleft()
+            rec = records.get(iid)
+            if rec is not None and rec.impression.served_at + self._horizon <= wm:
+                del records[iid]
+                self._changed.add(iid)
 
 
 def expected_labels(

@@ -12,9 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from em3.config import KafkaSettings, TopicNames
@@ -25,6 +33,9 @@ __all__ = [
     "Message",
     "TopicPartition",
     "KafkaException",
+    "KafkaError",
+    "OFFSET_BEGINNING",
+    "partition_counts",
     "make_producer",
     "make_consumer",
     "ensure_topics",
@@ -56,11 +67,15 @@ CONSUMER_DEFAULTS: Mapping[str, object] = {
 }
 
 
-def make_producer(settings: KafkaSettings, **overrides: object) -> Producer:
+def make_producer(settings: KafkaSettings, *, on_delivery: Callable[..., None] | None = None,
+                  **overrides: object) -> Producer:
     """A confluent-kafka Producer with throughput defaults; ``overrides`` use librdkafka
-    names with ``_`` for ``.`` (``linger_ms=5``)."""
+    names with ``_`` for ``.`` (``linger_ms=5``). ``on_delivery(err, msg)``, if given, is
+    the default delivery report callback (served by ``poll``/``flush``)."""
     config = settings.client_config(**PRODUCER_DEFAULTS)
     config.update({k.replace("_", "."): v for k, v in overrides.items()})
+    if on_delivery is not None:
+        config["on_delivery"] = on_delivery
     return Producer(config)
 
 
@@ -129,6 +144,13 @@ def delete_topics(settings: KafkaSettings, names: Iterable[str], timeout_s: floa
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
                 raise
+
+
+def partition_counts(settings: KafkaSettings, names: Iterable[str], timeout_s: float = 15.0) -> dict[str, int]:
+    """Partition count of each named topic (0 where the topic does not exist)."""
+    admin = AdminClient(settings.client_config())
+    md = admin.list_topics(timeout=timeout_s).topics
+    return {n: (len(md[n].partitions) if n in md and md[n].error is None else 0) for n in names}
 
 
 def wait_for_assignment(consumer: Consumer, timeout_s: float = 30.0) -> list[TopicPartition]:

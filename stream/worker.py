@@ -1,0 +1,395 @@
+"""The join's hot path: a batched confluent-kafka loop around :class:`stream.join.JoinCore`.
+
+One :class:`JoinWorker` consumes partition ``n`` of both ``impressions`` and
+``clicks`` (co-partitioned by user id; the ``range`` assignor gives a member the
+same partition numbers of both topics) and keeps one core per partition. Each
+micro-batch:
+
+1. ``consume(num_messages=batch_size)``; decode each record; a malformed one
+   goes to the dead-letter topic with its reason (and is counted), the rest
+   feed the core of their partition;
+2. every core ticks with processing time (idle watermark advance);
+3. samples (keyed by user id) and join dead letters are produced, then the
+   producer is **flushed** and every delivery checked;
+4. only then, one Redis ``MULTI/EXEC`` writes the changed join records, the
+   offsets consumed and the history appends (:class:`stream.state.RedisJoinStateStore`).
+
+On assignment a partition's state and offsets are loaded from Redis and the
+consumer seeks there; Kafka's committed offsets are not used for recovery
+(they are committed too, only as a progress figure for operators). A crash
+after 3 and before 4 re-emits that batch's samples with the same sample ids
+(:mod:`stream.dedup`); nothing is lost because offsets only move with state.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from em3 import codec
+from em3.config import Settings
+from em3.errors import DecodeError, EM3Error, ImproperlyConfigured
+from em3.redis_stores import connect
+from em3.types import Click
+from stream import kafka
+from stream.join import JoinConfig, JoinCore
+from stream.state import FencedError, PartitionCheckpoint, RedisJoinStateStore
+from stream.wire import decode_click_checked, decode_impression_checked, encode_sample
+
+__all__ = ["WorkerConfig", "JoinWorker", "DeliveryError"]
+
+log = logging.getLogger(__name__)
+
+
+class DeliveryError(EM3Error):
+    """The broker did not acknowledge produced samples; the batch is not checkpointed."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Runtime settings of one join worker.
+
+    Parameters
+    ----------
+    group_id : consumer group and Redis state namespace; ``""`` means ``{topic prefix}join``.
+    batch_size : records per ``consume`` call (one micro-batch, one checkpoint); > 0.
+    poll_timeout_s : how long ``consume`` waits for a batch to fill; > 0.
+    history_length : entries kept per user's click history; > 0.
+    max_future_s : event times further than this ahead of the wall clock are
+        dead-lettered as ``absurd_timestamp`` (they would close every window); > 0.
+    log_interval_s : how often the counters are logged; > 0.
+    """
+
+    group_id: str = ""
+    batch_size: int = 5000
+    poll_timeout_s: float = 0.1
+    history_length: int = 256
+    max_future_s: float = 86_400.0
+    log_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "history_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be an int > 0, but {value!r} is given")
+        for name in ("poll_timeout_s", "max_future_s", "log_interval_s"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+
+
+class JoinWorker:
+    """Runs the join over Kafka with durable state in Redis (see the module docstring).
+
+    Parameters
+    ----------
+    settings : where Kafka and Redis are, topic names, Redis key prefix.
+    join : the join semantics.
+    config : batch size, group id and other runtime settings.
+    clock : wall clock (event-time sanity checks); ``monotonic`` is used for idleness.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        join: JoinConfig | None = None,
+        config: WorkerConfig | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.join = join or JoinConfig()
+        self.config = config or WorkerConfig()
+        self.group_id = self.config.group_id or f"{settings.topics.prefix}join"
+        self.clock = clock
+        self.topics = settings.topics
+        self._cores: dict[int, JoinCore] = {}
+        self._next: dict[tuple[str, int], int | None] = {}
+        self._dirty: set[int] = set()
+        self._saved_watermark: dict[int, float] = {}
+        self._idle_clock = 0.0  # processing time for idleness (see _advance_idle_clock)
+        self._idle_wall = time.monotonic()
+        self._consumer: kafka.Consumer | None = None
+        self._producer: kafka.Producer | None = None
+        self._store: RedisJoinStateStore | None = None
+        self._delivery_errors: list[str] = []
+        self._lock = threading.Lock()
+        self._last_log = time.monotonic()
+        self.counters: dict[str, int] = {
+            "events_in": 0, "impressions_in": 0, "clicks_in": 0, "samples_out": 0, "positive": 0,
+            "negative": 0, "correction": 0, "dead_letters": 0, "batches": 0, "checkpoints": 0,
+            "fenced": 0,
+        }
+        self.last_batch_s = 0.0
+        #: Seconds spent per phase of the batch loop (decode+join, produce, flush, checkpoint).
+        self.phase_s = {"feed": 0.0, "emit": 0.0, "flush": 0.0, "checkpoint": 0.0}
+        self.last_checkpoint_s = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        """Connect, check co-partitioning, subscribe (state loads on assignment)."""
+        counts = kafka.partition_counts(self.settings.kafka, [self.topics.impressions, self.topics.clicks])
+        if counts[self.topics.impressions] == 0 or counts[self.topics.clicks] == 0:
+            raise ImproperlyConfigured(f"input topics missing ({counts}); run `em3 topics create` first")
+        if counts[self.topics.impressions] != counts[self.topics.clicks]:
+            raise ImproperlyConfigured(
+                f"impressions and clicks must have the same partition count (co-partitioning), "
+                f"but {counts} is given"
+            )
+        self._store = RedisJoinStateStore(
+            connect(self.settings.redis), self.settings.redis_prefix, self.group_id, self.config.history_length
+        )
+        self._producer = kafka.make_producer(self.settings.kafka, on_delivery=self._on_delivery, linger_ms=5)
+        self._consumer = kafka.make_consumer(
+            self.settings.kafka, self.group_id, partition_assignment_strategy="range",
+            fetch_max_bytes=16 * 1024 * 1024,
+        )
+        self._consumer.subscribe(
+            [self.topics.impressions, self.topics.clicks],
+            on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke,
+        )
+        log.info("join worker started: group %s, %s", self.group_id, self.join)
+
+    def close(self) -> None:
+        """Leave the group (state stays in Redis, consistent as of the last batch)."""
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
+        if self._store is not None:
+            self._store.client.close()
+            self._store = None
+        self._log_counters()
+
+    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> None:
+        """Loop :meth:`run_once` until ``stop`` is set (or, with ``idle_exit_s``, until
+        that long passes with nothing pending and nothing read)."""
+        last_work = time.monotonic()
+        while not stop.is_set():
+            if self.run_once() or not self._cores:
+                last_work = time.monotonic()
+            elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s and self.pending == 0:
+                return
+
+    # -- rebalance --------------------------------------------------------------------
+    def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
+        now = self._idle_clock
+        with self._lock:
+            for n in sorted({tp.partition for tp in partitions} - set(self._cores)):
+                self._store.acquire(n)
+                core, offsets = self._store.load(n, self.join, now)
+                self._cores[n] = core
+                for topic in (self.topics.impressions, self.topics.clicks):
+                    self._next[(topic, n)] = offsets.get(topic)
+            for tp in partitions:
+                stored = self._next.get((tp.topic, tp.partition))
+                tp.offset = stored if stored is not None else kafka.OFFSET_BEGINNING
+        log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
+        consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
+        # Every finished batch is checkpointed already; records of the batch being
+        # read now for these partitions are skipped and re-read by the next owner.
+        with self._lock:
+            for n in {tp.partition for tp in partitions}:
+                self._drop(n)
+        log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
+
+    def _drop(self, n: int) -> None:
+        self._cores.pop(n, None)
+        self._dirty.discard(n)
+        self._saved_watermark.pop(n, None)
+        for topic in (self.topics.impressions, self.topics.clicks):
+            self._next.pop((topic, n), None)
+        if self._store is not None:
+            self._store.release(n)
+
+    # -- the batch ----------------------------------------------------------------------
+    def run_once(self) -> int:
+        """Read, join, produce, flush and checkpoint one micro-batch; returns records read."""
+        messages = self._consumer.consume(num_messages=self.config.batch_size, timeout=self.config.poll_timeout_s)
+        started = time.perf_counter()
+        self._advance_idle_clock(len(messages) < self.config.batch_size)
+        phases = self.phase_s
+        with self._lock:
+            read = self._feed(messages)
+            t1 = time.perf_counter()
+            phases["feed"] += t1 - started
+            now = self._idle_clock
+            for core in self._cores.values():
+                core.tick(now)
+            parts = self._emit()
+        t2 = time.perf_counter()
+        phases["emit"] += t2 - t1
+        if parts:
+            self._flush()
+            ck = time.perf_counter()
+            phases["flush"] += ck - t2
+            try:
+                self._store.checkpoint(parts)
+            except FencedError as exc:
+                self.counters["fenced"] += 1
+                log.warning("lost ownership, dropping those partitions: %s", exc)
+                with self._lock:
+                    for p in parts:
+                        self._drop(p.partition)
+                return read
+            self.last_checkpoint_s = time.perf_counter() - ck
+            phases["checkpoint"] += self.last_checkpoint_s
+            self.counters["checkpoints"] += 1
+            self._commit(parts)
+        if read:
+            self.counters["batches"] += 1
+            self.last_batch_s = time.perf_counter() - started
+        if time.monotonic() - self._last_log >= self.config.log_interval_s:
+            self._log_counters()
+        return read
+
+    def _advance_idle_clock(self, caught_up: bool) -> None:
+        # The processing time the cores see for idleness runs only while the consumer
+        # keeps up (a short batch): with a backlog, a partition that got no records
+        # in this batch is behind, not idle, and must keep holding the watermark.
+        wall = time.monotonic()
+        if caught_up:
+            self._idle_clock += wall - self._idle_wall
+        self._idle_wall = wall
+
+    def _feed(self, messages: list[kafka.Message]) -> int:
+        topics = self.topics
+        latest = self.clock() + self.config.max_future_s
+        now = self._idle_clock
+        read = 0
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.code() != kafka.KafkaError._PARTITION_EOF:
+                    log.warning("consume error: %s", err)
+                continue
+            topic, n, off = msg.topic(), msg.partition(), msg.offset()
+            core = self._cores.get(n)
+            if core is None:
+                continue  # revoked during this consume(): the next owner re-reads it
+            key = (topic, n)
+            expected = self._next.get(key)
+            if expected is not None and off < expected:
+                continue  # re-delivered after a seek
+            self._next[key] = off + 1
+            self._dirty.add(n)
+            read += 1
+            value = msg.value()
+            try:
+                if topic == topics.impressions:
+                    core.add_impression(decode_impression_checked(value, latest), raw=value, now=now)
+                    self.counters["impressions_in"] += 1
+                else:
+                    core.add_click(decode_click_checked(value, latest), offset=off, now=now)
+                    self.counters["clicks_in"] += 1
+            except DecodeError as exc:
+                self._dead_letter(exc.reason, exc.detail, topic, n, off, value, msg.key())
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+                # A record the codec could not even classify (e.g. a 400-digit timestamp).
+                log.warning("undecodable record %s:%d@%d: %r", topic, n, off, exc)
+                self._dead_letter("undecodable", repr(exc), topic, n, off, value, msg.key())
+        self.counters["events_in"] += read
+        return read
+
+    def _dead_letter(self, reason: str, detail: str, topic: str, n: int, off: int, value: bytes | None,
+                     key: bytes | None) -> None:
+        self._producer.produce(
+            self.topics.dead_letter, value=value, key=key,
+            headers=kafka.dead_letter_headers(reason, detail, topic, n, off),
+        )
+        self.counters["dead_letters"] += 1
+        name = f"dead_letter.{reason}"
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def _emit(self) -> list[PartitionCheckpoint]:
+        produce = self._producer.produce
+        samples_topic = self.topics.samples
+        parts = []
+        for n, core in self._cores.items():
+            out = core.take_output()
+            for sample, raw in zip(out.samples, out.raws):
+                kind = "correction" if sample.correction else ("positive" if sample.label else "negative")
+                self.counters[kind] += 1
+                try:
+                    produce(samples_topic, value=encode_sample(sample, raw), key=sample.impression.user_id)
+                except BufferError:
+                    self._producer.poll(0.5)
+                    produce(samples_topic, value=encode_sample(sample, raw), key=sample.impression.user_id)
+            self.counters["samples_out"] += len(out.samples)
+            for d in out.dead_letters:
+                source = self.topics.clicks if isinstance(d.record, Click) else self.topics.impressions
+                self._dead_letter(d.reason, d.detail, source, n, d.offset, codec.encode(d.record),
+                                  d.record.user_id.encode())
+            changes = core.take_changes()
+            watermark = changes.meta["watermark"]
+            if (out or changes.records or changes.orphans or n in self._dirty
+                    or watermark != self._saved_watermark.get(n)):
+                offsets = {
+                    topic: off
+                    for topic in (self.topics.impressions, self.topics.clicks)
+                    if (off := self._next.get((topic, n))) is not None
+                }
+                parts.append(PartitionCheckpoint(n, offsets, changes, out.history))
+                self._saved_watermark[n] = watermark
+        self._dirty.clear()
+        return parts
+
+    def _on_delivery(self, err: object, msg: kafka.Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(str(err))
+
+    def _flush(self) -> None:
+        remaining = self._producer.flush(30)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors[:5], []
+            raise DeliveryError(f"{remaining} records unflushed, delivery errors {errors}; not checkpointing")
+
+    def _commit(self, parts: list[PartitionCheckpoint]) -> None:
+        offsets = [kafka.TopicPartition(t, p.partition, off) for p in parts for t, off in p.offsets.items()]
+        if offsets:
+            try:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            except kafka.KafkaException as exc:  # informational only: Redis holds the real offsets
+                log.debug("offset commit failed: %s", exc)
+
+    # -- figures ----------------------------------------------------------------------
+    @property
+    def pending(self) -> int:
+        """Impressions without a label yet, over the owned partitions."""
+        return sum(core.pending for core in list(self._cores.values()))
+
+    def metrics(self) -> dict[str, object]:
+        """Counters and lag-ish figures: events in, samples out by kind, dead letters by
+        reason, state sizes, per-partition watermark and event-time delay, batch times."""
+        cores = dict(self._cores)
+        now = self.clock()
+        watermarks = {n: c.watermark for n, c in cores.items()}
+        finite = [w for w in watermarks.values() if w > float("-inf")]
+        return {
+            **self.counters,
+            "partitions": sorted(cores),
+            "pending_impressions": sum(c.pending for c in cores.values()),
+            "records": sum(c.records for c in cores.values()),
+            "held_clicks": sum(c.held_clicks for c in cores.values()),
+            "watermark_min": min(finite) if finite else None,
+            "event_time_delay_s": (now - min(finite)) if finite else None,
+            "next_offsets": {f"{t}:{n}": o for (t, n), o in self._next.items() if o is not None},
+            "last_batch_s": round(self.last_batch_s, 4),
+            "last_checkpoint_s": round(self.last_checkpoint_s, 4),
+            "phase_s": {k: round(v, 3) for k, v in self.phase_s.items()},
+        }
+
+    def _log_counters(self) -> None:
+        self._last_log = time.monotonic()
+        m = self.metrics()
+        log.info(
+            "join: in %d (imp %d, click %d), out %d (pos %d, neg %d, corr %d), dead %d, pending %d, held %d, "
+            "partitions %s",
+            m["events_in"], m["impressions_in"], m["clicks_in"], m["samples_out"], m["positive"], m["negative"],
+            m["correction"], m["dead_letters"], m["pending_impressions"], m["held_clicks"], m["partitions"],
+        )
