@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--campaign", default="all", choices=("all", "men", "women"))
     parser.add_argument("--policy", default="random", choices=("random", "bts"))
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
-    parser.add_argument("--repeat", type=int, default=3, help="replays (each into fresh topics)")
+    parser.add_argument("--repeat", type=int, default=5, help="replays (each into fresh topics)")
     parser.add_argument("--speed", type=float, default=0.0, help="0 = as fast as possible")
     parser.add_argument("--partitions", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)

@@ -81,6 +81,10 @@ class ABConfig:
         End when every treatment has a verdict.
     share_feedback : bool
         If True, learning rankers see every arm's events, not only their own.
+    arm_from_ranking : bool
+        If True, the arm is the one the ranker reports (``Ranking.arm``), not
+        the runner's assignment: for a server that buckets users itself (map
+        every arm name to the same client ranker).
     seed : int
         Seed of arrivals and assignment.
     """
@@ -99,6 +103,7 @@ class ABConfig:
     attribution_window_s: float = 600.0
     stop_early: bool = False
     share_feedback: bool = False
+    arm_from_ranking: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -294,12 +299,18 @@ class ABRunner:
             arm = assign_arm(key, self.arm_names, self._cumulative, salt)
             context = {**req.context, "t": repr(t)}
             ranking = self.arms[arm].rank(req.user_id, req.candidates, context, cfg.k)
+            if cfg.arm_from_ranking:
+                if ranking.arm not in self.arms:
+                    raise ValueError(f"the ranker answered for arm {ranking.arm!r}, not one of {self.arm_names}")
+                arm = ranking.arm
             shown = ranking.item_ids[: cfg.k]
             feedback = world.respond(req.user_id, shown, t)
             props = ranking.propensities or (1.0,) * len(shown)
+            request_id = ranking.request_id or req.request_id
+            imp_ids = ranking.impression_ids or tuple(f"{request_id}-{p}" for p in range(len(shown)))
             clicks_in_window = 0
             for fb in feedback:
-                imp = Impression(f"{req.request_id}-{fb.position}", req.request_id, req.user_id, fb.item_id,
+                imp = Impression(imp_ids[fb.position], request_id, req.user_id, fb.item_id,
                                  fb.position, t, model_line=ranking.arm, model_version=ranking.model_version,
                                  arm=arm, propensity=float(min(max(props[fb.position], 1e-12), 1.0)),
                                  context=dict(req.context))

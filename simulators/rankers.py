@@ -47,19 +47,27 @@ class Ranking:
         deterministic ranker, the default when ``None``).
     model_version : int
         Version of the model that served it (0 if not versioned).
+    impression_ids : tuple of str, optional
+        Impression ids the server already logged for these items (then the
+        runner uses them, so clicks join the server's impressions).
+    request_id : str, optional
+        The server's request id.
     """
 
     item_ids: tuple[str, ...]
     arm: str
     propensities: tuple[float, ...] | None = None
     model_version: int = 0
+    impression_ids: tuple[str, ...] | None = None
+    request_id: str | None = None
 
     def __post_init__(self) -> None:
-        if self.propensities is not None and len(self.propensities) != len(self.item_ids):
-            raise ValueError(
-                f"propensities must have one entry per item ({len(self.item_ids)}), "
-                f"but {len(self.propensities)} are given"
-            )
+        for name in ("propensities", "impression_ids"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.item_ids):
+                raise ValueError(
+                    f"{name} must have one entry per item ({len(self.item_ids)}), but {len(value)} are given"
+                )
 
 
 @runtime_checkable
