@@ -61,7 +61,9 @@ class RankingConfig:
         How long the ID-only row of an unregistered item is trusted before the
         content store is asked again.
     rep_batch_size : int
-        Items per ``item_representations`` call.
+        Items per ``item_representations`` call. Small batches keep the precompute
+        of a new version from holding the model's prefix-cache lock for long, so a
+        request with a cold item waits at most one batch.
     unknown_candidates : {"score", "drop"}
         Rank unregistered candidates by their ID part, or leave them out.
     """
@@ -71,7 +73,7 @@ class RankingConfig:
     cache_max_items: int = 200_000
     precompute_max_items: int = 50_000
     unknown_ttl_s: float = 2.0
-    rep_batch_size: int = 256
+    rep_batch_size: int = 64
     unknown_candidates: str = "score"
 
     def __post_init__(self) -> None:

@@ -151,6 +151,7 @@ class ServingRuntime:
         self.popularity = popularity
         self.producer = producer
         self.redis_client = redis_client
+        self.owns_clients = False  # from_settings made the Redis client and producer: stop() closes them
         self.metrics = ServingMetrics()
         self.ranking = RankingService(content, history, config.ranking)
         self.reloaders: dict[str, SnapshotReloader] = {
@@ -190,11 +191,13 @@ class ServingRuntime:
 
         client = connect(settings.redis)
         prefix = settings.redis_prefix
-        return cls(
+        runtime = cls(
             config, loader, RedisSnapshotStore(client, prefix), RedisContentStore(client, prefix),
             RedisHistoryStore(client, prefix), popularity=RedisPopularityStore(client, prefix),
             producer=make_producer(settings.kafka, linger_ms=5), settings=settings, redis_client=client,
         )
+        runtime.owns_clients = True
+        return runtime
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self, wait_ready_s: float = 0.0) -> "ServingRuntime":
@@ -208,14 +211,21 @@ class ServingRuntime:
         return self
 
     def stop(self) -> None:
+        """Stop the watcher, drain the impression logger; close owned clients."""
         self.watcher.stop()
         if self.logger is not None:
             self.logger.close()
-        if self.redis_client is not None:
+        if not self.owns_clients:
+            return
+        self.owns_clients = False
+        for name, client in (("producer", self.producer), ("redis", self.redis_client)):
+            close = getattr(client, "close", None)
+            if close is None:
+                continue
             try:
-                self.redis_client.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                pass
+                close()
+            except Exception as exc:  # noqa: BLE001 - closing is best effort
+                logger.warning("closing the %s client failed: %r", name, exc)
 
     # -- readiness ---------------------------------------------------------------------
     def is_ready(self) -> bool:
