@@ -26,7 +26,7 @@ from em3.codec import SCHEMA_VERSION, encode
 from em3.config import KafkaSettings, TopicNames
 from em3.types import Click, Impression
 
-__all__ = ["SinkStats", "produce_events", "fast_encode", "DEFAULT_PREFIX"]
+__all__ = ["SinkStats", "produce_events", "KafkaEventSink", "fast_encode", "DEFAULT_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,3 +174,63 @@ def produce_events(
     if stats.failed:
         logger.error("%d of %d records failed delivery: %s", stats.failed, stats.total, stats.errors)
     return stats
+
+
+class KafkaEventSink:
+    """A callable ``event_sink`` (for :class:`simulators.ab.ABRunner`) that produces each event.
+
+    Same topics, keys, timestamps and encoding as :func:`produce_events`; call
+    :meth:`close` (or use it as a context manager) to flush at the end.
+    """
+
+    def __init__(self, kafka: KafkaSettings | str, *, prefix: str = DEFAULT_PREFIX, create_topics: bool = True,
+                 partitions: int = 1, producer_overrides: Mapping[str, object] | None = None,
+                 flush_timeout_s: float = 60.0) -> None:
+        from stream.kafka import ensure_topics, make_producer
+
+        if flush_timeout_s <= 0:
+            raise ValueError(f"flush_timeout_s must be > 0, but {flush_timeout_s} is given")
+        self.settings = KafkaSettings(kafka) if isinstance(kafka, str) else kafka
+        self.topics = TopicNames(prefix)
+        if create_topics:
+            ensure_topics(self.settings, [self.topics.impressions, self.topics.clicks], partitions=partitions)
+        self._producer = make_producer(self.settings, **dict(producer_overrides or {}))
+        self.flush_timeout_s = flush_timeout_s
+        self.stats = SinkStats(produced={self.topics.impressions: 0, self.topics.clicks: 0})
+
+    def _on_delivery(self, err, _msg) -> None:
+        if err is None:
+            self.stats.delivered += 1
+        else:
+            self.stats.failed += 1
+            name = str(err.name()) if hasattr(err, "name") else str(err)
+            self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+
+    def __call__(self, event: Impression | Click) -> None:
+        if type(event) is Impression:
+            topic, ts = self.topics.impressions, event.served_at
+        else:
+            topic, ts = self.topics.clicks, event.clicked_at
+        value = fast_encode(event)
+        while True:
+            try:
+                self._producer.produce(topic, value, event.user_id.encode("utf-8"), timestamp=int(ts * 1000),
+                                       on_delivery=self._on_delivery)
+                break
+            except BufferError:
+                self._producer.poll(0.05)
+        self.stats.produced[topic] += 1
+        self._producer.poll(0)
+
+    def close(self) -> SinkStats:
+        """Flush; raises ``TimeoutError`` if records are still undelivered."""
+        remaining = self._producer.flush(self.flush_timeout_s)
+        if remaining:
+            raise TimeoutError(f"{remaining} records still undelivered after {self.flush_timeout_s} s")
+        return self.stats
+
+    def __enter__(self) -> "KafkaEventSink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -327,7 +327,7 @@ class ABRunner:
             if n_done % cfg.check_every == 0:
                 look(t)
                 if cfg.stop_early and len(stopped_at) == len(self.treatments):
-                    stopped_early = True
+                    stopped_early = n_done < cfg.n_requests
                     break
         end = t + cfg.attribution_window_s
         deliver(end)

@@ -61,3 +61,33 @@ def test_obd_replay_round_trips_through_the_broker(settings):
         assert len({p for ps in partitions_of_key.values() for p in ps}) > 1  # keys spread out
         for times in per_key_times.values():  # per key, event-time order survives the broker
             assert all(a <= b for a, b in zip(times, times[1:]))
+
+
+def test_ab_runner_events_reach_kafka(settings):
+    from simulators._kafka_sink import KafkaEventSink
+    from simulators.ab import ABConfig, ABRunner
+    from simulators.rankers import RandomRanker
+    from simulators.world import World, WorldConfig
+    from stream.kafka import make_consumer, wait_for_assignment
+
+    world = World(WorldConfig(seed=0, n_users=100, n_items=100))
+    seen: list = []
+    with KafkaEventSink(settings.kafka, prefix=settings.topics.prefix) as kafka:
+        def sink(event):
+            seen.append(event)
+            kafka(event)
+
+        ABRunner(world, {"a": RandomRanker("a"), "b": RandomRanker("b", 1)},
+                 ABConfig(n_requests=300, k=5, check_every=100), event_sink=sink).run()
+    assert kafka.stats.delivered == len(seen) and kafka.stats.failed == 0
+    consumer = make_consumer(settings.kafka, f"{settings.topics.prefix}ab")
+    consumer.subscribe([settings.topics.impressions, settings.topics.clicks])
+    wait_for_assignment(consumer)
+    got = []
+    idle = 0
+    while len(got) < len(seen) and idle < 50:
+        batch = consumer.consume(2000, timeout=0.2)
+        idle = 0 if batch else idle + 1
+        got.extend(codec.decode(m.value()) for m in batch if m.error() is None)
+    consumer.close()
+    assert sorted(map(codec.encode, got)) == sorted(map(codec.encode, seen))
