@@ -5,6 +5,7 @@ Examples::
     em3 replay --obd all --policy random --speed 100          # OBD at 100x real time
     em3 replay --file logs.jsonl --rate 5000 --start-at 120000 # resume, at most 5k events/s
     em3 replay --obd men --dry-run                             # count, no Kafka
+    em3 replay --movielens --click-delay lognormal:20,1.2
     em3 ab --arms random,popularity,oracle --n-requests 20000 --out runs/ab
     em3 ab --server http://127.0.0.1:8000 --arm-names control,treatment --kafka
 
@@ -31,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--obd", choices=("all", "men", "women"), help="Open Bandit Dataset campaign")
     src.add_argument("--file", help="a JSONL, CSV or Parquet log (schema: simulators.replay_sources)")
+    src.add_argument("--movielens", action="store_true",
+                     help="MovieLens-100K (rating >= 4 is a click; times shifted to start at 2024-01-01)")
     p.add_argument("--policy", choices=("random", "bts"), default="random", help="OBD logging policy")
     p.add_argument("--format", choices=("jsonl", "csv", "parquet"), default=None)
     p.add_argument("--speed", type=float, default=0.0, help="event s per wall s; 0 = as fast as possible")
@@ -84,12 +87,15 @@ def _progress():
 def replay_command(args: argparse.Namespace) -> int:
     from simulators.delays import make_delay
     from simulators.replay import LogReplayer, ReplayConfig
-    from simulators.replay_sources import file_rows, obd_rows
+    from simulators.replay_sources import file_rows, movielens_rows, obd_rows
 
     delay = make_delay(args.click_delay) if args.click_delay else None
     if args.obd:
         rows = obd_rows(args.obd, args.policy, click_delay=delay, seed=args.seed)
         source = f"obd:{args.obd}:{args.policy}"
+    elif args.movielens:
+        rows = movielens_rows(click_delay=delay, seed=args.seed)
+        source = "movielens-100k"
     else:
         rows = file_rows(args.file, format=args.format, default_delay=delay, seed=args.seed)
         source = args.file

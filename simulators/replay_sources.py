@@ -1,7 +1,7 @@
 """Adapters that turn logs into :class:`simulators.replay.LogRow` for the replayer.
 
-Built in: the Open Bandit Dataset sample (:func:`obd_rows`) and files in JSONL,
-CSV or Parquet (:func:`file_rows`). A row that cannot be parsed becomes a
+Built in: the Open Bandit Dataset sample (:func:`obd_rows`), MovieLens-100K
+(:func:`movielens_rows`) and files in JSONL, CSV or Parquet (:func:`file_rows`). A row that cannot be parsed becomes a
 :class:`simulators.replay.Malformed` with a reason, so the replayer counts it.
 
 File column schema
@@ -52,6 +52,7 @@ from simulators.replay import LogRow, Malformed
 __all__ = [
     "FILE_FORMATS",
     "obd_rows",
+    "movielens_rows",
     "obd_user_id",
     "file_rows",
     "record_to_row",
@@ -104,6 +105,40 @@ def obd_rows(
         imp = Impression(impression_id, impression_id, user_id, str(action), position, served_at,
                          model_line, 0, policy, pscore, context)
         if reward:
+            yield LogRow(imp, delays[k])
+            k += 1
+        else:
+            yield LogRow(imp)
+
+
+def movielens_rows(
+    *, shift_to: float | None = 1_704_067_200.0, click_delay: DelayDistribution | None = None, seed: int = 0,
+    max_events: int | None = None, path: str | Path | None = None,
+) -> Iterator[LogRow]:
+    """Rows of MovieLens-100K as read by :func:`em3.data.movielens.load_ml100k`.
+
+    Each rating is an impression at its rating time; a rating >= 4 is a click
+    (the mapping of :mod:`em3.data.movielens`). The ratings date from
+    1997-98, which the codec rejects as implausible, so all times are shifted
+    by one constant so that the first event falls at ``shift_to`` (default
+    2024-01-01 UTC; ``None`` keeps the original times). Clicks get a delay from
+    ``click_delay`` (default 0 s) drawn with ``numpy.random.default_rng(seed)``.
+    """
+    from em3.data.movielens import load_ml100k
+
+    ml = load_ml100k(path, images=False, max_events=max_events)
+    delay = click_delay if click_delay is not None else FixedDelay(0.0)
+    rng = np.random.default_rng(seed)
+    labels = [s.label for s in ml.samples]
+    delays = delay.sample(rng, int(sum(labels))).tolist()
+    offset = 0.0 if shift_to is None or not ml.samples else shift_to - ml.samples[0].impression.served_at
+    k = 0
+    for sample, label in zip(ml.samples, labels):
+        imp = sample.impression
+        if offset:
+            imp = Impression(imp.impression_id, imp.request_id, imp.user_id, imp.item_id, imp.position,
+                             imp.served_at + offset, "movielens", 0, "", imp.propensity, imp.context)
+        if label:
             yield LogRow(imp, delays[k])
             k += 1
         else:

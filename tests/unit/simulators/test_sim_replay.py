@@ -250,3 +250,17 @@ def test_record_to_row_rejects_naive_iso_times():
 def test_unknown_format():
     with pytest.raises(ValueError, match="cannot tell the format"):
         list(file_rows("log.xlsx"))
+
+
+def test_movielens_rows_are_shifted_into_plausible_times():
+    from simulators.replay_sources import movielens_rows
+
+    rows = list(movielens_rows(max_events=2000, click_delay=ExponentialDelay(10.0), seed=1))
+    assert len(rows) == 2000
+    assert rows[0].impression.served_at == 1_704_067_200.0
+    replayer = LogReplayer()
+    events = list(replayer.run(rows))
+    assert replayer.stats.malformed_total == 0
+    assert replayer.stats.clicks == sum(r.click_delay_s is not None for r in rows) > 0
+    times = [event_time(e) for e in events]
+    assert all(a <= b for a, b in zip(times, times[1:]))
