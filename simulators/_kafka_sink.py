@@ -47,10 +47,9 @@ def fast_encode(event: Impression | Click) -> bytes:
         e = event
         if (type(e.position) is int and type(e.model_version) is int and type(e.served_at) is float
                 and type(e.propensity) is float and _finite(e.served_at) and _finite(e.propensity)):
-            ctx = e.context
-            if ctx and not all(type(k) is str and type(v) is str for k, v in ctx.items()):
+            context = _context_json(e.context)
+            if context is None:
                 return encode(event)
-            context = "{" + ",".join(f"{_esc(k)}:{_esc(v)}" for k, v in ctx.items()) + "}"
             return (
                 f'{{"impression_id":{_esc(e.impression_id)},"request_id":{_esc(e.request_id)},'
                 f'"user_id":{_esc(e.user_id)},"item_id":{_esc(e.item_id)},"position":{e.position!r},'
@@ -67,6 +66,23 @@ def fast_encode(event: Impression | Click) -> bytes:
                 f'"type":"click"}}'
             ).encode("utf-8")
     return encode(event)
+
+
+_last_context: tuple[dict | None, str] = (None, "{}")  # a copy of the last context encoded, its JSON
+
+
+def _context_json(ctx) -> str | None:
+    """JSON of a str-to-str context (replays repeat one context, so the last one is cached;
+    the cache is one tuple, rebound atomically, so threads cannot mix its halves)."""
+    global _last_context
+    cached, text = _last_context
+    if type(ctx) is dict and ctx == cached:
+        return text
+    if not all(type(k) is str and type(v) is str for k, v in ctx.items()):
+        return None
+    text = "{" + ",".join(f"{_esc(k)}:{_esc(v)}" for k, v in ctx.items()) + "}"
+    _last_context = (dict(ctx), text)
+    return text
 
 
 def _finite(x: float) -> bool:
@@ -137,7 +153,9 @@ def produce_events(
     topics = TopicNames(prefix)
     if create_topics:
         ensure_topics(settings, [topics.impressions, topics.clicks], partitions=partitions)
-    producer = make_producer(settings, **dict(producer_overrides or {}))
+    # Delivery reports for failures only: no Python callback per delivered record.
+    overrides = {"delivery_report_only_error": True, **dict(producer_overrides or {})}
+    producer = make_producer(settings, **overrides)
     stats = SinkStats(produced={topics.impressions: 0, topics.clicks: 0})
 
     def on_delivery(err, _msg) -> None:
@@ -171,6 +189,8 @@ def produce_events(
     stats.wall_s = time.monotonic() - start
     if remaining:
         raise TimeoutError(f"{remaining} records still undelivered after {flush_timeout_s} s")
+    if overrides.get("delivery_report_only_error"):
+        stats.delivered = stats.total - stats.failed  # flushed: every record is acknowledged or failed
     if stats.failed:
         logger.error("%d of %d records failed delivery: %s", stats.failed, stats.total, stats.errors)
     return stats

@@ -35,3 +35,17 @@ def test_fast_encode_unusual_values_fall_back_to_codec():
     ]
     for e in odd:
         assert fast_encode(e) == encode(e)
+
+
+def test_context_cache_never_serves_a_stale_context():
+    shared = {"device": "ios"}
+    events = [
+        Impression("a", "r", "u", "i", 0, 1.7e9, context=shared),
+        Impression("b", "r", "u", "i", 0, 1.7e9, context={"device": "web"}),
+        Impression("c", "r", "u", "i", 0, 1.7e9, context=shared),
+    ]
+    out = [fast_encode(e) for e in events]
+    shared["device"] = "android"  # mutated after encoding: the next encoding must see it
+    out.append(fast_encode(events[0]))
+    assert out == [encode(e) for e in events] + [encode(events[0])]
+    assert b'"android"' in out[-1]
