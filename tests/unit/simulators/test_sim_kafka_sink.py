@@ -44,8 +44,7 @@ def test_context_cache_never_serves_a_stale_context():
         Impression("b", "r", "u", "i", 0, 1.7e9, context={"device": "web"}),
         Impression("c", "r", "u", "i", 0, 1.7e9, context=shared),
     ]
-    out = [fast_encode(e) for e in events]
+    assert [fast_encode(e) for e in events] == [encode(e) for e in events]
     shared["device"] = "android"  # mutated after encoding: the next encoding must see it
-    out.append(fast_encode(events[0]))
-    assert out == [encode(e) for e in events] + [encode(events[0])]
-    assert b'"android"' in out[-1]
+    assert fast_encode(events[0]) == encode(events[0])
+    assert b'"android"' in fast_encode(events[2])
