@@ -29,12 +29,15 @@ candidates mix the whole available catalogue and items younger than
 ``fresh_window_s`` (``fresh_share``).
 
 Calibration from MovieLens-100K (``calibration="movielens"``, the default when
-the recbole wheel is installed): the genres, each user's genre taste (the
-genre shares of the movies a real user rated, resampled), user activity (a
-user's request rate is proportional to a real user's number of ratings), item
-quality (standardised log number of ratings), and items themselves (real
-titles, years and genres; the initial catalogue holds the older movies and
-newer ones arrive over time). Images are the synthetic posters of
+the recbole wheel is installed): the genres; items themselves (real titles,
+years and genres; the initial catalogue holds the older movies and newer ones
+arrive over time); a biased matrix factorisation fitted on all 100k ratings
+(:func:`simulators._movielens.fit_factors`), whose item factors are the
+idiosyncratic part ``e_i`` of real movies, whose user factors (of a resampled
+real user, jittered) are the users' idiosyncratic part, and whose item biases
+give item quality; each user's genre taste (the genre shares of the movies
+that real user rated); and user activity (request rate proportional to that
+user's number of ratings). Images are the synthetic posters of
 :func:`em3.data.images.render_poster`.
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from em3.types import ItemContent
-from simulators._movielens import GENRES, movielens_stats
+from simulators._movielens import GENRES, fit_factors, movielens_stats
 from simulators.delays import DelayDistribution, LogNormalDelay
 
 __all__ = ["WorldConfig", "Request", "Feedback", "World"]
@@ -212,6 +215,10 @@ class World:
         self._titles, self._years = titles, years
         content = _normalise(genres @ self._genre_vec)  # (I, D)
         own = _normalise(structure.standard_normal((n_total, cfg.dim)))
+        factors = fit_factors(cfg.dim) if stats is not None else None
+        real = self._ml_index >= 0
+        if factors is not None:  # the idiosyncratic part of real movies: their fitted factors
+            own[real] = _normalise(factors[1][self._ml_index[real]])
         w = cfg.content_weight
         self._item_vec = _normalise(w * content + math.sqrt(1 - w * w) * own)  # (I, D)
         self._quality = quality  # (I,)
@@ -219,16 +226,18 @@ class World:
         self._item_index = {iid: i for i, iid in enumerate(self.item_ids)}
 
         # Users: taste over genres, activity, drift directions.
+        u_own = _normalise(structure.standard_normal((cfg.n_users, cfg.dim)))
         if stats is not None:
             src = structure.integers(0, stats.user_genre_share.shape[0], size=cfg.n_users)
             taste = stats.user_genre_share[src] ** 2  # sharpen: real shares are diffuse
             activity = stats.user_ratings[src].astype(np.float64)
+            # a real user's fitted factors, jittered so resampled copies differ
+            u_own = _normalise(_normalise(factors[0][src]) + 0.3 * u_own / math.sqrt(cfg.dim))
         else:
             taste = structure.dirichlet(np.full(n_genres, 0.3), size=cfg.n_users)
             activity = structure.lognormal(4.0, 1.0, size=cfg.n_users)
         taste = taste / taste.sum(axis=1, keepdims=True)
         u_content = _normalise(taste @ self._genre_vec)
-        u_own = _normalise(structure.standard_normal((cfg.n_users, cfg.dim)))
         self._user_vec = _normalise(w * u_content + math.sqrt(1 - w * w) * u_own)  # (U, D)
         self._drift_a = _normalise(structure.standard_normal((cfg.n_users, cfg.dim)))
         self._drift_b = _normalise(structure.standard_normal((cfg.n_users, cfg.dim)))
@@ -271,8 +280,8 @@ class World:
             genres[:k] = stats.genres[take]
             titles.extend(stats.titles[i] for i in take)
             years[:k] = stats.years[take]
-            logr = np.log1p(stats.movie_ratings.astype(np.float64))
-            z = (logr - logr.mean()) / max(logr.std(), 1e-12)
+            bias = fit_factors(cfg.dim)[2]  # fitted item bias: how much better than average it is rated
+            z = (bias - bias.mean()) / max(bias.std(), 1e-12)
             quality[:k] = cfg.quality_scale * z[take]
             popularity = stats.genre_popularity
         else:
