@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from em3.types import Click, Impression
 from simulators.delays import ExponentialDelay, make_delay
@@ -264,3 +266,22 @@ def test_movielens_rows_are_shifted_into_plausible_times():
     assert replayer.stats.clicks == sum(r.click_delay_s is not None for r in rows) > 0
     times = [event_time(e) for e in events]
     assert all(a <= b for a, b in zip(times, times[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e5), st.one_of(st.none(), st.floats(0, 1e4))), max_size=60))
+def test_replay_order_property(spec):
+    rows = [LogRow(Impression(f"i{k}", "r", f"u{k % 3}", "x", 0, T0 + t), d) for k, (t, d) in enumerate(spec)]
+    events = list(LogReplayer().run(rows))
+    times = [event_time(e) for e in events]
+    assert times == sorted(times)
+    assert len(events) == len(rows) + sum(d is not None for _, d in spec)
+    position = {}
+    for n, e in enumerate(events):
+        if isinstance(e, Impression):
+            position[e.impression_id] = n
+        else:
+            assert position[e.impression_id] < n
+    # Streaming (presorted) and in-memory sorting give the same stream for sorted input.
+    in_order = sorted(rows, key=lambda r: r.impression.served_at)
+    assert list(LogReplayer(ReplayConfig(presorted=True)).run(in_order)) == list(LogReplayer().run(in_order))
