@@ -19,9 +19,12 @@ is compared with the control by :class:`simulators.sequential.SequentialTest`
 ``alpha / (number of treatments)`` each (Bonferroni). With ``stop_early`` the
 experiment ends as soon as every treatment has a verdict.
 
-``metrics`` (optional) is called at every look with the event time and may
-return extra series (``{"prequential_auc": {"em3": 0.71}, "freshness_s": {...}}``),
-which land in the timeline for :mod:`simulators.report` to plot.
+Rankers that return scores (``Ranking.scores``) get a prequential AUC per
+arm: the AUC of the scores they served with against the clicks that followed
+(within the window), over all completed requests so far. ``metrics``
+(optional) is called at every look with the event time and may return more
+series (``{"freshness_s": {"em3": 42.0}}``, or an AUC the learners measured),
+which land in ``timeline[i]["metrics"]`` for :mod:`simulators.report` to plot.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from simulators.rankers import Ranker
 from simulators.sequential import DEFAULT_TAU2, SequentialTest
 from simulators.world import World
 
-__all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm"]
+__all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm", "auc"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +186,29 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def auc(scores, labels) -> float:
+    """Area under the ROC curve of ``scores`` for 0/1 ``labels`` (ties count half); NaN if one class is absent.
+
+    >>> auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+    0.75
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(s.size)
+    sorted_s = s[order]
+    # average ranks over ties
+    starts = np.flatnonzero(np.r_[True, sorted_s[1:] != sorted_s[:-1]])
+    ends = np.r_[starts[1:], s.size]
+    avg = (starts + ends + 1) / 2.0  # 1-based average rank of each tie block
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
 def assign_arm(key: str, arms: list[str], cumulative: list[float], salt: str) -> str:
     """Deterministic arm of ``key``: a salted hash mapped to ``[0, 1)`` and cut by the split.
 
@@ -246,6 +272,8 @@ class ABRunner:
         stats = {a: ArmStats() for a in self.arm_names}
         pending_events: list[tuple[float, int, str, Impression | Click]] = []
         outcomes: list[tuple[float, str, int, int]] = []  # (served_at, arm, shown, clicks in window)
+        scored: list[tuple[str, list[float], list[int]] | None] = []  # per request: arm, scores, labels
+        auc_data: dict[str, tuple[list[float], list[int]]] = {a: ([], []) for a in self.arm_names}
         counted = 0
         seq = 0
         timeline: list[dict[str, Any]] = []
@@ -275,6 +303,10 @@ class ABRunner:
             while counted < len(outcomes) and outcomes[counted][0] + cfg.attribution_window_s <= now:
                 _, arm, shown, clicks = outcomes[counted]
                 stats[arm].add(shown, clicks)
+                if scored[counted] is not None:
+                    s_arm, s_scores, s_labels = scored[counted]
+                    auc_data[s_arm][0].extend(s_scores)
+                    auc_data[s_arm][1].extend(s_labels)
                 counted += 1
             c = stats[self.control]
             entry: dict[str, Any] = {"t": now, "requests": n_done,
@@ -287,8 +319,15 @@ class ABRunner:
                                      "ci_high": r.ci_high, "reject": r.reject}
                 if r.reject and a not in stopped_at:
                     stopped_at[a] = (n_done, now)
+            metrics: dict[str, dict[str, float]] = {}
+            aucs = {a: auc(sc, lb) for a, (sc, lb) in auc_data.items() if sc}
+            if aucs:
+                metrics["prequential_auc"] = aucs
             if self.metrics is not None:
-                entry["metrics"] = {k: dict(v) for k, v in self.metrics(now).items()}
+                for name, series in self.metrics(now).items():
+                    metrics.setdefault(name, {}).update(series)
+            if metrics:
+                entry["metrics"] = metrics
             timeline.append(entry)
 
         for i in range(cfg.n_requests):
@@ -309,6 +348,7 @@ class ABRunner:
             request_id = ranking.request_id or req.request_id
             imp_ids = ranking.impression_ids or tuple(f"{request_id}-{p}" for p in range(len(shown)))
             clicks_in_window = 0
+            labels: list[int] = []
             for fb in feedback:
                 imp = Impression(imp_ids[fb.position], request_id, req.user_id, fb.item_id,
                                  fb.position, t, model_line=ranking.arm, model_version=ranking.model_version,
@@ -322,7 +362,11 @@ class ABRunner:
                     seq += 1
                     if (fb.delay_s or 0.0) <= cfg.attribution_window_s:
                         clicks_in_window += 1
+                        labels.append(1)
+                        continue
+                labels.append(0)
             outcomes.append((t, arm, len(shown), clicks_in_window))
+            scored.append((arm, list(ranking.scores[: len(shown)]), labels) if ranking.scores is not None else None)
             n_done = i + 1
             if n_done % cfg.check_every == 0:
                 look(t)

@@ -73,6 +73,7 @@ class HTTPRanker:
             model_version=int(data.get("model_version", 0)),
             impression_ids=tuple(i["impression_id"] for i in items),
             request_id=data.get("request_id"),
+            scores=tuple(float(i["score"]) for i in items) if all("score" in i for i in items) else None,
         )
 
     def post_click(self, click: Click) -> bool:

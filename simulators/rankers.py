@@ -52,6 +52,8 @@ class Ranking:
         runner uses them, so clicks join the server's impressions).
     request_id : str, optional
         The server's request id.
+    scores : tuple of float, optional
+        The score of each item (higher is better), for the prequential AUC.
     """
 
     item_ids: tuple[str, ...]
@@ -60,9 +62,10 @@ class Ranking:
     model_version: int = 0
     impression_ids: tuple[str, ...] | None = None
     request_id: str | None = None
+    scores: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("propensities", "impression_ids"):
+        for name in ("propensities", "impression_ids", "scores"):
             value = getattr(self, name)
             if value is not None and len(value) != len(self.item_ids):
                 raise ValueError(
@@ -154,7 +157,7 @@ class PopularityRanker:
         _check_k(k)
         scores = self.score(candidates)
         order = np.argsort(-scores, kind="stable")[:k]
-        return Ranking(tuple(candidates[i] for i in order), self.arm)
+        return Ranking(tuple(candidates[i] for i in order), self.arm, scores=tuple(scores[order].tolist()))
 
 
 class OracleRanker:
@@ -181,4 +184,4 @@ class OracleRanker:
         if self.noise > 0:
             logit = logit + self.noise * self._rng.standard_normal(logit.shape[0])
         order = np.argsort(-logit, kind="stable")[:k]
-        return Ranking(tuple(candidates[i] for i in order), self.arm)
+        return Ranking(tuple(candidates[i] for i in order), self.arm, scores=tuple(logit[order].tolist()))

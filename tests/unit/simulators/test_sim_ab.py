@@ -107,3 +107,26 @@ def test_bad_config():
         ABRunner(world, {"a": RandomRanker(), "b": RandomRanker()}, ABConfig(split={"a": 0.7, "b": 0.7}))
     with pytest.raises(ValueError, match="n_requests must be > 0, but -3 is given"):
         ABConfig(n_requests=-3)
+
+
+def test_auc_equals_scikit_learn():
+    import numpy as np
+
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from simulators.ab import auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 6, size=300).astype(float)  # many ties
+        labels = rng.random(300) < 0.2
+        assert auc(scores, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+    assert np.isnan(auc([1.0, 2.0], [0, 0]))
+
+
+def test_prequential_auc_for_scoring_rankers():
+    world = World(WorldConfig(seed=4, **SMALL))
+    arms = {"random": RandomRanker("random", 4), "oracle": OracleRanker(world)}
+    report = ABRunner(world, arms, ABConfig(n_requests=1500, check_every=300)).run()
+    last = report.timeline[-1]["metrics"]["prequential_auc"]
+    assert "random" not in last  # no scores, no AUC
+    assert last["oracle"] > 0.6  # the true attraction ranks clicks above non-clicks
