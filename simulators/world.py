@@ -433,3 +433,7 @@ class World:
         return ItemContent(item_id=item_id, text=text, image=png,
                            attributes={"genres": "|".join(genres), "year": str(year),
                                        "arrived_at": f"{self._arrival[i]:.3f}"})
+
+    def catalog(self, t: float, *, image: bool = True, image_size: int = 64) -> list[ItemContent]:
+        """Content of every item available at ``t`` (to fill a content store)."""
+        return [self.item_content(i, image=image, image_size=image_size) for i in self.available_items(t)]

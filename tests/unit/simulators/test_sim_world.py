@@ -135,3 +135,14 @@ def test_bad_config_and_inputs():
         w.attraction(w.user_ids[0], ["nope"], w.config.start_time)
     with pytest.raises(ValueError, match="must not repeat"):
         w.respond(w.user_ids[0], [w.item_ids[0]] * 2, w.config.start_time)
+
+
+def test_catalog_fills_a_content_store():
+    from em3.stores import InMemoryContentStore
+
+    w = World(WorldConfig(seed=0, **SMALL))
+    store = InMemoryContentStore(w.catalog(w.config.start_time, image=False))
+    assert len(store) == w.config.n_items
+    later = w.config.start_time + 3600.0
+    store.put_many(w.item_content(i, image=False) for i in w.arrivals_between(w.config.start_time, later))
+    assert len(store) == w.available(later)
