@@ -1,0 +1,64 @@
+"""Thin Ray actors around :class:`learners.worker.LearnerWorker` and
+:class:`learners.aggregate.Aggregator` (one of the two modules that import ``ray``).
+
+The logic lives in the plain classes; this module only decides resources and
+fault tolerance: learners are restarted by Ray after a crash (``max_restarts=-1``)
+with their constructor arguments, and an in-flight call on a dead learner fails
+(``max_task_retries=0``) so the caller decides what to re-run. Learners are
+threaded actors (``max_concurrency=2``) so ``stop``/``status``/``pid`` answer
+while ``run`` or ``train_round`` is busy. A learner asks for ``num_gpus`` GPUs;
+``device="auto"`` then takes the GPU Ray assigned, or the CPU when it assigned none.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+
+from em3.config import Settings
+from learners.aggregate import Aggregator
+from learners.worker import LearnConfig, LearnerWorker
+
+__all__ = ["ActorResources", "start_learner_actor", "start_aggregator_actor"]
+
+
+@dataclass(frozen=True)
+class ActorResources:
+    """Ray resources of one learner actor.
+
+    Parameters
+    ----------
+    num_cpus : float
+        CPUs reserved per learner (torch uses as many threads).
+    num_gpus : float
+        GPUs per learner (0: CPU only).
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"num_cpus must be >= 0, but {self.num_cpus} is given")
+        if self.num_gpus < 0:
+            raise ValueError(f"num_gpus must be >= 0, but {self.num_gpus} is given")
+
+
+def start_learner_actor(settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1,
+                        resources: ActorResources = ActorResources(), name: str | None = None):
+    """A Ray actor handle running ``LearnerWorker(settings, config, rank, world)``."""
+    cls = ray.remote(LearnerWorker).options(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=2,
+        name=name,
+    )
+    return cls.remote(settings, config, rank, world)
+
+
+def start_aggregator_actor(settings: Settings, config: LearnConfig, world: int, name: str | None = None):
+    """A Ray actor handle running ``Aggregator(settings, config, world)`` (no CPU reserved)."""
+    cls = ray.remote(Aggregator).options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name)
+    return cls.remote(settings, config, world)

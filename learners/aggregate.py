@@ -1,0 +1,163 @@
+"""Parameter averaging for N data-parallel learners, and the aggregator that publishes.
+
+Synchronisation scheme (periodic parameter averaging, "local SGD"):
+
+* round ``r`` starts from the line's latest snapshot ``v`` (state ``θ_v`` and its
+  offsets); every learner trains on its own partitions for one snapshot interval
+  with its own optimizer;
+* the aggregator merges the learners' states with :func:`average_deltas` -- per
+  element, the mean of the changes over the learners that changed it, so an
+  embedding row only one learner saw keeps that learner's full update while dense
+  weights get the plain average -- and publishes the result as ``v + 1`` with the
+  union of the learners' offsets and applied ids (their partitions are disjoint);
+* only then does every learner commit its offsets and start round ``r + 1`` from
+  ``θ_{v+1}``.
+
+A learner that dies in a round is restarted and re-runs that round from ``θ_v``
+and ``v``'s offsets; the others' results wait. An aggregator that dies before
+publishing loses the round: every learner finds its positions differ from the
+snapshot's and seeks back. Either way each sample ends up in exactly one
+published version.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from em3.config import Settings
+from learners.loop import COUNTERS, CycleResult
+from learners.publisher import LineMovedError, SnapshotPublisher
+from learners.worker import LearnConfig, PrequentialWindow, cycle_stats
+
+__all__ = ["average_deltas", "Aggregator"]
+
+log = logging.getLogger(__name__)
+
+
+def average_deltas(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Merge learner states that started from ``base``: per element, ``base`` plus the
+    mean of the non-zero changes (elements no learner changed stay as they were).
+
+    >>> base = {"w": torch.tensor([0.0, 0.0, 0.0])}
+    >>> a = {"w": torch.tensor([1.0, 2.0, 0.0])}
+    >>> b = {"w": torch.tensor([3.0, 0.0, 0.0])}
+    >>> average_deltas(base, [a, b])["w"].tolist()
+    [2.0, 2.0, 0.0]
+    """
+    if not states:
+        return {k: v.clone() for k, v in base.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, b in base.items():
+        tensors = [s[name] for s in states]
+        if not torch.is_floating_point(b):
+            changed = [t for t in tensors if not torch.equal(t, b)]
+            out[name] = (changed[-1] if changed else b).clone()
+            continue
+        b64 = b.to(torch.float64)
+        deltas = torch.stack([t.to(torch.float64) - b64 for t in tensors])  # (N, ...)
+        count = (deltas != 0).sum(dim=0).clamp(min=1)
+        out[name] = (b64 + deltas.sum(dim=0) / count).to(b.dtype)
+    missing = set(states[0]) - set(base)
+    if missing:
+        raise ValueError(f"learner states hold tensors the base does not: {sorted(missing)[:5]}")
+    return out
+
+
+class Aggregator:
+    """Holds the line's current base and publishes merged rounds (plain class; Ray wraps it).
+
+    Parameters
+    ----------
+    settings : Settings
+    config : LearnConfig
+    world : int
+        Number of learners (recorded in the manifest stats).
+    """
+
+    def __init__(self, settings: Settings, config: LearnConfig, world: int) -> None:
+        from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore, connect
+        from em3.model import ModelConfig
+
+        self.config = config
+        self.world = world
+        self.redis = connect(settings.redis)
+        prefix = settings.redis_prefix
+        self.publisher = SnapshotPublisher(
+            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix), config.model_line,
+            ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
+        )
+        self.window = PrequentialWindow(config.metrics_window)
+        self.version: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+        self.offsets: dict[str, int] = {}
+        self.totals: dict[str, int] = {k: 0 for k in COUNTERS}
+        self.rounds = 0
+
+    def start(self, initial_state: Mapping[str, torch.Tensor] | None = None) -> int:
+        """Resume from the line's latest snapshot, or publish ``initial_state`` as its first
+        version (so every round has a concrete base). Returns the base version."""
+        point = self.publisher.resume()
+        if point is not None:
+            self.version, self.offsets, self.totals = point.version, dict(point.offsets), {
+                k: int(point.totals.get(k, 0)) for k in COUNTERS}
+            self.state = {k: torch.as_tensor(v) for k, v in point.state.items()}
+            return self.version
+        if initial_state is None:
+            raise ValueError("the line has no snapshot yet, so initial_state must be given")
+        self.state = {k: v.detach().clone() for k, v in initial_state.items()}
+        empty = CycleResult({}, {}, {k: 0 for k in COUNTERS}, np.zeros(0), np.zeros(0))
+        manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={},
+                                          stats=cycle_stats(self.totals, self.window, empty, learners=self.world,
+                                                            initial=True))
+        self.version = manifest.version
+        return self.version
+
+    def base(self) -> tuple[int | None, dict[str, int]]:
+        """``(version, offsets)`` of the current base."""
+        return self.version, dict(self.offsets)
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        if self.state is None:
+            raise ValueError("call start() first")
+        return self.state
+
+    def merge_and_publish(self, results: Sequence[CycleResult]) -> dict[str, Any]:
+        """Average the round's states, publish them with the union of offsets and ids.
+
+        Returns ``{"version", "published", "applied"}``; nothing is published when no
+        learner consumed anything.
+        """
+        if self.state is None:
+            raise ValueError("call start() first")
+        merged_counters = {k: sum(int(r.counters.get(k, 0)) for r in results) for k in COUNTERS}
+        combined = CycleResult(
+            offsets={**self.offsets, **{k: v for r in results for k, v in r.offsets.items()}},
+            applied_ids={k: v for r in results for k, v in r.applied_ids.items()},
+            counters=merged_counters,
+            labels=np.concatenate([r.labels for r in results]) if results else np.zeros(0),
+            probs=np.concatenate([r.probs for r in results]) if results else np.zeros(0),
+            loss_sum=sum(r.loss_sum for r in results),
+            seconds=max((r.seconds for r in results), default=0.0),
+        )
+        self.rounds += 1
+        if not combined.changed:
+            return {"version": self.version, "published": False, "applied": 0}
+        state = average_deltas(self.state, [r.state for r in results if r.state is not None])
+        totals = {k: self.totals.get(k, 0) + merged_counters[k] for k in COUNTERS}
+        self.window.update(combined.labels, combined.probs)
+        stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds)
+        try:
+            manifest = self.publisher.publish(state, parent=self.version, offsets=combined.offsets,
+                                              applied_ids=combined.applied_ids, stats=stats)
+        except LineMovedError as exc:
+            log.warning("%s; the fleet resumes from the line's pointer", exc)
+            self.start()
+            return {"version": self.version, "published": False, "applied": 0}
+        self.version, self.state, self.offsets, self.totals = manifest.version, state, dict(combined.offsets), totals
+        return {"version": self.version, "published": True, "applied": combined.applied}
+
+    def close(self) -> None:
+        self.redis.close()

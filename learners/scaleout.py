@@ -1,0 +1,181 @@
+"""``--learners N``: N Ray learner actors on one model line (one of the two modules
+that import ``ray``).
+
+* ``N == 1``: one actor in single mode (:meth:`learners.worker.LearnerWorker.run`)
+  publishes the line's snapshots itself.
+* ``N >= 2``: N actors, learner ``i`` owning partitions ``p % N == i`` of the
+  samples topic (one consumer group for committed offsets), and an aggregator
+  actor. The driver (:meth:`LearnerFleet.run`) runs synchronous rounds of
+  periodic parameter averaging, see :mod:`learners.aggregate`.
+
+Works against a running cluster (``ray_address="ray://..."`` or ``"auto"``) as well
+as a local runtime started on demand. A learner killed mid-round is restarted by
+Ray and re-runs the round from the last published snapshot.
+
+Example (what ``em3 demo`` does in-process)::
+
+    fleet = LearnerFleet(settings, LearnConfig("main", ModelConfig.tiny().to_dict()), learners=2)
+    fleet.start()
+    thread = threading.Thread(target=fleet.run, daemon=True); thread.start()
+    ...
+    fleet.stop(); thread.join(); fleet.shutdown()
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import ray
+from ray.exceptions import RayActorError
+
+from em3.config import Settings
+from learners.actor import ActorResources, start_aggregator_actor, start_learner_actor
+from learners.worker import LearnConfig
+
+__all__ = ["LearnerFleet"]
+
+log = logging.getLogger(__name__)
+
+
+class LearnerFleet:
+    """N learners of one model line on Ray.
+
+    Parameters
+    ----------
+    settings : Settings
+    config : LearnConfig
+    learners : int
+        Number of learner actors (data-parallel when >= 2).
+    ray_address : str or None
+        Connect to this cluster; None starts (or reuses) a local runtime.
+    resources : ActorResources
+        Per-learner CPUs and GPUs.
+    ray_init_kwargs : dict, optional
+        Extra ``ray.init`` arguments when this fleet starts Ray.
+    """
+
+    def __init__(self, settings: Settings, config: LearnConfig, learners: int = 1, *,
+                 ray_address: str | None = None, resources: ActorResources = ActorResources(),
+                 ray_init_kwargs: dict[str, Any] | None = None) -> None:
+        if not isinstance(learners, int) or learners <= 0:
+            raise ValueError(f"learners must be > 0, but {learners!r} is given")
+        self.settings = settings
+        self.config = config
+        self.n = learners
+        self.ray_address = ray_address
+        self.resources = resources
+        self.ray_init_kwargs = dict(ray_init_kwargs or {})
+        self.workers: list[Any] = []
+        self.aggregator: Any = None
+        self.restarts = 0
+        self.rounds = 0
+        self.version: int | None = None
+        self._stop = threading.Event()
+        self._owns_ray = False
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> "LearnerFleet":
+        """Connect to (or start) Ray and create the actors; returns self."""
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
+            ray.init(address=self.ray_address, **kwargs)
+            self._owns_ray = True
+        self.workers = [start_learner_actor(self.settings, self.config, rank, self.n, self.resources)
+                        for rank in range(self.n)]
+        if self.n > 1:
+            self.aggregator = start_aggregator_actor(self.settings, self.config, self.n)
+        return self
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish the current cycle or round, publish it and return."""
+        self._stop.set()
+        if self.n == 1 and self.workers:
+            try:
+                self.workers[0].stop.remote()
+            except RayActorError:  # pragma: no cover - already dead
+                pass
+
+    def shutdown(self) -> None:
+        """Kill the actors (and Ray, if this fleet started it)."""
+        for handle in self.workers + ([self.aggregator] if self.aggregator is not None else []):
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                log.debug("kill failed: %s", exc)
+        self.workers, self.aggregator = [], None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def pids(self) -> list[int]:
+        """Process ids of the learner actors (crash tests SIGKILL them)."""
+        return ray.get([w.pid.remote() for w in self.workers], timeout=120)
+
+    # ------------------------------------------------------------------- run
+    def run(self, should_stop: Callable[[], bool] | None = None, max_rounds: int | None = None) -> int | None:
+        """Train until stopped (or ``max_rounds`` rounds/cycles); returns the last version."""
+        stop = should_stop or self._stop.is_set
+        if self.n == 1:
+            return self._run_single(stop, max_rounds)
+        return self._run_fleet(stop, max_rounds)
+
+    def _run_single(self, stop: Callable[[], bool], max_rounds: int | None) -> int | None:
+        worker = self.workers[0]
+        while True:
+            ref = worker.run.remote(None, max_rounds)
+            try:
+                while True:
+                    ready, _ = ray.wait([ref], timeout=0.2)
+                    if ready:
+                        self.version = ray.get(ref)
+                        return self.version
+                    if stop() and not self._stop.is_set():
+                        self.stop()
+            except RayActorError as exc:
+                self.restarts += 1
+                log.warning("learner died (%s); Ray restarts it and it resumes from the latest snapshot", exc)
+                if stop():
+                    return self.version
+
+    def _run_fleet(self, stop: Callable[[], bool], max_rounds: int | None) -> int | None:
+        agg = self.aggregator
+        init = self.workers[0].state.remote()
+        self.version = self._call_aggregator(lambda: agg.start.remote(init))
+        while not stop() and (max_rounds is None or self.rounds < max_rounds):
+            version, offsets = ray.get(agg.base.remote())
+            state_ref = agg.base_state.remote()
+            pending = {rank: w.train_round.remote(version, state_ref, offsets) for rank, w in enumerate(self.workers)}
+            results: dict[int, Any] = {}
+            while pending:
+                for rank, ref in list(pending.items()):
+                    try:
+                        results[rank] = ray.get(ref)
+                    except RayActorError as exc:
+                        self.restarts += 1
+                        log.warning("learner %d died in a round (%s); re-running its round from v%s",
+                                    rank, exc, version)
+                        pending[rank] = self.workers[rank].train_round.remote(version, state_ref, offsets)
+                        continue
+                    del pending[rank]
+            ordered = [results[rank] for rank in range(self.n)]
+            info = self._call_aggregator(lambda: agg.merge_and_publish.remote(ordered))
+            if info is not None:
+                self.version = info["version"]
+            self.rounds += 1
+        return self.version
+
+    def _call_aggregator(self, call: Callable[[], Any]) -> Any:
+        """Run an aggregator call; if the aggregator died, let Ray restart it and resume
+        it from the line's latest snapshot (the round is lost and re-learned)."""
+        try:
+            return ray.get(call())
+        except RayActorError as exc:
+            self.restarts += 1
+            log.warning("aggregator died (%s); resuming it from the latest snapshot", exc)
+            while True:
+                try:
+                    return ray.get(self.aggregator.start.remote(None)) and None
+                except RayActorError:
+                    time.sleep(0.5)

@@ -1,0 +1,250 @@
+"""A learner process: wires an :class:`OnlineLearner` to Kafka and Redis.
+
+:class:`LearnerWorker` is a plain class (the Ray actor in :mod:`learners.actor`
+wraps it unchanged). It runs in one of two modes:
+
+* **single** (:meth:`LearnerWorker.run`): it owns the whole samples topic, and
+  repeats *resume once -> (cycle -> publish -> commit)*. This is what
+  ``em3 learn --learners 1`` runs.
+* **fleet member** (:meth:`LearnerWorker.train_round`): one of N data-parallel
+  learners; each round it starts from the aggregator's averaged state and
+  returns its cycle (state, offsets, applied ids); the aggregator publishes
+  (:mod:`learners.aggregate`, :mod:`learners.scaleout`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from em3.config import Settings
+from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
+from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
+
+__all__ = ["LearnConfig", "LearnerWorker", "PrequentialWindow", "cycle_stats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LearnConfig:
+    """Everything that defines a learner of one model line (runtime choices included).
+
+    Parameters
+    ----------
+    model_line : str
+        Name of the line whose snapshots the learners publish.
+    model_config : mapping
+        ``ModelConfig.to_dict()`` of the model (saved in every manifest).
+    lr : float
+        Learning rate.
+    device : str
+        ``"auto"`` takes the GPU Ray assigned (if any), else the CPU.
+    seed : int
+    loop : LoopConfig
+    policy : SnapshotPolicy
+        When snapshots (single mode) or averaging rounds (fleet) happen.
+    publisher : PublisherConfig
+    group_id : str or None
+        Consumer group for committed offsets (default ``em3-learn-<line>``).
+    metrics_window : int
+        Samples in the sliding prequential window.
+    """
+
+    model_line: str
+    model_config: Mapping[str, Any]
+    lr: float = 1e-3
+    device: str = "auto"
+    seed: int = 0
+    loop: LoopConfig = LoopConfig()
+    policy: SnapshotPolicy = SnapshotPolicy()
+    publisher: PublisherConfig = PublisherConfig()
+    group_id: str | None = None
+    metrics_window: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not self.model_line or ":" in self.model_line:
+            raise ValueError(f"model_line must be a non-empty name without ':', but {self.model_line!r} is given")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, but {self.lr!r} is given")
+        if self.metrics_window <= 0:
+            raise ValueError(f"metrics_window must be > 0, but {self.metrics_window!r} is given")
+        if self.loop.dedup_capacity != self.publisher.dedup_capacity:
+            raise ValueError(
+                f"loop.dedup_capacity and publisher.dedup_capacity must agree, but "
+                f"{self.loop.dedup_capacity} and {self.publisher.dedup_capacity} are given"
+            )
+
+    @property
+    def group(self) -> str:
+        return self.group_id or f"em3-learn-{self.model_line}"
+
+
+class PrequentialWindow:
+    """Sliding window of (label, probability) pairs: AUC, logloss, CTR.
+
+    Delegates the metrics to :mod:`em3.metrics`.
+    """
+
+    def __init__(self, size: int) -> None:
+        from em3.metrics import PrequentialTracker
+
+        self._tracker = PrequentialTracker(window=size)
+
+    def update(self, labels: np.ndarray, probs: np.ndarray) -> None:
+        if len(labels):
+            self._tracker.update(labels, probs)
+
+    def summary(self) -> dict[str, float]:
+        return dict(self._tracker.summary())
+
+
+def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: CycleResult,
+                **extra: Any) -> dict[str, Any]:
+    """The ``stats`` a manifest carries: cumulative counters, prequential window, last cycle."""
+    applied = max(1, result.applied)
+    return {
+        "totals": {k: int(totals.get(k, 0)) for k in COUNTERS},
+        "prequential": window.summary(),
+        "cycle": {**{k: int(v) for k, v in result.counters.items()},
+                  "mean_loss": result.loss_sum / applied, "seconds": round(result.seconds, 3)},
+        **extra,
+    }
+
+
+class LearnerWorker:
+    """One learner process; see the module docstring.
+
+    Parameters
+    ----------
+    settings : Settings
+        Where Kafka and Redis are.
+    config : LearnConfig
+    rank, world : int
+        This learner's share of the samples topic's partitions.
+    """
+
+    def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
+        from em3.model import ModelConfig
+        from em3.redis_stores import (
+            RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
+        )
+        from learners.online import OnlineLearner
+        from learners.sources import KafkaSampleSource
+
+        self.settings = settings
+        self.config = config
+        self.rank, self.world = rank, world
+        model_config = ModelConfig.from_dict(config.model_config)
+        self.redis = connect(settings.redis)
+        prefix = settings.redis_prefix
+        self.publisher = SnapshotPublisher(
+            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix),
+            config.model_line, model_config.to_dict(), config.publisher,
+        )
+        self.learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
+                                     lr=config.lr, device=config.device, seed=config.seed)
+        self.source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
+        self.loop = LearnerLoop(self.learner, self.source, RedisHistoryStore(self.redis, prefix), config.loop,
+                                history_len=model_config.history_len)
+        self.window = PrequentialWindow(config.metrics_window)
+        self.version: int | None = None
+        self.published = 0
+        self._stop = threading.Event()
+        self._base: tuple[int | None, dict[str, int]] | None = None
+        log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
+                 self.source.partitions(), self.learner.device)
+
+    # ------------------------------------------------------------ single mode
+    def resume(self) -> int | None:
+        """Load the line's latest snapshot and seek to its offsets; returns its version."""
+        point = self.publisher.resume(self.source.partitions())
+        if point is None:
+            self.loop.reset(None, {})
+            self.version = None
+        else:
+            self.loop.reset(point.state, point.offsets, point.window, point.totals)
+            self.version = point.version
+        return self.version
+
+    def run(self, should_stop: Callable[[], bool] | None = None, max_cycles: int | None = None) -> int | None:
+        """Single mode: resume, then cycle -> publish -> commit until stopped.
+
+        Returns the last published version. A final snapshot is published on a
+        graceful stop, so nothing learned is thrown away.
+        """
+        stop = should_stop or self._stop.is_set
+        self.resume()
+        cycles = 0
+        while not stop() and (max_cycles is None or cycles < max_cycles):
+            result = self.loop.run_cycle(self.config.policy, stop)
+            cycles += 1
+            self.window.update(result.labels, result.probs)
+            if result.changed:
+                self._publish(result)
+        return self.version
+
+    def _publish(self, result: CycleResult) -> None:
+        stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
+                            dedup_window=len(self.loop.window))
+        try:
+            manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
+                                              offsets=result.offsets, applied_ids=result.applied_ids,
+                                              stats=stats)
+        except LineMovedError as exc:
+            log.warning("%s; resuming from the line's pointer", exc)
+            self.resume()
+            return
+        self.version = manifest.version
+        self.published += 1
+        self.source.commit(result.offsets)  # only after the snapshot holding them is published
+        log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, manifest.version,
+                 result.applied, result.offsets)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish its cycle, publish it and return."""
+        self._stop.set()
+
+    # ------------------------------------------------------------ fleet mode
+    def train_round(self, base_version: int | None, base_state: Mapping[str, Any] | None,
+                    base_offsets: Mapping[str, int], policy: SnapshotPolicy | None = None) -> CycleResult:
+        """One data-parallel round: start from the aggregator's state, train one cycle.
+
+        If this learner's positions are not those of ``base_offsets`` (it was
+        restarted, or its last round was never published), it seeks back to them
+        and rebuilds its dedup window from ``base_version``'s chain, so the
+        discarded work is learned again exactly once.
+        """
+        mine = {k: int(v) for k, v in base_offsets.items() if k in set(self.source.partitions())}
+        if self._base is None or self.loop.positions != mine:
+            window = self.publisher.window_for(base_version, self.source.partitions())
+            self.loop.reset(base_state, mine, window)
+            log.info("learner %d reset to v%s at %s", self.rank, base_version, mine)
+        elif base_state is not None:
+            self.learner.load_state_dict(base_state)
+        self._base = (base_version, mine)
+        result = self.loop.run_cycle(policy or self.config.policy, self._stop.is_set)
+        result.state = self.learner.state_dict()
+        return result
+
+    # ----------------------------------------------------------------- misc
+    def status(self) -> dict[str, Any]:
+        return {"rank": self.rank, "world": self.world, "version": self.version, "published": self.published,
+                "partitions": self.source.partitions(), "positions": dict(self.loop.positions),
+                "totals": dict(self.loop.totals), "device": str(self.learner.device)}
+
+    def state(self) -> dict[str, Any]:
+        """The learner's current trainable state (CPU tensors)."""
+        return self.learner.state_dict()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+    def close(self) -> None:
+        self.source.close()
+        self.redis.close()
