@@ -122,6 +122,9 @@ class ImpressionState:
     #: Clicks after the window that arrived while it was still open: they wait for
     #: the window to close, so an in-window click arriving later still wins.
     held: list[tuple[Click, int]] = field(default_factory=list)
+    #: Whether a store holds this record's impression already (so a status change
+    #: need not rewrite it); set by the store, not part of the state.
+    persisted: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,10 @@ class JoinCore:
             "max_click_time": self.max_click_time,
             "watermark": self.watermark,
         }
+
+    def state(self) -> tuple[list[ImpressionState], dict[str, list[tuple[Click, int]]]]:
+        """All remembered records and held clicks (for a full checkpoint)."""
+        return list(self._records.values()), {iid: list(held) for iid, held in self._orphans.items()}
 
     @property
     def pending(self) -> int:

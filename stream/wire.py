@@ -101,13 +101,21 @@ def _fast_click(obj: object) -> Click | None:
     return Click(iid, user, item, clicked)
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
 def _parse(data: object) -> object:
+    # raw_decode on str skips json.loads' encoding detection and whitespace scans;
+    # anything unusual (bad UTF-8, surrounding whitespace, trailing data) returns
+    # None and the codec decides and names the reason.
     if type(data) is not bytes:
         return None
     try:
-        return json.loads(data)
-    except ValueError:  # also bad UTF-8; the codec names the reason
+        text = data.decode("utf-8")
+        obj, end = _raw_decode(text)
+    except ValueError:
         return None
+    return obj if end == len(text) else None
 
 
 def decode_impression_checked(data: bytes | None, latest: float) -> Impression:

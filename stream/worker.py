@@ -334,7 +334,7 @@ class JoinWorker:
                     for topic in (self.topics.impressions, self.topics.clicks)
                     if (off := self._next.get((topic, n))) is not None
                 }
-                parts.append(PartitionCheckpoint(n, offsets, changes, out.history))
+                parts.append(PartitionCheckpoint(n, offsets, changes, out.history, core))
                 self._saved_watermark[n] = watermark
         self._dirty.clear()
         return parts
