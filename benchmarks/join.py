@@ -112,7 +112,7 @@ class JoinProcess:
 
     def __init__(self, settings: Settings, workers: int, log_path: Path) -> None:
         self.argv = [
-            sys.executable, "-m", "em3.cli", "join", "--workers", str(workers),
+            sys.executable, "-m", "stream", "join", "--workers", str(workers),
             "--window-s", str(JOIN.window_s), "--allowed-lateness-s", str(JOIN.allowed_lateness_s),
             "--max-correction-delay-s", str(JOIN.max_correction_delay_s),
             "--idle-timeout-s", "0.5", "--idle-advance-rate", "1000000", "--web-port", "0",

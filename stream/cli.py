@@ -192,7 +192,7 @@ def _spawn_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
     for i in range(args.workers):
         child_argv = [a for a in argv]
         child_argv += ["--workers", "1", "--web-port", str(args.web_port + i if args.web_port else 0)]
-        children.append(subprocess.Popen([sys.executable, "-m", "em3.cli", *child_argv],
+        children.append(subprocess.Popen([sys.executable, "-m", "stream", *child_argv],
                                          preexec_fn=_die_with_parent))
     log.info("started %d join workers: pids %s", len(children), [c.pid for c in children])
 
