@@ -261,7 +261,8 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
             result = runtime.rank(body.user_id, body.item_ids, body.context, body.k)
         except NotReady as exc:
             return JSONResponse({"error": "not_ready", "detail": str(exc)}, status_code=503)
-        return result.to_dict()
+        # Serialised here: plain json.dumps skips FastAPI's generic encoder walk.
+        return Response(json.dumps(result.to_dict()), media_type="application/json")
 
     @app.post("/v1/click", status_code=202)
     def click(body: ClickIn) -> Any:

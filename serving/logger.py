@@ -1,9 +1,10 @@
 """Impression logging: every shown item goes to Kafka, without ever slowing a request.
 
-A request only appends its impressions to a bounded in-memory queue
-(``put_nowait``); when the queue is full the impressions are dropped and
-counted, never waited for. A background thread drains the queue in batches,
-encodes each :class:`em3.types.Impression` with :mod:`em3.codec` and produces it
+A request only appends its impressions to a bounded in-memory buffer (a list
+behind a lock held for an append); when the buffer is full the impressions are
+dropped and counted, never waited for. A background thread wakes every
+``flush_interval_s`` (it is not woken per request, so it does not compete with
+requests for the interpreter), takes the whole buffer, encodes each :class:`em3.types.Impression` with :mod:`em3.codec` and produces it
 to the impressions topic keyed by ``user_id`` (one user's events stay on one
 partition, which the join relies on). Producer back-pressure (librdkafka's
 local queue full) is retried briefly and then counted as a drop; delivery
@@ -16,7 +17,6 @@ the logger, and every one that is not produced is counted (``dropped`` or
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -43,9 +43,9 @@ class ImpressionLoggerConfig:
     buffer_size : int
         Impressions the in-memory queue holds before new ones are dropped.
     batch_size : int
-        Most impressions produced per drain iteration.
+        Impressions handed to ``on_batch`` at a time.
     flush_interval_s : float
-        How long the thread waits for the first impression of a batch.
+        How often the background thread drains the buffer.
     produce_retry_s : float
         How long a batch waits on a full producer queue before dropping.
     """
@@ -53,7 +53,7 @@ class ImpressionLoggerConfig:
     topic: str
     buffer_size: int = 100_000
     batch_size: int = 2000
-    flush_interval_s: float = 0.05
+    flush_interval_s: float = 0.02
     produce_retry_s: float = 0.5
 
     def __post_init__(self) -> None:
@@ -97,7 +97,7 @@ class ImpressionLogger:
         self.producer = producer
         self.config = config
         self.on_batch = on_batch
-        self._queue: queue.Queue[Impression] = queue.Queue(maxsize=config.buffer_size)
+        self._buffer: list[Impression] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -107,19 +107,17 @@ class ImpressionLogger:
         self.dropped = 0
         self.failed = 0
         self.hook_errors = 0
-        self._pending = 0  # taken from the queue, not yet handed to the producer
+        self._pending = 0  # taken from the buffer, not yet handed to the producer
 
     # -- request side ---------------------------------------------------------------
     def log_many(self, impressions: Sequence[Impression]) -> int:
-        """Queue ``impressions`` without blocking; returns how many were dropped."""
-        dropped = 0
-        for imp in impressions:
-            try:
-                self._queue.put_nowait(imp)
-            except queue.Full:
-                dropped += 1
+        """Buffer ``impressions`` without blocking; returns how many were dropped."""
         with self._lock:
-            self.enqueued += len(impressions) - dropped
+            room = self.config.buffer_size - len(self._buffer)
+            taken = impressions if len(impressions) <= room else impressions[: max(0, room)]
+            self._buffer.extend(taken)
+            dropped = len(impressions) - len(taken)
+            self.enqueued += len(taken)
             self.dropped += dropped
         return dropped
 
@@ -139,18 +137,10 @@ class ImpressionLogger:
         if err is not None:
             logger.warning("impression delivery failed: %s", err)
 
-    def _take_batch(self) -> list[Impression]:
-        try:
-            first = self._queue.get(timeout=self.config.flush_interval_s)
-        except queue.Empty:
-            return []
-        batch = [first]
-        while len(batch) < self.config.batch_size:
-            try:
-                batch.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        self._pending = len(batch)
+    def _take_all(self) -> list[Impression]:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            self._pending = len(batch)
         return batch
 
     def _produce(self, batch: Sequence[Impression]) -> None:
@@ -181,26 +171,32 @@ class ImpressionLogger:
         self.producer.poll(0)
 
     def _run(self) -> None:
-        while not (self._stop.is_set() and self._queue.empty()):
-            batch = self._take_batch()
-            if not batch:
+        while True:
+            stopping = self._stop.wait(self.config.flush_interval_s)
+            taken = self._take_all()
+            if not taken:
                 self.producer.poll(0)
+                if stopping:
+                    return
                 continue
-            try:
-                self._produce(batch)
-            except Exception:  # noqa: BLE001 - the logger must outlive any one bad batch
-                with self._lock:
-                    self.failed += len(batch)
-                logger.exception("producing %d impressions failed", len(batch))
-                continue
-            finally:
-                self._pending = 0
-            if self.on_batch is not None:
+            size = self.config.batch_size
+            for start in range(0, len(taken), size):
+                batch = taken[start:start + size]
                 try:
-                    self.on_batch(batch)
-                except Exception as exc:  # noqa: BLE001 - counters are best effort
-                    self.hook_errors += 1
-                    logger.warning("impression batch hook failed: %r", exc)
+                    self._produce(batch)
+                except Exception:  # noqa: BLE001 - the logger must outlive any one bad batch
+                    with self._lock:
+                        self.failed += len(batch)
+                    logger.exception("producing %d impressions failed", len(batch))
+                    continue
+                if self.on_batch is not None:
+                    try:
+                        self.on_batch(batch)
+                    except Exception as exc:  # noqa: BLE001 - counters are best effort
+                        self.hook_errors += 1
+                        logger.warning("impression batch hook failed: %r", exc)
+            with self._lock:
+                self._pending = 0
 
     def close(self, timeout_s: float = 10.0) -> ImpressionLoggerStats:
         """Drain the queue, flush the producer, stop the thread."""
@@ -216,12 +212,12 @@ class ImpressionLogger:
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the queue is drained and the producer has delivered everything."""
         deadline = time.monotonic() + timeout_s
-        while (not self._queue.empty() or self._pending) and time.monotonic() < deadline:
+        while (self._buffer or self._pending) and time.monotonic() < deadline:
             time.sleep(0.01)
-        return self.producer.flush(max(0.0, deadline - time.monotonic())) == 0 and self._queue.empty()
+        return self.producer.flush(max(0.0, deadline - time.monotonic())) == 0 and not self._buffer
 
     def stats(self) -> ImpressionLoggerStats:
         with self._lock:
             return ImpressionLoggerStats(
-                self.enqueued, self.produced, self.delivered, self.dropped, self.failed, self._queue.qsize()
+                self.enqueued, self.produced, self.delivered, self.dropped, self.failed, len(self._buffer)
             )
