@@ -157,8 +157,12 @@ def run(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--port", str(port),
                "--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                "--topic-prefix", "bench.", "--redis-prefix", "bench:", "--poll-interval", "1.0"]
+        if args.server_torch_threads:
+            cmd += ["--torch-threads", str(args.server_torch_threads)]
+        server_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        server_env.update(kv.split("=", 1) for kv in args.server_env)
         server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env=server_env)
         url = f"http://127.0.0.1:{port}"
         try:
             with httpx.Client(base_url=url, timeout=30) as admin:
@@ -275,6 +279,8 @@ def run(args: argparse.Namespace) -> dict:
         "history": args.history,
         "catalog": args.catalog,
         "concurrency": args.concurrency,
+        "server_torch_threads": args.server_torch_threads,
+        "server_env": args.server_env,
         "duration_s": round(elapsed, 2),
         "forward_samples": len(forward),
         "requests": len(latencies),
@@ -316,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--server-torch-threads", type=int, default=1,
+                   help="em3 serve --torch-threads (0: torch's default); one intra-op thread per request "
+                        "lets the request thread and the swap-precompute thread each take a core instead "
+                        "of contending OpenMP teams")
+    p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server process")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -73,7 +73,6 @@ class ImpressionLoggerConfig:
 class ImpressionLoggerStats:
     enqueued: int
     produced: int
-    delivered: int
     dropped: int
     failed: int
     queued: int
@@ -103,7 +102,6 @@ class ImpressionLogger:
         self._lock = threading.Lock()
         self.enqueued = 0
         self.produced = 0
-        self.delivered = 0
         self.dropped = 0
         self.failed = 0
         self.hook_errors = 0
@@ -129,13 +127,13 @@ class ImpressionLogger:
         return self
 
     def _on_delivery(self, err: Any, msg: Any) -> None:
+        # With ``delivery.report.only.error`` (set by ServingRuntime.from_settings)
+        # librdkafka calls this for failures only, sparing a Python call per record.
+        if err is None:
+            return
         with self._lock:
-            if err is None:
-                self.delivered += 1
-            else:
-                self.failed += 1
-        if err is not None:
-            logger.warning("impression delivery failed: %s", err)
+            self.failed += 1
+        logger.warning("impression delivery failed: %s", err)
 
     def _take_all(self) -> list[Impression]:
         with self._lock:
@@ -219,5 +217,5 @@ class ImpressionLogger:
     def stats(self) -> ImpressionLoggerStats:
         with self._lock:
             return ImpressionLoggerStats(
-                self.enqueued, self.produced, self.delivered, self.dropped, self.failed, len(self._buffer)
+                self.enqueued, self.produced, self.dropped, self.failed, len(self._buffer)
             )

@@ -33,7 +33,6 @@ class _ScrapeCollector:
             for name, help_text in (
                 ("enqueued", "Impressions queued for Kafka"),
                 ("produced", "Impressions handed to the Kafka producer"),
-                ("delivered", "Impressions acknowledged by the broker"),
                 ("dropped", "Impressions dropped (buffer or producer queue full)"),
                 ("failed", "Impressions the broker failed to take"),
             ):

@@ -224,7 +224,7 @@ class ServingRuntime:
         runtime = cls(
             config, loader, RedisSnapshotStore(client, prefix), RedisContentStore(client, prefix),
             RedisHistoryStore(client, prefix), popularity=RedisPopularityStore(client, prefix),
-            producer=make_producer(settings.kafka, linger_ms=5), settings=settings, redis_client=client,
+            producer=make_producer(settings.kafka, linger_ms=5, delivery_report_only_error=True), settings=settings, redis_client=client,
         )
         runtime.owns_clients = True
         return runtime
