@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Mapping
 
 from em3.errors import DecodeError
@@ -26,6 +26,7 @@ __all__ = [
     "MIN_TIMESTAMP",
     "MAX_TIMESTAMP",
     "encode",
+    "encode_generic",
     "to_dict",
     "decode",
     "decode_impression",
@@ -49,25 +50,99 @@ _TYPE_NAMES = {
 }
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (Impression, Click, Sample, ItemContent)
+}
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def to_dict(record: Impression | Click | Sample | ItemContent) -> dict[str, Any]:
-    """The JSON-ready dict of ``record``, with ``v`` and ``type`` set."""
+    """The JSON-ready dict of ``record``, with ``v`` and ``type`` set.
+
+    Built field by field rather than with ``dataclasses.asdict`` (which deep-copies):
+    encoding sits on the replay and impression-logging hot paths.
+    """
+    kind = type(record)
     try:
-        type_name = _TYPE_NAMES[type(record)]
+        type_name = _TYPE_NAMES[kind]
     except KeyError:
-        raise TypeError(f"cannot encode {type(record).__name__}") from None
-    body = asdict(record)
-    if isinstance(record, ItemContent) and record.image is not None:
-        body["image"] = base64.b64encode(record.image).decode("ascii")
-    if isinstance(record, Impression):
+        raise TypeError(f"cannot encode {kind.__name__}") from None
+    body = {name: getattr(record, name) for name in _FIELDS[kind]}
+    if kind is Impression:
         body["context"] = dict(record.context)
+    elif kind is Sample:
+        body["impression"] = to_dict(record.impression)
+        del body["impression"]["v"], body["impression"]["type"]
+    elif kind is ItemContent:
+        body["attributes"] = dict(record.attributes)
+        if record.image is not None:
+            body["image"] = base64.b64encode(record.image).decode("ascii")
     body["v"] = SCHEMA_VERSION
     body["type"] = type_name
     return body
 
 
 def encode(record: Impression | Click | Sample | ItemContent) -> bytes:
-    """Serialize a record to compact UTF-8 JSON bytes."""
-    return json.dumps(to_dict(record), separators=(",", ":")).encode("utf-8")
+    """Serialize a record to compact UTF-8 JSON bytes.
+
+    Impressions and clicks (the high-rate records) take a hand-written path that
+    yields exactly the bytes of the generic one, about four times faster; a test
+    checks the two agree.
+    """
+    kind = type(record)
+    if kind is Impression:
+        fast = _encode_impression(record)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    elif kind is Click:
+        fast = _encode_click(record)  # type: ignore[arg-type]
+        if fast is not None:
+            return fast
+    return encode_generic(record)
+
+
+def encode_generic(record: Impression | Click | Sample | ItemContent) -> bytes:
+    """:func:`encode` through :func:`to_dict` and the json module, for every type."""
+    return _dumps(to_dict(record)).encode("utf-8")
+
+
+_esc = json.encoder.encode_basestring_ascii  # the json module's own C string escaper
+
+
+def _finite(x: float) -> bool:
+    return x - x == 0.0  # False for inf and NaN
+
+
+def _context_json(context: Mapping[str, str]) -> str | None:
+    if not all(type(k) is str and type(v) is str for k, v in context.items()):
+        return None
+    return "{" + ",".join(f"{_esc(k)}:{_esc(v)}" for k, v in context.items()) + "}"
+
+
+def _encode_impression(e: Impression) -> bytes | None:
+    if not (type(e.position) is int and type(e.model_version) is int and type(e.served_at) is float
+            and type(e.propensity) is float and _finite(e.served_at) and _finite(e.propensity)):
+        return None
+    context = _context_json(e.context)
+    if context is None:
+        return None
+    return (
+        f'{{"impression_id":{_esc(e.impression_id)},"request_id":{_esc(e.request_id)},'
+        f'"user_id":{_esc(e.user_id)},"item_id":{_esc(e.item_id)},"position":{e.position!r},'
+        f'"served_at":{e.served_at!r},"model_line":{_esc(e.model_line)},'
+        f'"model_version":{e.model_version!r},"arm":{_esc(e.arm)},"propensity":{e.propensity!r},'
+        f'"context":{context},"v":{SCHEMA_VERSION},"type":"impression"}}'
+    ).encode("utf-8")
+
+
+def _encode_click(e: Click) -> bytes | None:
+    if not (type(e.clicked_at) is float and _finite(e.clicked_at)):
+        return None
+    return (
+        f'{{"impression_id":{_esc(e.impression_id)},"user_id":{_esc(e.user_id)},'
+        f'"item_id":{_esc(e.item_id)},"clicked_at":{e.clicked_at!r},"v":{SCHEMA_VERSION},'
+        f'"type":"click"}}'
+    ).encode("utf-8")
 
 
 # --- decoding -----------------------------------------------------------------

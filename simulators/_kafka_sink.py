@@ -8,85 +8,25 @@ Kafka timestamp, and hold :func:`em3.codec.encode` bytes.
 The Kafka client itself is only touched through :mod:`stream.kafka` (the one
 module of the project that imports confluent-kafka).
 
-:func:`fast_encode` gives the same bytes as :func:`em3.codec.encode` for
-impressions and clicks without ``dataclasses.asdict`` (about 5x faster, which
-is what lets a replay reach 50k events/s on one core);
-``tests/unit/simulators/test_kafka_sink.py`` checks the bytes are equal.
+Encoding uses :func:`em3.codec.encode`, whose hand-written path for impressions
+and clicks is what lets a replay reach 50k events/s on one core.
 """
 from __future__ import annotations
 
-import json
-import json.encoder
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
-from em3.codec import SCHEMA_VERSION, encode
+from em3.codec import encode
 from em3.config import KafkaSettings, TopicNames
 from em3.types import Click, Impression
 
-__all__ = ["SinkStats", "produce_events", "KafkaEventSink", "fast_encode", "DEFAULT_PREFIX"]
+__all__ = ["SinkStats", "produce_events", "KafkaEventSink", "DEFAULT_PREFIX"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "em3."
-_esc = json.encoder.encode_basestring_ascii  # what json.dumps uses for strings (ensure_ascii)
-
-
-def fast_encode(event: Impression | Click) -> bytes:
-    """``em3.codec.encode(event)`` for impressions and clicks, faster.
-
-    Builds the same compact JSON text field by field (strings through the
-    json module's own C escaper, numbers through ``repr`` as ``json`` does);
-    anything unusual (non-finite floats, non-int positions, other record
-    types) goes through :func:`em3.codec.encode` itself.
-    """
-    kind = type(event)
-    if kind is Impression:
-        e = event
-        if (type(e.position) is int and type(e.model_version) is int and type(e.served_at) is float
-                and type(e.propensity) is float and _finite(e.served_at) and _finite(e.propensity)):
-            context = _context_json(e.context)
-            if context is None:
-                return encode(event)
-            return (
-                f'{{"impression_id":{_esc(e.impression_id)},"request_id":{_esc(e.request_id)},'
-                f'"user_id":{_esc(e.user_id)},"item_id":{_esc(e.item_id)},"position":{e.position!r},'
-                f'"served_at":{e.served_at!r},"model_line":{_esc(e.model_line)},'
-                f'"model_version":{e.model_version!r},"arm":{_esc(e.arm)},"propensity":{e.propensity!r},'
-                f'"context":{context},"v":{SCHEMA_VERSION},"type":"impression"}}'
-            ).encode("utf-8")
-    elif kind is Click:
-        e = event
-        if type(e.clicked_at) is float and _finite(e.clicked_at):
-            return (
-                f'{{"impression_id":{_esc(e.impression_id)},"user_id":{_esc(e.user_id)},'
-                f'"item_id":{_esc(e.item_id)},"clicked_at":{e.clicked_at!r},"v":{SCHEMA_VERSION},'
-                f'"type":"click"}}'
-            ).encode("utf-8")
-    return encode(event)
-
-
-_last_context: tuple[dict | None, str] = (None, "{}")  # a copy of the last context encoded, its JSON
-
-
-def _context_json(ctx) -> str | None:
-    """JSON of a str-to-str context (replays repeat one context, so the last one is cached;
-    the cache is one tuple, rebound atomically, so threads cannot mix its halves)."""
-    global _last_context
-    cached, text = _last_context
-    if type(ctx) is dict and ctx == cached:
-        return text
-    if not all(type(k) is str and type(v) is str for k, v in ctx.items()):
-        return None
-    text = "{" + ",".join(f"{_esc(k)}:{_esc(v)}" for k, v in ctx.items()) + "}"
-    _last_context = (dict(ctx), text)
-    return text
-
-
-def _finite(x: float) -> bool:
-    return x - x == 0.0  # False for inf and NaN
 
 
 @dataclass
@@ -113,7 +53,7 @@ class SinkStats:
 def produce_events(
     events: Iterable[Impression | Click], kafka: KafkaSettings | str, *, prefix: str = DEFAULT_PREFIX,
     create_topics: bool = True, partitions: int = 1, producer_overrides: Mapping[str, object] | None = None,
-    flush_timeout_s: float = 60.0, encoder: Callable[[Impression | Click], bytes] = fast_encode,
+    flush_timeout_s: float = 60.0, encoder: Callable[[Impression | Click], bytes] = encode,
 ) -> SinkStats:
     """Produce ``events`` to ``{prefix}impressions`` and ``{prefix}clicks``.
 
@@ -134,7 +74,7 @@ def produce_events(
     flush_timeout_s : float
         How long to wait for outstanding deliveries at the end.
     encoder : callable
-        Event to bytes (default :func:`fast_encode`, equal to ``em3.codec.encode``).
+        Event to bytes (default :func:`em3.codec.encode`).
 
     Returns
     -------
@@ -231,7 +171,7 @@ class KafkaEventSink:
             topic, ts = self.topics.impressions, event.served_at
         else:
             topic, ts = self.topics.clicks, event.clicked_at
-        value = fast_encode(event)
+        value = encode(event)
         while True:
             try:
                 self._producer.produce(topic, value, event.user_id.encode("utf-8"), timestamp=int(ts * 1000),
