@@ -117,7 +117,7 @@ class JoinProcess:
             "--max-correction-delay-s", str(JOIN.max_correction_delay_s),
             "--idle-timeout-s", "0.5", "--idle-advance-rate", "1000000", "--web-port", "0",
             "--bootstrap-servers", settings.kafka.bootstrap_servers, "--redis-url", settings.redis.url,
-            "--topic-prefix", settings.topics.prefix,
+            "--topic-prefix", settings.topics.prefix, "--redis-prefix", settings.redis_prefix,
         ]
         self.env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         self.log_path = log_path

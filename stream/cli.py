@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="faust: the faust app and worker (default); plain: the same batch loop without faust")
     p.add_argument("--exit-when-idle-s", type=float, default=None,
                    help="exit after this long with nothing read and nothing pending (finite streams)")
+    p.add_argument("--redis-prefix", default=None, help="prefix of the Redis keys (join state, history); default em3:")
     add_connection_flags(p)
     p.set_defaults(func=join_command)
 
@@ -215,6 +217,8 @@ def join_command(args: argparse.Namespace) -> int:
         argv = _strip_flags(sys.argv[1:], {"--workers", "--web-port"})
         return _spawn_workers(args, argv)
     settings = settings_from_args(args)
+    if args.redis_prefix is not None:
+        settings = dataclasses.replace(settings, redis_prefix=args.redis_prefix)
     join = join_config_from_args(args)
     wconf = worker_config_from_args(args)
     if args.engine == "plain":
