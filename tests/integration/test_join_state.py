@@ -57,7 +57,7 @@ def test_checkpoints_load_back_to_the_same_core(redis_client, settings, compact,
     loaded, offsets = store.load(0, CFG, now=0.0)
     assert offsets == {"imps": 30, "clicks": 4}
     assert _snapshot(loaded) == _snapshot(core)
-    assert store.compactions == (3 if compact else 0)
+    assert (store.compactions >= 1) == compact
 
     # Both continue identically.
     for c in (core, loaded):
