@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-id", default="", help="consumer group and Redis state namespace (default {prefix}join)")
     p.add_argument("--web-port", type=int, default=6066,
                    help="metrics view of worker i on this port + i (GET /join/metrics); 0 disables")
+    p.add_argument("--web-host", default="127.0.0.1", help="interface of the metrics view (0.0.0.0 in containers)")
     p.add_argument("--engine", choices=["faust", "plain"], default="faust",
                    help="faust: the faust app and worker (default); plain: the same batch loop without faust")
     p.add_argument("--exit-when-idle-s", type=float, default=None,
@@ -226,7 +227,7 @@ def join_command(args: argparse.Namespace) -> int:
     from stream.app import AppConfig, run_worker
 
     level = logging.getLevelName(logging.getLogger().level).lower()
-    return run_worker(settings, join, wconf, AppConfig(web_port=args.web_port),
+    return run_worker(settings, join, wconf, AppConfig(web_port=args.web_port, web_host=args.web_host),
                       loglevel=level if level in ("debug", "info", "warning") else "warning",
                       exit_when_idle_s=args.exit_when_idle_s)
 
