@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import ray
 
 from em3.config import Settings
-from learners.aggregate import Aggregator
+from learners.aggregate import RedisAggregator
 from learners.worker import LearnConfig, LearnerWorker
 
 __all__ = ["ActorResources", "start_learner_actor", "start_aggregator_actor"]
@@ -59,6 +59,6 @@ def start_learner_actor(settings: Settings, config: LearnConfig, rank: int = 0, 
 
 
 def start_aggregator_actor(settings: Settings, config: LearnConfig, world: int, name: str | None = None):
-    """A Ray actor handle running ``Aggregator(settings, config, world)`` (no CPU reserved)."""
-    cls = ray.remote(Aggregator).options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name)
+    """A Ray actor handle running ``RedisAggregator(settings, config, world)`` (no CPU reserved)."""
+    cls = ray.remote(RedisAggregator).options(num_cpus=0, max_restarts=-1, max_task_retries=0, name=name)
     return cls.remote(settings, config, world)

@@ -32,7 +32,7 @@ from learners.loop import COUNTERS, CycleResult
 from learners.publisher import LineMovedError, SnapshotPublisher
 from learners.worker import LearnConfig, PrequentialWindow, cycle_stats
 
-__all__ = ["average_deltas", "Aggregator"]
+__all__ = ["average_deltas", "Aggregator", "RedisAggregator"]
 
 log = logging.getLogger(__name__)
 
@@ -67,28 +67,20 @@ def average_deltas(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[st
 
 
 class Aggregator:
-    """Holds the line's current base and publishes merged rounds (plain class; Ray wraps it).
+    """Holds the line's current base and publishes merged rounds (pure over its publisher).
 
     Parameters
     ----------
-    settings : Settings
+    publisher : SnapshotPublisher
     config : LearnConfig
     world : int
         Number of learners (recorded in the manifest stats).
     """
 
-    def __init__(self, settings: Settings, config: LearnConfig, world: int) -> None:
-        from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore, connect
-        from em3.model import ModelConfig
-
+    def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int) -> None:
         self.config = config
         self.world = world
-        self.redis = connect(settings.redis)
-        prefix = settings.redis_prefix
-        self.publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix), config.model_line,
-            ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
-        )
+        self.publisher = publisher
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
@@ -158,6 +150,25 @@ class Aggregator:
             return {"version": self.version, "published": False, "applied": 0}
         self.version, self.state, self.offsets, self.totals = manifest.version, state, dict(combined.offsets), totals
         return {"version": self.version, "published": True, "applied": combined.applied}
+
+    def close(self) -> None:
+        pass
+
+
+class RedisAggregator(Aggregator):
+    """An :class:`Aggregator` publishing to the Redis of ``settings``; the class the Ray actor wraps."""
+
+    def __init__(self, settings: Settings, config: LearnConfig, world: int) -> None:
+        from em3.model import ModelConfig
+        from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore, connect
+
+        self.redis = connect(settings.redis)
+        prefix = settings.redis_prefix
+        publisher = SnapshotPublisher(
+            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix), config.model_line,
+            ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
+        )
+        super().__init__(publisher, config, world)
 
     def close(self) -> None:
         self.redis.close()

@@ -24,7 +24,7 @@ from em3.config import Settings
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
 
-__all__ = ["LearnConfig", "LearnerWorker", "PrequentialWindow", "cycle_stats"]
+__all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -84,22 +84,45 @@ class LearnConfig:
 
 
 class PrequentialWindow:
-    """Sliding window of (label, probability) pairs: AUC, logloss, CTR.
+    """Sliding window of the last ``size`` (label, probability) pairs, scored before
+    learning: window AUC, logloss and CTR (:func:`em3.metrics.auc`, :func:`em3.metrics.logloss`).
 
-    Delegates the metrics to :mod:`em3.metrics`.
+    Bounded memory (``em3.metrics.PrequentialTracker`` also keeps every pair ever
+    seen, which a learner that runs for days cannot afford). Undefined metrics
+    are ``None`` so manifests stay strict JSON.
     """
 
     def __init__(self, size: int) -> None:
-        from em3.metrics import PrequentialTracker
-
-        self._tracker = PrequentialTracker(window=size)
+        if size <= 0:
+            raise ValueError(f"size must be > 0, but {size} is given")
+        self.size = size
+        self._labels = np.zeros(0, dtype=np.int8)
+        self._probs = np.zeros(0, dtype=np.float64)
+        self.count = 0
 
     def update(self, labels: np.ndarray, probs: np.ndarray) -> None:
-        if len(labels):
-            self._tracker.update(labels, probs)
+        labels, probs = np.asarray(labels, dtype=np.int8), np.asarray(probs, dtype=np.float64)
+        if labels.shape != probs.shape:
+            raise ValueError(f"labels and probs must align, but {labels.shape} and {probs.shape} are given")
+        self._labels = np.concatenate([self._labels, labels])[-self.size:]
+        self._probs = np.concatenate([self._probs, probs])[-self.size:]
+        self.count += len(labels)
 
-    def summary(self) -> dict[str, float]:
-        return dict(self._tracker.summary())
+    def summary(self) -> dict[str, float | int | None]:
+        from em3.metrics import auc, logloss
+
+        def finite(x: float) -> float | None:
+            return None if not np.isfinite(x) else round(float(x), 6)
+
+        n = len(self._labels)
+        return {
+            "window_auc": finite(auc(self._labels, self._probs)) if n else None,
+            "window_logloss": finite(logloss(self._labels, self._probs)) if n else None,
+            "window_ctr": finite(self._labels.mean()) if n else None,
+            "window_mean_prob": finite(self._probs.mean()) if n else None,
+            "window_n": n,
+            "scored": self.count,
+        }
 
 
 def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: CycleResult,
@@ -115,48 +138,34 @@ def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: Cy
     }
 
 
-class LearnerWorker:
-    """One learner process; see the module docstring.
+class LineTrainer:
+    """The learner's control flow over injected parts (pure: no Kafka or Redis of its own).
 
     Parameters
     ----------
-    settings : Settings
-        Where Kafka and Redis are.
+    learner : LearnerLike
+        An :class:`learners.online.OnlineLearner`.
+    source : SampleSource
+    history : HistorySource
+    publisher : SnapshotPublisher
     config : LearnConfig
     rank, world : int
-        This learner's share of the samples topic's partitions.
+        This learner's place in a fleet (``0, 1`` alone).
     """
 
-    def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
-        from em3.model import ModelConfig
-        from em3.redis_stores import (
-            RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
-        )
-        from learners.online import OnlineLearner
-        from learners.sources import KafkaSampleSource
-
-        self.settings = settings
+    def __init__(self, learner, source, history, publisher: SnapshotPublisher, config: LearnConfig,
+                 rank: int = 0, world: int = 1, *, history_len: int = 100) -> None:
         self.config = config
         self.rank, self.world = rank, world
-        model_config = ModelConfig.from_dict(config.model_config)
-        self.redis = connect(settings.redis)
-        prefix = settings.redis_prefix
-        self.publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix),
-            config.model_line, model_config.to_dict(), config.publisher,
-        )
-        self.learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
-                                     lr=config.lr, device=config.device, seed=config.seed)
-        self.source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
-        self.loop = LearnerLoop(self.learner, self.source, RedisHistoryStore(self.redis, prefix), config.loop,
-                                history_len=model_config.history_len)
+        self.learner = learner
+        self.source = source
+        self.publisher = publisher
+        self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len)
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
         self.published = 0
         self._stop = threading.Event()
         self._base: tuple[int | None, dict[str, int]] | None = None
-        log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
-                 self.source.partitions(), self.learner.device)
 
     # ------------------------------------------------------------ single mode
     def resume(self) -> int | None:
@@ -219,6 +228,8 @@ class LearnerWorker:
         discarded work is learned again exactly once.
         """
         mine = {k: int(v) for k, v in base_offsets.items() if k in set(self.source.partitions())}
+        if mine:
+            self.source.commit(mine)  # the base is published, so its offsets may be committed
         if self._base is None or self.loop.positions != mine:
             window = self.publisher.window_for(base_version, self.source.partitions())
             self.loop.reset(base_state, mine, window)
@@ -247,4 +258,45 @@ class LearnerWorker:
 
     def close(self) -> None:
         self.source.close()
+
+
+class LearnerWorker(LineTrainer):
+    """A :class:`LineTrainer` wired to Kafka (the samples topic) and Redis (content,
+    history, snapshots); the class the Ray actor wraps.
+
+    Parameters
+    ----------
+    settings : Settings
+        Where Kafka and Redis are.
+    config : LearnConfig
+    rank, world : int
+        This learner's share of the samples topic's partitions.
+    """
+
+    def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
+        from em3.model import ModelConfig
+        from em3.redis_stores import (
+            RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
+        )
+        from learners.online import OnlineLearner
+        from learners.sources import KafkaSampleSource
+
+        self.settings = settings
+        model_config = ModelConfig.from_dict(config.model_config)
+        self.redis = connect(settings.redis)
+        prefix = settings.redis_prefix
+        publisher = SnapshotPublisher(
+            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix),
+            config.model_line, model_config.to_dict(), config.publisher,
+        )
+        learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
+                                lr=config.lr, device=config.device, seed=config.seed)
+        source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
+        super().__init__(learner, source, RedisHistoryStore(self.redis, prefix), publisher, config, rank, world,
+                         history_len=model_config.history_len)
+        log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
+                 source.partitions(), learner.device)
+
+    def close(self) -> None:
+        super().close()
         self.redis.close()

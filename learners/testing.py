@@ -1,0 +1,112 @@
+"""Testing helpers for learners (like ``bytewax.testing``): a seeded synthetic sample
+stream with a learnable signal, and in-memory snapshot and applied-id stores with
+the interfaces of :class:`em3.redis_stores.RedisSnapshotStore` and
+:class:`em3.redis_stores.RedisAppliedLog`.
+
+>>> s = synthetic_samples(4, seed=1)
+>>> len(s), len({x.sample_id for x in s})
+(4, 4)
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from em3.errors import SnapshotError
+from em3.types import Impression, ItemContent, Sample, SnapshotManifest
+
+__all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog"]
+
+
+def synthetic_items(num_items: int = 30) -> list[ItemContent]:
+    """Items ``i0..`` whose text names their group (``even``/``odd``), so content can carry the signal."""
+    return [ItemContent(f"i{k}", text=f"item {k} {'even' if k % 2 == 0 else 'odd'} group") for k in range(num_items)]
+
+
+def synthetic_samples(n: int, *, seed: int = 0, num_users: int = 20, num_items: int = 30,
+                      start: int = 0, t0: float = 1.75e9, p_match: float = 0.8, p_other: float = 0.1,
+                      id_prefix: str = "imp") -> list[Sample]:
+    """``n`` labelled samples: items of even number are clicked with probability
+    ``p_match``, odd ones with ``p_other`` (the Bayes AUC is about 0.83 for the defaults).
+
+    ``start`` offsets the impression numbering, so successive calls give new ids.
+    """
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, num_users, n)
+    items = rng.integers(0, num_items, n)
+    coins = rng.random(n)
+    out = []
+    for k in range(n):
+        u, i = int(users[k]), int(items[k])
+        p = p_match if i % 2 == 0 else p_other
+        t = t0 + start + k
+        imp = Impression(f"{id_prefix}-{start + k}", f"req-{start + k}", f"u{u}", f"i{i}", 0, t)
+        out.append(Sample(imp, int(coins[k] < p), t + 1.0))
+    return out
+
+
+class InMemorySnapshotStore:
+    """A dict-backed stand-in for :class:`em3.redis_stores.RedisSnapshotStore`."""
+
+    def __init__(self, keep: int = 10) -> None:
+        self.keep = keep
+        self.seq: dict[str, int] = {}
+        self.snaps: dict[str, dict[int, tuple[SnapshotManifest, bytes]]] = {}
+        self.latest: dict[str, int] = {}
+
+    def next_version(self, line: str) -> int:
+        self.seq[line] = self.seq.get(line, 0) + 1
+        return self.seq[line]
+
+    def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
+        kept = self.snaps.setdefault(manifest.model_line, {})
+        kept[manifest.version] = (manifest, blob)
+        self.latest[manifest.model_line] = manifest.version
+        for v in sorted(kept)[: max(0, len(kept) - self.keep)]:
+            del kept[v]
+
+    def versions(self, line: str) -> list[int]:
+        return sorted(self.snaps.get(line, {}))
+
+    def latest_version(self, line: str) -> int | None:
+        return self.latest.get(line)
+
+    def get(self, line: str, version: int | None = None) -> tuple[SnapshotManifest, bytes]:
+        version = self.latest_version(line) if version is None else version
+        try:
+            return self.snaps[line][version]
+        except KeyError:
+            raise SnapshotError(f"no snapshot {line!r} v{version}") from None
+
+    def rollback(self, line: str, version: int) -> int:
+        self.latest[line] = version
+        return version
+
+
+class InMemoryAppliedLog:
+    """A dict-backed stand-in for :class:`em3.redis_stores.RedisAppliedLog`."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, int], tuple[int | None, dict[str, list[str]]]] = {}
+
+    def put(self, line: str, version: int, parent: int | None, ids: Mapping[str, list[str]],
+            ttl_s: float | None = None) -> None:
+        self.records[(line, version)] = (parent, {k: list(v) for k, v in ids.items()})
+
+    def get(self, line: str, version: int):
+        return self.records.get((line, version))
+
+    def chain(self, line: str, version: int | None, max_versions: int | None = None):
+        seen = 0
+        while version is not None and (max_versions is None or seen < max_versions):
+            record = self.get(line, version)
+            if record is None:
+                return
+            yield version, record[1]
+            seen += 1
+            version = record[0]
+
+    def delete(self, line: str, versions: Iterable[int]) -> None:
+        for v in versions:
+            self.records.pop((line, v), None)
