@@ -180,6 +180,9 @@ def run_worker(
     the exit code (1 if the batch loop failed)."""
     import faust
 
+    from stream.worker import tune_gc
+
+    tune_gc()
     app = create_app(settings, join, worker_config, app_config, exit_when_idle_s)
     app._em3_failed = False
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)

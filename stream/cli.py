@@ -250,8 +250,9 @@ def _strip_flags(argv: Sequence[str], flags: set[str]) -> list[str]:
 def _run_plain(settings, join, wconf, exit_when_idle_s: float | None) -> int:
     import threading
 
-    from stream.worker import JoinWorker
+    from stream.worker import JoinWorker, tune_gc
 
+    tune_gc()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

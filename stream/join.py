@@ -148,6 +148,7 @@ class JoinOutput:
     raws: list[bytes | None] = field(default_factory=list)
     dead_letters: list[JoinDeadLetter] = field(default_factory=list)
     history: list[tuple[str, str, float]] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"positive": 0, "negative": 0, "correction": 0})
 
     def __len__(self) -> int:
         return len(self.samples) + len(self.dead_letters)
@@ -210,7 +211,7 @@ class JoinCore:
         iid = impression.impression_id
         served = impression.served_at
         wm = self.watermark
-        if self._lookup(iid) is not None:
+        if iid in self._records and self._lookup(iid) is not None:
             self._count("duplicate_impression")
         elif served + self._horizon <= wm:
             self._dead(
@@ -375,12 +376,15 @@ class JoinCore:
         self._count(f"dead_letter.{reason}")
 
     def _emit(self, rec: ImpressionState, label: int, label_time: float, correction: bool) -> None:
-        self._out.samples.append(Sample(rec.impression, label, label_time, correction))
-        self._out.raws.append(rec.raw)
-        self._count("correction" if correction else ("positive" if label else "negative"))
+        out = self._out
+        out.samples.append(Sample(rec.impression, label, label_time, correction))
+        out.raws.append(rec.raw)
+        kind = "correction" if correction else ("positive" if label else "negative")
+        out.counts[kind] += 1
+        self.counters[kind] = self.counters.get(kind, 0) + 1
         if label:
             imp = rec.impression
-            self._out.history.append((imp.user_id, imp.item_id, label_time))
+            out.history.append((imp.user_id, imp.item_id, label_time))
 
     def _apply_click(self, rec: ImpressionState, click: Click, offset: int) -> None:
         imp = rec.impression

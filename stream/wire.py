@@ -56,10 +56,35 @@ def _s(obj: dict, name: str) -> str | None:
     return value if type(value) is str and value else None
 
 
+_IMPRESSION_KEYS = frozenset(codec.to_dict(Impression("i", "r", "u", "i", 0, _MIN_TS)))
+
+
 def _fast_impression(obj: object) -> Impression | None:
     """The impression if ``obj`` is a plainly valid one, else None (the codec then
     decides, and names the reason). Same rules as :func:`em3.codec.decode_impression`."""
-    if type(obj) is not dict or obj.get("v") != codec.SCHEMA_VERSION or obj.get("type") != "impression":
+    if type(obj) is not dict:
+        return None
+    if obj.keys() == _IMPRESSION_KEYS:  # the codec's own layout: index directly
+        iid, user, item = obj["impression_id"], obj["user_id"], obj["item_id"]
+        served, position, context = obj["served_at"], obj["position"], obj["context"]
+        request_id, model_line, arm = obj["request_id"], obj["model_line"], obj["arm"]
+        version, propensity = obj["model_version"], obj["propensity"]
+        tserved = type(served)
+        if (
+            obj["v"] == codec.SCHEMA_VERSION and obj["type"] == "impression"
+            and type(iid) is str and iid and type(user) is str and user and type(item) is str and item
+            and (tserved is float or tserved is int) and _MIN_TS <= served < _MAX_TS
+            and type(position) is int and position >= 0
+            and type(request_id) is str and type(model_line) is str and type(arm) is str
+            and type(version) is int
+            and (type(propensity) is float or type(propensity) is int) and 0.0 < propensity <= 1.0
+            and type(context) is dict
+            and (not context or all(type(k) is str and type(v) is str for k, v in context.items()))
+        ):
+            return Impression(iid, request_id, user, item, position, float(served), model_line, version, arm,
+                              float(propensity), context)
+        return None
+    if obj.get("v") != codec.SCHEMA_VERSION or obj.get("type") != "impression":
         return None
     iid, user, item = _s(obj, "impression_id"), _s(obj, "user_id"), _s(obj, "item_id")
     served = _ts(obj.get("served_at"))

@@ -22,6 +22,7 @@ after 3 and before 4 re-emits that batch's samples with the same sample ids
 """
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -38,9 +39,23 @@ from stream.join import JoinConfig, JoinCore
 from stream.state import FencedError, PartitionCheckpoint, RedisJoinStateStore
 from stream.wire import decode_click_checked, decode_impression_checked, encode_sample
 
-__all__ = ["WorkerConfig", "JoinWorker", "DeliveryError"]
+__all__ = ["WorkerConfig", "JoinWorker", "DeliveryError", "tune_gc"]
 
 log = logging.getLogger(__name__)
+
+
+def tune_gc(threshold0: int = 100_000) -> None:
+    """Collect young objects less often in a join process.
+
+    The join keeps every impression of its correction horizon in memory (hundreds
+    of thousands of small objects, none in reference cycles) and allocates a few
+    objects per event; with CPython's default threshold (700) the cyclic GC ran
+    every few hundred events and cost about a third of the join's CPU time here.
+    Process entry points (``em3 join``) call this; a library user may too.
+    """
+    if threshold0 <= 0:
+        raise ValueError(f"threshold0 must be > 0, but {threshold0} is given")
+    gc.set_threshold(threshold0, 50, 100)
 
 
 class DeliveryError(EM3Error):
@@ -258,42 +273,47 @@ class JoinWorker:
         self._idle_wall = wall
 
     def _feed(self, messages: list[kafka.Message]) -> int:
-        topics = self.topics
+        imp_topic = self.topics.impressions
         latest = self.clock() + self.config.max_future_s
         now = self._idle_clock
-        read = 0
+        cores, nxt, dirty = self._cores, self._next, self._dirty
+        read = n_imp = n_click = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
                 if err.code() != kafka.KafkaError._PARTITION_EOF:
                     log.warning("consume error: %s", err)
                 continue
-            topic, n, off = msg.topic(), msg.partition(), msg.offset()
-            core = self._cores.get(n)
+            n = msg.partition()
+            core = cores.get(n)
             if core is None:
                 continue  # revoked during this consume(): the next owner re-reads it
+            topic, off = msg.topic(), msg.offset()
             key = (topic, n)
-            expected = self._next.get(key)
+            expected = nxt.get(key)
             if expected is not None and off < expected:
                 continue  # re-delivered after a seek
-            self._next[key] = off + 1
-            self._dirty.add(n)
+            nxt[key] = off + 1
+            dirty.add(n)
             read += 1
             value = msg.value()
             try:
-                if topic == topics.impressions:
-                    core.add_impression(decode_impression_checked(value, latest), raw=value, now=now)
-                    self.counters["impressions_in"] += 1
+                if topic == imp_topic:
+                    core.add_impression(decode_impression_checked(value, latest), value, now)
+                    n_imp += 1
                 else:
-                    core.add_click(decode_click_checked(value, latest), offset=off, now=now)
-                    self.counters["clicks_in"] += 1
+                    core.add_click(decode_click_checked(value, latest), off, now)
+                    n_click += 1
             except DecodeError as exc:
                 self._dead_letter(exc.reason, exc.detail, topic, n, off, value, msg.key())
             except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 # A record the codec could not even classify (e.g. a 400-digit timestamp).
                 log.warning("undecodable record %s:%d@%d: %r", topic, n, off, exc)
                 self._dead_letter("undecodable", repr(exc), topic, n, off, value, msg.key())
-        self.counters["events_in"] += read
+        counters = self.counters
+        counters["events_in"] += read
+        counters["impressions_in"] += n_imp
+        counters["clicks_in"] += n_click
         return read
 
     def _dead_letter(self, reason: str, detail: str, topic: str, n: int, off: int, value: bytes | None,
@@ -310,17 +330,19 @@ class JoinWorker:
         produce = self._producer.produce
         samples_topic = self.topics.samples
         parts = []
+        counters = self.counters
         for n, core in self._cores.items():
             out = core.take_output()
             for sample, raw in zip(out.samples, out.raws):
-                kind = "correction" if sample.correction else ("positive" if sample.label else "negative")
-                self.counters[kind] += 1
+                value = encode_sample(sample, raw)
                 try:
-                    produce(samples_topic, value=encode_sample(sample, raw), key=sample.impression.user_id)
-                except BufferError:
+                    produce(samples_topic, value, sample.impression.user_id)
+                except BufferError:  # the local queue is full: let librdkafka drain it
                     self._producer.poll(0.5)
-                    produce(samples_topic, value=encode_sample(sample, raw), key=sample.impression.user_id)
-            self.counters["samples_out"] += len(out.samples)
+                    produce(samples_topic, value, sample.impression.user_id)
+            for kind, count in out.counts.items():
+                counters[kind] += count
+            counters["samples_out"] += len(out.samples)
             for d in out.dead_letters:
                 source = self.topics.clicks if isinstance(d.record, Click) else self.topics.impressions
                 self._dead_letter(d.reason, d.detail, source, n, d.offset, codec.encode(d.record),
