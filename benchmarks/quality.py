@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default="em3,id_only,content_frozen,no_cic")
     p.add_argument("--max-events", type=int, default=None, help="first N events in time order (default: all 100,000)")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--history-len", type=int, default=100)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2)

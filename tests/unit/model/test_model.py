@@ -1,0 +1,161 @@
+import dataclasses
+
+import pytest
+import torch
+
+from em3.data.images import sample_photos
+from em3.model import EM3Model, ModelConfig
+from em3.types import ItemContent
+
+
+@pytest.fixture(scope="module")
+def model(tiny_config):
+    return EM3Model(tiny_config).eval()
+
+
+def _batch(model, items, users=("u1", "u2", "u3")):
+    ids = [it.item_id for it in items]
+    enc = model.encode_items(ids, items)
+    target = torch.tensor([0, 1, 2])
+    hist = torch.tensor([[3, 4, 5], [5, 0, 0], [0, 0, 0]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    ctx = [{"device": "ios"}, {}, {"device": "web"}]
+    return enc, model(list(users), ctx, enc.reps, target, hist, mask)
+
+
+def test_shapes(model, items, tiny_config):
+    enc, logits = _batch(model, items)
+    d = tiny_config.embed_dim
+    assert enc.reps.shape == (6, 2 * d) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
+    assert logits.shape == (3,) and torch.isfinite(logits).all()
+
+
+def test_unseen_ids_and_missing_content(model, items):
+    odd = [ItemContent("brand-new-item", text="", image=None), None,
+           ItemContent("x", text="only text"), ItemContent("y", image=items[0].image),
+           ItemContent("z", text="bad image", image=b"not an image")]
+    enc = model.encode_items(["brand-new-item", "unknown", "x", "y", "z"], odd)
+    assert torch.isfinite(enc.reps).all()
+    torch.testing.assert_close(enc.content[0], enc.content[1])  # both fully missing: the null embedding
+    with torch.no_grad():
+        logits = model.score_candidates("never-seen-user", {"new": "ctx"}, enc.reps[:0], enc.reps)
+    assert logits.shape == (5,) and torch.isfinite(logits).all()
+
+
+def test_item_representation_is_batch_independent(model, items):
+    with torch.no_grad():
+        together = model.item_representations([i.item_id for i in items], items)
+        alone = torch.cat([model.item_representations([i.item_id], [i]) for i in items])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_score_candidates_equals_forward(model, items):
+    with torch.no_grad():
+        reps = model.item_representations([i.item_id for i in items], items)
+        hist = torch.tensor([[3, 4, 5]] * 3)
+        mask = torch.ones(3, 3, dtype=torch.bool)
+        fwd = model(["u"] * 3, [{"k": "v"}] * 3, reps, torch.tensor([0, 1, 2]), hist, mask)
+        cand = model.score_candidates("u", {"k": "v"}, reps[3:6], reps[0:3])
+    torch.testing.assert_close(fwd, cand)
+
+
+def test_base_frozen_lora_trainable_and_ranking_loss_reaches_them(items, tiny_config):
+    model = EM3Model(tiny_config.replace(cic_weight=0.0))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("text" in n and "lora_" in n for n in names)
+    assert any("image" in n and "lora_" in n for n in names)
+    for n, p in model.named_parameters():
+        if n.startswith(("text.", "image.")):
+            assert p.requires_grad == ("lora_" in n), n
+    _, logits = _batch(model, items)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([1.0, 0.0, 1.0])).backward()
+    # LoRA B starts at zero, so A gets no gradient on the first step; B must.
+    for prefix in ("text.", "image."):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(prefix) and "lora_B" in n]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads), prefix
+    assert model.fusion.queries.grad.abs().sum() > 0
+    assert model.item_emb.table.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant,encoder_trainable", [("content_frozen", False), ("full_finetune", True),
+                                                         ("no_fusion", None), ("id_only", None)])
+def test_variants_build_and_train(variant, encoder_trainable, items):
+    model = EM3Model(ModelConfig.tiny(variant))
+    enc, logits = _batch(model, items)
+    (logits.sum() + model.cic_loss(enc)).backward()
+    enc_params = [p for n, p in model.named_parameters() if n.startswith(("text.", "image."))]
+    if encoder_trainable is True:
+        assert all(p.requires_grad for p in enc_params)
+    elif encoder_trainable is False:
+        assert enc_params and not any(p.requires_grad for p in enc_params)
+    if variant == "id_only":
+        assert model.text is None and model.image is None and enc.reps.shape[1] == 16
+    if variant == "no_fusion":
+        assert type(model.fusion).__name__ == "MeanFusion"
+
+
+def test_prefix_cache_hits_and_invalidates_on_new_content(items, tiny_config):
+    model = EM3Model(tiny_config, cache_items=4).eval()
+    ids = [i.item_id for i in items]
+    with torch.no_grad():
+        first = model.item_representations(ids[:3], items[:3])
+        misses = model.cache.misses
+        again = model.item_representations(ids[:3], items[:3])
+        assert model.cache.misses == misses and model.cache.hits >= 3
+        torch.testing.assert_close(first, again)
+        changed = dataclasses.replace(items[0], text="A completely different film")
+        third = model.item_representations([ids[0]], [changed])
+    assert model.cache.misses == misses + 1
+    assert not torch.allclose(third[0], first[0])
+    model.item_representations(ids, items)
+    assert len(model.cache) == 4  # bounded
+
+
+def test_real_photographs_go_through_the_image_path(tiny_config):
+    photos = sample_photos(size=64)
+    model = EM3Model(tiny_config).eval()
+    with_img = [ItemContent(f"p{k}", text="a photo", image=b) for k, b in enumerate(photos)]
+    without = [ItemContent(f"p{k}", text="a photo") for k in range(len(photos))]
+    with torch.no_grad():
+        a = model.encode_items([c.item_id for c in with_img], with_img).content
+        b = model.encode_items([c.item_id + "-noimg" for c in without], without).content
+    assert torch.isfinite(a).all()
+    assert not torch.allclose(a[0], a[1])  # two different photos, two different embeddings
+    assert not torch.allclose(a[0], b[0])
+
+
+def test_long_history_of_1000(items, tiny_config):
+    model = EM3Model(tiny_config.replace(history_len=1000))
+    ids = [f"h{k}" for k in range(1000)]
+    contents = [ItemContent(i, text=f"item {i}") for i in ids]
+    enc = model.encode_items(ids, contents)
+    hist = torch.arange(1000).repeat(4, 1)
+    logits = model(["a", "b", "c", "d"], [{}] * 4, enc.reps, torch.tensor([0, 1, 2, 3]), hist,
+                   torch.ones(4, 1000, dtype=torch.bool))
+    logits.sum().backward()
+    assert logits.shape == (4,) and torch.isfinite(logits).all()
+
+
+def test_hf_vision_model_by_config(tmp_path, items):
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=32, patch_size=16, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32), add_pooling_layer=False).save_pretrained(tmp_path)
+    cfg = ModelConfig.tiny(image_model=str(tmp_path), image_lora_targets=("query", "value", "q_proj", "v_proj"))
+    model = EM3Model(cfg)
+    assert any("lora_" in n for n, p in model.image.named_parameters() if p.requires_grad)
+    enc = model.encode_items([i.item_id for i in items], items)
+    assert enc.reps.shape == (6, 32) and torch.isfinite(enc.reps).all()
+
+
+def test_trainable_state_roundtrip(items, tiny_config):
+    a, b = EM3Model(tiny_config).eval(), EM3Model(tiny_config.replace(seed=1)).eval()
+    state = a.trainable_state_dict()
+    assert sum(v.numel() for v in state.values()) == a.num_trainable_params()
+    b.load_trainable_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(a.item_representations(["i0"], items[:1])[:, 16:],
+                                   b.item_representations(["i0"], items[:1])[:, 16:])
+    with pytest.raises(ValueError, match="does not fit"):
+        b.load_trainable_state_dict({"nope": torch.zeros(1)})
