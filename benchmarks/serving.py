@@ -12,8 +12,11 @@ precompute the catalog's item rows, one reference assignment).
 for 100 candidate rows against 100 history rows, i.e. the model work every request
 needs once item rows are cached (``item_rows_per_item_ms`` reports what a row
 costs to compute, paid once per item and version, off the request path).
-``overhead_ratio`` is ``p50_ms / model_forward_p50_ms``. The CPU is shared, so
-the bare-model forwards are interleaved with the load: each ``--round-s`` round of
+``overhead_ratio`` is ``p50_ms / model_forward_p50_ms``, with the bare model run
+with the server's torch thread count (``--server-torch-threads``, 1 as ``em3 serve``
+defaults to); ``model_forward_p50_ms_default_threads`` and
+``overhead_ratio_vs_default_threads`` compare against torch's default thread count.
+The CPU is shared, so the bare-model forwards are interleaved with the load: each ``--round-s`` round of
 requests is preceded by a burst of bare forwards (in the benchmark process, in a
 worker thread as the server runs them, clients paused), and both see the same
 background load and the same ongoing snapshot swaps.
@@ -135,18 +138,20 @@ def run(args: argparse.Namespace) -> dict:
             reps = model.item_representations(hist_ids + cand_ids, [by_id[i] for i in hist_ids + cand_ids])
             rows_ms = (time.perf_counter() - t0) * 1e3 / len(reps)
         hist, cand = reps[: len(hist_ids)], reps[len(hist_ids):]
-        forward: list[float] = []
+        forward: list[float] = []  # torch threads as the server's request threads
+        forward_default: list[float] = []  # torch's default thread count
+        default_threads = torch.get_num_threads()
 
-        def bare_forward(reps_n: int) -> None:
-            # In a worker thread, as the server's request threads run it (torch's
-            # intra-op threading behaves differently in the main thread).
+        def bare_forward(reps_n: int, threads: int, out: list[float]) -> None:
+            # In a worker thread, as the server's request threads run it.
             def body() -> None:
+                torch.set_num_threads(threads)
                 with torch.inference_mode():
                     for n in range(reps_n + 3):
                         t0 = time.perf_counter()
                         model.score_candidates(user, {"device": "web"}, hist, cand)
                         if n >= 3:
-                            forward.append((time.perf_counter() - t0) * 1e3)
+                            out.append((time.perf_counter() - t0) * 1e3)
 
             worker = threading.Thread(target=body)
             worker.start()
@@ -157,8 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--port", str(port),
                "--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                "--topic-prefix", "bench.", "--redis-prefix", "bench:", "--poll-interval", "1.0"]
-        if args.server_torch_threads:
-            cmd += ["--torch-threads", str(args.server_torch_threads)]
+        cmd += ["--torch-threads", str(args.server_torch_threads)]
         server_env = dict(os.environ, PYTHONUNBUFFERED="1")
         server_env.update(kv.split("=", 1) for kv in args.server_env)
         server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
@@ -236,7 +240,8 @@ def run(args: argparse.Namespace) -> dict:
                 for _ in range(rounds):
                     go.clear()
                     time.sleep(0.05)  # let in-flight requests finish
-                    bare_forward(per_round)
+                    bare_forward(per_round, args.server_torch_threads or default_threads, forward)
+                    bare_forward(max(1, per_round // 3), default_threads, forward_default)
                     go.set()
                     t_round = time.perf_counter()
                     time.sleep(args.round_s)
@@ -261,6 +266,7 @@ def run(args: argparse.Namespace) -> dict:
     swaps = status["swaps"] - swaps_before
     p50 = _percentile(latencies, 50)
     model_forward_p50 = _percentile(forward, 50)
+    default_p50 = _percentile(forward_default, 50)
     drops = [line for line in metrics.splitlines() if line.startswith("em3_serving_impressions_dropped_total")]
 
     def metric(prefix: str) -> float:
@@ -291,6 +297,9 @@ def run(args: argparse.Namespace) -> dict:
         "p99_ms": round(_percentile(latencies, 99), 2),
         "model_forward_p50_ms": round(model_forward_p50, 2),
         "overhead_ratio": round(p50 / model_forward_p50, 3),
+        "model_forward_p50_ms_default_threads": round(default_p50, 2),
+        "default_threads": default_threads,
+        "overhead_ratio_vs_default_threads": round(p50 / default_p50, 3),
         "item_rows_per_item_ms": round(rows_ms, 2),
         "server_model_mean_ms": round(model_mean, 2),
         "server_rank_mean_ms": round(server_mean, 2),
@@ -323,9 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-torch-threads", type=int, default=1,
-                   help="em3 serve --torch-threads (0: torch's default); one intra-op thread per request "
-                        "lets the request thread and the swap-precompute thread each take a core instead "
-                        "of contending OpenMP teams")
+                   help="em3 serve --torch-threads, also used for the bare-model forwards (0: torch's default)")
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server process")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)

@@ -38,7 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--unknown-candidates", choices=["score", "drop"], default="score")
     p.add_argument("--toy-model", action="store_true", help="load serving.toy snapshots (tests only)")
-    p.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per request thread (0: torch's default, the core count)")
+    p.add_argument("--precompute-threads", type=int, default=1,
+                   help="torch intra-op threads for loading versions and precomputing item rows "
+                        "(0: torch's default)")
+    p.add_argument("--precompute-max-items", type=int, default=50_000,
+                   help="most item rows computed per new version before it is swapped in")
     add_connection_flags(p)
     p.set_defaults(func=_serve)
 
@@ -70,9 +76,11 @@ def build_runtime(args: argparse.Namespace):
     else:
         experiment = ExperimentConfig.single_line(args.model_line)
     ranking = RankingConfig(history_len=args.history_len, max_candidates=args.max_candidates,
-                            unknown_candidates=args.unknown_candidates)
+                            unknown_candidates=args.unknown_candidates,
+                            precompute_max_items=args.precompute_max_items)
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
-                          max_body_bytes=args.max_body_bytes)
+                          max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
+                          precompute_threads=args.precompute_threads or None)
     if args.toy_model:
         from serving.toy import ToyLoader
 
@@ -83,10 +91,6 @@ def build_runtime(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.torch_threads:
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
     from serving.app import serve_forever
 
     runtime = build_runtime(args)

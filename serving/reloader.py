@@ -259,6 +259,11 @@ class SnapshotWatcher:
     extra_channels : mapping of channel to callback, optional
         More pub/sub channels to follow on the same connection; each callback
         gets the decoded JSON payload (item-update notices use this).
+    listener : ReloadListener, optional
+        Told whether Redis answered, after each round of checks.
+    thread_init : callable, optional
+        Run first in the watcher thread (the runtime limits the torch threads
+        that the precompute of a new version may use).
     """
 
     def __init__(
@@ -268,6 +273,7 @@ class SnapshotWatcher:
         poll_interval_s: float = 1.0,
         extra_channels: dict[str, Callable[[Any], None]] | None = None,
         listener: ReloadListener | None = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         if poll_interval_s <= 0:
             raise ValueError(f"poll_interval_s must be > 0, but {poll_interval_s} is given")
@@ -276,6 +282,7 @@ class SnapshotWatcher:
         self.poll_interval_s = poll_interval_s
         self.extra_channels = dict(extra_channels or {})
         self.listener = listener
+        self.thread_init = thread_init
         self.notices = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -320,6 +327,8 @@ class SnapshotWatcher:
             self.check_all(targets)
 
     def _run(self) -> None:
+        if self.thread_init is not None:
+            self.thread_init()
         pubsub = None
         backoff = 0.1
         next_poll = 0.0
