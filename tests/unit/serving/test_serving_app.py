@@ -156,3 +156,13 @@ def test_baseline_arms_log_their_propensities(make_runtime, fake_producer):
     logged = [codec.decode_impression(v) for t, _, v in fake_producer.records if t == "t.impressions"]
     assert len(logged) == 80 and {i.arm for i in logged} == {"rnd", "pop"}
     assert json.loads(client.get("/readyz").text)["ready"] is True
+
+
+def test_impression_counts_reach_the_popularity_store_in_batches(make_runtime):
+    from em3.types import Impression
+    from serving.server import _CountBuffer
+
+    store = make_runtime().popularity  # the in-memory popularity store of the fixture
+    buf = _CountBuffer(store, "impressions", every_s=0.0)
+    buf.add([Impression(f"r-{n}", "r", "u", f"i{n % 2}", n, 1.7e9) for n in range(5)])
+    assert store.get_many("impressions", ["i0", "i1"]) == [3.0, 2.0]

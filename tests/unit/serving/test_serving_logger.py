@@ -65,3 +65,14 @@ def test_a_failing_batch_hook_does_not_stop_logging(fake_producer):
 def test_config_messages(field, value):
     with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
         ImpressionLoggerConfig("t", **{field: value})
+
+
+def test_broker_delivery_failures_are_counted(fake_producer):
+    class FailingProducer(type(fake_producer)):
+        def produce(self, topic, key=None, value=None, on_delivery=None):
+            on_delivery("broker said no", None)
+
+    log = ImpressionLogger(FailingProducer(), ImpressionLoggerConfig("t")).start()
+    log.log_many(_imps(3))
+    stats = log.close()
+    assert stats.failed == 3 and stats.produced == 3

@@ -1,0 +1,57 @@
+"""`em3 serve` wiring: flags become a runtime; configs refuse bad values."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from serving.server import ServerConfig
+
+
+def _parse(argv):
+    from serving.cli import register
+
+    parser = argparse.ArgumentParser(prog="em3")
+    register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
+    from serving.cli import build_runtime
+
+    exp = {"name": "e", "salt": "s", "arms": [
+        {"name": "a", "fraction": 0.5, "kind": "line", "model_line": "main"},
+        {"name": "b", "fraction": 0.3, "kind": "snapshot", "model_line": "main", "version": 4},
+        {"name": "c", "fraction": 0.2, "kind": "random"},
+    ]}
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(exp))
+    args = _parse(["serve", "--experiment", str(path), "--toy-model", "--redis-url", "redis://127.0.0.1:1/0",
+                   "--bootstrap-servers", "127.0.0.1:1", "--redis-prefix", "x:", "--max-candidates", "10",
+                   "--precompute-max-items", "5"])
+    runtime = build_runtime(args)
+    try:
+        assert sorted(runtime.reloaders) == ["main", "main@4"]
+        assert runtime.settings.redis_prefix == "x:"
+        assert runtime.config.ranking.max_candidates == 10
+        assert runtime.config.ranking.precompute_max_items == 5
+        assert runtime.config.request_threads == 1 and runtime.config.precompute_threads == 1
+        assert runtime.owns_clients
+    finally:
+        runtime.stop()
+
+
+def test_model_line_and_experiment_are_exclusive():
+    with pytest.raises(SystemExit):
+        _parse(["serve", "--model-line", "a", "--experiment", "x.json"])
+    with pytest.raises(SystemExit):
+        _parse(["serve"])
+
+
+@pytest.mark.parametrize("field, value", [("poll_interval_s", -3), ("max_body_bytes", 0), ("request_threads", -1)])
+def test_server_config_messages(field, value):
+    from serving.ab import ExperimentConfig
+
+    with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
+        ServerConfig(ExperimentConfig.single_line("main"), **{field: value})
