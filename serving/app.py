@@ -4,9 +4,11 @@ This is the only module of the project that imports ``fastapi`` or ``uvicorn``.
 
 Endpoints
 ---------
-``POST /v1/rank``   ``{user_id, item_ids, context?, k?}`` -> ranked items with scores,
+``POST /v1/rank``   ``{user_id, item_ids, context?, k?, served_at?}`` -> ranked items with scores,
                     impression ids and propensities; request id, arm, model line
                     and version; ``unknown_item_ids`` (candidates without content).
+                    ``served_at`` (event time, default now) stamps the impressions, for
+                    simulators on a virtual clock.
 ``POST /v1/click``  ``{impression_id, user_id, item_id, clicked_at?}`` -> clicks topic.
 ``POST /v1/items``  one item ``{item_id, text?, image? (base64), image_ref?, attributes?}``
                     or ``{"items": [...]}``; stored in Redis, cached rows dropped.
@@ -58,6 +60,12 @@ def _check_id(value: str) -> str:
     return value
 
 
+def _check_time(value: float | None) -> float | None:
+    if value is not None and not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
+        raise ValueError(f"must be seconds since the epoch within [2000, 2100), but {value} is given")
+    return value
+
+
 class RankIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +73,7 @@ class RankIn(BaseModel):
     item_ids: list[str] = Field(min_length=1)
     context: dict[str, str] = Field(default_factory=dict)
     k: int | None = Field(default=None, gt=0)
+    served_at: float | None = None
 
     @field_validator("user_id")
     @classmethod
@@ -84,6 +93,11 @@ class RankIn(BaseModel):
                 raise ValueError(f"item_ids[{n}] = {item_id!r} repeats item_ids[{seen[item_id]}]")
             seen[item_id] = n
         return value
+
+    @field_validator("served_at")
+    @classmethod
+    def check_served_at(cls, value: float | None) -> float | None:
+        return _check_time(value)
 
     @field_validator("context")
     @classmethod
@@ -109,9 +123,7 @@ class ClickIn(BaseModel):
     @field_validator("clicked_at")
     @classmethod
     def check_clicked_at(cls, value: float | None) -> float | None:
-        if value is not None and not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
-            raise ValueError(f"must be seconds since the epoch within [2000, 2100), but {value} is given")
-        return value
+        return _check_time(value)
 
 
 class ItemIn(BaseModel):
@@ -258,7 +270,7 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
             return _errors_422([{"loc": ("item_ids",), "msg": f"must hold at most {max_candidates} candidates, "
                                                              f"but {len(body.item_ids)} are given"}])
         try:
-            result = runtime.rank(body.user_id, body.item_ids, body.context, body.k)
+            result = runtime.rank(body.user_id, body.item_ids, body.context, body.k, served_at=body.served_at)
         except NotReady as exc:
             return JSONResponse({"error": "not_ready", "detail": str(exc)}, status_code=503)
         # Serialised here: plain json.dumps skips FastAPI's generic encoder walk.

@@ -321,10 +321,12 @@ class ServingRuntime:
     # -- requests ------------------------------------------------------------------------
     def rank(
         self, user_id: str, item_ids: Sequence[str], context: Mapping[str, str] | None = None, k: int | None = None,
+        *, served_at: float | None = None,
     ) -> RankedResponse:
         """Rank for ``user_id`` with the arm it is bucketed into, and log impressions.
 
-        Raises :class:`NotReady` if the arm's snapshot is not loaded yet.
+        ``served_at`` stamps the impressions (event time; default now). Raises
+        :class:`NotReady` if the arm's snapshot is not loaded yet.
         """
         if not getattr(self._thread_state, "ready", False):
             # Torch reads its thread count per OS thread; a watcher thread that set
@@ -335,7 +337,7 @@ class ServingRuntime:
         k = len(item_ids) if k is None else min(k, len(item_ids))
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
-        served_at = time.time()
+        served_at = time.time() if served_at is None else served_at
         if arm.is_model:
             state = self.reloaders[arm.source_key].current
             if state is None:

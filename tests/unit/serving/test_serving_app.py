@@ -29,7 +29,8 @@ def client(runtime):
 
 
 def test_rank_returns_ranked_items_with_ids_version_and_unknowns(client, runtime, fake_producer):
-    body = {"user_id": "u1", "item_ids": ["i1", "i2", "ghost", "i3"], "context": {"device": "ios"}, "k": 3}
+    body = {"user_id": "u1", "item_ids": ["i1", "i2", "ghost", "i3"], "context": {"device": "ios"}, "k": 3,
+            "served_at": 1.75e9}
     r = client.post("/v1/rank", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -45,7 +46,7 @@ def test_rank_returns_ranked_items_with_ids_version_and_unknowns(client, runtime
     logged = [codec.decode_impression(v) for t, _, v in fake_producer.records if t == "t.impressions"]
     assert [i.impression_id for i in logged] == [i["impression_id"] for i in out["items"]]
     assert all(i.model_version == 1 and i.arm == "main" and i.propensity == 1.0 for i in logged)
-    assert logged[0].context == {"device": "ios"}
+    assert logged[0].context == {"device": "ios"} and logged[0].served_at == 1.75e9
 
 
 def test_503_until_a_snapshot_is_loaded(make_runtime):
@@ -68,6 +69,7 @@ def test_503_until_a_snapshot_is_loaded(make_runtime):
         ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "valid list"),
         ({"user_id": "u1", "item_ids": ["i1"], "context": {"d": 3}}, "context.d", "valid string"),
         ({"user_id": "u1", "item_ids": ["i1"], "extra": 1}, "extra", "Extra inputs"),
+        ({"user_id": "u1", "item_ids": ["i1"], "served_at": 12.0}, "served_at", "within [2000, 2100)"),
         ({"user_id": "u1", "item_ids": [f"x{n}" for n in range(51)]}, "item_ids",
          "must hold at most 50 candidates, but 51 are given"),
     ],
