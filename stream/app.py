@@ -137,7 +137,7 @@ def create_app(
             while not self.should_stop:
                 try:
                     read = await self._call(worker.run_once)
-                    if read or not worker.metrics()["partitions"]:
+                    if read or not worker.partitions:
                         last_work = loop_time()
                     elif (exit_when_idle_s is not None and loop_time() - last_work > exit_when_idle_s
                           and worker.pending == 0):

@@ -206,8 +206,18 @@ def _spawn_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, _forward)
     signal.signal(signal.SIGINT, _forward)
-    codes = [c.wait() for c in children]
-    return max(codes, default=0)
+    # A worker that fails takes the group down with it (non-zero exit), so the
+    # supervisor (compose's restart policy, systemd, ...) restarts all of them;
+    # the partitions' state is in Redis either way.
+    while True:
+        codes = [c.poll() for c in children]
+        if all(code is not None for code in codes):
+            return max(codes, default=0)
+        if any(code not in (None, 0) for code in codes):
+            log.error("a join worker exited with %s; stopping the others", codes)
+            _forward(signal.SIGTERM, None)
+            return max(c.wait() for c in children) or 1
+        time.sleep(0.2)
 
 
 def join_command(args: argparse.Namespace) -> int:

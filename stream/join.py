@@ -182,6 +182,7 @@ class JoinCore:
         self._horizon = config.window_s + config.max_correction_delay_s
         self._lateness = config.allowed_lateness_s
         self._records: dict[str, ImpressionState] = {}
+        self._n_pending = 0
         self._orphans: dict[str, list[tuple[Click, int]]] = {}
         # Window ends of remembered impressions (min-heap); clicks waiting for their
         # impression (min-heap); eviction times, appended as windows close (so in
@@ -221,6 +222,7 @@ class JoinCore:
             )
         else:
             rec = self._records[iid] = ImpressionState(impression, PENDING, raw)
+            self._n_pending += 1
             self._changed.add(iid)
             heapq.heappush(self._closes, (served + self._window, iid))
             if self._orphans:
@@ -330,7 +332,7 @@ class JoinCore:
     @property
     def pending(self) -> int:
         """Impressions with no label yet."""
-        return sum(1 for r in self._records.values() if r.status == PENDING)
+        return self._n_pending
 
     @property
     def records(self) -> int:
@@ -359,6 +361,7 @@ class JoinCore:
         for rec in records:
             iid = rec.impression.impression_id
             core._records[iid] = rec
+            core._n_pending += rec.status == PENDING
             core._closes.append((rec.impression.served_at + config.window_s, iid))
         heapq.heapify(core._closes)
         for click, offset in orphans:
@@ -402,6 +405,7 @@ class JoinCore:
             self._changed.add(imp.impression_id)
             if click.clicked_at <= end:
                 rec.status = DONE
+                self._n_pending -= 1
                 self._emit(rec, 1, click.clicked_at, False)
                 if rec.held:  # the later clicks it beat are repeats now
                     self._count("duplicate_click", len(rec.held))
@@ -452,6 +456,7 @@ class JoinCore:
             evictions.append((when + md, iid))
             if rec.status == PENDING:
                 rec.status = NEGATIVE
+                self._n_pending -= 1
                 self._changed.add(iid)
                 self._emit(rec, 0, when, False)
                 held, rec.held = rec.held, []

@@ -184,7 +184,7 @@ class JoinWorker:
         that long passes with nothing pending and nothing read)."""
         last_work = time.monotonic()
         while not stop.is_set():
-            if self.run_once() or not self._cores:
+            if self.run_once() or not self.partitions:
                 last_work = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s and self.pending == 0:
                 return
@@ -381,13 +381,26 @@ class JoinWorker:
 
     # -- figures ----------------------------------------------------------------------
     @property
+    def partitions(self) -> list[int]:
+        """The input partitions this worker owns now."""
+        return sorted(self._cores)
+
+    @property
     def pending(self) -> int:
         """Impressions without a label yet, over the owned partitions."""
         return sum(core.pending for core in list(self._cores.values()))
 
     def metrics(self) -> dict[str, object]:
         """Counters and lag-ish figures: events in, samples out by kind, dead letters by
-        reason, state sizes, per-partition watermark and event-time delay, batch times."""
+        reason, state sizes, per-partition watermark and event-time delay, batch times.
+
+        Safe to call from another thread (the faust timer and web view): it waits
+        for the current micro-batch's join step to finish.
+        """
+        with self._lock:
+            return self._metrics()
+
+    def _metrics(self) -> dict[str, object]:
         cores = dict(self._cores)
         now = self.clock()
         watermarks = {n: c.watermark for n, c in cores.items()}
@@ -408,7 +421,7 @@ class JoinWorker:
 
     def _log_counters(self) -> None:
         self._last_log = time.monotonic()
-        m = self.metrics()
+        m = self.metrics()  # takes the lock
         log.info(
             "join: in %d (imp %d, click %d), out %d (pos %d, neg %d, corr %d), dead %d, pending %d, held %d, "
             "partitions %s",

@@ -74,6 +74,8 @@ def _run(events, config=CFG, restore_at: int | None = None):
         store["meta"] = ch.meta
 
     for i, (kind, rec) in enumerate(events):
+        records, _ = core.state()
+        assert core.pending == sum(1 for r in records if r.status == "P")
         if restore_at is not None and i == restore_at:
             drain()
             from stream.join import ImpressionState
