@@ -186,9 +186,12 @@ def run_worker(
     app = create_app(settings, join, worker_config, app_config, exit_when_idle_s)
     app._em3_failed = False
     worker = faust.Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
+    code = 0
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0
-        return 1 if app._em3_failed else code
-    return 1 if app._em3_failed else 0
+    if app._em3_failed or app.crashed:
+        log.error("join worker stopped on a failure: %r", app.crash_reason)
+        return code or 1
+    return code
