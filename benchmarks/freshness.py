@@ -1,0 +1,222 @@
+"""Freshness: from a click's production to the first /v1/rank answer served by a
+snapshot whose offsets include it.
+
+Starts the embedded broker and Redis, a learner (``em3 learn --in-process``, tiny
+config) and a ranking server (``em3 serve``) as subprocesses, keeps a background
+stream of samples flowing, and every ``--probe-every-s`` produces a probe click: a
+positive labelled sample on the samples topic (``--through direct``, the learner's
+input; the join's own latency is measured by ``benchmarks/join.py``). Its
+partition and offset come from the producer's delivery report. A poller asks
+``/v1/rank`` every ``--poll-every-s`` and notes when each model version is first
+served. A probe's freshness is the time from its ``produce()`` call to the first
+answer from a version whose manifest offsets for its partition are above its offset.
+
+Also reported: how much of that is the learner (probe -> manifest ``created_at``)
+and how much the server's reload (``created_at`` -> first answer).
+
+Run::
+
+    python benchmarks/freshness.py --duration-s 40 --snapshot-interval-s 2
+
+The last printed line is one JSON object: freshness_p50_s, freshness_p99_s,
+snapshot_interval_s, ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from em3 import codec
+from em3.config import KafkaSettings, RedisSettings, TopicNames
+from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
+from em3.services import LocalServices, free_port
+from learners.testing import synthetic_items, synthetic_samples
+from stream.kafka import ensure_topics, make_producer
+
+LINE = "fresh"
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration-s", type=float, default=40.0, help="measured phase")
+    parser.add_argument("--snapshot-interval-s", type=float, default=2.0)
+    parser.add_argument("--background-rate", type=float, default=200.0, help="samples per second")
+    parser.add_argument("--probe-every-s", type=float, default=0.25)
+    parser.add_argument("--poll-every-s", type=float, default=0.05)
+    parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--variant", default="id_only")
+    parser.add_argument("--log-dir", default=None, help="keep the learner's and server's logs here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp, LocalServices(Path(tmp)) as services:
+        info = services.info
+        kafka, redis_settings = KafkaSettings(info.bootstrap_servers), RedisSettings(info.redis_url)
+        prefix, topics = "fresh:", TopicNames("fresh.")
+        ensure_topics(kafka, topics, partitions=2)
+        client = connect(redis_settings)
+        items = synthetic_items()
+        RedisContentStore(client, prefix).put_many(items)
+        store = RedisSnapshotStore(client, prefix)
+        common = ["--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
+                  "--topic-prefix", topics.prefix, "--redis-prefix", prefix]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        learner = subprocess.Popen(
+            [sys.executable, "-m", "em3", "-v", "learn", "--in-process", "--tiny", "--variant", args.variant,
+             "--model-line", LINE, "--snapshot-interval-s", str(args.snapshot_interval_s),
+             "--batch-size", "256", "--max-batch-wait-s", "0.05", "--lr", "0.01", *common],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "learner.log", "wb"))
+        server = None
+        stop = threading.Event()
+        producer = make_producer(kafka, linger_ms=1)
+        probes: list[dict] = []
+        seen: dict[int, float] = {}
+        manifests: dict = {}
+        errors = [0]
+        try:
+            def background() -> None:
+                k = 0
+                while not stop.is_set():
+                    for s in synthetic_samples(max(1, int(args.background_rate / 10)), seed=k, start=k * 10_000):
+                        producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s))
+                    producer.poll(0)
+                    k += 1
+                    time.sleep(0.1)
+
+            threading.Thread(target=background, daemon=True).start()
+            _wait(lambda: store.latest_version(LINE) is not None, 120, "the learner published no snapshot")
+            port = free_port()
+            server = subprocess.Popen(
+                [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--host", "127.0.0.1",
+                 "--port", str(port), "--poll-interval", "1.0", *common],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "server.log", "wb"))
+            url = f"http://127.0.0.1:{port}"
+            http = httpx.Client(timeout=10.0)
+
+            def ready() -> bool:
+                try:
+                    return http.get(f"{url}/readyz").status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            _wait(ready, 120, "the server never became ready")
+            body = {"user_id": "u1", "item_ids": [it.item_id for it in items[: args.candidates]], "k": 10}
+
+            def poll() -> None:
+                with httpx.Client(timeout=10.0) as c:
+                    while not stop.is_set():
+                        try:
+                            r = c.post(f"{url}/v1/rank", json=body)
+                            now = time.time()
+                            if r.status_code == 200:
+                                version = int(r.json()["model_version"])
+                                if version not in seen:
+                                    seen[version] = now
+                                    # Read now: the store keeps only the last K versions.
+                                    manifests[version] = store.manifest(LINE, version)
+                            else:
+                                errors[0] += 1
+                        except httpx.HTTPError:
+                            errors[0] += 1
+                        time.sleep(args.poll_every_s)
+
+            poller = threading.Thread(target=poll, daemon=True)
+            poller.start()
+            t_end = time.monotonic() + args.duration_s
+            k = 0
+            while time.monotonic() < t_end:
+                s = synthetic_samples(1, seed=10_000 + k, start=10**9 + k, id_prefix="probe")[0]
+                s = type(s)(s.impression, 1, s.label_time)  # a click: positive label
+                probe = {"t0": time.time()}
+
+                def delivered(err, msg, probe=probe) -> None:
+                    if err is None:
+                        probe["key"] = f"{msg.topic()}:{msg.partition()}"
+                        probe["offset"] = msg.offset()
+
+                producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s), on_delivery=delivered)
+                producer.poll(0)
+                probes.append(probe)
+                k += 1
+                time.sleep(args.probe_every_s)
+            producer.flush(10)
+            time.sleep(args.snapshot_interval_s + 5.0)  # let the last probes reach the server
+            stop.set()
+            poller.join(5)
+        finally:
+            stop.set()
+            for proc in (server, learner):
+                if proc is not None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in (server, learner):
+                if proc is not None:
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+
+        order = sorted(manifests, key=lambda v: seen[v])
+        fresh, learner_part, server_part, uncovered = [], [], [], 0
+        for probe in probes:
+            if "offset" not in probe:
+                uncovered += 1
+                continue
+            hit = next((v for v in order if manifests[v].offsets.get(probe["key"], 0) > probe["offset"]), None)
+            if hit is None:
+                uncovered += 1
+                continue
+            probe["version"] = hit
+            probe["freshness_s"] = seen[hit] - probe["t0"]
+            fresh.append(seen[hit] - probe["t0"])
+            learner_part.append(manifests[hit].created_at - probe["t0"])
+            server_part.append(seen[hit] - manifests[hit].created_at)
+        client.close()
+        if args.log_dir:
+            (log_dir / "probes.json").write_text(json.dumps(
+                {"probes": probes, "seen": seen, "created": {v: m.created_at for v, m in manifests.items()}}))
+
+    def pct(values, q):
+        return None if not values else round(float(np.percentile(values, q)), 3)
+
+    return {
+        "freshness_p50_s": pct(fresh, 50),
+        "freshness_p99_s": pct(fresh, 99),
+        "freshness_max_s": pct(fresh, 100),
+        "snapshot_interval_s": args.snapshot_interval_s,
+        "target_p99_s": args.snapshot_interval_s + 3.0,
+        "learner_part_p50_s": pct(learner_part, 50),
+        "learner_part_p99_s": pct(learner_part, 99),
+        "server_reload_part_p50_s": pct(server_part, 50),
+        "server_reload_part_p99_s": pct(server_part, 99),
+        "probes": len(probes),
+        "uncovered": uncovered,
+        "versions_served": len(seen),
+        "rank_errors": errors[0],
+        "through": "samples topic (direct)",
+    }
+
+
+if __name__ == "__main__":
+    out = main()
+    print(json.dumps(out))
