@@ -139,3 +139,33 @@ def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(set
     assert max(counts.values()) == 1, "samples applied twice"
     manifest = store.manifest(line, store.latest_version(line))
     assert manifest.stats["totals"]["duplicates_dropped"] >= 3000 // 9
+
+
+def test_snapshots_cli_lists_shows_and_rolls_back(settings, redis_client, local_services):
+    import json
+
+    import torch
+
+    from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
+    from learners.publisher import SnapshotPublisher
+
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+    pub = SnapshotPublisher(store, RedisAppliedLog(redis_client, settings.redis_prefix), "cli", {"embed_dim": 4})
+    v1 = pub.publish({"w": torch.zeros(2)}, parent=None, offsets={"s:0": 5}, applied_ids={"s:0": ["a"]},
+                     stats={"totals": {"samples_applied": 1}, "prequential": {"window_auc": 0.5}}).version
+    v2 = pub.publish({"w": torch.ones(2)}, parent=v1, offsets={"s:0": 9}, applied_ids={"s:0": ["b"]},
+                     stats={"totals": {"samples_applied": 2}, "prequential": {"window_auc": None}}).version
+    base = [sys.executable, "-m", "em3", "snapshots"]
+    flags = ["--redis-url", local_services.redis_url, "--redis-prefix", settings.redis_prefix]
+
+    def em3(*args: str) -> str:
+        done = subprocess.run(base + list(args) + flags, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    listing = em3("list", "cli")
+    assert f"* {v2:>7}" in listing and '{"s:0": 5}' in listing and "0.5000" in listing
+    assert json.loads(em3("show", "cli", str(v1)))["offsets"] == {"s:0": 5}
+    assert json.loads(em3("rollback", "cli"))["latest"] == v1
+    assert store.latest_version("cli") == v1
+    assert "cli" in json.loads(em3("list"))["lines"]
