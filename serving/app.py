@@ -30,8 +30,9 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -169,22 +170,53 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return out or "body"
 
 
-def _errors_422(errors: list[dict[str, Any]]) -> JSONResponse:
+def _errors_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
     detail = []
     for err in errors:
         reason = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         detail.append({"field": _field_name(tuple(err.get("loc", ()))), "reason": reason})
-    return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
+    return {"error": "invalid_request", "detail": detail}
+
+
+def _errors_422(errors: list[dict[str, Any]]) -> JSONResponse:
+    return JSONResponse(_errors_body(errors), status_code=422)
+
+
+def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
+    """``POST /v1/rank`` from request bytes to (status, response bytes).
+
+    Runs whole in a worker thread: JSON parsing and validation (pydantic's
+    ``model_validate_json``), ranking, impression logging and serialisation, so
+    the event loop only moves bytes.
+    """
+    max_candidates = runtime.config.ranking.max_candidates
+    try:
+        req = RankIn.model_validate_json(body)
+    except ValidationError as exc:
+        return 422, json.dumps(_errors_body(list(exc.errors()))).encode()
+    if len(req.item_ids) > max_candidates:
+        reason = f"must hold at most {max_candidates} candidates, but {len(req.item_ids)} are given"
+        return 422, json.dumps(_errors_body([{"loc": ("item_ids",), "msg": reason}])).encode()
+    try:
+        result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at)
+    except NotReady as exc:
+        return 503, json.dumps({"error": "not_ready", "detail": str(exc)}).encode()
+    return 200, json.dumps(result.to_dict()).encode()
 
 
 class _Edge:
     """Pure ASGI middleware (cheaper than ``BaseHTTPMiddleware``): 413 for bodies over
-    ``limit`` bytes, declared or streamed; request counts and latency per endpoint."""
+    ``limit`` bytes, declared or streamed; request counts and latency per endpoint;
+    and the hot path, ``POST /v1/rank``, served without the framework's routing and
+    dependency machinery (measured at about 2 ms of a 9 ms request on this CPU):
+    the buffered body goes to :func:`_rank_bytes` in a worker thread and its bytes
+    come straight back."""
 
-    def __init__(self, app: Any, limit: int, metrics: Any) -> None:
+    def __init__(self, app: Any, limit: int, metrics: Any, rank: Callable[[bytes], tuple[int, bytes]]) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.rank = rank
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -232,6 +264,9 @@ class _Edge:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
+        if scope.get("path") == "/v1/rank" and scope.get("method") == "POST":
+            await self._rank(body, send)
+            return
         delivered = False
 
         async def replay() -> dict:
@@ -243,6 +278,17 @@ class _Edge:
 
         await self.app(scope, replay, send)
 
+    async def _rank(self, body: bytes, send: Any) -> None:
+        try:
+            status, payload = await anyio.to_thread.run_sync(self.rank, body)
+        except Exception:  # noqa: BLE001 - a bug must answer 500, not drop the connection
+            logger.exception("/v1/rank failed")
+            status, payload = 500, b'{"error": "internal"}'
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
     async def _reject(self, send: Any, size: int) -> None:
         body = json.dumps({
             "error": "payload_too_large",
@@ -253,28 +299,18 @@ class _Edge:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(runtime: ServingRuntime) -> FastAPI:
-    """The FastAPI app for ``runtime`` (which the caller starts and stops)."""
+def create_app(runtime: ServingRuntime) -> Any:
+    """The ASGI app for ``runtime`` (which the caller starts and stops): the FastAPI
+    app behind the :class:`_Edge` middleware."""
     app = FastAPI(title="em3-stream serving", version="1")
     app.state.runtime = runtime
     metrics = runtime.metrics
-    max_candidates = runtime.config.ranking.max_candidates
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _errors_422(list(exc.errors()))
 
-    @app.post("/v1/rank")
-    def rank(body: RankIn) -> Any:
-        if len(body.item_ids) > max_candidates:
-            return _errors_422([{"loc": ("item_ids",), "msg": f"must hold at most {max_candidates} candidates, "
-                                                             f"but {len(body.item_ids)} are given"}])
-        try:
-            result = runtime.rank(body.user_id, body.item_ids, body.context, body.k, served_at=body.served_at)
-        except NotReady as exc:
-            return JSONResponse({"error": "not_ready", "detail": str(exc)}, status_code=503)
-        # Serialised here: plain json.dumps skips FastAPI's generic encoder walk.
-        return Response(json.dumps(result.to_dict()), media_type="application/json")
+    # POST /v1/rank is served by _Edge (see _rank_bytes), ahead of the framework.
 
     @app.post("/v1/click", status_code=202)
     def click(body: ClickIn) -> Any:
@@ -317,7 +353,7 @@ def create_app(runtime: ServingRuntime) -> FastAPI:
     def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    return _Edge(app, runtime.config.max_body_bytes, metrics)  # type: ignore[return-value]
+    return _Edge(app, runtime.config.max_body_bytes, metrics, lambda body: _rank_bytes(runtime, body))  # type: ignore[return-value]
 
 
 _KNOWN = {"/v1/rank", "/v1/click", "/v1/items", "/healthz", "/readyz", "/metrics"}

@@ -285,16 +285,13 @@ class RankingService:
                 rows.append(row.rep)
                 known.append(row.known)
         if missing:
-            miss_ids = [item_ids[n] for n in dict.fromkeys(missing)]
-            unique = list(dict.fromkeys(miss_ids))
-            computed = self._compute(state.model, state.cache, unique, now)
-            if computed is not None:
-                reps, flags = computed
-                where = {item_id: j for j, item_id in enumerate(unique)}
-                for n in missing:
-                    j = where[item_ids[n]]
-                    rows[n] = reps[j]
-                    known[n] = flags[j]
+            unique = list(dict.fromkeys(item_ids[n] for n in missing))
+            reps, flags = self._compute(state.model, state.cache, unique, now)  # type: ignore[misc]
+            where = {item_id: j for j, item_id in enumerate(unique)}
+            for n in missing:
+                j = where[item_ids[n]]
+                rows[n] = reps[j]
+                known[n] = flags[j]
         if not rows:
             return torch.empty(0, 0), known
         return torch.stack(rows), known  # type: ignore[arg-type]  # (N, D)

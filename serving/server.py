@@ -71,6 +71,11 @@ class ServerConfig:
         Torch intra-op threads of the watcher thread that loads versions and
         precomputes item rows (``None``: torch's default).
 
+    Torch keeps one thread count per OS thread and takes the last value set as
+    the default for new threads, so an in-process server (``serve_in_thread``)
+    also changes the default for threads its host starts later; pass ``None``
+    for both to leave torch alone.
+
     One thread each by default: requests run concurrently in a thread pool and a
     swap's precompute runs beside them, so OpenMP teams of several threads
     oversubscribe the cores; on a shared 2-core machine a team member that is
@@ -255,7 +260,8 @@ class ServingRuntime:
         runtime = cls(
             config, loader, RedisSnapshotStore(client, prefix), RedisContentStore(client, prefix),
             RedisHistoryStore(client, prefix), popularity=RedisPopularityStore(client, prefix),
-            producer=make_producer(settings.kafka, linger_ms=5, delivery_report_only_error=True), settings=settings, redis_client=client,
+            producer=make_producer(settings.kafka, linger_ms=5, delivery_report_only_error=True),
+            settings=settings, redis_client=client,
         )
         runtime.owns_clients = True
         return runtime
@@ -294,7 +300,12 @@ class ServingRuntime:
 
     def readiness(self) -> dict[str, Any]:
         sources = {key: r.status().to_dict() for key, r in self.reloaders.items()}
-        degraded = any((not s["redis_ok"]) or s["stale"] for s in sources.values())
+        # Degraded: Redis unreachable, or the line points at a version this server
+        # refused. A pointer ahead of the served version while it loads is not.
+        degraded = any(
+            (not s["redis_ok"]) or (s["pointer"] is not None and s["pointer"] in s["bad_versions"])
+            for s in sources.values()
+        )
         return {
             "ready": self.is_ready(),
             "degraded": degraded,

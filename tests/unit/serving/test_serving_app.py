@@ -66,7 +66,7 @@ def test_503_until_a_snapshot_is_loaded(make_runtime):
         ({"user_id": "u1", "item_ids": ["i1", "i2", "i1"]}, "item_ids", "item_ids[2] = 'i1' repeats item_ids[0]"),
         ({"user_id": "u1", "item_ids": ["i1", ""]}, "item_ids", "item_ids[1] must be a non-empty string"),
         ({"user_id": "", "item_ids": ["i1"]}, "user_id", "must be a non-empty string"),
-        ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "valid list"),
+        ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "valid array"),
         ({"user_id": "u1", "item_ids": ["i1"], "context": {"d": 3}}, "context.d", "valid string"),
         ({"user_id": "u1", "item_ids": ["i1"], "extra": 1}, "extra", "Extra inputs"),
         ({"user_id": "u1", "item_ids": ["i1"], "served_at": 12.0}, "served_at", "within [2000, 2100)"),
