@@ -24,6 +24,7 @@ snapshot_interval_s, ...
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -40,9 +41,10 @@ import numpy as np
 from em3 import codec
 from em3.config import KafkaSettings, RedisSettings, TopicNames
 from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
+from em3.types import Click, sample_id_for
 from em3.services import LocalServices, free_port
 from learners.testing import synthetic_items, synthetic_samples
-from stream.kafka import ensure_topics, make_producer
+from stream.kafka import TopicPartition, ensure_topics, make_consumer, make_producer
 
 LINE = "fresh"
 
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--poll-every-s", type=float, default=0.05)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--variant", default="id_only")
+    parser.add_argument("--through", choices=["direct", "join"], default="direct",
+                        help="direct: probe clicks are labelled samples on the samples topic; join: an "
+                             "impression then a click on their topics, labelled by `em3 join --engine plain`")
     parser.add_argument("--log-dir", default=None, help="keep the learner's and server's logs here")
     args = parser.parse_args(argv)
 
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> dict:
              "--model-line", LINE, "--snapshot-interval-s", str(args.snapshot_interval_s),
              "--batch-size", "256", "--max-batch-wait-s", "0.05", "--lr", "0.01", *common],
             env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "learner.log", "wb"))
+        join = None
+        if args.through == "join":
+            join = subprocess.Popen(
+                [sys.executable, "-m", "em3", "-v", "join", "--engine", "plain", "--window-s", "5",
+                 "--allowed-lateness-s", "1", "--batch-size", "1000", *common],
+                env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "join.log", "wb"))
         server = None
         stop = threading.Event()
         producer = make_producer(kafka, linger_ms=1)
@@ -96,13 +107,40 @@ def main(argv: list[str] | None = None) -> dict:
         errors = [0]
         try:
             def background() -> None:
-                k = 0
+                k, pending_clicks = 0, []
                 while not stop.is_set():
-                    for s in synthetic_samples(max(1, int(args.background_rate / 10)), seed=k, start=k * 10_000):
-                        producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s))
+                    batch = synthetic_samples(max(1, int(args.background_rate / 10)), seed=k, start=k * 10_000,
+                                              t0=time.time() - k * 10_000, id_prefix="bg")
+                    if args.through == "direct":
+                        for s in batch:
+                            producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s))
+                    else:
+                        for click in pending_clicks:  # clicks follow their impressions by one tick
+                            producer.produce(topics.clicks, key=click.user_id, value=codec.encode(click))
+                        pending_clicks = []
+                        for s in batch:
+                            imp = dataclasses.replace(s.impression, served_at=time.time())
+                            producer.produce(topics.impressions, key=imp.user_id, value=codec.encode(imp))
+                            if s.label:
+                                pending_clicks.append(Click(imp.impression_id, imp.user_id, imp.item_id,
+                                                            time.time() + 0.1))
                     producer.poll(0)
                     k += 1
                     time.sleep(0.1)
+
+            locations: dict[str, tuple[str, int]] = {}
+            if args.through == "join":
+                def locate() -> None:  # where the join put each sample: sample_id -> (partition, offset)
+                    consumer = make_consumer(kafka, "fresh-locator")
+                    consumer.assign([TopicPartition(topics.samples, p, -2) for p in range(2)])
+                    while not stop.is_set():
+                        for msg in consumer.consume(1000, timeout=0.1):
+                            if msg.error() is None:
+                                sid = json.loads(msg.value()).get("sample_id", "")
+                                locations[sid] = (f"{msg.topic()}:{msg.partition()}", msg.offset())
+                    consumer.close()
+
+                threading.Thread(target=locate, daemon=True).start()
 
             threading.Thread(target=background, daemon=True).start()
             _wait(lambda: store.latest_version(LINE) is not None, 120, "the learner published no snapshot")
@@ -146,16 +184,26 @@ def main(argv: list[str] | None = None) -> dict:
             t_end = time.monotonic() + args.duration_s
             k = 0
             while time.monotonic() < t_end:
-                s = synthetic_samples(1, seed=10_000 + k, start=10**9 + k, id_prefix="probe")[0]
+                s = synthetic_samples(1, seed=10_000 + k, start=10**9 + k, id_prefix="probe",
+                                      t0=time.time() - 10**9 - k)[0]
                 s = type(s)(s.impression, 1, s.label_time)  # a click: positive label
-                probe = {"t0": time.time()}
+                if args.through == "join":
+                    imp = dataclasses.replace(s.impression, served_at=time.time())
+                    producer.produce(topics.impressions, key=imp.user_id, value=codec.encode(imp))
+                    producer.flush(5)  # the impression is in the broker before its click
+                    probe = {"t0": time.time(), "sample_id": sample_id_for(imp.impression_id, False)}
+                    click = Click(imp.impression_id, imp.user_id, imp.item_id, time.time())
+                    producer.produce(topics.clicks, key=imp.user_id, value=codec.encode(click))
+                else:
+                    probe = {"t0": time.time()}
 
-                def delivered(err, msg, probe=probe) -> None:
-                    if err is None:
-                        probe["key"] = f"{msg.topic()}:{msg.partition()}"
-                        probe["offset"] = msg.offset()
+                    def delivered(err, msg, probe=probe) -> None:
+                        if err is None:
+                            probe["key"] = f"{msg.topic()}:{msg.partition()}"
+                            probe["offset"] = msg.offset()
 
-                producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s), on_delivery=delivered)
+                    producer.produce(topics.samples, key=s.impression.user_id, value=codec.encode(s),
+                                     on_delivery=delivered)
                 producer.poll(0)
                 probes.append(probe)
                 k += 1
@@ -163,13 +211,16 @@ def main(argv: list[str] | None = None) -> dict:
             producer.flush(10)
             time.sleep(args.snapshot_interval_s + 5.0)  # let the last probes reach the server
             stop.set()
+            for probe in probes:
+                if "sample_id" in probe and probe["sample_id"] in locations:
+                    probe["key"], probe["offset"] = locations[probe["sample_id"]]
             poller.join(5)
         finally:
             stop.set()
-            for proc in (server, learner):
+            for proc in (server, learner, join):
                 if proc is not None:
                     proc.send_signal(signal.SIGTERM)
-            for proc in (server, learner):
+            for proc in (server, learner, join):
                 if proc is not None:
                     try:
                         proc.wait(30)
@@ -213,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
         "uncovered": uncovered,
         "versions_served": len(seen),
         "rank_errors": errors[0],
-        "through": "samples topic (direct)",
+        "through": ("samples topic (direct)" if args.through == "direct"
+                    else "impressions + clicks topics -> em3 join (plain engine) -> samples"),
     }
 
 
