@@ -19,7 +19,8 @@ Per micro-batch:
 4. fetch each user's history as it was when the impression was served
    (``before=served_at``);
 5. score the batch with the current model (prequential: every prediction is made
-   before the model learns from that sample), then ``learn_batch``.
+   before the model learns from that sample), then ``learn_batch``; a learner whose
+   ``learn_batch`` takes ``return_probs`` does both in one forward pass.
 
 Correction samples (a late click on an impression already learned as a negative)
 are learned with the model's fake-negative correction and counted, but kept out
@@ -28,6 +29,7 @@ scored once.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import defaultdict
@@ -247,6 +249,8 @@ class LearnerLoop:
         self.clock = clock
         self.window = DedupWindow(config.dedup_capacity)
         self.positions: dict[str, int] = {}
+        # learn_batch(..., return_probs=True) returns the pre-update predictions itself.
+        self._fused = "return_probs" in inspect.signature(learner.learn_batch).parameters
         self.totals: dict[str, int] = {name: 0 for name in COUNTERS}
         self._new_cycle()
 
@@ -320,11 +324,17 @@ class LearnerLoop:
             self.history_len,
             [s.impression.served_at for s in samples],
         )
-        probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
+        if self._fused:
+            # One forward pass: the probabilities computed before the update are the
+            # prequential predictions.
+            stats = dict(self.learner.learn_batch(samples, histories, return_probs=True))
+            probs = np.asarray(stats.pop("probs"), dtype=np.float64)
+        else:
+            probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
+            stats = dict(self.learner.learn_batch(samples, histories))
         plain = np.array([not s.correction for s in samples], dtype=bool)
         self._labels.append(np.array([s.label for s in samples], dtype=np.int8)[plain])
         self._probs.append(probs[plain])
-        stats = dict(self.learner.learn_batch(samples, histories))
         counters["steps"] += 1
         counters["samples_applied"] += len(samples)
         counters["corrections_applied"] += int((~plain).sum())

@@ -150,3 +150,21 @@ def test_one_big_batch_and_many_small_ones_apply_the_same_samples(ids, batch_siz
 def test_loop_config_validates(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoopConfig(**kwargs)
+
+
+class FusedLearner(RecordingLearner):
+    """A learner whose learn_batch returns the pre-update probabilities itself."""
+
+    def learn_batch(self, samples, histories, return_probs=False):
+        probs = np.full(len(samples), 0.25 + 0.01 * len(self.calls))
+        stats = super().learn_batch(samples, histories)
+        return {**stats, "probs": probs} if return_probs else stats
+
+
+def test_a_fused_learner_is_not_scored_separately():
+    learner = FusedLearner()
+    loop = LearnerLoop(learner, MemorySampleSource({"t:0": encoded([sample(k) for k in range(6)])}),
+                       InMemoryHistoryStore(), LoopConfig(batch_size=3))
+    result = loop.run_cycle(SnapshotPolicy(interval_s=None, every_steps=2))
+    assert [kind for kind, _ in learner.calls] == ["learn", "learn"]
+    assert result.probs.tolist() == [0.25] * 3 + [0.26] * 3
