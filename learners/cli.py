@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", choices=sorted(VARIANTS), default="em3", help="model variant")
     p.add_argument("--tiny", action="store_true", help="the tiny random-init config (tests, demos on a laptop)")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--content-lr", type=_positive_float, default=None,
+                   help="learning rate of the content modules (default: --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshot-interval-s", type=_positive_float, default=2.0,
                    help="publish a snapshot (or average a round) every T seconds")
@@ -93,6 +95,7 @@ def learn_config_from_args(args: argparse.Namespace):
         model_line=args.model_line,
         model_config=model.to_dict(),
         lr=args.lr,
+        content_lr=args.content_lr,
         device="auto" if (args.gpu or args.in_process) else "cpu",
         seed=args.seed,
         loop=LoopConfig(batch_size=args.batch_size, max_batch_wait_s=args.max_batch_wait_s,

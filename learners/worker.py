@@ -41,6 +41,8 @@ class LearnConfig:
         ``ModelConfig.to_dict()`` of the model (saved in every manifest).
     lr : float
         Learning rate.
+    content_lr : float or None
+        Learning rate of the content modules (default ``lr``).
     device : str
         ``"auto"`` takes the GPU Ray assigned (if any), else the CPU.
     seed : int
@@ -57,6 +59,7 @@ class LearnConfig:
     model_line: str
     model_config: Mapping[str, Any]
     lr: float = 1e-3
+    content_lr: float | None = None
     device: str = "auto"
     seed: int = 0
     loop: LoopConfig = LoopConfig()
@@ -70,6 +73,8 @@ class LearnConfig:
             raise ValueError(f"model_line must be a non-empty name without ':', but {self.model_line!r} is given")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, but {self.lr!r} is given")
+        if self.content_lr is not None and self.content_lr <= 0:
+            raise ValueError(f"content_lr must be > 0, but {self.content_lr!r} is given")
         if self.metrics_window <= 0:
             raise ValueError(f"metrics_window must be > 0, but {self.metrics_window!r} is given")
         if self.loop.dedup_capacity != self.publisher.dedup_capacity:
@@ -289,8 +294,9 @@ class LearnerWorker(LineTrainer):
             RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix),
             config.model_line, model_config.to_dict(), config.publisher,
         )
+        extra = {} if config.content_lr is None else {"content_lr": config.content_lr}
         learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
-                                lr=config.lr, device=config.device, seed=config.seed)
+                                lr=config.lr, device=config.device, seed=config.seed, **extra)
         source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
         super().__init__(learner, source, RedisHistoryStore(self.redis, prefix), publisher, config, rank, world,
                          history_len=model_config.history_len)
