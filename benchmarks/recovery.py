@@ -21,6 +21,7 @@ number of distinct produced samples.
 Run::
 
     python benchmarks/recovery.py --samples 20000 --rate 500 --kills 3
+    python benchmarks/recovery.py --learners 2 --kill-aggregator --kills 4   # Ray actors
 
 The last printed line is one JSON object: restarts, lost, applied_twice, ...
 """
@@ -40,7 +41,7 @@ from collections import Counter
 from pathlib import Path
 
 from em3 import codec
-from em3.config import KafkaSettings, RedisSettings
+from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
 from em3.redis_stores import RedisAppliedLog, RedisContentStore, RedisSnapshotStore, connect
 from em3.services import LocalServices
 from learners.testing import synthetic_items, synthetic_samples
@@ -49,11 +50,79 @@ from stream.kafka import ensure_topics, make_producer
 LINE = "recovery"
 
 
+class ProcessRunner:
+    """One ``em3 learn --in-process`` subprocess; a kill is a SIGKILL and a restart."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv, self.env, self.proc = argv, env, None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> str:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.start()
+        return "learner process"
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class FleetRunner:
+    """N Ray learner actors and an aggregator (in this process's Ray runtime); a kill
+    SIGKILLs one of their processes at random and Ray restarts it."""
+
+    def __init__(self, settings, args, rng: random.Random) -> None:
+        from em3.model import ModelConfig
+        from learners import LearnConfig, LearnerFleet, LoopConfig, PublisherConfig, SnapshotPolicy
+
+        config = LearnConfig(LINE, ModelConfig.tiny("id_only").to_dict(), lr=0.01, device="cpu",
+                             loop=LoopConfig(batch_size=64, max_batch_wait_s=0.05),
+                             policy=SnapshotPolicy(interval_s=args.snapshot_interval_s),
+                             publisher=PublisherConfig(retain_applied=True))
+        self.fleet = LearnerFleet(settings, config, args.learners,
+                                  ray_init_kwargs={"num_cpus": args.learners, "configure_logging": False})
+        self.kill_aggregator = args.kill_aggregator
+        self.rng = rng
+        self.thread = None
+        self.kills = 0
+
+    def start(self) -> None:
+        self.fleet.start()
+        self.thread = threading.Thread(target=self.fleet.run, daemon=True)
+        self.thread.start()
+
+    def kill(self) -> str:
+        import ray
+
+        self.kills += 1
+        if self.kill_aggregator and self.kills == 2:  # the second kill hits the aggregator
+            name, pid = "aggregator", ray.get(self.fleet.aggregator.pid.remote(), timeout=120)
+        else:
+            name, pid = self.rng.choice([(f"learner {i}", p) for i, p in enumerate(self.fleet.pids())])
+        os.kill(pid, signal.SIGKILL)
+        return name
+
+    def stop(self) -> None:
+        self.fleet.stop()
+        self.thread.join(60)
+        self.fleet.shutdown()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=500.0, help="samples per second produced")
     parser.add_argument("--kills", type=int, default=3)
+    parser.add_argument("--learners", type=int, default=1,
+                        help="1: an `em3 learn --in-process` subprocess; N >= 2: N Ray learner actors + aggregator")
+    parser.add_argument("--kill-aggregator", action="store_true", help="with --learners >= 2: the aggregator "
+                        "is the second kill's target")
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--dup-rate", type=float, default=0.05)
     parser.add_argument("--snapshot-interval-s", type=float, default=0.5)
@@ -103,8 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         producer_thread = threading.Thread(target=produce, daemon=True)
         producer_thread.start()
+        if args.learners == 1:
+            runner = ProcessRunner(argv_learn, env)
+        else:
+            settings = Settings(kafka, redis_settings, TopicNames(topic_prefix), prefix)
+            runner = FleetRunner(settings, args, rng)
         restarts, killed_at = 0, []
-        proc = subprocess.Popen(argv_learn, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        runner.start()
         deadline = time.monotonic() + args.timeout_s
         try:
             for _ in range(args.kills):
@@ -112,23 +186,17 @@ def main(argv: list[str] | None = None) -> dict:
                 while latest()[0] == version_at_start and time.monotonic() < deadline:
                     time.sleep(0.05)  # it has resumed and published at least once
                 time.sleep(rng.uniform(0.3, 2.0))
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+                target = runner.kill()
                 version, applied_then = latest()
-                killed_at.append({"published_version": version, "published_applied": applied_then,
-                                  "produced": produced_so_far[0]})
+                killed_at.append({"target": target, "published_version": version,
+                                  "published_applied": applied_then, "produced": produced_so_far[0]})
                 restarts += 1
-                proc = subprocess.Popen(argv_learn, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             producer_thread.join()
             distinct = len({s.sample_id for s in samples})
             while latest()[1] < distinct and time.monotonic() < deadline:
                 time.sleep(0.1)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            runner.stop()
         version, applied_counter = latest()
         counts = Counter(i for _, ids in RedisAppliedLog(client, prefix).chain(LINE, version)
                          for values in ids.values() for i in values)
@@ -136,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = store.manifest(LINE, version)
         result = {
             "restarts": restarts,
+            "learners": args.learners,
             "lost": len(produced - set(counts)),
             "applied_twice": sum(c - 1 for c in counts.values() if c > 1),
             "produced": len(samples),

@@ -151,6 +151,12 @@ class Aggregator:
         self.version, self.state, self.offsets, self.totals = manifest.version, state, dict(combined.offsets), totals
         return {"version": self.version, "published": True, "applied": combined.applied}
 
+    def pid(self) -> int:
+        """Process id (crash tests SIGKILL it)."""
+        import os
+
+        return os.getpid()
+
     def close(self) -> None:
         pass
 
