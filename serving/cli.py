@@ -43,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--precompute-threads", type=int, default=1,
                    help="torch intra-op threads for loading versions and precomputing item rows "
                         "(0: torch's default)")
+    p.add_argument("--precompute-nice", type=int, default=5,
+                   help="niceness added to the thread that loads versions (0: same priority as requests)")
     p.add_argument("--precompute-max-items", type=int, default=50_000,
                    help="most item rows computed per new version before it is swapped in")
     add_connection_flags(p)
@@ -80,7 +82,8 @@ def build_runtime(args: argparse.Namespace):
                             precompute_max_items=args.precompute_max_items)
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
-                          precompute_threads=args.precompute_threads or None)
+                          precompute_threads=args.precompute_threads or None,
+                          precompute_nice=args.precompute_nice)
     if args.toy_model:
         from serving.toy import ToyLoader
 
