@@ -125,9 +125,9 @@ def _rss_mb(pids: list[int], field: str = "VmHWM") -> float:
 class JoinProcess:
     """``em3 join`` as a subprocess in its own process group."""
 
-    def __init__(self, settings: Settings, workers: int, log_path: Path) -> None:
+    def __init__(self, settings: Settings, workers: int, log_path: Path, verbose: bool = False) -> None:
         self.argv = [
-            sys.executable, "-m", "stream", "join", "--workers", str(workers),
+            sys.executable, "-m", "stream", *(["-v"] if verbose else []), "join", "--workers", str(workers),
             "--window-s", str(JOIN.window_s), "--allowed-lateness-s", str(JOIN.allowed_lateness_s),
             "--max-correction-delay-s", str(JOIN.max_correction_delay_s),
             "--idle-timeout-s", "0.5", "--idle-advance-rate", "1000000", "--web-port", "0",
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
         raw_rate = raw_consume(settings, events)
         log.info("raw confluent-kafka group consume: %.0f events/s", raw_rate)
 
-        join = JoinProcess(settings, args.workers, run_dir / "join.log")
+        join = JoinProcess(settings, args.workers, run_dir / "join.log", args.verbose)
         started = time.perf_counter()
         join.start()
         samples = make_consumer(settings.kafka, f"bench-samples-{time.time_ns()}")
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-fraction", type=float, default=0.4, help="kill after this share of labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=300.0)
+    p.add_argument("--verbose", action="store_true", help="info-level join log (in the run directory)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     print(json.dumps(run(args)))

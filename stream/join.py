@@ -14,7 +14,8 @@ Semantics (one :class:`JoinCore` per co-partitioned pair of input partitions)
   An input with no record for ``idle_timeout_s`` of processing time leaves the
   minimum; when both are idle the watermark moves on with processing time at
   ``idle_advance_rate`` event seconds per second (so a finite stream's last
-  windows close, and a quiet partition does not hold state forever).
+  windows close, and a quiet partition does not hold state forever). An input
+  the caller reports as busy (records still to read) is never idle.
 * A positive is emitted when its click arrives; a negative when the watermark
   passes ``served_at + W`` (``label_time = served_at + W``). A click after the
   window that arrives while the window is still open waits for it to close.
@@ -275,11 +276,22 @@ class JoinCore:
             return None
         return rec
 
-    def tick(self, now: float) -> None:
-        """Let processing time move an idle watermark (see :class:`JoinConfig`)."""
+    def tick(self, now: float, impressions_busy: bool = False, clicks_busy: bool = False) -> None:
+        """Let processing time move an idle watermark (see :class:`JoinConfig`).
+
+        ``impressions_busy`` / ``clicks_busy``: the caller knows that input has
+        records still to read (a backlog), so it is behind, not idle, however long
+        since its last record.
+        """
         timeout = self.config.idle_timeout_s
         if timeout is None:
             return
+        if impressions_busy:
+            self._last_impression_at = now
+            self._idle_since = None
+        if clicks_busy:
+            self._last_click_at = now
+            self._idle_since = None
         imp_idle = now - self._last_impression_at >= timeout
         click_idle = now - self._last_click_at >= timeout
         if imp_idle and click_idle:

@@ -8,7 +8,10 @@ micro-batch:
 1. ``consume(num_messages=batch_size)``; decode each record; a malformed one
    goes to the dead-letter topic with its reason (and is counted), the rest
    feed the core of their partition;
-2. every core ticks with processing time (idle watermark advance);
+2. every core ticks with processing time (idle watermark advance); an input
+   partition counts as busy until librdkafka reports its end (partition EOF),
+   so a backlog, or a consumer that has not fetched yet, is never mistaken
+   for an idle input;
 3. samples (keyed by user id) and join dead letters are produced, then the
    producer is **flushed** and every delivery checked;
 4. only then, one Redis ``MULTI/EXEC`` writes the changed join records, the
@@ -123,8 +126,8 @@ class JoinWorker:
         self._next: dict[tuple[str, int], int | None] = {}
         self._dirty: set[int] = set()
         self._saved_watermark: dict[int, float] = {}
-        self._idle_clock = 0.0  # processing time for idleness (see _advance_idle_clock)
-        self._idle_wall = time.monotonic()
+        #: (topic, partition) -> at its end (librdkafka's partition EOF, no record since)
+        self._caught_up: dict[tuple[str, int], bool] = {}
         self._consumer: kafka.Consumer | None = None
         self._producer: kafka.Producer | None = None
         self._store: RedisJoinStateStore | None = None
@@ -158,7 +161,7 @@ class JoinWorker:
         self._producer = kafka.make_producer(self.settings.kafka, on_delivery=self._on_delivery, linger_ms=5)
         self._consumer = kafka.make_consumer(
             self.settings.kafka, self.group_id, partition_assignment_strategy="range",
-            fetch_max_bytes=16 * 1024 * 1024,
+            fetch_max_bytes=16 * 1024 * 1024, enable_partition_eof=True,
         )
         self._consumer.subscribe(
             [self.topics.impressions, self.topics.clicks],
@@ -191,7 +194,7 @@ class JoinWorker:
 
     # -- rebalance --------------------------------------------------------------------
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
-        now = self._idle_clock
+        now = time.monotonic()
         with self._lock:
             for n in sorted({tp.partition for tp in partitions} - set(self._cores)):
                 self._store.acquire(n)
@@ -200,6 +203,7 @@ class JoinWorker:
                 for topic in (self.topics.impressions, self.topics.clicks):
                     self._next[(topic, n)] = offsets.get(topic)
             for tp in partitions:
+                self._caught_up[(tp.topic, tp.partition)] = False
                 stored = self._next.get((tp.topic, tp.partition))
                 tp.offset = stored if stored is not None else kafka.OFFSET_BEGINNING
         log.info("assigned %s", [(tp.topic, tp.partition, tp.offset) for tp in partitions])
@@ -219,6 +223,7 @@ class JoinWorker:
         self._saved_watermark.pop(n, None)
         for topic in (self.topics.impressions, self.topics.clicks):
             self._next.pop((topic, n), None)
+            self._caught_up.pop((topic, n), None)
         if self._store is not None:
             self._store.release(n)
 
@@ -227,15 +232,17 @@ class JoinWorker:
         """Read, join, produce, flush and checkpoint one micro-batch; returns records read."""
         messages = self._consumer.consume(num_messages=self.config.batch_size, timeout=self.config.poll_timeout_s)
         started = time.perf_counter()
-        self._advance_idle_clock(len(messages) < self.config.batch_size)
         phases = self.phase_s
         with self._lock:
             read = self._feed(messages)
             t1 = time.perf_counter()
             phases["feed"] += t1 - started
-            now = self._idle_clock
-            for core in self._cores.values():
-                core.tick(now)
+            now = time.monotonic()
+            caught_up = self._caught_up
+            imps, clicks = self.topics.impressions, self.topics.clicks
+            for n, core in self._cores.items():
+                # An input not at its end has a backlog: behind, not idle.
+                core.tick(now, not caught_up.get((imps, n), False), not caught_up.get((clicks, n), False))
             parts = self._emit()
         t2 = time.perf_counter()
         phases["emit"] += t2 - t1
@@ -263,25 +270,18 @@ class JoinWorker:
             self._log_counters()
         return read
 
-    def _advance_idle_clock(self, caught_up: bool) -> None:
-        # The processing time the cores see for idleness runs only while the consumer
-        # keeps up (a short batch): with a backlog, a partition that got no records
-        # in this batch is behind, not idle, and must keep holding the watermark.
-        wall = time.monotonic()
-        if caught_up:
-            self._idle_clock += wall - self._idle_wall
-        self._idle_wall = wall
-
     def _feed(self, messages: list[kafka.Message]) -> int:
         imp_topic = self.topics.impressions
         latest = self.clock() + self.config.max_future_s
-        now = self._idle_clock
-        cores, nxt, dirty = self._cores, self._next, self._dirty
+        now = time.monotonic()
+        cores, nxt, dirty, caught_up = self._cores, self._next, self._dirty, self._caught_up
         read = n_imp = n_click = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
-                if err.code() != kafka.KafkaError._PARTITION_EOF:
+                if err.code() == kafka.KafkaError._PARTITION_EOF:
+                    caught_up[(msg.topic(), msg.partition())] = True
+                else:
                     log.warning("consume error: %s", err)
                 continue
             n = msg.partition()
@@ -294,6 +294,7 @@ class JoinWorker:
             if expected is not None and off < expected:
                 continue  # re-delivered after a seek
             nxt[key] = off + 1
+            caught_up[key] = False
             dirty.add(n)
             read += 1
             value = msg.value()

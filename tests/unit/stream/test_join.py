@@ -226,6 +226,19 @@ def test_idle_inputs_let_processing_time_close_windows():
     assert core._idle_since is None
 
 
+def test_a_busy_input_is_never_idle():
+    cfg = JoinConfig(window_s=10, allowed_lateness_s=5, max_correction_delay_s=20, idle_timeout_s=1.0,
+                     idle_advance_rate=10.0)
+    core = JoinCore(cfg, now=0.0)
+    core.add_impression(_imp(1, 0.0), now=0.0)
+    for t in (1.0, 5.0, 50.0):  # a backlog on the clicks input: it holds the watermark
+        core.tick(t, clicks_busy=True)
+    assert core.take_output().samples == [] and core.watermark == -math.inf
+    core.tick(51.5)  # caught up and quiet for 1.5 s: now both inputs are idle
+    core.tick(53.0)
+    assert [s.label for s in core.take_output().samples] == [0]
+
+
 def test_only_click_input_idle_lets_impressions_drive_the_watermark():
     cfg = JoinConfig(window_s=10, allowed_lateness_s=5, max_correction_delay_s=20, idle_timeout_s=1.0)
     core = JoinCore(cfg, now=0.0)
