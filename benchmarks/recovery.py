@@ -98,11 +98,9 @@ class FleetRunner:
         self.thread.start()
 
     def kill(self) -> str:
-        import ray
-
         self.kills += 1
         if self.kill_aggregator and self.kills == 2:  # the second kill hits the aggregator
-            name, pid = "aggregator", ray.get(self.fleet.aggregator.pid.remote(), timeout=120)
+            name, pid = "aggregator", self.fleet.aggregator_pid()
         else:
             name, pid = self.rng.choice([(f"learner {i}", p) for i, p in enumerate(self.fleet.pids())])
         os.kill(pid, signal.SIGKILL)

@@ -109,6 +109,8 @@ class Aggregator:
 
     def base(self) -> tuple[int | None, dict[str, int]]:
         """``(version, offsets)`` of the current base."""
+        if self.state is None:
+            raise ValueError("call start() first")
         return self.version, dict(self.offsets)
 
     def base_state(self) -> dict[str, torch.Tensor]:

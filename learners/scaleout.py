@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 
 from em3.config import Settings
 from learners.actor import ActorResources, start_aggregator_actor, start_learner_actor
@@ -142,40 +142,57 @@ class LearnerFleet:
     def _run_fleet(self, stop: Callable[[], bool], max_rounds: int | None) -> int | None:
         agg = self.aggregator
         init = self.workers[0].state.remote()
-        self.version = self._call_aggregator(lambda: agg.start.remote(init))
+        try:
+            self.version = ray.get(agg.start.remote(init))
+        except RayError as exc:
+            self._resync(exc)
         while not stop() and (max_rounds is None or self.rounds < max_rounds):
-            version, offsets = ray.get(agg.base.remote())
-            state_ref = agg.base_state.remote()
-            pending = {rank: w.train_round.remote(version, state_ref, offsets) for rank, w in enumerate(self.workers)}
-            results: dict[int, Any] = {}
-            while pending:
-                for rank, ref in list(pending.items()):
-                    try:
-                        results[rank] = ray.get(ref)
-                    except RayActorError as exc:
-                        self.restarts += 1
-                        log.warning("learner %d died in a round (%s); re-running its round from v%s",
-                                    rank, exc, version)
-                        pending[rank] = self.workers[rank].train_round.remote(version, state_ref, offsets)
-                        continue
-                    del pending[rank]
-            ordered = [results[rank] for rank in range(self.n)]
-            info = self._call_aggregator(lambda: agg.merge_and_publish.remote(ordered))
-            if info is not None:
-                self.version = info["version"]
-            self.rounds += 1
+            try:
+                self._round()
+            except RayError as exc:
+                # Anything but a learner dying in its round (handled inside): start the
+                # round again from the latest published snapshot. Learners that already
+                # trained past it find their positions ahead and seek back.
+                self._resync(exc)
         return self.version
 
-    def _call_aggregator(self, call: Callable[[], Any]) -> Any:
-        """Run an aggregator call; if the aggregator died, let Ray restart it and resume
-        it from the line's latest snapshot (the round is lost and re-learned)."""
-        try:
-            return ray.get(call())
-        except RayActorError as exc:
-            self.restarts += 1
-            log.warning("aggregator died (%s); resuming it from the latest snapshot", exc)
-            while True:
+    def _round(self) -> None:
+        agg = self.aggregator
+        version, offsets = ray.get(agg.base.remote())
+        state_ref = agg.base_state.remote()
+        pending = {rank: w.train_round.remote(version, state_ref, offsets) for rank, w in enumerate(self.workers)}
+        results: dict[int, Any] = {}
+        while pending:
+            for rank, ref in list(pending.items()):
                 try:
-                    return ray.get(self.aggregator.start.remote(None)) and None
-                except RayActorError:
-                    time.sleep(0.5)
+                    results[rank] = ray.get(ref)
+                except RayActorError as exc:
+                    self.restarts += 1
+                    log.warning("learner %d died in a round (%s); re-running its round from v%s", rank, exc, version)
+                    pending[rank] = self.workers[rank].train_round.remote(version, state_ref, offsets)
+                    continue
+                del pending[rank]
+        info = ray.get(agg.merge_and_publish.remote([results[rank] for rank in range(self.n)]))
+        self.version = info["version"]
+        self.rounds += 1
+
+    def _resync(self, exc: BaseException) -> None:
+        """After a failure outside a learner's round (typically the aggregator died and
+        Ray restarted it empty): resume the aggregator from the line's latest snapshot."""
+        self.restarts += 1
+        log.warning("round failed (%s); resuming the aggregator from the latest snapshot", exc)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                self.version = ray.get(self.aggregator.start.remote(None))
+                return
+            except RayError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def aggregator_pid(self) -> int | None:
+        """Process id of the aggregator actor (None with one learner)."""
+        if self.aggregator is None:
+            return None
+        return ray.get(self.aggregator.pid.remote(), timeout=120)
