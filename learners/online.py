@@ -45,7 +45,10 @@ class OnlineLearner:
         Where item content is read (``get_many``); missing items get ID-only
         content (both modalities masked).
     lr : float
-        Adam learning rate for every trainable tensor.
+        Adam learning rate of the ranker and ID embeddings.
+    content_lr : float, optional
+        Adam learning rate of the content modules (LoRA adapters, fusion, content
+        norm); default ``lr``.
     device : str
         ``"auto"`` (CUDA with bf16 autocast when present, CPU otherwise), ``"cpu"``,
         ``"cuda"``, ``"cuda:1"`` ...
@@ -61,18 +64,25 @@ class OnlineLearner:
     """
 
     def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = 1e-3,
-                 device: str = "auto", seed: int = 0, cache_items: int = 20_000,
+                 content_lr: float | None = None, device: str = "auto", seed: int = 0, cache_items: int = 20_000,
                  gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0) -> None:
         if lr <= 0:
             raise ValueError(f"lr must be > 0, but {lr} is given")
+        if content_lr is not None and content_lr <= 0:
+            raise ValueError(f"content_lr must be > 0, but {content_lr} is given")
         self.config = model_config
         self.content = content
         self.device = resolve_device(device)
         self.amp = self.device.type == "cuda"
         self.model = EM3Model(model_config, cache_items=cache_items,
                               gradient_checkpointing=gradient_checkpointing).to(self.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+        content_prefixes = ("text.", "image.", "fusion.", "content_norm.")
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
+        groups = [{"params": [p for n, p in named if not n.startswith(content_prefixes)], "lr": lr},
+                  {"params": [p for n, p in named if n.startswith(content_prefixes)],
+                   "lr": lr if content_lr is None else content_lr}]
+        self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.max_grad_norm = max_grad_norm
         self.steps = 0
@@ -117,7 +127,7 @@ class OnlineLearner:
 
     # -------------------------------------------------------------- interface
     def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]],
-                    weights: Sequence[float] | None = None) -> dict[str, float]:
+                    weights: Sequence[float] | None = None, return_probs: bool = False) -> dict[str, float]:
         """One optimizer step on ``samples``.
 
         Parameters
@@ -128,12 +138,17 @@ class OnlineLearner:
             first (truncated to ``history_len``).
         weights : sequence of float, optional
             Per-sample loss weights (default 1).
+        return_probs : bool
+            Also return ``probs``, the click probabilities of the forward pass that
+            precedes the update: exactly the test-then-train (prequential)
+            predictions, without a second forward pass.
 
         Returns
         -------
         dict
             ``loss``, ``rank_loss``, ``cic_loss``, ``n``, ``positives``,
-            ``corrections``, ``unique_items``, ``seconds``.
+            ``corrections``, ``unique_items``, ``seconds`` (floats and ints), and
+            ``probs`` (``np.ndarray`` ``(B,)``) when asked.
         """
         t0 = time.perf_counter()
         if not samples:
@@ -150,15 +165,19 @@ class OnlineLearner:
             rank = weighted_bce(logits, labels, w, corr, self.config.correction_mode)
             cic = self.model.cic_loss(enc, self.generator)
             loss = rank + self.config.cic_weight * cic
+        probs = torch.sigmoid(logits.detach()).cpu().numpy() if return_probs else None
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
         self.steps += 1
-        return {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
-                "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
-                "unique_items": int(enc.reps.shape[0]), "seconds": time.perf_counter() - t0}
+        stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
+                 "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
+                 "unique_items": int(enc.reps.shape[0]), "seconds": time.perf_counter() - t0}
+        if probs is not None:
+            stats["probs"] = probs
+        return stats
 
     @torch.no_grad()
     def score(self, records: Sequence[Sample | Impression], histories: Sequence[Sequence[str]],

@@ -106,7 +106,7 @@ class ModelConfig:
     text_lora_targets: tuple[str, ...] = ("query", "value")
     image_lora_targets: tuple[str, ...] = ("_expand_conv", "_project_conv", "_conv_head")
     max_text_tokens: int = 32
-    image_size: int = 96
+    image_size: int = 64
     fusion: str = "qformer"
     query_num: int = 4
     fusion_layers: int = 1

@@ -76,13 +76,20 @@ class EM3Model(nn.Module):
         torch.manual_seed(config.seed + 1)
         in_dims = [enc.hidden_size for enc in (self.text, self.image) if enc is not None]
         self.fusion: nn.Module | None = None
+        self.content_norm: nn.Module | None = None
         if config.use_content:
+            # Content rows start at the ID embeddings' scale (|x| ~ 0.1 per dim), so
+            # neither part of [content ; id] swamps the other at the start.
+            self.content_norm = nn.LayerNorm(d)
+            nn.init.constant_(self.content_norm.weight, 0.1)
             if config.fusion == "qformer":
                 self.fusion = FusionQFormer(in_dims, d, config.query_num, config.fusion_layers, config.fusion_heads)
             else:
                 self.fusion = MeanFusion(in_dims, d)
         self.user_emb = HashEmbedding(config.user_buckets, d, "user")
-        self.item_emb = HashEmbedding(config.item_buckets, d, "item")
+        # Item rows start near zero: an unseen item's ID part adds (almost) no noise,
+        # so a cold item is scored by its content (and the user) until it has data.
+        self.item_emb = HashEmbedding(config.item_buckets, d, "item", init_std=0.01)
         self.context_emb = HashEmbedding(config.context_buckets, d, "context")
         self.attention = TargetAttention(config.item_dim, config.attention_hidden)
         self.head = ClickHead(d, config.item_dim, config.mlp_hidden)
@@ -225,7 +232,7 @@ class EM3Model(nn.Module):
             s, m = self._image_tokens(entries)
             tokens.append(s)
             masks.append(m)
-        return self.fusion(tokens, masks)  # (N, d)
+        return self.content_norm(self.fusion(tokens, masks))  # (N, d)
 
     def encode_items(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None) -> ItemEncoding:
         """Representations of ``N`` unique items; ``contents`` aligned with ``item_ids``."""

@@ -132,3 +132,13 @@ def test_corrections_validation_and_state(cfg):
     assert sum(v.numel() for v in state.values()) == learner.num_trainable_params()
     assert all(v.device.type == "cpu" for v in state.values())
     assert learner.learn_batch([], [])["n"] == 0
+
+
+def test_learn_batch_probs_are_the_test_then_train_predictions(cfg):
+    store, stream = _world(seed=5)
+    learner = OnlineLearner(cfg, store, device="cpu")
+    batch = stream(20, 0)
+    before = learner.score(batch, [[]] * 20)
+    stats = learner.learn_batch(batch, [[]] * 20, return_probs=True)
+    np.testing.assert_allclose(stats["probs"], before, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(learner.score(batch, [[]] * 20), before)  # the update happened
