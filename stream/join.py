@@ -159,8 +159,12 @@ class JoinOutput:
 class JoinChanges:
     """State changes since the last :meth:`JoinCore.take_changes`, to persist incrementally.
 
-    ``records`` maps impression id to its new state, or None when evicted;
+    ``records`` maps impression id to its new state (or None if it is gone);
     ``orphans`` maps impression id to the clicks still held, or None when none are.
+    Two changes follow from the watermark in ``meta`` and are not reported, which
+    saves two writes per impression: a window closing with no click (PENDING to
+    NEGATIVE) and an eviction past the correction horizon. :meth:`JoinCore.restore`
+    re-derives both.
     """
 
     records: dict[str, ImpressionState | None] = field(default_factory=dict)
@@ -272,7 +276,6 @@ class JoinCore:
         rec = self._records.get(iid)
         if rec is not None and rec.impression.served_at + self._horizon <= self.watermark:
             del self._records[iid]  # past its horizon: evicted, whatever the queue says
-            self._changed.add(iid)
             return None
         return rec
 
@@ -339,7 +342,9 @@ class JoinCore:
 
     def state(self) -> tuple[list[ImpressionState], dict[str, list[tuple[Click, int]]]]:
         """All remembered records and held clicks (for a full checkpoint)."""
-        return list(self._records.values()), {iid: list(held) for iid, held in self._orphans.items()}
+        limit = self.watermark - self._horizon
+        records = [r for r in self._records.values() if r.impression.served_at > limit]
+        return records, {iid: list(held) for iid, held in self._orphans.items()}
 
     @property
     def pending(self) -> int:
@@ -370,8 +375,18 @@ class JoinCore:
         core.max_impression_time = float(meta.get("max_impression_time", _NEG_INF))
         core.max_click_time = float(meta.get("max_click_time", _NEG_INF))
         core.watermark = float(meta.get("watermark", _NEG_INF))
+        wm = core.watermark
         for rec in records:
             iid = rec.impression.impression_id
+            end = rec.impression.served_at + config.window_s
+            if end + config.max_correction_delay_s <= wm:
+                continue  # evicted (evictions are not reported as changes)
+            if rec.status == PENDING and end <= wm:
+                # Its window closed before the checkpoint: the negative went out, and
+                # any held clicks were settled (a correction, or a dead letter).
+                horizon = end + config.max_correction_delay_s
+                rec.status = DONE if any(c.clicked_at <= horizon for c, _ in rec.held) else NEGATIVE
+                rec.held = []
             core._records[iid] = rec
             core._n_pending += rec.status == PENDING
             core._closes.append((rec.impression.served_at + config.window_s, iid))
@@ -469,11 +484,13 @@ class JoinCore:
             if rec.status == PENDING:
                 rec.status = NEGATIVE
                 self._n_pending -= 1
-                self._changed.add(iid)
                 self._emit(rec, 0, when, False)
-                held, rec.held = rec.held, []
-                for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
-                    self._apply_click(rec, click, offset)
+                if rec.held:
+                    self._changed.add(iid)
+                    held, rec.held = rec.held, []
+                    for click, offset in sorted(held, key=lambda h: h[0].clicked_at):
+                        self._apply_click(rec, click, offset)
+                # else: not reported as a change; restore() derives it from the watermark
         due = self._orphan_due
         while due and due[0][0] <= wm:
             _, iid = heapq.heappop(due)
@@ -495,8 +512,7 @@ class JoinCore:
             _, iid = evictions.popleft()
             rec = records.get(iid)
             if rec is not None and rec.impression.served_at + self._horizon <= wm:
-                del records[iid]
-                self._changed.add(iid)
+                del records[iid]  # not reported: restore() drops what is past its horizon
 
 
 def expected_labels(

@@ -12,9 +12,10 @@ Per join group ``g`` and input partition ``n`` (prefix ``p``, default ``em3:``):
 A checkpoint writes, in ONE ``MULTI/EXEC`` transaction, each partition's delta
 blob (RPUSH), its meta hash with the input offsets consumed, and the history
 appends of the batch's positives (``{p}hist:{user}``, the layout of
-:class:`em3.redis_stores.RedisHistoryStore`). When a partition's log outgrows
-its base (and 4 MB), the same transaction replaces the base with the full
-state and deletes the log, so writes stay within about twice the changes.
+:class:`em3.redis_stores.RedisHistoryStore`). When a partition's log grows past
+twice its base (and 16 MB), the same transaction replaces the base with the
+full state and deletes the log, so writes stay within a small multiple of the
+changes and a restart reads at most about three times the state.
 One blob per batch rather than one HSET field per impression: redis-py spends
 microseconds per command argument, which at 20k+ events/s was a fifth of the
 join's time. The transaction WATCHes the epoch keys, so a worker that lost a
@@ -82,7 +83,7 @@ def decode_record(data: bytes) -> ImpressionState:
 
 
 _RS, _US = b"\x1e", b"\x1f"
-_MIN_COMPACT_BYTES = 4 * 1024 * 1024
+_MIN_COMPACT_BYTES = 16 * 1024 * 1024
 
 
 def _delta_blob(changes: JoinChanges, full: bool = False) -> bytes:
@@ -256,7 +257,7 @@ class RedisJoinStateStore:
         if p.changes is not None:
             sizes = self._sizes.setdefault(p.partition, [0, 0])
             blob = _delta_blob(p.changes)
-            if p.core is not None and sizes[1] + len(blob) > max(sizes[0], _MIN_COMPACT_BYTES):
+            if p.core is not None and sizes[1] + len(blob) > max(2 * sizes[0], _MIN_COMPACT_BYTES):
                 base = _full_blob(p.core)
                 pipe.set(self._key(p.partition, "base"), base)
                 pipe.delete(self._key(p.partition, "log"))
