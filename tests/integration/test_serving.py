@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from em3 import codec
 from em3.types import ItemContent
