@@ -168,3 +168,22 @@ def test_impression_counts_reach_the_popularity_store_in_batches(make_runtime):
     buf = _CountBuffer(store, "impressions", every_s=0.0)
     buf.add([Impression(f"r-{n}", "r", "u", f"i{n % 2}", n, 1.7e9) for n in range(5)])
     assert store.get_many("impressions", ["i0", "i1"]) == [3.0, 2.0]
+
+
+def test_streamed_oversized_body_is_a_413(client):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 1000
+
+    r = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_an_unexpected_error_is_a_500_not_a_dropped_connection(client, runtime, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(runtime, "rank", boom)
+    r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1"]})
+    assert r.status_code == 500 and r.json() == {"error": "internal"}
+    assert client.get("/healthz").status_code == 200
