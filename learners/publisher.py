@@ -116,6 +116,12 @@ def _pack(state: Mapping[str, Any], **manifest_fields: Any) -> tuple[bytes, Snap
     return snapshot.pack(state, **manifest_fields)
 
 
+def _config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
+    from em3 import snapshot
+
+    return snapshot.config_dict(config)
+
+
 def _unpack(blob: bytes, manifest: SnapshotManifest, expected_config: Mapping[str, Any]) -> Mapping[str, Any]:
     from em3 import snapshot
 
@@ -168,11 +174,12 @@ class SnapshotPublisher:
             except SnapshotError as exc:
                 log.warning("snapshot %s v%d unreadable (%s); trying an older one", self.model_line, version, exc)
                 continue
-            if dict(manifest.config) != self.model_config:
+            saved, wanted = _config_dict(manifest.config), _config_dict(self.model_config)
+            if saved != wanted:
+                differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
                 raise SnapshotError(
                     f"line {self.model_line!r} v{version} was trained with a different model config; "
-                    f"use another --model-line or the same variant (differing keys: "
-                    f"{sorted(k for k in set(manifest.config) | set(self.model_config) if manifest.config.get(k) != self.model_config.get(k))})"
+                    f"use another --model-line or the same variant (differing keys: {differing})"
                 )
             try:
                 state = _unpack(blob, manifest, self.model_config)
