@@ -192,6 +192,8 @@ class LineTrainer:
         """
         stop = should_stop or self._stop.is_set
         self.resume()
+        if self.version is None:
+            self._publish_initial()
         cycles = 0
         while not stop() and (max_cycles is None or cycles < max_cycles):
             result = self.loop.run_cycle(self.config.policy, stop)
@@ -217,6 +219,22 @@ class LineTrainer:
         self.source.commit(result.offsets)  # only after the snapshot holding them is published
         log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, manifest.version,
                  result.applied, result.offsets)
+
+    def _publish_initial(self) -> None:
+        """Publish the untrained model as the line's first version, so servers can
+        rank (new lines rank by content and hashed IDs from the start) before any
+        sample arrives. It holds no offsets, so nothing is marked as consumed."""
+        stats = {"totals": {k: 0 for k in COUNTERS}, "prequential": self.window.summary(), "initial": True}
+        try:
+            manifest = self.publisher.publish(self.learner.state_dict(), parent=None, offsets={},
+                                              applied_ids={}, stats=stats)
+        except LineMovedError as exc:
+            log.warning("%s; resuming from the line's pointer", exc)
+            self.resume()
+            return
+        self.version = manifest.version
+        self.published += 1
+        log.info("published %s v%d (initial weights)", self.config.model_line, manifest.version)
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish its cycle, publish it and return."""

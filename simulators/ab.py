@@ -237,11 +237,15 @@ class ABRunner:
         Called with every Impression and Click in event-time order.
     metrics : callable, optional
         ``metrics(t) -> {series: {arm: value}}`` at every look (see module docstring).
+    should_stop : callable, optional
+        Checked before each request; True ends the experiment there (a wall-clock
+        budget, for example), as ``stop_early`` does.
     """
 
     def __init__(self, world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, *,
                  event_sink: Callable[[Impression | Click], None] | None = None,
-                 metrics: Callable[[float], Mapping[str, Mapping[str, float]]] | None = None) -> None:
+                 metrics: Callable[[float], Mapping[str, Mapping[str, float]]] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.config = cfg = config or ABConfig()
         if len(arms) < 2:
             raise ValueError(f"arms must hold at least 2 rankers, but {len(arms)} is given")
@@ -260,6 +264,7 @@ class ABRunner:
         self.treatments = [a for a in self.arm_names if a != self.control]
         self.event_sink = event_sink
         self.metrics = metrics
+        self.should_stop = should_stop
 
     def run(self) -> ABReport:
         """Simulate the experiment and return its report."""
@@ -331,6 +336,9 @@ class ABRunner:
             timeline.append(entry)
 
         for i in range(cfg.n_requests):
+            if self.should_stop is not None and self.should_stop():
+                stopped_early = True
+                break
             t += float(rng.exponential(1.0 / cfg.request_rate_per_s))
             deliver(t)
             req = world.next_request(t)

@@ -100,12 +100,14 @@ def plot_metric(report: ABReport | Mapping[str, Any], name: str, path: str | Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     t0 = data["timeline"][0]["t"]
+    span = max(t for t, _ in points) - t0
+    scale, unit = (3600.0, "hours") if span > 7200 else (1.0, "seconds")
     arms = sorted({a for _, series in points for a in series})
     for arm in arms:
-        xs = [(t - t0) / 3600.0 for t, s in points if arm in s]
+        xs = [(t - t0) / scale for t, s in points if arm in s]
         ys = [_nan(s[arm]) for _, s in points if arm in s]
         ax.plot(xs, ys, label=arm)
-    ax.set_xlabel("event time (hours since first look)")
+    ax.set_xlabel(f"event time ({unit} since first look)")
     ax.set_ylabel(ylabel or name)
     ax.set_title(name)
     ax.legend()
@@ -116,8 +118,13 @@ def plot_metric(report: ABReport | Mapping[str, Any], name: str, path: str | Pat
     return out
 
 
-def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experiment") -> dict[str, Path]:
+def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experiment", *,
+                 extra: Mapping[str, Any] | None = None, extra_html: str = "") -> dict[str, Path]:
     """Write ``report.json``, the PNGs and a self-contained ``report.html`` to ``out_dir``.
+
+    ``extra`` is merged into the JSON report (under its own keys) and
+    ``extra_html`` (already escaped by the caller) goes into the page after the
+    verdicts: how the demo adds its system figures.
 
     Returns
     -------
@@ -128,11 +135,17 @@ def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experi
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     written["json"] = out / "report.json"
-    written["json"].write_text(report.to_json())
+    body = report.to_dict()
+    if extra:
+        body.update(_clean(dict(extra)))
+    written["json"].write_text(json.dumps(_clean(body), indent=2))
     written["ctr"] = plot_ctr(report, out / "ctr.png")
     written["tests"] = plot_tests(report, out / "tests.png")
-    for name, label in (("prequential_auc", "prequential AUC"), ("freshness_s", "snapshot age (s)")):
-        path = plot_metric(report, name, out / f"{name}.png", label)
+    labels = {"prequential_auc": "prequential AUC", "freshness_s": "snapshot age (s)"}
+    names = sorted({n for e in report.timeline for n in e.get("metrics", {})},
+                   key=lambda n: (n not in labels, n))
+    for name in names:
+        path = plot_metric(report, name, out / f"{name}.png", labels.get(name, name))
         if path is not None:
             written[name] = path
     figures = "".join(
@@ -162,7 +175,7 @@ def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experi
         f"<th>CI</th></tr>{rows}</table>"
         "<h2>Sequential test (mSPRT) against control</h2><table><tr><th>arm</th><th>verdict</th>"
         "<th>difference</th><th>always-valid CI</th><th>p-value</th><th>stopped at request</th></tr>"
-        f"{verdicts}</table>{figures}<h2>config</h2><pre>{config}</pre></body></html>"
+        f"{verdicts}</table>{extra_html}{figures}<h2>config</h2><pre>{config}</pre></body></html>"
     )
     written["html"] = out / "report.html"
     written["html"].write_text(page, encoding="utf-8")

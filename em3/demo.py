@@ -1,0 +1,661 @@
+"""``em3 demo``: the whole system learning online and tested by A/B, in one command.
+
+This module is the composition root (imported only by the CLI): it starts the
+embedded broker and Redis, the stream join (``em3 join`` subprocess), one Ray
+learner per model line (EM3 online, ID-only online), a ranking server
+(``em3 serve`` subprocess with an A/B experiment over the lines), and simulated
+users (:mod:`simulators.world`) who ask the server for rankings over HTTP and
+click with delays. After ``--minutes`` it writes a JSON and an HTML report to
+``--out`` and stops everything, also on Ctrl-C or when a component fails (then
+it says which, and why).
+
+Simulated time follows the wall clock: each request waits for its Poisson
+arrival time, so impressions stamped by the server and clicks stamped by the
+simulator share one clock, and the join's event-time window means the same
+thing as in production.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register"]
+
+log = logging.getLogger(__name__)
+
+# Model lines the demo can run; each is trained by its own learner from the same samples.
+LINE_VARIANTS = {"em3": "em3", "id_only": "id_only", "content_frozen": "content_frozen", "no_cic": "no_cic"}
+
+
+class ComponentFailed(RuntimeError):
+    """A component of the demo stopped; ``component`` names it."""
+
+    def __init__(self, component: str, reason: str) -> None:
+        super().__init__(f"{component} failed: {reason}")
+        self.component = component
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Settings of one demo run; checked at construction.
+
+    Parameters
+    ----------
+    minutes : float
+        Wall-clock length of the simulated traffic.
+    out_dir : str
+        Where the reports, logs and service files go.
+    lines : tuple of str
+        Model lines, one A/B arm each, equal traffic; the first is the control.
+    model_scale : {"default", "tiny"}
+        ``default``: real pretrained encoders (MiniLM, EfficientNet-Lite0) with LoRA;
+        ``tiny``: small random-init encoders (tests).
+    request_rate_per_s : float
+        Mean simulated requests per second (Poisson).
+    n_users, n_items : int
+        Simulated users and initial catalogue (MovieLens titles and genres).
+    new_items_per_minute : float
+        New items arriving during the run (cold start).
+    click_delay_median_s : float
+        Median impression-to-click delay.
+    window_s : float
+        The join's attribution window.
+    snapshot_interval_s : float
+        Learners publish a snapshot this often.
+    k, n_candidates : int
+        Items shown per request, candidates per request.
+    gpu : bool
+        Give learners a GPU when CUDA is present.
+    startup_timeout_s : float
+        Longest wait for the first snapshot of each line and for the server.
+    seed : int
+    """
+
+    minutes: float = 3.0
+    out_dir: str = "out/demo"
+    lines: tuple[str, ...] = ("em3", "id_only")
+    model_scale: str = "default"
+    request_rate_per_s: float = 4.0
+    n_users: int = 200
+    n_items: int = 150
+    new_items_per_minute: float = 10.0
+    click_delay_median_s: float = 1.5
+    window_s: float = 10.0
+    snapshot_interval_s: float = 2.0
+    k: int = 10
+    n_candidates: int = 30
+    gpu: bool = False
+    startup_timeout_s: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s",
+                     "snapshot_interval_s", "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
+        for name in ("n_users", "n_items", "k", "n_candidates"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
+        if self.new_items_per_minute < 0:
+            raise ValueError(f"new_items_per_minute must be >= 0, but {self.new_items_per_minute!r} is given")
+        if len(self.lines) < 2 or len(set(self.lines)) != len(self.lines):
+            raise ValueError(f"lines must name at least two distinct model lines, but {self.lines!r} is given")
+        unknown = [line for line in self.lines if line not in LINE_VARIANTS]
+        if unknown:
+            raise ValueError(f"lines must be among {sorted(LINE_VARIANTS)}, but {unknown} are given")
+        if self.model_scale not in ("default", "tiny"):
+            raise ValueError(f"model_scale must be 'default' or 'tiny', but {self.model_scale!r} is given")
+        if self.k > self.n_candidates:
+            raise ValueError(f"k must be <= n_candidates ({self.n_candidates}), but {self.k} is given")
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    from em3.services import _die_with_parent as die
+
+    die()
+
+
+class _Subprocess:
+    """A child ``python -m em3 ...`` process with its log file; dies with us."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> None:
+        self.name = name
+        self.log_path = log_path
+        with open(log_path, "ab") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "em3", *argv], stdout=log_file, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=dict(env), preexec_fn=_die_with_parent,
+            )
+
+    def check(self) -> None:
+        code = self.proc.poll()
+        if code is not None:
+            tail = self.log_path.read_text(errors="replace")[-1500:]
+            raise ComponentFailed(self.name, f"exited with code {code}; log {self.log_path} ends:\n{tail}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout_s)
+
+
+class _LearnerLine:
+    """One model line's learner fleet, run from a driver thread."""
+
+    def __init__(self, settings: Any, line: str, config: DemoConfig) -> None:
+        from em3.model import ModelConfig
+        from learners.actor import ActorResources
+        from learners.publisher import SnapshotPolicy
+        from learners.scaleout import LearnerFleet
+        from learners.worker import LearnConfig
+
+        variant = LINE_VARIANTS[line]
+        model = (ModelConfig.tiny(variant) if config.model_scale == "tiny" else ModelConfig.for_variant(variant))
+        learn = LearnConfig(line, model.to_dict(), policy=SnapshotPolicy(interval_s=config.snapshot_interval_s),
+                            seed=config.seed)
+        use_gpu = config.gpu and _cuda_available()
+        self.line = line
+        self.model_config = model.to_dict()
+        self.fleet = LearnerFleet(settings, learn, 1, resources=ActorResources(num_cpus=0.5,
+                                                                               num_gpus=0.5 if use_gpu else 0.0))
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"learner-{line}", daemon=True)
+
+    def start(self) -> None:
+        self.fleet.start()
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.fleet.run()
+        except BaseException as exc:  # noqa: BLE001 - reported by check()
+            self.error = exc
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise ComponentFailed(f"learner {self.line}", repr(self.error))
+
+    def stop(self) -> None:
+        self.fleet.stop()
+        self._thread.join(timeout=60)
+        self.fleet.shutdown()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+class _PacedServer:
+    """The :class:`simulators.rankers.Ranker` the simulated users call: waits for
+    each request's arrival time on the wall clock, registers items that arrived
+    meanwhile (``POST /v1/items``), then asks the server (``POST /v1/rank``).
+
+    It also records what the report needs: per-arm impressions and clicks of
+    cold-start items, the snapshot versions served and their age (freshness).
+    """
+
+    def __init__(self, http: Any, world: Any, t0: float, version_created: Callable[[str, int], float | None],
+                 check: Callable[[], None]) -> None:
+        self.http = http
+        self.world = world
+        self.t0 = t0
+        self.last_arrival_check = t0
+        self.version_created = version_created
+        self.check = check
+        self.requests = 0
+        self.errors = 0
+        self.versions: dict[str, set[int]] = {}
+        self.freshness: dict[str, list[float]] = {}
+        self.latency_ms: list[float] = []
+        self.new_items = 0
+        self._last_freshness: dict[str, float] = {}
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Any:
+        t = float(context["t"])
+        while True:
+            now = time.time()
+            if now >= t:
+                break
+            time.sleep(min(0.05, t - now))
+        self.check()
+        arrived = self.world.arrivals_between(self.last_arrival_check, t)
+        if arrived:
+            self.http.register_items([self.world.item_content(i) for i in arrived])
+            self.new_items += len(arrived)
+        self.last_arrival_check = t
+        start = time.perf_counter()
+        ranking = self.http.rank(user_id, candidates, context, k)
+        self.latency_ms.append((time.perf_counter() - start) * 1000.0)
+        self.requests += 1
+        self.versions.setdefault(ranking.arm, set()).add(ranking.model_version)
+        created = self.version_created(ranking.arm, ranking.model_version)
+        if created is not None:
+            age = max(0.0, time.time() - created)
+            self.freshness.setdefault(ranking.arm, []).append(age)
+            self._last_freshness[ranking.arm] = age
+        return ranking
+
+    def last_freshness(self) -> dict[str, float]:
+        return dict(self._last_freshness)
+
+
+class _ColdStartTracker:
+    """Counts impressions and clicks per arm on items that arrived after the start."""
+
+    def __init__(self, world: Any, t0: float, forward: Callable[[Any], None]) -> None:
+        self.world = world
+        self.t0 = t0
+        self.forward = forward
+        self.arm_of: dict[str, str] = {}
+        self.shown: dict[str, int] = {}
+        self.clicked: dict[str, int] = {}
+
+    def __call__(self, event: Any) -> None:
+        from em3.types import Impression
+
+        if isinstance(event, Impression):
+            if self.world.arrival_time(event.item_id) > self.t0:
+                self.arm_of[event.impression_id] = event.arm
+                self.shown[event.arm] = self.shown.get(event.arm, 0) + 1
+        else:
+            arm = self.arm_of.get(event.impression_id)
+            if arm is not None:
+                self.clicked[arm] = self.clicked.get(arm, 0) + 1
+        self.forward(event)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for arm, shown in sorted(self.shown.items()):
+            clicks = self.clicked.get(arm, 0)
+            ctr = clicks / shown
+            half = 1.96 * math.sqrt(max(ctr * (1 - ctr), 1e-12) / shown)
+            out[arm] = {"impressions": shown, "clicks": clicks, "ctr": ctr,
+                        "ci_low": max(0.0, ctr - half), "ci_high": min(1.0, ctr + half)}
+        return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run the demo; returns the JSON report (also written to ``config.out_dir``)."""
+    from em3.config import KafkaSettings, RedisSettings, Settings
+    from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
+    from em3.services import LocalServices, free_port
+    from stream.kafka import ensure_topics
+
+    out = Path(config.out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    t_start = time.time()
+    stages: dict[str, float] = {}
+    components: list[Any] = []
+    ray_started = False
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) \
+        if threading.current_thread() is threading.main_thread() else None
+    services = LocalServices(out / "services")
+    try:
+        info = services.start()
+        settings = Settings(KafkaSettings(info.bootstrap_servers), RedisSettings(info.redis_url))
+        ensure_topics(settings.kafka, settings.topics, partitions=2)
+        redis = connect(settings.redis)
+        snapshots = RedisSnapshotStore(redis, settings.redis_prefix)
+        stages["services_s"] = time.time() - t_start
+
+        world = _make_world(config, t0=time.time())
+        RedisContentStore(redis, settings.redis_prefix).put_many(world.catalog(world.config.start_time))
+
+        env = {**os.environ, "EM3_BOOTSTRAP_SERVERS": info.bootstrap_servers, "EM3_REDIS_URL": info.redis_url}
+        join_port = free_port()
+        join = _Subprocess("join", ["join", "--window-s", str(config.window_s), "--allowed-lateness-s", "2",
+                                    "--idle-timeout-s", "2", "--web-port", str(join_port)],
+                           logs / "join.log", env)
+        components.append(join)
+
+        ray_started = _start_ray(out)
+        lines = [_LearnerLine(settings, line, config) for line in config.lines]
+        for line in lines:
+            line.start()
+            components.append(line)
+
+        def check_all() -> None:
+            for c in components:
+                c.check()
+
+        _wait_for(lambda: all(snapshots.latest_version(line) is not None for line in config.lines),
+                  "the first snapshot of every line", config.startup_timeout_s, check_all)
+        stages["first_snapshots_s"] = time.time() - t_start
+
+        experiment = {"name": "demo", "salt": f"demo-{config.seed}",
+                      "arms": [{"name": line, "fraction": 1.0 / len(config.lines), "kind": "line",
+                                "model_line": line} for line in config.lines]}
+        experiment["arms"][-1]["fraction"] = 1.0 - sum(a["fraction"] for a in experiment["arms"][:-1])
+        (out / "experiment.json").write_text(json.dumps(experiment, indent=2))
+        port = free_port()
+        server = _Subprocess("server", ["serve", "--experiment", str(out / "experiment.json"), "--port", str(port)],
+                             logs / "server.log", env)
+        components.append(server)
+        base_url = f"http://127.0.0.1:{port}"
+        _wait_for(lambda: _http_ok(base_url + "/readyz"), "the ranking server to be ready",
+                  config.startup_timeout_s, check_all)
+        stages["server_ready_s"] = time.time() - t_start
+
+        report = _simulate(config, world, base_url, snapshots, check_all, join_port, progress)
+        report["startup"] = {k: round(v, 2) for k, v in stages.items()}
+        report["join"] = _get_json(f"http://127.0.0.1:{join_port}/join/metrics") or {}
+        return report
+    except KeyboardInterrupt:
+        log.warning("interrupted: shutting down")
+        raise
+    finally:
+        for component in reversed(components):
+            try:
+                component.stop()
+            except Exception as exc:  # noqa: BLE001 - keep stopping the rest
+                log.warning("stopping %s failed: %r", component, exc)
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+        services.stop()
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _start_ray(out: Path) -> bool:
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # AF_UNIX socket paths must stay short, so the temp dir is under /tmp.
+    temp = Path("/tmp") / f"em3-ray-{uuid.uuid4().hex[:6]}"
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(temp), configure_logging=False)
+    return True
+
+
+def _make_world(config: DemoConfig, t0: float) -> Any:
+    from simulators.delays import LogNormalDelay
+    from simulators.world import World, WorldConfig
+
+    return World(WorldConfig(
+        n_users=config.n_users, n_items=config.n_items, n_candidates=config.n_candidates, start_time=t0,
+        horizon_s=config.minutes * 60.0 + 600.0, new_items_per_hour=config.new_items_per_minute * 60.0,
+        fresh_window_s=max(60.0, config.minutes * 60.0), drift_period_s=max(600.0, config.minutes * 120.0),
+        delay=LogNormalDelay(median_s=config.click_delay_median_s, sigma=0.5, max_s=config.window_s * 3),
+        seed=config.seed,
+    ))
+
+
+def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, check_all: Callable[[], None],
+              join_port: int, progress: bool) -> dict[str, Any]:
+    from simulators.ab import ABConfig, ABRunner
+    from simulators.http_ranker import HTTPRanker
+    from simulators.report import write_report
+
+    http = HTTPRanker(base_url, timeout_s=30.0)
+    created_at: dict[tuple[str, int], float | None] = {}
+
+    def version_created(line: str, version: int) -> float | None:
+        key = (line, version)
+        if key not in created_at:
+            try:
+                created_at[key] = snapshots.manifest(line, version).created_at
+            except Exception:  # noqa: BLE001 - pruned or unknown: no freshness figure
+                created_at[key] = None
+        return created_at[key]
+
+    t0 = time.time()
+    paced = _PacedServer(http, world, t0, version_created, check_all)
+    cold = _ColdStartTracker(world, world.config.start_time, http.click_sink())
+    deadline = t0 + config.minutes * 60.0
+    learner_history: list[dict[str, Any]] = []
+
+    def metrics(t: float) -> dict[str, dict[str, float]]:
+        series: dict[str, dict[str, float]] = {"freshness_s": paced.last_freshness()}
+        auc, samples = {}, {}
+        for line in config.lines:
+            version = snapshots.latest_version(line)
+            if version is None:
+                continue
+            stats = version_stats(line, version)
+            pre = stats.get("prequential", {})
+            if pre.get("window_auc") is not None:
+                auc[line] = pre["window_auc"]
+            samples[line] = stats.get("totals", {}).get("applied", 0)
+        series["learner_window_auc"] = auc
+        learner_history.append({"t": t, "learner_window_auc": auc, "samples_applied": samples})
+        return series
+
+    stats_cache: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def version_stats(line: str, version: int) -> dict[str, Any]:
+        if (line, version) not in stats_cache:
+            try:
+                stats_cache[(line, version)] = dict(snapshots.manifest(line, version).stats)
+            except Exception:  # noqa: BLE001
+                stats_cache[(line, version)] = {}
+        return stats_cache[(line, version)]
+
+    ab = ABConfig(n_requests=max(10, int(config.minutes * 60.0 * config.request_rate_per_s * 2)),
+                  k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
+                  assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
+                  min_samples=20, check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
+    runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
+                      should_stop=lambda: time.time() >= deadline)
+    with _Progress(progress, config, paced, snapshots, join_port, deadline):
+        result = runner.run()
+    wall = time.time() - t0
+    http.close()
+
+    lines_summary = {}
+    for line in config.lines:
+        version = snapshots.latest_version(line)
+        stats = version_stats(line, version) if version is not None else {}
+        lines_summary[line] = {
+            "latest_version": version,
+            "versions_kept": snapshots.versions(line),
+            "samples_applied": stats.get("totals", {}).get("applied"),
+            "prequential": stats.get("prequential", {}),
+        }
+    freshness = {arm: _percentiles(v) for arm, v in paced.freshness.items()}
+    extra = {
+        "demo": {"config": asdict(config), "wall_s": round(wall, 2)},
+        "cold_start": cold.summary(),
+        "freshness_s": freshness,
+        "versions_served": {arm: sorted(v) for arm, v in paced.versions.items()},
+        "learners": lines_summary,
+        "learner_timeline": learner_history,
+        "throughput": {
+            "requests": paced.requests,
+            "requests_per_s": paced.requests / wall if wall > 0 else 0.0,
+            "rank_latency_ms": _percentiles(paced.latency_ms),
+            "clicks_posted": http.clicks_posted,
+            "click_errors": http.click_errors,
+            "new_items_registered": paced.new_items,
+            "samples_applied_per_s": {line: (s["samples_applied"] or 0) / wall for line, s in lines_summary.items()},
+        },
+    }
+    write_report(result, Path(config.out_dir), "em3 demo: EM3 online vs ID-only online",
+                 extra=extra, extra_html=_extra_html(extra))
+    return {**result.to_dict(), **extra}
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    import numpy as np
+
+    if not values:
+        return {"p50": None, "p99": None, "n": 0}
+    arr = np.asarray(values, dtype=float)
+    return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "n": int(arr.size)}
+
+
+def _extra_html(extra: Mapping[str, Any]) -> str:
+    import html
+
+    def table(title: str, rows: Mapping[str, Any]) -> str:
+        body = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
+                       for k, v in rows.items())
+        return f"<h2>{html.escape(title)}</h2><table>{body}</table>"
+
+    return (table("CTR on cold-start items (arrived during the run)", extra["cold_start"])
+            + table("Freshness: age of the served snapshot (s)", extra["freshness_s"])
+            + table("Snapshot versions served", extra["versions_served"])
+            + table("Learners", extra["learners"])
+            + table("Throughput", extra["throughput"]))
+
+
+class _Progress:
+    """Live terminal progress (rich), refreshed from a thread; silent when disabled."""
+
+    def __init__(self, enabled: bool, config: DemoConfig, paced: _PacedServer, snapshots: Any,
+                 join_port: int, deadline: float) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.config, self.paced, self.snapshots = config, paced, snapshots
+        self.join_port, self.deadline = join_port, deadline
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"em3 demo, {max(0, self.deadline - time.time()):.0f} s left")
+        table.add_column("line")
+        table.add_column("version")
+        table.add_column("samples applied")
+        table.add_column("window AUC")
+        for line in self.config.lines:
+            version = self.snapshots.latest_version(line)
+            stats = {}
+            if version is not None:
+                try:
+                    stats = dict(self.snapshots.manifest(line, version).stats)
+                except Exception:  # noqa: BLE001
+                    stats = {}
+            auc = stats.get("prequential", {}).get("window_auc")
+            table.add_row(line, str(version), str(stats.get("totals", {}).get("applied", 0)),
+                          "-" if auc is None else f"{auc:.3f}")
+        join = _get_json(f"http://127.0.0.1:{self.join_port}/join/metrics") or {}
+        table.caption = (f"requests {self.paced.requests}, new items {self.paced.new_items}, "
+                         f"join events {join.get('events_in', join.get('records', '?'))}")
+        return table
+
+    def _loop(self) -> None:
+        from rich.live import Live
+
+        with Live(self._table(), refresh_per_second=2, transient=False) as live:
+            while not self._stop.wait(1.0):
+                live.update(self._table())
+
+
+def _http_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _get_json(url: str) -> dict[str, Any] | None:
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=2.0)
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float, check: Callable[[], None]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("demo", help="run the whole system on embedded services with simulated users")
+    defaults = DemoConfig()
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="length of the simulated traffic")
+    p.add_argument("--out", default=defaults.out_dir, help="report directory (report.json, report.html)")
+    p.add_argument("--lines", default=",".join(defaults.lines),
+                   help=f"model lines, one arm each, first is control (from {','.join(LINE_VARIANTS)})")
+    p.add_argument("--tiny", action="store_true", help="small random-init encoders (fast; for tests)")
+    p.add_argument("--rate", type=float, default=defaults.request_rate_per_s, help="simulated requests per second")
+    p.add_argument("--users", type=int, default=defaults.n_users)
+    p.add_argument("--items", type=int, default=defaults.n_items)
+    p.add_argument("--snapshot-interval-s", type=float, default=defaults.snapshot_interval_s)
+    p.add_argument("--gpu", action="store_true", help="learners use CUDA when present")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--no-progress", action="store_true", help="no live terminal table")
+    p.set_defaults(func=_demo)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    config = DemoConfig(
+        minutes=args.minutes, out_dir=args.out, lines=tuple(x for x in args.lines.split(",") if x),
+        model_scale="tiny" if args.tiny else "default", request_rate_per_s=args.rate, n_users=args.users,
+        n_items=args.items, snapshot_interval_s=args.snapshot_interval_s, gpu=args.gpu, seed=args.seed,
+    )
+    try:
+        report = run_demo(config, progress=not args.no_progress)
+    except ComponentFailed as exc:
+        print(f"em3 demo: {exc.component} failed, so the demo stopped: {exc.reason}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("em3 demo: interrupted; every component was stopped", file=sys.stderr)
+        return 130
+    summary = {
+        "out": str(Path(config.out_dir).resolve()),
+        "requests": report["requests"],
+        "ctr": {arm: s["ctr"] for arm, s in report["final"].items()},
+        "verdicts": {arm: v["verdict"] for arm, v in report["tests"].items()},
+        "cold_start_ctr": {arm: s["ctr"] for arm, s in report["cold_start"].items()},
+        "versions_served": {arm: len(v) for arm, v in report["versions_served"].items()},
+    }
+    print(json.dumps(summary))
+    return 0
