@@ -38,6 +38,10 @@ __all__ = ["LearnerFleet"]
 
 log = logging.getLogger(__name__)
 
+# Fleets of this process that hold actors, and whether a fleet (not the caller) started Ray.
+_LIVE_FLEETS: set[int] = set()
+_RAY_STARTED_BY_FLEETS = False
+
 
 class LearnerFleet:
     """N learners of one model line on Ray.
@@ -78,10 +82,13 @@ class LearnerFleet:
     # ------------------------------------------------------------- lifecycle
     def start(self) -> "LearnerFleet":
         """Connect to (or start) Ray and create the actors; returns self."""
+        global _RAY_STARTED_BY_FLEETS
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
             ray.init(address=self.ray_address, **kwargs)
-            self._owns_ray = True
+            _RAY_STARTED_BY_FLEETS = True
+        _LIVE_FLEETS.add(id(self))
+        self._owns_ray = _RAY_STARTED_BY_FLEETS
         self.workers = [start_learner_actor(self.settings, self.config, rank, self.n, self.resources)
                         for rank in range(self.n)]
         if self.n > 1:
@@ -98,16 +105,21 @@ class LearnerFleet:
                 pass
 
     def shutdown(self) -> None:
-        """Kill the actors (and Ray, if this fleet started it)."""
+        """Kill the actors (and Ray, if a fleet started it and this is the last live one)."""
         for handle in self.workers + ([self.aggregator] if self.aggregator is not None else []):
             try:
                 ray.kill(handle, no_restart=True)
             except Exception as exc:  # noqa: BLE001 - shutting down anyway
                 log.debug("kill failed: %s", exc)
         self.workers, self.aggregator = [], None
-        if self._owns_ray:
+        global _RAY_STARTED_BY_FLEETS
+        _LIVE_FLEETS.discard(id(self))
+        # Ray started by a fleet goes down with the last live fleet of this process
+        # (several model lines may share it).
+        if self._owns_ray and not _LIVE_FLEETS:
             ray.shutdown()
-            self._owns_ray = False
+            _RAY_STARTED_BY_FLEETS = False
+        self._owns_ray = False
 
     def pids(self) -> list[int]:
         """Process ids of the learner actors (crash tests SIGKILL them)."""
