@@ -363,10 +363,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
                   config.startup_timeout_s, check_all)
         stages["server_ready_s"] = time.time() - t_start
 
-        report = _simulate(config, world, base_url, snapshots, check_all, join_port, progress)
-        report["startup"] = {k: round(v, 2) for k, v in stages.items()}
-        report["join"] = _get_json(f"http://127.0.0.1:{join_port}/join/metrics") or {}
-        return report
+        startup = {k: round(v, 2) for k, v in stages.items()}
+        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup)
     except KeyboardInterrupt:
         log.warning("interrupted: shutting down")
         raise
@@ -415,7 +413,7 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
 
 
 def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, check_all: Callable[[], None],
-              join_port: int, progress: bool) -> dict[str, Any]:
+              join_port: int, progress: bool, startup: Mapping[str, float]) -> dict[str, Any]:
     from simulators.ab import ABConfig, ABRunner
     from simulators.http_ranker import HTTPRanker
     from simulators.report import write_report
@@ -449,7 +447,7 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
             pre = stats.get("prequential", {})
             if pre.get("window_auc") is not None:
                 auc[line] = pre["window_auc"]
-            samples[line] = stats.get("totals", {}).get("applied", 0)
+            samples[line] = stats.get("totals", {}).get("samples_applied", 0)
         series["learner_window_auc"] = auc
         learner_history.append({"t": t, "learner_window_auc": auc, "samples_applied": samples})
         return series
@@ -482,12 +480,14 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         lines_summary[line] = {
             "latest_version": version,
             "versions_kept": snapshots.versions(line),
-            "samples_applied": stats.get("totals", {}).get("applied"),
+            "samples_applied": stats.get("totals", {}).get("samples_applied"),
             "prequential": stats.get("prequential", {}),
         }
     freshness = {arm: _percentiles(v) for arm, v in paced.freshness.items()}
+    join = _get_json(f"http://127.0.0.1:{join_port}/join/metrics") or {}
     extra = {
-        "demo": {"config": asdict(config), "wall_s": round(wall, 2)},
+        "demo": {"config": asdict(config), "wall_s": round(wall, 2), "startup_s": dict(startup)},
+        "join": join,
         "cold_start": cold.summary(),
         "freshness_s": freshness,
         "versions_served": {arm: sorted(v) for arm, v in paced.versions.items()},
@@ -501,6 +501,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
             "click_errors": http.click_errors,
             "new_items_registered": paced.new_items,
             "samples_applied_per_s": {line: (s["samples_applied"] or 0) / wall for line, s in lines_summary.items()},
+            "join_events_in": join.get("events_in"),
+            "join_samples_out": join.get("samples_out"),
         },
     }
     write_report(result, Path(config.out_dir), "em3 demo: EM3 online vs ID-only online",
@@ -571,7 +573,7 @@ class _Progress:
                 except Exception:  # noqa: BLE001
                     stats = {}
             auc = stats.get("prequential", {}).get("window_auc")
-            table.add_row(line, str(version), str(stats.get("totals", {}).get("applied", 0)),
+            table.add_row(line, str(version), str(stats.get("totals", {}).get("samples_applied", 0)),
                           "-" if auc is None else f"{auc:.3f}")
         join = _get_json(f"http://127.0.0.1:{self.join_port}/join/metrics") or {}
         table.caption = (f"requests {self.paced.requests}, new items {self.paced.new_items}, "
