@@ -113,7 +113,7 @@ class JoinConfig:
             raise ValueError(f"idle_advance_rate must be > 0, but {self.idle_advance_rate!r} is given")
 
 
-@dataclass
+@dataclass(slots=True)
 class ImpressionState:
     """What the join remembers of one impression (persisted per partition)."""
 

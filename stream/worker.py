@@ -217,6 +217,24 @@ class JoinWorker:
                 self._drop(n)
         log.info("revoked %s", [(tp.topic, tp.partition) for tp in partitions])
 
+    def _reload(self, n: int) -> None:
+        """Re-own partition ``n``: new epoch, state and offsets from Redis, seek there."""
+        self._drop(n)
+        self._store.acquire(n)
+        core, offsets = self._store.load(n, self.join, time.monotonic())
+        self._cores[n] = core
+        for topic in (self.topics.impressions, self.topics.clicks):
+            stored = offsets.get(topic)
+            self._next[(topic, n)] = stored
+            self._caught_up[(topic, n)] = False
+            try:
+                self._consumer.seek(kafka.TopicPartition(
+                    topic, n, stored if stored is not None else kafka.OFFSET_BEGINNING))
+            except kafka.KafkaException as exc:  # not assigned here any more: the next rebalance decides
+                log.warning("cannot seek %s:%d: %s", topic, n, exc)
+                self._drop(n)
+                return
+
     def _drop(self, n: int) -> None:
         self._cores.pop(n, None)
         self._dirty.discard(n)
@@ -253,11 +271,16 @@ class JoinWorker:
             try:
                 self._store.checkpoint(parts)
             except FencedError as exc:
+                # Another worker took these partitions over (a rebalance this worker saw
+                # late). Nothing of this batch is checkpointed; its samples are exact
+                # re-emissions for the dedup. Kafka still assigns them here, so take
+                # them back from the last checkpoint (the other owner is fenced in
+                # turn, and the next rebalance settles who keeps them).
                 self.counters["fenced"] += 1
-                log.warning("lost ownership, dropping those partitions: %s", exc)
+                log.warning("fenced: reloading partitions %s from Redis: %s", [p.partition for p in parts], exc)
                 with self._lock:
                     for p in parts:
-                        self._drop(p.partition)
+                        self._reload(p.partition)
                 return read
             self.last_checkpoint_s = time.perf_counter() - ck
             phases["checkpoint"] += self.last_checkpoint_s

@@ -168,3 +168,38 @@ def test_orphan_and_too_late_clicks_go_to_dead_letter(settings):
     dead = [parse_dead_letter(m) for m in read_topic(settings, settings.topics.dead_letter, 2)]
     assert sorted(d.reason for d in dead) == ["click_after_max_delay", "orphan_click"]
     assert {codec.decode_click(d.value).impression_id for d in dead} == {"ghost", "a"}
+
+
+def test_a_fenced_worker_reloads_its_partitions_and_still_labels_everything(settings, redis_client):
+    from stream.dedup import SampleDedup
+    from stream.state import RedisJoinStateStore
+
+    ensure_topics(settings.kafka, settings.topics, partitions=2)
+    impressions, clicks = generate_stream(StreamSpec(impressions=6000, users=500, seed=9))
+    produce_stream(settings.kafka, settings.topics, arrival_order(impressions, clicks, 1.0, seed=9))
+    worker = JoinWorker(settings, JOIN, WorkerConfig(batch_size=500))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.counters["checkpoints"] < 2 and time.monotonic() < deadline:
+            worker.run_once()
+        other = RedisJoinStateStore(redis_client, settings.redis_prefix, worker.group_id)
+        for n in worker.partitions:
+            other.acquire(n)  # someone else claims the partitions
+        worker.run(threading.Event(), idle_exit_s=1.0)
+    finally:
+        worker.close()
+    assert worker.counters["fenced"] >= 1
+
+    reference = expected_labels(impressions, clicks, JOIN)
+    want = len(reference) + sum(c for _, c in reference.values())
+    dedup = SampleDedup()
+    got = {}
+    for m in read_topic(settings, settings.topics.samples, want):
+        s = codec.decode_sample(m.value())
+        key = (s.impression.impression_id, s.correction)
+        if dedup.add(s.sample_id):
+            got[key] = s.label
+        else:
+            assert got[key] == s.label  # a re-emission, identical
+    assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference
