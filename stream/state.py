@@ -40,6 +40,7 @@ from em3 import codec
 from em3.errors import DecodeError, EM3Error
 from em3.types import Click
 from stream.join import ImpressionState, JoinChanges, JoinConfig, JoinCore
+from stream.wire import decode_impression_checked
 
 __all__ = ["FencedError", "PartitionCheckpoint", "RedisJoinStateStore", "encode_record", "decode_record"]
 
@@ -78,7 +79,7 @@ def decode_record(data: bytes) -> ImpressionState:
     """Inverse of :func:`encode_record`."""
     status, held, raw = data.split(b"\n", 2)
     return ImpressionState(
-        codec.decode_impression(raw), status.decode(), raw, _clicks_from(held) if held else []
+        decode_impression_checked(raw, math.inf), status.decode(), raw, _clicks_from(held) if held else []
     )
 
 
