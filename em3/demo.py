@@ -335,7 +335,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
                            logs / "join.log", env)
         components.append(join)
 
-        ray_started = _start_ray(out)
+        ray_temp_dir = _start_ray()
+        ray_started = ray_temp_dir is not None
         lines = [_LearnerLine(settings, line, config) for line in config.lines]
         for line in lines:
             line.start()
@@ -364,7 +365,9 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         stages["server_ready_s"] = time.time() - t_start
 
         startup = {k: round(v, 2) for k, v in stages.items()}
-        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup)
+        processes = {"kafka": services.pids().get("kafka"), "redis": services.pids().get("redis"),
+                     "join": join.proc.pid, "server": server.proc.pid, "ray_temp_dir": ray_temp_dir}
+        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup, processes)
     except KeyboardInterrupt:
         log.warning("interrupted: shutting down")
         raise
@@ -387,16 +390,17 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _start_ray(out: Path) -> bool:
+def _start_ray() -> str | None:
+    """Start a local Ray runtime; returns its temp dir, or None if one was running."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     # AF_UNIX socket paths must stay short, so the temp dir is under /tmp.
     temp = Path("/tmp") / f"em3-ray-{uuid.uuid4().hex[:6]}"
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              _temp_dir=str(temp), configure_logging=False)
-    return True
+    return str(temp)
 
 
 def _make_world(config: DemoConfig, t0: float) -> Any:
@@ -413,7 +417,8 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
 
 
 def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, check_all: Callable[[], None],
-              join_port: int, progress: bool, startup: Mapping[str, float]) -> dict[str, Any]:
+              join_port: int, progress: bool, startup: Mapping[str, float],
+              processes: Mapping[str, Any]) -> dict[str, Any]:
     from simulators.ab import ABConfig, ABRunner
     from simulators.http_ranker import HTTPRanker
     from simulators.report import write_report
@@ -486,7 +491,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
     freshness = {arm: _percentiles(v) for arm, v in paced.freshness.items()}
     join = _get_json(f"http://127.0.0.1:{join_port}/join/metrics") or {}
     extra = {
-        "demo": {"config": asdict(config), "wall_s": round(wall, 2), "startup_s": dict(startup)},
+        "demo": {"config": asdict(config), "wall_s": round(wall, 2), "startup_s": dict(startup),
+                 "processes": dict(processes)},
         "join": join,
         "cold_start": cold.summary(),
         "freshness_s": freshness,

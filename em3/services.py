@@ -274,6 +274,10 @@ class LocalServices:
         )
         log.info("Redis answers on %s", self.info.redis_url)
 
+    def pids(self) -> dict[str, int]:
+        """Process ids of the running services, by name."""
+        return {name: proc.pid for name, proc in self._procs.items()}
+
     def stop(self, timeout_s: float = 5.0) -> None:
         for name, proc in list(self._procs.items()):
             _terminate(proc.pid, timeout_s, proc)

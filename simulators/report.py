@@ -32,9 +32,13 @@ def _pyplot():
     return plt
 
 
-def _hours(timeline: list[Mapping[str, Any]]) -> list[float]:
-    t0 = timeline[0]["t"] if timeline else 0.0
-    return [(e["t"] - t0) / 3600.0 for e in timeline]
+def _time_axis(times: list[float], t0: float | None = None) -> tuple[list[float], str]:
+    """Times since ``t0`` (default the first) in hours, or in seconds for spans under two hours."""
+    if not times:
+        return [], "event time"
+    t0 = times[0] if t0 is None else t0
+    scale, unit = (3600.0, "hours") if times[-1] - t0 > 7200 else (1.0, "seconds")
+    return [(t - t0) / scale for t in times], f"event time ({unit} since first look)"
 
 
 def _nan(x: Any) -> float:
@@ -47,14 +51,14 @@ def plot_ctr(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
     timeline = data["timeline"]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    x = _hours(timeline)
+    x, xlabel = _time_axis([e["t"] for e in timeline])
     for arm in data["arms"]:
         y = [_nan(e["arms"][arm]["ctr"]) for e in timeline]
         lo = [_nan(e["arms"][arm]["ci_low"]) for e in timeline]
         hi = [_nan(e["arms"][arm]["ci_high"]) for e in timeline]
         line, = ax.plot(x, y, label=arm)
         ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
-    ax.set_xlabel("event time (hours since first look)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("CTR per request")
     ax.set_title("CTR per arm")
     ax.legend()
@@ -71,7 +75,7 @@ def plot_tests(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
     timeline = data["timeline"]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    x = _hours(timeline)
+    x, xlabel = _time_axis([e["t"] for e in timeline])
     for arm in data["tests"]:
         y = [_nan(e["tests"][arm]["diff"]) for e in timeline]
         lo = [_nan(e["tests"][arm]["ci_low"]) for e in timeline]
@@ -79,7 +83,7 @@ def plot_tests(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
         line, = ax.plot(x, y, label=f"{arm} - {data['control']}")
         ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
     ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("event time (hours since first look)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("CTR difference (always-valid CI)")
     ax.set_title("mSPRT: difference from control")
     ax.legend()
@@ -100,14 +104,13 @@ def plot_metric(report: ABReport | Mapping[str, Any], name: str, path: str | Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     t0 = data["timeline"][0]["t"]
-    span = max(t for t, _ in points) - t0
-    scale, unit = (3600.0, "hours") if span > 7200 else (1.0, "seconds")
     arms = sorted({a for _, series in points for a in series})
+    xlabel = "event time"
     for arm in arms:
-        xs = [(t - t0) / scale for t, s in points if arm in s]
+        xs, xlabel = _time_axis([t for t, s in points if arm in s], t0)
         ys = [_nan(s[arm]) for _, s in points if arm in s]
         ax.plot(xs, ys, label=arm)
-    ax.set_xlabel(f"event time ({unit} since first look)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel or name)
     ax.set_title(name)
     ax.legend()

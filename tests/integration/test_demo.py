@@ -1,0 +1,86 @@
+"""`em3 demo` end to end: real broker, Redis, Ray learners, server and simulated users.
+
+Runs the actual command in a subprocess with a tiny model config and checks the
+report's contents, then that nothing it started is still running.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path):
+    out = tmp_path / "demo-out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "em3", "demo", "--minutes", "0.4", "--tiny", "--out", str(out), "--no-progress",
+         "--rate", "5"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["out"] == str(out.resolve())
+
+    report = json.loads((out / "report.json").read_text())
+    html = (out / "report.html").read_text()
+    assert set(report["arms"]) == {"em3", "id_only"} and report["control"] == "em3"
+    # Traffic really flowed through the server: ~5 req/s for 24 s.
+    assert report["requests"] >= 40
+    assert report["throughput"]["requests"] == report["requests"]
+    for arm, stats in report["final"].items():
+        assert stats["requests"] > 0, arm
+        assert 0.0 <= stats["ci_low"] <= stats["ctr"] <= stats["ci_high"] <= 1.0
+    assert report["tests"]["id_only"]["verdict"] in {"no_difference_detected", "treatment_better", "control_better"}
+    # Clicks went back through the API and the join turned impressions into samples.
+    assert report["throughput"]["clicks_posted"] > 0 and report["throughput"]["click_errors"] == 0
+    assert report["join"]["impressions_in"] > 0 and report["join"]["samples_out"] > 0
+    assert report["join"]["dead_letters"] == 0
+    # Both learners trained on those samples and published several snapshots that were served.
+    for line in ("em3", "id_only"):
+        assert report["learners"][line]["samples_applied"] > 0, line
+        assert report["learners"][line]["latest_version"] >= 3, line
+        assert len(report["versions_served"][line]) >= 2, line
+        assert report["freshness_s"][line]["p50"] is not None
+    # New items arrived during the run and were shown (cold start).
+    assert report["throughput"]["new_items_registered"] > 0
+    assert sum(s["impressions"] for s in report["cold_start"].values()) > 0
+    # The HTML has the verdict table and embedded plots.
+    assert "Sequential test" in html and html.count("data:image/png;base64,") >= 3
+    assert "cold-start" in html
+    # Nothing left behind: no broker, Redis, server or join of this run, no Ray of this run.
+    processes = report["demo"]["processes"]
+    for name in ("kafka", "redis", "join", "server"):
+        assert isinstance(processes[name], int), name
+        assert not _alive(processes[name]), f"{name} (pid {processes[name]}) is still running"
+    assert processes["ray_temp_dir"]
+    assert _processes_mentioning(processes["ray_temp_dir"]) == []
+    assert _processes_mentioning(str(out.resolve())) == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status").read_text() if Path(f"/proc/{pid}/status").exists() else ""
+    return "State:\tZ" not in status  # a zombie has exited
