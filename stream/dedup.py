@@ -1,69 +1,112 @@
-"""Consumer-side dedup of samples by their stable ``sample_id``.
+"""A bounded window of recently applied sample ids, to drop redelivered samples.
 
-The join gives exactly-once *effect*: its state, offsets and history appends
-move together in one Redis transaction, written after the batch's samples are
-flushed to Kafka. If the join dies between that flush and the transaction, the
-restarted join re-reads the same input from the checkpointed offsets and emits
-the same samples again, with the same ``sample_id`` (a pure function of the
-impression id and the correction flag). Such duplicates are at most one join
-micro-batch apart on the samples topic (same key, same partition), so a bounded
-window of recent ids removes them; a window of a few batch sizes is plenty, and
-the default is far larger.
+The stream join gives every sample a stable ``sample_id``
+(:func:`em3.types.sample_id_for`) and, after its own crashes, may emit the same
+sample again at a later offset. The learner keeps the ids it applied in a
+first-in, first-out window of bounded size and skips any sample whose id is in it.
 
->>> d = SampleDedup(capacity=4)
->>> [d.add(x) for x in ["a", "b", "a", "c"]]
-[True, True, False, True]
+The window is part of the learner's durable state: the ids applied in each
+snapshot cycle are stored beside the snapshot (see
+:class:`learners.publisher.SnapshotPublisher`), and a restarted learner rebuilds
+the window from the chain of published versions, newest first, up to
+``capacity`` ids. The window therefore always describes exactly the samples in
+the model state it belongs to.
+
+>>> w = DedupWindow(capacity=2)
+>>> w.add("a"); w.add("b"); w.add("c")
+>>> "a" in w, "b" in w, "c" in w
+(False, True, True)
+>>> w.filter_new(["b", "d", "d"])
+[1]
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, TypeVar
+from collections import OrderedDict
+from typing import Iterable, Sequence
 
-from em3.types import Sample
+__all__ = ["DedupWindow", "DEFAULT_DEDUP_CAPACITY"]
 
-__all__ = ["SampleDedup", "DEFAULT_DEDUP_CAPACITY"]
-
-DEFAULT_DEDUP_CAPACITY = 1_000_000
-
-T = TypeVar("T", bound=Sample)
+DEFAULT_DEDUP_CAPACITY = 200_000
 
 
-class SampleDedup:
-    """Remembers between ``capacity / 2`` and ``capacity`` most recent sample ids.
-
-    Two generations of sets: when the current one is full the older is dropped,
-    so memory stays bounded and lookups stay O(1).
+class DedupWindow:
+    """First-in, first-out set of at most ``capacity`` sample ids.
 
     Parameters
     ----------
-    capacity : how many ids at most are remembered; >= 2.
+    capacity : int
+        Most ids kept; the oldest are forgotten first.
+    ids : iterable of str, optional
+        Initial content, oldest first.
     """
 
-    def __init__(self, capacity: int = DEFAULT_DEDUP_CAPACITY) -> None:
-        if not isinstance(capacity, int) or capacity < 2:
-            raise ValueError(f"capacity must be an int >= 2, but {capacity!r} is given")
+    def __init__(self, capacity: int = DEFAULT_DEDUP_CAPACITY, ids: Iterable[str] = ()) -> None:
+        if not isinstance(capacity, int) or capacity <= 0:
+            raise ValueError(f"capacity must be > 0, but {capacity!r} is given")
         self.capacity = capacity
-        self._current: set[str] = set()
-        self._previous: set[str] = set()
-        self.dropped = 0
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        for sample_id in ids:
+            self.add(sample_id)
 
-    def add(self, sample_id: str) -> bool:
-        """Record ``sample_id``; False if it was seen recently (a duplicate)."""
-        if sample_id in self._current or sample_id in self._previous:
-            self.dropped += 1
-            return False
-        if len(self._current) >= self.capacity // 2:
-            self._previous, self._current = self._current, set()
-        self._current.add(sample_id)
-        return True
-
-    def filter(self, samples: Iterable[T]) -> Iterator[T]:
-        """The samples whose ids were not seen before, in order."""
-        for s in samples:
-            if self.add(s.sample_id):
-                yield s
-
-    def __contains__(self, sample_id: str) -> bool:
-        return sample_id in self._current or sample_id in self._previous
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._ids
 
     def __len__(self) -> int:
-        return len(self._current) + len(self._previous)
+        return len(self._ids)
+
+    def add(self, sample_id: str) -> None:
+        """Remember ``sample_id`` (moving it to the newest end if already present)."""
+        if sample_id in self._ids:
+            self._ids.move_to_end(sample_id)
+            return
+        self._ids[sample_id] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def add_many(self, sample_ids: Iterable[str]) -> None:
+        for sample_id in sample_ids:
+            self.add(sample_id)
+
+    def filter_new(self, sample_ids: Sequence[str]) -> list[int]:
+        """Indices of ``sample_ids`` not in the window and not repeated earlier in the list.
+
+        The window itself is not changed; call :meth:`add_many` once the samples
+        are applied.
+        """
+        seen: set[str] = set()
+        keep = []
+        for index, sample_id in enumerate(sample_ids):
+            if sample_id in self._ids or sample_id in seen:
+                continue
+            seen.add(sample_id)
+            keep.append(index)
+        return keep
+
+    def ids(self) -> list[str]:
+        """The ids, oldest first."""
+        return list(self._ids)
+
+    def clear(self) -> None:
+        self._ids.clear()
+
+    @classmethod
+    def from_newest_first(cls, capacity: int, chunks: Iterable[Sequence[str]]) -> "DedupWindow":
+        """Rebuild a window from chunks of ids, newest chunk first, each chunk oldest first.
+
+        Reading stops once ``capacity`` ids are collected, so a caller can pass a
+        lazy iterator over an arbitrarily long chain of snapshot versions.
+
+        >>> DedupWindow.from_newest_first(3, [["c", "d"], ["a", "b"]]).ids()
+        ['b', 'c', 'd']
+        """
+        collected: list[Sequence[str]] = []
+        total = 0
+        for chunk in chunks:
+            collected.append(chunk)
+            total += len(chunk)
+            if total >= capacity:
+                break
+        window = cls(capacity)
+        for chunk in reversed(collected):
+            window.add_many(chunk)
+        return window

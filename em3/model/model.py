@@ -7,6 +7,10 @@ so the ranking loss reaches the content modules through every occurrence.
 Serving path (per snapshot version): ``reps = model.item_representations(ids, contents)``
 once for the catalog, then ``model.score_candidates(user, context, reps[hist], reps[cands])``
 per request; both under ``torch.no_grad()`` and ``model.eval()``.
+
+The model does no I/O: an item's image must arrive as bytes in ``ItemContent.image``;
+``image_ref`` is never resolved here (a content store resolves it), and an item with
+neither gets its image modality masked.
 """
 from __future__ import annotations
 
