@@ -207,7 +207,11 @@ def _nonempty_str(obj: Mapping[str, Any], name: str) -> str:
 
 
 def _timestamp(obj: Mapping[str, Any], name: str) -> float:
-    value = float(_field(obj, name, (int, float)))
+    raw = _field(obj, name, (int, float))
+    try:
+        value = float(raw)
+    except OverflowError:
+        raise DecodeError("absurd_timestamp", f"field {name!r} is too large to be a time") from None
     if not math.isfinite(value) or not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
         raise DecodeError("absurd_timestamp", f"field {name!r} = {value!r} is outside [2000, 2100)")
     return value

@@ -132,14 +132,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 class _Subprocess:
-    """A child ``python -m em3 ...`` process with its log file; dies with us."""
+    """A child ``python -m MODULE ...`` process with its log file; dies with us."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
+                 module: str = "em3") -> None:
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "em3", *argv], stdout=log_file, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", module, *argv], stdout=log_file, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env=dict(env), preexec_fn=_die_with_parent,
             )
 
@@ -332,7 +333,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         join_port = free_port()
         join = _Subprocess("join", ["join", "--window-s", str(config.window_s), "--allowed-lateness-s", "2",
                                     "--idle-timeout-s", "2", "--web-port", str(join_port)],
-                           logs / "join.log", env)
+                           logs / "join.log", env, module="stream")  # `python -m stream` skips torch imports
         components.append(join)
 
         ray_temp_dir = _start_ray()

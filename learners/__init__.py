@@ -6,7 +6,7 @@ __all__ = ["OnlineLearner", "resolve_device"]
 
 # --- learner machinery: loop, snapshots, dedup, workers, fleet (Ray parts imported lazily) ---
 from learners.aggregate import Aggregator, average_deltas
-from learners.dedup import DedupWindow
+from stream.dedup import DedupWindow
 from learners.loop import CycleResult, LearnerLoop, LoopConfig, MemorySampleSource, SampleSource
 from learners.publisher import LineMovedError, PublisherConfig, ResumePoint, SnapshotPolicy, SnapshotPublisher
 from learners.worker import LearnConfig, LearnerWorker, LineTrainer

@@ -42,7 +42,7 @@ from em3 import codec
 from em3.errors import DecodeError
 from em3.stores import HistorySource
 from em3.types import Sample
-from learners.dedup import DEFAULT_DEDUP_CAPACITY, DedupWindow
+from stream.dedup import DEFAULT_DEDUP_CAPACITY, DedupWindow
 from learners.publisher import SnapshotPolicy
 
 __all__ = [

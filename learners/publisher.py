@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping
 
 from em3.errors import SnapshotError
 from em3.types import SnapshotManifest
-from learners.dedup import DedupWindow
+from stream.dedup import DedupWindow
 
 __all__ = [
     "SnapshotPolicy",

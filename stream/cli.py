@@ -150,14 +150,14 @@ def _generate(args: argparse.Namespace) -> int:
 def _samples(args: argparse.Namespace) -> int:
     from em3 import codec
     from em3.errors import DecodeError
-    from stream.dedup import SampleDedup
+    from stream.dedup import DedupWindow
     from stream.kafka import make_consumer, wait_for_assignment
 
     settings = settings_from_args(args)
     consumer = make_consumer(settings.kafka, f"em3-samples-summary-{os.getpid()}-{time.time_ns()}")
     consumer.subscribe([settings.topics.samples])
     wait_for_assignment(consumer)
-    dedup = SampleDedup()
+    dedup = DedupWindow(1_000_000)
     counts = {"positive": 0, "negative": 0, "correction": 0, "duplicates_dropped": 0, "undecodable": 0}
     last = time.monotonic()
     try:
@@ -171,7 +171,7 @@ def _samples(args: argparse.Namespace) -> int:
                 except DecodeError:
                     counts["undecodable"] += 1
                     continue
-                if not dedup.add(s.sample_id):
+                if not dedup.add_new(s.sample_id):
                     counts["duplicates_dropped"] += 1
                     continue
                 counts["correction" if s.correction else ("positive" if s.label else "negative")] += 1

@@ -1,11 +1,12 @@
-"""A bounded window of recently applied sample ids, to drop redelivered samples.
+"""Consumer-side dedup: a bounded window of recent sample ids, to drop redelivered samples.
 
 The stream join gives every sample a stable ``sample_id``
 (:func:`em3.types.sample_id_for`) and, after its own crashes, may emit the same
 sample again at a later offset. The learner keeps the ids it applied in a
 first-in, first-out window of bounded size and skips any sample whose id is in it.
 
-The window is part of the learner's durable state: the ids applied in each
+Any consumer of the samples topic can use it (``em3 samples summary`` does); for
+the learners the window is part of their durable state: the ids applied in each
 snapshot cycle are stored beside the snapshot (see
 :class:`learners.publisher.SnapshotPublisher`), and a restarted learner rebuilds
 the window from the chain of published versions, newest first, up to
@@ -62,6 +63,18 @@ class DedupWindow:
         self._ids[sample_id] = None
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
+
+    def add_new(self, sample_id: str) -> bool:
+        """Remember ``sample_id``; True if it was new, False for a duplicate.
+
+        >>> w = DedupWindow(4)
+        >>> [w.add_new(x) for x in ["a", "b", "a"]]
+        [True, True, False]
+        """
+        if sample_id in self._ids:
+            return False
+        self.add(sample_id)
+        return True
 
     def add_many(self, sample_ids: Iterable[str]) -> None:
         for sample_id in sample_ids:

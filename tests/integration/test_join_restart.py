@@ -17,7 +17,7 @@ import pytest
 
 from em3 import codec
 from em3.services import free_port
-from stream.dedup import SampleDedup
+from stream.dedup import DedupWindow
 from stream.join import JoinConfig, expected_labels
 from stream.kafka import ensure_topics, make_consumer, wait_for_assignment
 from stream.synthetic import StreamSpec, arrival_order, generate_stream, produce_stream
@@ -70,7 +70,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_labels_once(settings,
 
     web_port = free_port()
     proc = _start_join(settings, tmp_path, web_port, batch_size=500)
-    dedup = SampleDedup(capacity=1_000_000)
+    dedup = DedupWindow(capacity=1_000_000)
     got: dict[tuple[str, bool], tuple[str, int]] = {}
     conflicting = raw = 0
     killed = False
@@ -87,7 +87,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_labels_once(settings,
                 raw += 1
                 s = codec.decode_sample(m.value())
                 key = (s.impression.impression_id, s.correction)
-                if not dedup.add(s.sample_id):
+                if not dedup.add_new(s.sample_id):
                     conflicting += got[key] != (s.sample_id, s.label)
                     continue
                 conflicting += key in got  # a second, different first label or correction
@@ -109,7 +109,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing_and_labels_once(settings,
                 if m.error() is None:
                     raw += 1
                     s = codec.decode_sample(m.value())
-                    if dedup.add(s.sample_id):
+                    if dedup.add_new(s.sample_id):
                         conflicting += 1
     finally:
         samples.close()

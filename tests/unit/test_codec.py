@@ -47,6 +47,8 @@ def test_sample_id_is_stable_and_differs_for_corrections():
         (b'{"v":1,"type":"click","impression_id":"x","user_id":"u","item_id":"i","clicked_at":true}', "mistyped_field"),
         (b'{"v":1,"type":"click","impression_id":"x","user_id":"u","item_id":"i","clicked_at":5}', "absurd_timestamp"),
         (b'{"v":1,"type":"click","impression_id":"","user_id":"u","item_id":"i","clicked_at":1.7e9}', "bad_value"),
+        (b'{"v":1,"type":"click","impression_id":"x","user_id":"u","item_id":"i","clicked_at":' + b"9" * 400 + b"}",
+         "absurd_timestamp"),
     ],
 )
 def test_malformed_click_gives_typed_reason(raw, reason):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose" / "docker-compose.yml"
@@ -29,20 +29,10 @@ def _vendored_compose_schema() -> dict:
 
 def test_compose_file_passes_the_compose_spec_schema():
     exe = shutil.which("check-jsonschema")
-    if exe is not None:
-        run = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-                             capture_output=True, text=True, timeout=120)
-        if run.returncode == 0:
-            return
-        # check-jsonschema 0.38 cannot even start with click < 8.4 (which faust-streaming
-        # needs): "'ParamType' is not subscriptable". Validate with its vendored schema.
-        assert "not subscriptable" in run.stderr, run.stdout + run.stderr
-    import jsonschema
-
-    schema = _vendored_compose_schema()
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(_compose())]
-    assert errors == []
+    assert exe is not None, "check-jsonschema is a dev dependency; run scripts/setup.sh"
+    run = subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_schema_check_catches_a_broken_file():

@@ -8,7 +8,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 from em3 import codec
 from em3.stores import InMemoryHistoryStore
 from em3.types import Impression, Sample
-from learners.dedup import DedupWindow
+from stream.dedup import DedupWindow
 from learners.loop import LearnerLoop, LoopConfig, MemorySampleSource
 from learners.publisher import SnapshotPolicy
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from learners.aggregate import average_deltas
-from learners.dedup import DedupWindow
+from stream.dedup import DedupWindow
 from learners.publisher import PublisherConfig, SnapshotPolicy
 from learners.sources import partitions_for_rank
 

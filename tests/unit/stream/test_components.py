@@ -6,27 +6,26 @@ import argparse
 import pytest
 
 from em3.types import Impression, Sample
-from stream.dedup import SampleDedup
+from stream.dedup import DedupWindow
 from stream.join import JoinConfig, expected_labels
 from stream.synthetic import StreamSpec, arrival_order, generate_stream
 
 
 def test_dedup_drops_repeats_and_stays_bounded():
-    d = SampleDedup(capacity=10)
+    d = DedupWindow(capacity=10)
     imp = Impression("a", "r", "u", "i", 0, 1.7e9)
     s = Sample(imp, 1, 1.7e9 + 1)
-    assert list(d.filter([s, s, Sample(imp, 1, 1.7e9 + 1, correction=True)])) == [
-        s, Sample(imp, 1, 1.7e9 + 1, correction=True)]
-    assert d.dropped == 1
+    correction = Sample(imp, 1, 1.7e9 + 1, correction=True)
+    assert [d.add_new(x.sample_id) for x in (s, s, correction)] == [True, False, True]
     for k in range(1000):
         d.add(f"id{k}")
-    assert len(d) <= 10 and "id999" in d and "id0" not in d
+    assert len(d) == 10 and "id999" in d and "id0" not in d
 
 
-@pytest.mark.parametrize("capacity", [0, 1, 2.5])
+@pytest.mark.parametrize("capacity", [0, -1, 2.5])
 def test_dedup_capacity_is_checked(capacity):
-    with pytest.raises(ValueError, match="capacity must be an int >= 2"):
-        SampleDedup(capacity)
+    with pytest.raises(ValueError, match="capacity must be > 0"):
+        DedupWindow(capacity)
 
 
 def test_worker_config_errors_name_the_field():
