@@ -72,6 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per learner (Ray num_gpus=1)")
     p.add_argument("--cpus-per-learner", type=float, default=1.0)
     p.add_argument("--duration-s", type=_positive_float, default=None, help="stop after this long")
+    p.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus /metrics for this line on this port (0: off; Ray mode)")
     p.set_defaults(func=_learn)
 
     s = subparsers.add_parser("snapshots", help="list, show or roll back a model line's snapshots")
@@ -144,6 +146,9 @@ def _learn(args: argparse.Namespace) -> int:
     from learners.actor import ActorResources
     from learners.scaleout import LearnerFleet
 
+    if args.metrics_port:
+        _serve_line_metrics(settings, config.model_line, args.metrics_port, stop)
+
     fleet = LearnerFleet(settings, config, args.learners, ray_address=args.ray_address,
                          resources=ActorResources(num_cpus=args.cpus_per_learner, num_gpus=1.0 if args.gpu else 0.0))
     fleet.start()
@@ -154,6 +159,45 @@ def _learn(args: argparse.Namespace) -> int:
     print(json.dumps({"model_line": config.model_line, "version": version, "learners": args.learners,
                       "restarts": fleet.restarts, "rounds": fleet.rounds}))
     return 0
+
+
+def _serve_line_metrics(settings, line: str, port: int, stop: threading.Event) -> None:
+    """Prometheus ``/metrics`` on ``port`` for the line this driver trains, read from the
+    manifest of the line's latest snapshot (what servers load), refreshed every second."""
+    from prometheus_client import Gauge, start_http_server
+
+    from em3.redis_stores import RedisSnapshotStore, connect
+
+    store = RedisSnapshotStore(connect(settings.redis), settings.redis_prefix)
+    gauges = {name: Gauge(f"em3_learner_{name}", doc, ["line"]) for name, doc in [
+        ("version", "latest published snapshot version"),
+        ("snapshot_age_seconds", "seconds since the latest snapshot was created"),
+        ("samples_applied", "samples applied in total"),
+        ("window_auc", "prequential AUC over the sliding window"),
+        ("window_logloss", "prequential logloss over the sliding window"),
+    ]}
+    start_http_server(port)
+
+    def refresh() -> None:
+        while not stop.wait(1.0):
+            try:
+                version = store.latest_version(line)
+                if version is None:
+                    continue
+                manifest = store.manifest(line, version)
+            except Exception as exc:  # noqa: BLE001 - metrics must never stop training
+                log.debug("metrics refresh failed: %r", exc)
+                continue
+            stats = dict(manifest.stats)
+            pre = stats.get("prequential", {})
+            values = {"version": version, "snapshot_age_seconds": time.time() - manifest.created_at,
+                      "samples_applied": stats.get("totals", {}).get("samples_applied"),
+                      "window_auc": pre.get("window_auc"), "window_logloss": pre.get("window_logloss")}
+            for name, value in values.items():
+                if value is not None:
+                    gauges[name].labels(line).set(value)
+
+    threading.Thread(target=refresh, name="learner-metrics", daemon=True).start()
 
 
 def _snapshots(args: argparse.Namespace) -> int:

@@ -165,7 +165,26 @@ def create_app(
     async def _metrics(web: Any, request: Any) -> Any:
         return web.json(worker.metrics())
 
+    @app.page("/metrics")
+    async def _prometheus(web: Any, request: Any) -> Any:
+        return web.text(prometheus_text(worker.metrics()),
+                        content_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app
+
+
+def prometheus_text(metrics: dict[str, Any], prefix: str = "em3_join_") -> str:
+    """The numeric join counters in Prometheus' text format (for ``GET /metrics``).
+
+    >>> print(prometheus_text({"events_in": 3, "partitions": [0], "watermark_min": None}), end="")
+    em3_join_events_in 3
+    """
+    lines = []
+    for name, value in sorted(metrics.items()):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        lines.append(f"{prefix}{name} {value}")
+    return "\n".join(lines) + "\n"
 
 
 def run_worker(

@@ -48,7 +48,7 @@ def _em3_commands(doc: dict) -> list[tuple[str, list[str]]]:
     for name, service in doc["services"].items():
         command = service.get("command")
         image = service.get("image", "")
-        uses_em3_entrypoint = image.startswith("em3-stream") or "build" in service
+        uses_em3_entrypoint = (image.startswith("em3-stream") or "build" in service) and "entrypoint" not in service
         if isinstance(command, list) and uses_em3_entrypoint:
             out.append((name, [str(c) for c in command]))  # the image's ENTRYPOINT is `em3`
         elif isinstance(command, str) and command.startswith("em3 "):
@@ -61,7 +61,8 @@ def test_every_em3_command_in_the_compose_file_parses():
 
     parser = _build_parser()
     commands = _em3_commands(_compose())
-    assert {name for name, _ in commands} >= {"topics", "join"}
+    assert {name for name, _ in commands} >= {"topics", "join", "learner-em3", "learner-id-only", "server",
+                                              "simulator"}
     for name, argv in commands:
         try:
             parser.parse_args(argv)
@@ -74,7 +75,18 @@ def test_infrastructure_is_real_kafka_in_kraft_mode_with_healthchecks():
     kafka = doc["services"]["kafka"]
     assert kafka["image"].startswith("apache/kafka:")
     assert "controller" in kafka["environment"]["KAFKA_PROCESS_ROLES"]
-    for name in ("kafka", "redis", "join"):
+    for name in ("kafka", "redis", "join", "ray-head", "server"):
         assert "healthcheck" in doc["services"][name], name
+    # The Ray services run the ray CLI in the project image; a GPU profile reserves a device.
+    assert doc["services"]["ray-head"]["entrypoint"] == ["ray"]
+    gpu = doc["services"]["ray-worker-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    # Prometheus scrapes every em3 service that serves /metrics.
+    prometheus = yaml.safe_load((ROOT / "compose" / "prometheus.yml").read_text())
+    targets = {t.split(":")[0] for job in prometheus["scrape_configs"] for c in job["static_configs"]
+               for t in c["targets"]}
+    assert targets >= {"server", "join", "learner-em3", "learner-id-only", "ray-head"}
+    assert set(targets) <= set(doc["services"])
     assert (ROOT / "compose" / "Dockerfile").exists()
     assert doc["services"]["topics"]["build"]["dockerfile"] == "compose/Dockerfile"
