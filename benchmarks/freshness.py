@@ -42,20 +42,11 @@ from em3 import codec
 from em3.config import KafkaSettings, RedisSettings, TopicNames
 from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
 from em3.types import Click, sample_id_for
-from em3.services import LocalServices, free_port
+from em3.services import LocalServices, free_port, wait_until
 from learners.testing import synthetic_items, synthetic_samples
 from stream.kafka import TopicPartition, ensure_topics, make_consumer, make_producer
 
 LINE = "fresh"
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -143,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
                 threading.Thread(target=locate, daemon=True).start()
 
             threading.Thread(target=background, daemon=True).start()
-            _wait(lambda: store.latest_version(LINE) is not None, 120, "the learner published no snapshot")
+            wait_until(lambda: store.latest_version(LINE) is not None, 120, "the learner published no snapshot")
             port = free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--host", "127.0.0.1",
@@ -158,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
                 except httpx.HTTPError:
                     return False
 
-            _wait(ready, 120, "the server never became ready")
+            wait_until(ready, 120, "the server never became ready")
             body = {"user_id": "u1", "item_ids": [it.item_id for it in items[: args.candidates]], "k": 10}
 
             def poll() -> None:

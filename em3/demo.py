@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -304,7 +304,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the JSON report (also written to ``config.out_dir``)."""
     from em3.config import KafkaSettings, RedisSettings, Settings
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
-    from em3.services import LocalServices, free_port
+    from em3.services import LocalServices, free_port, wait_until
     from stream.kafka import ensure_topics
 
     out = Path(config.out_dir).resolve()
@@ -347,8 +347,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
             for c in components:
                 c.check()
 
-        _wait_for(lambda: all(snapshots.latest_version(line) is not None for line in config.lines),
-                  "the first snapshot of every line", config.startup_timeout_s, check_all)
+        wait_until(lambda: all(snapshots.latest_version(line) is not None for line in config.lines),
+                   config.startup_timeout_s, "the first snapshot of every line", check=check_all, interval_s=0.2)
         stages["first_snapshots_s"] = time.time() - t_start
 
         experiment = {"name": "demo", "salt": f"demo-{config.seed}",
@@ -361,8 +361,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
                              logs / "server.log", env)
         components.append(server)
         base_url = f"http://127.0.0.1:{port}"
-        _wait_for(lambda: _http_ok(base_url + "/readyz"), "the ranking server to be ready",
-                  config.startup_timeout_s, check_all)
+        wait_until(lambda: _http_ok(base_url + "/readyz"), config.startup_timeout_s,
+                   "the ranking server to be ready", check=check_all, interval_s=0.2)
         stages["server_ready_s"] = time.time() - t_start
 
         startup = {k: round(v, 2) for k, v in stages.items()}
@@ -612,15 +612,6 @@ def _get_json(url: str) -> dict[str, Any] | None:
         return response.json() if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float, check: Callable[[], None]) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        check()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
-        time.sleep(0.2)
 
 
 # --------------------------------------------------------------------------- CLI

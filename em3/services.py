@@ -27,7 +27,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from em3.errors import ServiceError
 
@@ -41,6 +41,7 @@ __all__ = [
     "redis_answers",
     "services_status",
     "stop_services",
+    "wait_until",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,16 +166,32 @@ class ServiceInfo:
         return f"redis://{self.host}:{self.redis_port}/0"
 
 
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, *,
+               check: Callable[[], None] | None = None, interval_s: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that.
+
+    ``check`` runs between polls and may raise (a component that died);
+    :class:`TimeoutError` names ``what`` when ``timeout_s`` passes first.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if check is not None:
+            check()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        time.sleep(interval_s)
+
+
 def _wait_until(check: Callable[[], bool], what: str, timeout: float, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def exited() -> None:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
             raise ServiceError(f"{what} exited with code {proc.returncode} while starting; log tail:\n{tail}")
-        if check():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{what} did not answer within {timeout:.0f} s (log: {log_path})")
+
+    wait_until(check, timeout, f"{what} to answer (log: {log_path})", check=exited)
 
 
 class LocalServices:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -206,35 +206,33 @@ class LineTrainer:
     def _publish(self, result: CycleResult) -> None:
         stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
                             dedup_window=len(self.loop.window))
-        try:
-            manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
-                                              offsets=result.offsets, applied_ids=result.applied_ids,
-                                              stats=stats)
-        except LineMovedError as exc:
-            log.warning("%s; resuming from the line's pointer", exc)
-            self.resume()
-            return
-        self.version = manifest.version
-        self.published += 1
-        self.source.commit(result.offsets)  # only after the snapshot holding them is published
-        log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, manifest.version,
-                 result.applied, result.offsets)
+        if self._publish_state(result.offsets, result.applied_ids, stats):
+            self.source.commit(result.offsets)  # only after the snapshot holding them is published
+            log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, self.version,
+                     result.applied, result.offsets)
 
     def _publish_initial(self) -> None:
         """Publish the untrained model as the line's first version, so servers can
         rank (new lines rank by content and hashed IDs from the start) before any
         sample arrives. It holds no offsets, so nothing is marked as consumed."""
         stats = {"totals": {k: 0 for k in COUNTERS}, "prequential": self.window.summary(), "initial": True}
+        if self._publish_state({}, {}, stats):
+            log.info("published %s v%d (initial weights)", self.config.model_line, self.version)
+
+    def _publish_state(self, offsets: Mapping[str, int], applied_ids: Mapping[str, list[str]],
+                       stats: Mapping[str, Any]) -> bool:
+        """Publish the learner's state on top of ``self.version``; False (and resumed from
+        the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
         try:
-            manifest = self.publisher.publish(self.learner.state_dict(), parent=None, offsets={},
-                                              applied_ids={}, stats=stats)
+            manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
+                                              offsets=offsets, applied_ids=applied_ids, stats=stats)
         except LineMovedError as exc:
             log.warning("%s; resuming from the line's pointer", exc)
             self.resume()
-            return
+            return False
         self.version = manifest.version
         self.published += 1
-        log.info("published %s v%d (initial weights)", self.config.model_line, manifest.version)
+        return True
 
     def stop(self) -> None:
         """Ask :meth:`run` to finish its cycle, publish it and return."""

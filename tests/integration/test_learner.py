@@ -14,6 +14,7 @@ import pytest
 
 from em3 import codec
 from em3.model import ModelConfig
+from em3.services import wait_until
 from learners.loop import LoopConfig
 from learners.publisher import PublisherConfig, SnapshotPolicy
 from learners.testing import synthetic_items, synthetic_samples
@@ -85,15 +86,6 @@ def test_learning_moves_the_model_and_snapshots_carry_committed_offsets(settings
         worker.close()
 
 
-def _wait_for(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
-
-
 def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(settings, redis_client, local_services):
     from em3.redis_stores import RedisSnapshotStore
 
@@ -115,18 +107,18 @@ def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(set
     kills = 0
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_for(lambda: applied() > 200, 60, "no snapshot from the first learner")
+        wait_until(lambda: applied() > 200, 60, "no snapshot from the first learner")
         os.kill(proc.pid, signal.SIGKILL)  # mid-stream: its unpublished cycle is lost
         proc.wait(10)
         kills += 1
         produce(settings, samples[1500:], duplicates_every=9)
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_for(lambda: applied() > 1700, 60, "the restarted learner made no progress")
+        wait_until(lambda: applied() > 1700, 60, "the restarted learner made no progress")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         kills += 1
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _wait_for(lambda: applied() >= 3000, 60, "the stream was not fully learned")
+        wait_until(lambda: applied() >= 3000, 60, "the stream was not fully learned")
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -1,6 +1,7 @@
 """The server on the real broker and Redis, with the real EM3 model (tiny config), over sockets."""
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -13,6 +14,9 @@ from em3.types import ItemContent
 pytestmark = pytest.mark.integration
 
 LINE = "main"
+from em3.services import wait_until
+
+_wait = functools.partial(wait_until, timeout_s=30.0, what="condition", interval_s=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +89,6 @@ def serve(settings):
     yield _serve
     for handle in handles:
         handle.stop()
-
-
-def _wait(cond, timeout_s=30.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout_s} s")
 
 
 def _ready(client) -> bool:
@@ -260,7 +254,7 @@ def test_redis_outage_keeps_the_last_good_snapshot_serving(tmp_path, serve, tiny
     proc = subprocess.Popen([str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait(lambda: redis_answers("127.0.0.1", port), 10, "private redis")
+        _wait(lambda: redis_answers("127.0.0.1", port), timeout_s=10, what="private redis")
         private = dataclasses.replace(settings, redis=RedisSettings(f"redis://127.0.0.1:{port}/0"))
         client = connect(private.redis)
         RedisContentStore(client, private.redis_prefix).put_many([ItemContent("i1", text="x"), ItemContent("i2")])

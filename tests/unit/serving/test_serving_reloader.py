@@ -1,7 +1,8 @@
 """Hot reload: pointer following, rollback, refusing bad snapshots, Redis outages, the watcher."""
 from __future__ import annotations
 
-import time
+from em3.services import wait_until
+
 
 import pytest
 
@@ -118,15 +119,15 @@ def test_watcher_follows_notices_and_survives_an_outage(reloader, publish, memor
     watcher = SnapshotWatcher(memory_store, [reloader], poll_interval_s=0.2).start()
     try:
         publish(1)
-        _wait(lambda: reloader.current is not None and reloader.current.version == 1)
+        wait_until(lambda: reloader.current is not None and reloader.current.version == 1, 5.0, 'reloader state')
         publish(2)
-        _wait(lambda: reloader.current.version == 2)
+        wait_until(lambda: reloader.current.version == 2, 5.0, 'reloader state')
         memory_store.down = True
-        _wait(lambda: not reloader.redis_ok)
+        wait_until(lambda: not reloader.redis_ok, 5.0, 'reloader state')
         assert reloader.current.version == 2
         memory_store.down = False
         publish(3)
-        _wait(lambda: reloader.current.version == 3 and reloader.redis_ok)
+        wait_until(lambda: reloader.current.version == 3 and reloader.redis_ok, 5.0, 'reloader state')
     finally:
         watcher.stop()
 
@@ -138,10 +139,3 @@ def test_config_errors():
         SnapshotWatcher(None, [], poll_interval_s=0)
 
 
-def _wait(cond, timeout_s=5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError("condition not met in time")
