@@ -27,6 +27,19 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (env EM3_BOOTSTRAP_SERVERS)")
     parser.add_argument("--redis-url", help="Redis URL, redis:// or rediss:// (env EM3_REDIS_URL)")
     parser.add_argument("--topic-prefix", help="prefix of every topic name (env EM3_TOPIC_PREFIX, default em3.)")
+    parser.add_argument("--kafka-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a librdkafka property for every client, e.g. security.protocol=SASL_SSL "
+                             "(repeatable; env EM3_KAFKA_<KEY>)")
+
+
+def _kafka_options(pairs: Sequence[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"em3: --kafka-option must be KEY=VALUE, but {pair!r} is given")
+        options[key.strip()] = value
+    return options
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -34,6 +47,7 @@ def settings_from_args(args: argparse.Namespace):
         bootstrap_servers=getattr(args, "bootstrap_servers", None),
         redis_url=getattr(args, "redis_url", None),
         topic_prefix=getattr(args, "topic_prefix", None),
+        kafka_options=_kafka_options(getattr(args, "kafka_option", None) or []),
     )
 
 

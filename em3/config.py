@@ -152,9 +152,16 @@ def load_settings(
     bootstrap_servers: str | None = None,
     redis_url: str | None = None,
     topic_prefix: str | None = None,
+    kafka_options: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build :class:`Settings` from flags, then the environment, then the services file
-    that ``em3 services up`` writes, then loopback defaults."""
+    that ``em3 services up`` writes, then loopback defaults.
+
+    >>> s = load_settings({"EM3_KAFKA_SASL_MECHANISM": "PLAIN"}, bootstrap_servers="b:9092",
+    ...                   kafka_options={"security.protocol": "SASL_SSL"})
+    >>> s.kafka.client_config()["bootstrap.servers"], s.kafka.extra["sasl.mechanism"], s.kafka.extra["security.protocol"]
+    ('b:9092', 'PLAIN', 'SASL_SSL')
+    """
     env = os.environ if env is None else env
     run_dir = Path(env.get("EM3_RUN_DIR", "runs/services")).resolve()
     local = _services_file(run_dir)
@@ -170,6 +177,7 @@ def load_settings(
         for key, value in env.items()
         if key.startswith("EM3_KAFKA_")
     }
+    extra.update(kafka_options or {})
     prefix = topic_prefix if topic_prefix is not None else env.get("EM3_TOPIC_PREFIX", "em3.")
     return Settings(
         kafka=KafkaSettings(bootstrap, extra),
