@@ -146,7 +146,7 @@ def test_malformed_records_are_dead_lettered_with_reasons_while_good_ones_flow(s
     assert click_reasons == ["bad_bytes", "missing_field"]
     assert all(d.source_offset >= 0 and d.detail for d in dead)
     assert worker.counters["dead_letters"] == len(bad) + 2
-    assert worker.counters["dead_letter.absurd_timestamp"] == 2
+    assert worker.counters["dead_letter.absurd_timestamp"] == 3
 
     samples = [codec.decode_sample(m.value()) for m in read_topic(settings, settings.topics.samples, 20)]
     assert sorted(s.impression.impression_id for s in samples) == sorted(i.impression_id for i in good)
