@@ -10,7 +10,7 @@ OUT=${OUT:-$(mktemp -d)}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" || true
 python3 benchmarks/train_step.py --device cuda --threads 8 --batch-size 256 --catalog 2000 \
     --seq-lens 50,200,1000 --modes lora,full --steps 5 2> "$OUT/train_step.log" | tail -1 > "$OUT/train_step.json"
-python3 benchmarks/quality.py --dataset ml100k --device cuda --threads 8 --batch-size 256 \
+python3 benchmarks/quality.py --dataset ml100k --device cuda --threads 8 --batch-size 256 --max-events 0 \
     --variants em3,id_only,content_frozen,no_cic 2> "$OUT/quality.log" | tail -1 > "$OUT/quality.json"
 python3 - "$OUT" <<'PY'
 import json, pathlib, sys
