@@ -37,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-candidates", type=int, default=1000)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--unknown-candidates", choices=["score", "drop"], default="score")
-    p.add_argument("--toy-model", action="store_true", help="load serving.toy snapshots (tests only)")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per request thread (0: torch's default, the core count)")
     p.add_argument("--precompute-threads", type=int, default=1,
@@ -84,13 +83,7 @@ def build_runtime(args: argparse.Namespace):
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
                           precompute_threads=args.precompute_threads or None,
                           precompute_nice=args.precompute_nice)
-    if args.toy_model:
-        from serving.toy import ToyLoader
-
-        loader = ToyLoader(_expected_config(args.model_config))
-    else:
-        loader = EM3Loader(_expected_config(args.model_config))
-    return ServingRuntime.from_settings(settings, config, loader)
+    return ServingRuntime.from_settings(settings, config, EM3Loader(_expected_config(args.model_config)))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ item's row is its hashed ID embedding plus the mean of hashed text-token
 embeddings; a candidate's logit is its dot product with the user's embedding
 plus the mean of the history rows. Snapshots are safetensors bytes with a
 SHA-256 in the manifest, verified like :func:`em3.snapshot.unpack` verifies
-EM3 snapshots. Not used by ``em3 serve`` unless asked for (``--toy-model``).
+EM3 snapshots. A test double for unit tests of the pure ranking and reload logic
+only: no command, integration test, benchmark or the demo can load it.
 
 >>> cfg = ToyConfig(dim=4, buckets=16)
 >>> manifest, blob = make_toy_snapshot("line", 1, cfg, seed=0)

@@ -27,7 +27,7 @@ def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
     ]}
     path = tmp_path / "exp.json"
     path.write_text(json.dumps(exp))
-    args = _parse(["serve", "--experiment", str(path), "--toy-model", "--redis-url", "redis://127.0.0.1:1/0",
+    args = _parse(["serve", "--experiment", str(path), "--redis-url", "redis://127.0.0.1:1/0",
                    "--bootstrap-servers", "127.0.0.1:1", "--redis-prefix", "x:", "--max-candidates", "10",
                    "--precompute-max-items", "5"])
     runtime = build_runtime(args)
@@ -38,6 +38,7 @@ def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
         assert runtime.config.ranking.precompute_max_items == 5
         assert runtime.config.request_threads == 1 and runtime.config.precompute_threads == 1
         assert runtime.owns_clients
+        assert {type(r.loader).__name__ for r in runtime.reloaders.values()} == {"EM3Loader"}
     finally:
         runtime.stop()
 
