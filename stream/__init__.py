@@ -7,7 +7,7 @@ Modules (imported lazily; only :mod:`stream.kafka` imports the Kafka client, onl
 ``stream.worker``     the batched Kafka loop around it (:class:`~stream.worker.JoinWorker`)
 ``stream.state``      per-partition join state in Redis (:class:`~stream.state.RedisJoinStateStore`)
 ``stream.app``        the faust app hosting the worker (:func:`~stream.app.create_app`, :func:`~stream.app.run_worker`)
-``stream.dedup``      consumer-side dedup by sample id (:class:`~stream.dedup.SampleDedup`)
+``stream.dedup``      consumer-side dedup by sample id (:class:`~stream.dedup.DedupWindow`)
 ``stream.wire``       hot-path decode/encode (:func:`~stream.wire.encode_sample`)
 ``stream.synthetic``  a seeded synthetic impression/click stream
 ``stream.kafka``      producers, consumers, topics, dead-letter headers
