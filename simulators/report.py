@@ -14,7 +14,7 @@ import html
 import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from simulators.ab import ABReport, _clean
 
@@ -45,53 +45,48 @@ def _nan(x: Any) -> float:
     return float("nan") if x is None else float(x)
 
 
-def plot_ctr(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
-    """CTR per arm over event time, with the per-arm confidence band; saved as PNG."""
-    data = report.to_dict() if isinstance(report, ABReport) else report
+def _banded(data: Mapping[str, Any], key: str, value: str, label: Callable[[str], str],
+            ylabel: str, title: str, path: str | Path, zero_line: bool = False) -> Path:
+    """Per-series lines with their confidence bands over event time, from
+    ``timeline[i][key][name]`` (``value``, ``ci_low``, ``ci_high``); saved as PNG."""
     timeline = data["timeline"]
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     x, xlabel = _time_axis([e["t"] for e in timeline])
-    for arm in data["arms"]:
-        y = [_nan(e["arms"][arm]["ctr"]) for e in timeline]
-        lo = [_nan(e["arms"][arm]["ci_low"]) for e in timeline]
-        hi = [_nan(e["arms"][arm]["ci_high"]) for e in timeline]
-        line, = ax.plot(x, y, label=arm)
+    for name in data[key]:
+        y = [_nan(e[key][name][value]) for e in timeline]
+        lo = [_nan(e[key][name]["ci_low"]) for e in timeline]
+        hi = [_nan(e[key][name]["ci_high"]) for e in timeline]
+        line, = ax.plot(x, y, label=label(name))
         ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
+    if zero_line:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    return _finish(plt, fig, ax, xlabel, ylabel, title, path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: str | Path) -> Path:
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("CTR per request")
-    ax.set_title("CTR per arm")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, format="png")
     plt.close(fig)
     return out
+
+
+def plot_ctr(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
+    """CTR per arm over event time, with the per-arm confidence band; saved as PNG."""
+    data = report.to_dict() if isinstance(report, ABReport) else report
+    return _banded(data, "arms", "ctr", str, "CTR per request", "CTR per arm", path)
 
 
 def plot_tests(report: ABReport | Mapping[str, Any], path: str | Path) -> Path:
     """Each treatment's difference from control with its always-valid interval."""
     data = report.to_dict() if isinstance(report, ABReport) else report
-    timeline = data["timeline"]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    x, xlabel = _time_axis([e["t"] for e in timeline])
-    for arm in data["tests"]:
-        y = [_nan(e["tests"][arm]["diff"]) for e in timeline]
-        lo = [_nan(e["tests"][arm]["ci_low"]) for e in timeline]
-        hi = [_nan(e["tests"][arm]["ci_high"]) for e in timeline]
-        line, = ax.plot(x, y, label=f"{arm} - {data['control']}")
-        ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("CTR difference (always-valid CI)")
-    ax.set_title("mSPRT: difference from control")
-    ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return _banded(data, "tests", "diff", lambda arm: f"{arm} - {data['control']}",
+                   "CTR difference (always-valid CI)", "mSPRT: difference from control", path, zero_line=True)
 
 
 def plot_metric(report: ABReport | Mapping[str, Any], name: str, path: str | Path,
@@ -110,15 +105,7 @@ def plot_metric(report: ABReport | Mapping[str, Any], name: str, path: str | Pat
         xs, xlabel = _time_axis([t for t, s in points if arm in s], t0)
         ys = [_nan(s[arm]) for _, s in points if arm in s]
         ax.plot(xs, ys, label=arm)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel or name)
-    ax.set_title(name)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, format="png")
-    plt.close(fig)
-    return out
+    return _finish(plt, fig, ax, xlabel, ylabel or name, name, path)
 
 
 def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experiment", *,
