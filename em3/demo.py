@@ -125,23 +125,19 @@ class DemoConfig:
 # --------------------------------------------------------------------------- parts
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    from em3.services import _die_with_parent as die
-
-    die()
-
-
 class _Subprocess:
     """A child ``python -m MODULE ...`` process with its log file; dies with us."""
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
                  module: str = "em3") -> None:
+        from em3.services import die_with_parent
+
         self.name = name
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", module, *argv], stdout=log_file, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=dict(env), preexec_fn=_die_with_parent,
+                stdin=subprocess.DEVNULL, env=dict(env), preexec_fn=die_with_parent,
             )
 
     def check(self) -> None:

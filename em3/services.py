@@ -36,6 +36,7 @@ __all__ = [
     "LocalServices",
     "find_tansu",
     "find_redis_server",
+    "die_with_parent",
     "free_port",
     "kafka_answers",
     "redis_answers",
@@ -139,7 +140,7 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
     """preexec_fn: ask Linux to SIGTERM this child when its parent dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -253,7 +254,7 @@ class LocalServices:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=self.run_dir,
-            preexec_fn=os.setsid if self.detached else _die_with_parent,
+            preexec_fn=os.setsid if self.detached else die_with_parent,
         )
         log_file.close()
         self._procs[name] = proc
