@@ -11,7 +11,9 @@ precompute the catalog's item rows, one reference assignment).
 ``model_forward_p50_ms`` is the bare model on the same input: ``score_candidates``
 for 100 candidate rows against 100 history rows, i.e. the model work every request
 needs once item rows are cached (``item_rows_per_item_ms`` reports what a row
-costs to compute, paid once per item and version, off the request path).
+costs to compute from scratch, ``item_rows_warm_per_item_ms`` what it costs with the
+frozen-prefix cache warm, as a swap's precompute pays it per item, off the request
+path).
 ``overhead_ratio`` is ``p50_ms / model_forward_p50_ms``. The bare model runs both
 with the server's torch thread count (``--server-torch-threads``, 1 as ``em3 serve``
 defaults to) and with torch's default (the core count); ``model_forward_p50_ms`` is
@@ -25,6 +27,7 @@ Usage::
 
     python benchmarks/serving.py                       # default EM3 config, 60 s
     python benchmarks/serving.py --config tiny --duration 20
+    python benchmarks/serving.py --server-arg=--rank-executor --server-arg=threads   # thread-pool mode
 
 The last line printed is one JSON object: ``rps``, ``p50_ms``, ``p99_ms``,
 ``model_forward_p50_ms``, ``overhead_ratio``, ``failed``, ``swaps_during_run``, ...
@@ -137,6 +140,13 @@ def run(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             reps = model.item_representations(hist_ids + cand_ids, [by_id[i] for i in hist_ids + cand_ids])
             rows_ms = (time.perf_counter() - t0) * 1e3 / len(reps)
+            # What a swap pays per item: the frozen-prefix cache is warm, batches of 64 as the server's.
+            all_ids = [i.item_id for i in items]
+            model.item_representations(all_ids, items)
+            t0 = time.perf_counter()
+            for start in range(0, len(all_ids), 64):
+                model.item_representations(all_ids[start:start + 64], items[start:start + 64])
+            swap_rows_ms = (time.perf_counter() - t0) * 1e3 / len(all_ids)
         hist, cand = reps[: len(hist_ids)], reps[len(hist_ids):]
         forward: list[float] = []  # torch threads as the server's request threads
         forward_default: list[float] = []  # torch's default thread count
@@ -162,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--port", str(port),
                "--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                "--topic-prefix", "bench.", "--redis-prefix", "bench:", "--poll-interval", "1.0"]
-        cmd += ["--torch-threads", str(args.server_torch_threads)]
+        cmd += ["--torch-threads", str(args.server_torch_threads)] + args.server_arg
         server_env = dict(os.environ, PYTHONUNBUFFERED="1")
         server_env.update(kv.split("=", 1) for kv in args.server_env)
         server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
@@ -289,6 +299,7 @@ def run(args: argparse.Namespace) -> dict:
         "concurrency": args.concurrency,
         "server_torch_threads": args.server_torch_threads,
         "server_env": args.server_env,
+        "server_args": args.server_arg,
         "duration_s": round(elapsed, 2),
         "forward_samples": len(forward) + len(forward_default),
         "requests": len(latencies),
@@ -303,6 +314,7 @@ def run(args: argparse.Namespace) -> dict:
         "model_forward_p50_ms_default_threads": round(default_p50, 2),
         "default_threads": default_threads,
         "item_rows_per_item_ms": round(rows_ms, 2),
+        "item_rows_warm_per_item_ms": round(swap_rows_ms, 2),
         "server_model_mean_ms": round(model_mean, 2),
         "server_rank_mean_ms": round(server_mean, 2),
         "client_mean_ms": round(float(np.mean(latencies)), 2) if latencies else None,
@@ -336,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-torch-threads", type=int, default=1,
                    help="em3 serve --torch-threads, also used for the bare-model forwards (0: torch's default)")
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server process")
+    p.add_argument("--server-arg", action="append", default=[], help="extra em3 serve flag (repeat per token)")
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -100,6 +100,21 @@ class RedisContentStore:
         return sorted(m.decode() if isinstance(m, bytes) else m for m in self.client.smembers(f"{self.prefix}items"))
 
 
+def _history_ids(raw_list: Sequence[bytes | str], limit: int, before: float | None) -> list[str]:
+    """Item ids of LRANGE entries ``"<item_id>\t<clicked_at>"`` (newest first), at most
+    ``limit``, skipping clicks at or after ``before``."""
+    items: list[str] = []
+    for raw in raw_list:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        item_id, _, ts = text.partition("\t")
+        if before is not None and ts and float(ts) >= before:
+            continue
+        items.append(item_id)
+        if len(items) >= limit:
+            break
+    return items
+
+
 class RedisHistoryStore:
     """Recent clicks per user in a Redis list (:class:`em3.stores.HistorySource`)."""
 
@@ -127,6 +142,10 @@ class RedisHistoryStore:
         pipe.execute()
 
     def get(self, user_id: str, limit: int, before: float | None = None) -> list[str]:
+        if limit <= 0:
+            return []
+        if before is None:  # the serving path: one LRANGE, without a pipeline's bookkeeping
+            return _history_ids(self.client.lrange(self._key(user_id), 0, limit - 1), limit, None)
         return self.get_many([user_id], limit, [before])[0]
 
     def get_many(
@@ -139,18 +158,7 @@ class RedisHistoryStore:
         for user_id, b in zip(user_ids, befores):
             # Without a time bound only the first `limit` entries are needed.
             pipe.lrange(self._key(user_id), 0, (limit - 1) if b is None else self.max_length - 1)
-        out = []
-        for raw_list, b in zip(pipe.execute(), befores):
-            items: list[str] = []
-            for raw in raw_list:
-                text = raw.decode() if isinstance(raw, bytes) else raw
-                item_id, _, ts = text.partition("\t")
-                if b is not None and ts and float(ts) >= b:
-                    continue
-                items.append(item_id)
-                if len(items) >= limit:
-                    break
-            out.append(items)
+        out = [_history_ids(raw_list, limit, b) for raw_list, b in zip(pipe.execute(), befores)]
         return out
 
 

@@ -209,14 +209,17 @@ class _Edge:
     ``limit`` bytes, declared or streamed; request counts and latency per endpoint;
     and the hot path, ``POST /v1/rank``, served without the framework's routing and
     dependency machinery (measured at about 2 ms of a 9 ms request on this CPU):
-    the buffered body goes to :func:`_rank_bytes` in a worker thread and its bytes
-    come straight back."""
+    the buffered body goes to :func:`_rank_bytes`, in the event-loop thread itself
+    (``in_loop``, the default ``rank_executor``) or in a worker thread, and its
+    bytes come straight back."""
 
-    def __init__(self, app: Any, limit: int, metrics: Any, rank: Callable[[bytes], tuple[int, bytes]]) -> None:
+    def __init__(self, app: Any, limit: int, metrics: Any, rank: Callable[[bytes], tuple[int, bytes]],
+                 in_loop: bool = True) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
         self.rank = rank
+        self.in_loop = in_loop
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -280,7 +283,10 @@ class _Edge:
 
     async def _rank(self, body: bytes, send: Any) -> None:
         try:
-            status, payload = await anyio.to_thread.run_sync(self.rank, body)
+            if self.in_loop:
+                status, payload = self.rank(body)  # blocks the loop: one rank at a time per process
+            else:
+                status, payload = await anyio.to_thread.run_sync(self.rank, body)
         except Exception:  # noqa: BLE001 - a bug must answer 500, not drop the connection
             logger.exception("/v1/rank failed")
             status, payload = 500, b'{"error": "internal"}'
@@ -353,7 +359,8 @@ def create_app(runtime: ServingRuntime) -> Any:
     def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    return _Edge(app, runtime.config.max_body_bytes, metrics, lambda body: _rank_bytes(runtime, body))  # type: ignore[return-value]
+    return _Edge(app, runtime.config.max_body_bytes, metrics, lambda body: _rank_bytes(runtime, body),  # type: ignore[return-value]
+                 in_loop=runtime.config.rank_executor == "loop")
 
 
 _KNOWN = {"/v1/rank", "/v1/click", "/v1/items", "/healthz", "/readyz", "/metrics"}

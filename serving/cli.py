@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(0: torch's default)")
     p.add_argument("--precompute-nice", type=int, default=5,
                    help="niceness added to the thread that loads versions (0: same priority as requests)")
+    p.add_argument("--rank-executor", choices=["loop", "threads"], default="loop",
+                   help="run /v1/rank in the event-loop thread (one at a time per process; run one process "
+                        "per core) or in a worker-thread pool (overlapping requests, about 1 ms of thread "
+                        "hand-offs each)")
     p.add_argument("--precompute-max-items", type=int, default=50_000,
                    help="most item rows computed per new version before it is swapped in")
     add_connection_flags(p)
@@ -82,7 +86,7 @@ def build_runtime(args: argparse.Namespace):
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
                           precompute_threads=args.precompute_threads or None,
-                          precompute_nice=args.precompute_nice)
+                          precompute_nice=args.precompute_nice, rank_executor=args.rank_executor)
     return ServingRuntime.from_settings(settings, config, EM3Loader(_expected_config(args.model_config)))
 
 

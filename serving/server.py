@@ -45,6 +45,9 @@ class Unavailable(RuntimeError):
     """A dependency (Redis, the Kafka producer) cannot take the request now (HTTP 503)."""
 
 
+RANK_EXECUTORS = ("loop", "threads")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings of one server process.
@@ -76,6 +79,13 @@ class ServerConfig:
         separately): a swap's precompute yields the CPU to requests when both
         want it (5 gives requests about three quarters of a contended core). 0
         leaves the priority alone.
+    rank_executor : {"loop", "threads"}
+        Where ``POST /v1/rank`` runs. ``loop`` (default): in the event-loop thread
+        itself, one request at a time per process; scale out with one process per
+        core. ``threads``: in a worker-thread pool, so requests overlap inside one
+        process (torch releases the GIL), at the price of two cross-thread
+        wake-ups per request (measured at about 1 ms of a 7 ms request on this
+        2-core VM: ``benchmarks/serving.py``, see docs/results.md).
 
     Torch keeps one thread count per OS thread and takes the last value set as
     the default for new threads, so an in-process server (``serve_in_thread``)
@@ -99,8 +109,11 @@ class ServerConfig:
     request_threads: int | None = 1
     precompute_threads: int | None = 1
     precompute_nice: int = 5
+    rank_executor: str = "loop"
 
     def __post_init__(self) -> None:
+        if self.rank_executor not in RANK_EXECUTORS:
+            raise ValueError(f"rank_executor must be one of {RANK_EXECUTORS}, but {self.rank_executor!r} is given")
         if not isinstance(self.precompute_nice, int) or not 0 <= self.precompute_nice <= 19:
             raise ValueError(f"precompute_nice must be in [0, 19], but {self.precompute_nice!r} is given")
         for name in ("request_threads", "precompute_threads"):

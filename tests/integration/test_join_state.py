@@ -89,4 +89,8 @@ def test_history_is_trimmed_to_its_length(redis_client, settings):
     store.acquire(0)
     history = [("u", f"i{k}", T0 + k) for k in range(5)]
     store.checkpoint([PartitionCheckpoint(0, {"t": 1}, None, history)])
-    assert RedisHistoryStore(redis_client, settings.redis_prefix).get("u", 10) == ["i4", "i3", "i2"]
+    reader = RedisHistoryStore(redis_client, settings.redis_prefix)
+    assert reader.get("u", 10) == ["i4", "i3", "i2"]
+    assert reader.get("u", 2) == ["i4", "i3"] and reader.get("u", 0) == [] and reader.get("nobody", 5) == []
+    assert reader.get("u", 10, before=T0 + 4) == ["i3", "i2"]  # clicks at or after `before` are left out
+    assert reader.get_many(["u", "nobody"], 1) == [["i4"], []]

@@ -114,9 +114,10 @@ def test_published_snapshots_are_served_and_followed(serve, publisher, catalog):
         assert f'em3_serving_model_version{{line="{LINE}",source="{LINE}"}} {float(v2)}' in text
 
 
-def test_swaps_under_concurrent_requests_fail_nothing(serve, publisher, catalog):
+@pytest.mark.parametrize("executor", ["loop", "threads"])
+def test_swaps_under_concurrent_requests_fail_nothing(serve, publisher, catalog, executor):
     publisher.publish()
-    handle = serve(poll_interval_s=0.2)
+    handle = serve(poll_interval_s=0.2, rank_executor=executor)
     stop = threading.Event()
     results: list[tuple[int, int]] = []
     errors: list[str] = []

@@ -114,6 +114,23 @@ def test_cache_is_bounded():
     assert cache.keys() == ["b", "c", "d"]
 
 
+def test_gather_reuses_slots_and_marks_missing_and_expired_rows():
+    cache = ItemRepCache(2)
+    rows = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    cache.put_many(["a", "b"], rows[:2], [True, False], [0, 0], [float("inf"), 5.0])
+    got, known, missing = cache.gather(["b", "zz", "a"], now=1.0)
+    assert torch.equal(got, torch.tensor([[2.0, 3.0], [0.0, 0.0], [0.0, 1.0]]))
+    assert known == [False, False, True] and missing == [1]
+    _, _, missing = cache.gather(["b"], now=6.0)  # the unregistered row has expired
+    assert missing == [0]
+    cache.put_many(["c"], rows[2:], [True], [0], [float("inf")])  # evicts "a", reuses its slot
+    got, known, missing = cache.gather(["a", "c", "b"], now=1.0)
+    assert missing == [0] and torch.equal(got[1], rows[2]) and torch.equal(got[2], rows[1])
+    assert cache.keys() == ["b", "c"] and torch.equal(cache.get("c", 1.0).rep, rows[2])
+    with pytest.raises(ValueError, match="rows must have shape"):
+        cache.put_many(["d"], torch.zeros(1, 3), [True], [0], [float("inf")])
+
+
 class _BrokenHistory:
     def get(self, user_id, limit, before=None):
         raise ConnectionError("redis down")
