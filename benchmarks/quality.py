@@ -70,6 +70,7 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, lr: fl
     loop_s = time.perf_counter() - t_loop
     out = {
         "auc": auc(labels, preds), "gauc": gauc(users, labels, preds), "cold_auc": auc(labels[cold], preds[cold]),
+        "warm_auc": auc(labels[~cold], preds[~cold]),
         "logloss": logloss(labels, preds), "samples_per_s": n / loop_s,
         "trainable_params": learner.num_trainable_params(), "wall_s": time.perf_counter() - t_start,
         "n": n, "cold_n": int(cold.sum()),

@@ -8,7 +8,8 @@ Synchronisation scheme (periodic parameter averaging, "local SGD"):
 * the aggregator merges the learners' states with :func:`average_deltas` -- per
   element, the mean of the changes over the learners that changed it, so an
   embedding row only one learner saw keeps that learner's full update while dense
-  weights get the plain average -- and publishes the result as ``v + 1`` with the
+  weights get the plain average; counters (``em3.model.COUNTER_STATE``, the items'
+  trained-on impressions) add up -- and publishes the result as ``v + 1`` with the
   union of the learners' offsets and applied ids (their partitions are disjoint);
 * only then does every learner commit its offsets and start round ``r + 1`` from
   ``θ_{v+1}``.
@@ -22,12 +23,13 @@ published version.
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from em3.config import Settings
+from em3.model.model import COUNTER_STATE
 from learners.loop import COUNTERS, CycleResult
 from learners.publisher import LineMovedError, SnapshotPublisher
 from learners.worker import LearnConfig, PrequentialWindow, cycle_stats
@@ -37,9 +39,12 @@ __all__ = ["average_deltas", "Aggregator", "RedisAggregator"]
 log = logging.getLogger(__name__)
 
 
-def average_deltas(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def average_deltas(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
+                   additive: Collection[str] = COUNTER_STATE) -> dict[str, torch.Tensor]:
     """Merge learner states that started from ``base``: per element, ``base`` plus the
     mean of the non-zero changes (elements no learner changed stay as they were).
+    Tensors named in ``additive`` are counters (each learner counted its own
+    samples), so their changes add up instead.
 
     >>> base = {"w": torch.tensor([0.0, 0.0, 0.0])}
     >>> a = {"w": torch.tensor([1.0, 2.0, 0.0])}
@@ -58,7 +63,7 @@ def average_deltas(base: Mapping[str, torch.Tensor], states: Sequence[Mapping[st
             continue
         b64 = b.to(torch.float64)
         deltas = torch.stack([t.to(torch.float64) - b64 for t in tensors])  # (N, ...)
-        count = (deltas != 0).sum(dim=0).clamp(min=1)
+        count = 1 if name in additive else (deltas != 0).sum(dim=0).clamp(min=1)
         out[name] = (b64 + deltas.sum(dim=0) / count).to(b.dtype)
     missing = set(states[0]) - set(base)
     if missing:

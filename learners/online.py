@@ -171,6 +171,10 @@ class OnlineLearner:
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
+        # Late-positive corrections repeat an impression already counted.
+        self.model.observe_impressions([s.impression.item_id for s in samples if not s.correction])
+        if enc.content is not None:
+            self.model.head.observe_content(enc.content)
         self.steps += 1
         stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
                  "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
@@ -207,7 +211,8 @@ class OnlineLearner:
             return self.model.item_representations(list(item_ids), contents).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable tensors only (LoRA, fusion, ranker, embeddings), on CPU, contiguous."""
+        """Trainable tensors (LoRA, fusion, ranker, embeddings) and the learned counters
+        (:data:`em3.model.model.COUNTER_STATE`, running content mean), on CPU, contiguous."""
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in self.model.trainable_state_dict().items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ True
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -84,6 +85,17 @@ class ModelConfig:
         Weight and temperature of the Content-ID InfoNCE loss (0 disables it).
     cic_neg_num : int
         Sampled ID-table negatives per item in addition to in-batch ones.
+    content_match_impressions : float
+        The content-match term of the click head (``<w * interest_content,
+        target_content>``, scoring an item by how much its content resembles what the
+        user engaged with) is gated by ``tau / (tau + n)``, ``n`` = the impressions the
+        item's ID row has been trained on and ``tau`` this value: full weight for a new
+        item, half at ``tau`` impressions, fading as its ID embedding learns. ``0``
+        disables the term (and the impression counter). Content variants only.
+    content_match_init : float
+        Starting value of the content match's per-dimension weights ``w``: how
+        strongly a new item is scored by content similarity before any training (a
+        prior; see ``docs/model.md``).
     correction_mode : {"cancel", "positive"}
         How a late positive (``Sample.correction``) is learned; see
         :func:`em3.model.losses.weighted_bce`.
@@ -120,6 +132,8 @@ class ModelConfig:
     cic_weight: float = 1e-3
     cic_temperature: float = 0.2
     cic_neg_num: int = 16
+    content_match_impressions: float = 10.0
+    content_match_init: float = 2.0
     correction_mode: str = "cancel"
     seed: int = 0
 
@@ -142,6 +156,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, but {value!r} is given")
         if self.cic_weight < 0:
             raise ValueError(f"cic_weight must be >= 0, but {self.cic_weight} is given")
+        if not math.isfinite(self.content_match_init):
+            raise ValueError(f"content_match_init must be finite, but {self.content_match_init} is given")
+        if self.content_match_impressions < 0:
+            raise ValueError(f"content_match_impressions must be >= 0, but {self.content_match_impressions} is given")
         if self.cic_temperature <= 0:
             raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
         if self.lora_alpha <= 0:
@@ -195,6 +213,11 @@ class ModelConfig:
     @property
     def has_image(self) -> bool:
         return self.use_content and self.image_model != "none"
+
+    @property
+    def content_match(self) -> bool:
+        """Whether the click head has the cold-gated content-match term."""
+        return self.use_content and self.content_match_impressions > 0
 
     @property
     def item_dim(self) -> int:

@@ -2,7 +2,12 @@
 
 An item's representation is ``[content ; id]`` (``(N, 2d)``; ``[id]`` for
 ``id_only``), computed once per unique item of a batch (history and targets together)
-so the ranking loss reaches the content modules through every occurrence.
+so the ranking loss reaches the content modules through every occurrence. With the
+content-match term on (``ModelConfig.content_match``, the default for content
+variants) one more column carries the item's cold-start gate ``tau / (tau + n)``,
+``n`` = impressions its ID row has been trained on (the ``item_impressions`` counter,
+which :meth:`EM3Model.observe_impressions` advances and snapshots carry), so a
+serving cache of representations holds everything a request needs.
 
 Serving path (per snapshot version): ``reps = model.item_representations(ids, contents)``
 once for the catalog, then ``model.score_candidates(user, context, reps[hist], reps[cands])``
@@ -28,7 +33,12 @@ from em3.model.losses import content_id_infonce
 from em3.model.ranker import ClickHead, HashEmbedding, TargetAttention
 from em3.types import ItemContent
 
-__all__ = ["EM3Model", "ItemEncoding"]
+__all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE"]
+
+# State learned from data but not by gradient: saved in snapshots with the trainable
+# tensors, and merged across data-parallel learners by summing changes.
+COUNTER_STATE = ("item_impressions",)
+_STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +47,8 @@ logger = logging.getLogger(__name__)
 class ItemEncoding:
     """What :meth:`EM3Model.encode_items` returns for ``N`` unique items.
 
-    ``reps`` ``(N, R)``; ``content`` ``(N, d)`` or None (``id_only``); ``ids``
+    ``reps`` ``(N, R)`` (``R`` = ``config.item_dim``, plus the gate column with the
+    content-match term); ``content`` ``(N, d)`` or None (``id_only``); ``ids``
     ``(N, d)`` ID embeddings; ``buckets`` ``(N,)`` their table rows.
     """
 
@@ -96,7 +107,10 @@ class EM3Model(nn.Module):
         self.item_emb = HashEmbedding(config.item_buckets, d, "item", init_std=0.01)
         self.context_emb = HashEmbedding(config.context_buckets, d, "context")
         self.attention = TargetAttention(config.item_dim, config.attention_hidden)
-        self.head = ClickHead(d, config.item_dim, config.mlp_hidden)
+        self.head = ClickHead(d, config.item_dim, config.mlp_hidden, content_dim=d if config.content_match else 0,
+                              match_init=config.content_match_init)
+        if config.content_match:
+            self.register_buffer("item_impressions", torch.zeros(config.item_buckets))
         self.cache = PrefixCache(cache_items)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -106,13 +120,19 @@ class EM3Model(nn.Module):
             if enc is not None:
                 enc.gradient_checkpointing = enabled
 
+    def _learned_tensors(self) -> dict[str, torch.Tensor]:
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        own.update((n, b) for n, b in self.named_buffers() if n in _STATE_BUFFERS)
+        return own
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor (LoRA, fusion, ranker, embeddings), detached, by name."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """Every trainable tensor (LoRA, fusion, ranker, embeddings) and the
+        :data:`COUNTER_STATE` counters, detached, by name: what a snapshot holds."""
+        return {n: p.detach() for n, p in self._learned_tensors().items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load :meth:`trainable_state_dict` output; names and shapes must match exactly."""
-        own = dict((n, p) for n, p in self.named_parameters() if p.requires_grad)
+        own = self._learned_tensors()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise ValueError(f"trainable state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -124,6 +144,21 @@ class EM3Model(nn.Module):
 
     def num_trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    @torch.no_grad()
+    def observe_impressions(self, item_ids: Sequence[str]) -> None:
+        """Count one trained-on impression per entry of ``item_ids`` (no-op without the
+        content-match term); call after each training step, never when only scoring."""
+        counts = getattr(self, "item_impressions", None)
+        if counts is not None and len(item_ids):
+            rows = self.item_emb.buckets_of(item_ids)
+            counts.index_add_(0, rows, torch.ones(len(rows), dtype=counts.dtype, device=counts.device))
+
+    def _split(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(reps[..., :item_dim], gate or None)`` of representations from :meth:`encode_items`."""
+        if not self.config.content_match:
+            return reps, None
+        return reps[..., : self.config.item_dim], reps[..., self.config.item_dim]
 
     @property
     def device(self) -> torch.device:
@@ -248,7 +283,12 @@ class EM3Model(nn.Module):
             raise ValueError(f"contents must align with item_ids ({len(item_ids)} items), "
                              f"but {None if contents is None else len(contents)} are given")
         content = self.content_embeddings(item_ids, contents)  # (N, d)
-        reps = torch.cat([content, ids.to(content.dtype)], dim=-1)  # (N, 2d)
+        parts = [content, ids.to(content.dtype)]
+        if self.config.content_match:
+            tau = self.config.content_match_impressions
+            gate = tau / (tau + self.item_impressions[buckets])  # (N,) 1 for a new item, 1/2 at tau impressions
+            parts.append(gate.unsqueeze(-1).to(content.dtype))
+        reps = torch.cat(parts, dim=-1)  # (N, 2d [+ 1])
         return ItemEncoding(reps, content, ids, buckets)
 
     def item_representations(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None) -> torch.Tensor:
@@ -263,12 +303,14 @@ class EM3Model(nn.Module):
         Call Args: ``item_reps`` ``(U, R)`` unique-item reps; ``target_idx`` ``(B,)``
         and ``hist_idx`` ``(B, L)`` rows of ``item_reps``; ``hist_mask`` ``(B, L)``.
         """
+        item_reps, gate = self._split(item_reps)
         proj = self.attention.project_history(item_reps)  # (U, H)
         history = item_reps[hist_idx]  # (B, L, R)
         interest = self.attention(item_reps[target_idx], history, proj[hist_idx], hist_mask)  # (B, R)
         return self.head(self.user_emb(user_ids).to(item_reps.dtype),
                          self.context_emb.bag(contexts).to(item_reps.dtype),
-                         item_reps[target_idx], interest)  # (B,)
+                         item_reps[target_idx], interest,
+                         None if gate is None else gate[target_idx], hist_mask.any(dim=1))  # (B,)
 
     def score_candidates(self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
                          candidate_reps: torch.Tensor) -> torch.Tensor:
@@ -277,6 +319,8 @@ class EM3Model(nn.Module):
         Call Args: ``history_reps`` ``(L, R)`` (newest first, ``L`` may be 0);
         ``candidate_reps`` ``(C, R)``; both rows of :meth:`item_representations`.
         """
+        candidate_reps, gate = self._split(candidate_reps)
+        history_reps, _ = self._split(history_reps)
         c = candidate_reps.shape[0]
         hist = history_reps[: self.config.history_len]
         history = hist.unsqueeze(0).expand(c, -1, -1)  # (C, L, R)
@@ -285,7 +329,8 @@ class EM3Model(nn.Module):
         interest = self.attention(candidate_reps, history, proj, mask)  # (C, R)
         user = self.user_emb([user_id]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
         ctx = self.context_emb.bag([context]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
-        return self.head(user, ctx, candidate_reps, interest)  # (C,)
+        has_history = torch.full((c,), hist.shape[0] > 0, dtype=torch.bool, device=candidate_reps.device)
+        return self.head(user, ctx, candidate_reps, interest, gate, has_history)  # (C,)
 
     def cic_loss(self, enc: ItemEncoding, generator: torch.Generator | None = None) -> torch.Tensor:
         """Content-ID InfoNCE over the batch's unique items, plus sampled ID negatives."""

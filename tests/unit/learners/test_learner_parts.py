@@ -47,6 +47,14 @@ def test_partitions_are_split_disjointly_and_completely():
             assert sorted(p for ps in parts for p in ps) == list(range(n))
 
 
+def test_average_deltas_adds_up_counters():
+    base = {"item_impressions": torch.tensor([5.0, 0.0, 1.0]), "w": torch.tensor([0.0])}
+    a = {"item_impressions": torch.tensor([7.0, 1.0, 1.0]), "w": torch.tensor([2.0])}
+    b = {"item_impressions": torch.tensor([6.0, 0.0, 1.0]), "w": torch.tensor([4.0])}
+    out = average_deltas(base, [a, b])
+    assert out["item_impressions"].tolist() == [8.0, 1.0, 1.0] and out["w"].tolist() == [3.0]
+
+
 def test_average_deltas_keeps_sparse_updates_and_averages_dense_ones():
     base = {"emb": torch.zeros(4, 2), "dense": torch.ones(3), "step": torch.tensor(0)}
     a = {"emb": torch.tensor([[1.0, 1.0], [0, 0], [2, 2], [0, 0]]), "dense": torch.tensor([2.0, 2, 2]), "step": torch.tensor(1)}

@@ -26,8 +26,48 @@ def _batch(model, items, users=("u1", "u2", "u3")):
 def test_shapes(model, items, tiny_config):
     enc, logits = _batch(model, items)
     d = tiny_config.embed_dim
-    assert enc.reps.shape == (6, 2 * d) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
+    # [content ; id ; cold-start gate]
+    assert enc.reps.shape == (6, 2 * d + 1) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
     assert logits.shape == (3,) and torch.isfinite(logits).all()
+
+
+def test_content_match_gate_fades_with_trained_impressions(items, tiny_config):
+    model = EM3Model(tiny_config.replace(content_match_impressions=4.0)).eval()
+    ids = [i.item_id for i in items]
+    with torch.no_grad():
+        fresh = model.item_representations(ids, items)[:, -1]
+        torch.testing.assert_close(fresh, torch.ones(len(ids)))
+        model.observe_impressions([ids[0]] * 4 + [ids[1]] * 12)
+        gate = model.item_representations(ids, items)[:, -1]
+    assert gate[0].item() == pytest.approx(0.5) and gate[1].item() == pytest.approx(0.25)
+    torch.testing.assert_close(gate[2:], torch.ones(len(ids) - 2))
+    # The counter and the running content mean are learned state: they travel with
+    # the snapshot tensors.
+    model.head.observe_content(torch.ones(3, tiny_config.embed_dim), momentum=0.5)
+    torch.testing.assert_close(model.head.content_mean, torch.full((tiny_config.embed_dim,), 0.5))
+    other = EM3Model(tiny_config.replace(content_match_impressions=4.0))
+    other.load_trainable_state_dict(model.trainable_state_dict())
+    torch.testing.assert_close(other.item_impressions, model.item_impressions)
+    torch.testing.assert_close(other.head.content_mean, model.head.content_mean)
+
+
+def test_content_match_term_scores_a_new_item_by_its_content(items, tiny_config):
+    """With every ID row silent, the gated term still separates candidates by how well
+    their content matches the history; with the term disabled it does not exist."""
+    on = EM3Model(tiny_config).eval()
+    off = EM3Model(tiny_config.replace(content_match_impressions=0.0)).eval()
+    assert on.head.content_match is not None and off.head.content_match is None
+    assert "item_impressions" not in off.trainable_state_dict()
+    ids = [i.item_id for i in items]
+    with torch.no_grad():
+        reps = on.item_representations(ids, items)
+        with_term = on.score_candidates("u", {}, reps[:2], reps)
+        no_history = on.score_candidates("u", {}, reps[:0], reps)
+        on.head.content_match.zero_()
+        without = on.score_candidates("u", {}, reps[:2], reps)
+        # Without a history there is nothing to match: w plays no part.
+        torch.testing.assert_close(on.score_candidates("u", {}, reps[:0], reps), no_history)
+    assert not torch.allclose(with_term, without)
 
 
 def test_unseen_ids_and_missing_content(model, items):
@@ -146,13 +186,15 @@ def test_hf_vision_model_by_config(tmp_path, items):
     model = EM3Model(cfg)
     assert any("lora_" in n for n, p in model.image.named_parameters() if p.requires_grad)
     enc = model.encode_items([i.item_id for i in items], items)
-    assert enc.reps.shape == (6, 32) and torch.isfinite(enc.reps).all()
+    assert enc.reps.shape == (6, 33) and torch.isfinite(enc.reps).all()
 
 
 def test_trainable_state_roundtrip(items, tiny_config):
     a, b = EM3Model(tiny_config).eval(), EM3Model(tiny_config.replace(seed=1)).eval()
     state = a.trainable_state_dict()
-    assert sum(v.numel() for v in state.values()) == a.num_trainable_params()
+    counters = {"item_impressions", "head.content_mean"}
+    assert set(state) - {n for n, p in a.named_parameters() if p.requires_grad} == counters
+    assert sum(v.numel() for k, v in state.items() if k not in counters) == a.num_trainable_params()
     b.load_trainable_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(a.item_representations(["i0"], items[:1])[:, 16:],
