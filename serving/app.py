@@ -108,6 +108,28 @@ class RankIn(BaseModel):
         return value
 
 
+class RankedItemOut(BaseModel):
+    item_id: str
+    score: float
+    position: int
+    impression_id: str
+    propensity: float
+
+
+class RankOut(BaseModel):
+    request_id: str
+    arm: str
+    model_line: str
+    model_version: int
+    items: list[RankedItemOut]
+    unknown_item_ids: list[str]
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: Any = None
+
+
 class ClickIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -316,7 +338,16 @@ def create_app(runtime: ServingRuntime) -> Any:
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _errors_422(list(exc.errors()))
 
-    # POST /v1/rank is served by _Edge (see _rank_bytes), ahead of the framework.
+    @app.post("/v1/rank", response_model=RankOut,
+              responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    async def rank(body: RankIn) -> Any:
+        """Rank ``item_ids`` for ``user_id``: the top ``k`` with scores, impression ids and
+        propensities, the arm, model line and version, and the candidates without
+        registered content. In a running server the edge middleware answers this path
+        ahead of the framework (same validation, same answers); this route documents
+        the contract in the OpenAPI schema and serves an app mounted without the edge."""
+        status, payload = await anyio.to_thread.run_sync(_rank_bytes, runtime, body.model_dump_json().encode())
+        return Response(payload, status_code=status, media_type="application/json")
 
     @app.post("/v1/click", status_code=202)
     def click(body: ClickIn) -> Any:

@@ -49,6 +49,18 @@ def test_rank_returns_ranked_items_with_ids_version_and_unknowns(client, runtime
     assert logged[0].context == {"device": "ios"} and logged[0].served_at == 1.75e9
 
 
+def test_rank_is_in_the_openapi_schema_and_served_without_the_edge(client, runtime):
+    schema = client.get("/openapi.json").json()
+    rank = schema["paths"]["/v1/rank"]["post"]
+    assert rank["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankIn")
+    assert rank["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankOut")
+    assert {"422", "503"} <= set(rank["responses"])
+    # The FastAPI app alone (no edge middleware) answers the same way.
+    bare = TestClient(create_app(runtime).app)
+    out = bare.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1", "i2"], "k": 1})
+    assert out.status_code == 200 and out.json()["model_version"] == 1 and len(out.json()["items"]) == 1
+
+
 def test_503_until_a_snapshot_is_loaded(make_runtime):
     client = TestClient(create_app(make_runtime()))
     assert client.get("/readyz").status_code == 503
