@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "shared 2-core CPU; 0 for all 100,000)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--content-lr", type=float, default=None, help="learning rate of LoRA and fusion (default: --lr)")
+    p.add_argument("--content-lr", type=float, default=None, help="learning rate of LoRA and fusion (default: --lr / 16, the learners' default)")
     p.add_argument("--history-len", type=int, default=100)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2)
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from em3.data import click_histories, load_ml100k
     from em3.stores import InMemoryContentStore
+    from learners.online import CONTENT_LR_SCALE
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     report = {"dataset": args.dataset, "variants": results,
-              "settings": {"events": len(data.samples), "batch_size": args.batch_size, "lr": args.lr, "content_lr": args.content_lr,
+              "settings": {"events": len(data.samples), "batch_size": args.batch_size, "lr": args.lr, "content_lr": args.content_lr if args.content_lr is not None else args.lr * CONTENT_LR_SCALE,
                            "history_len": args.history_len, "device": args.device, "threads": args.threads,
                            "seed": args.seed, "overrides": overrides, "cold_k": COLD_K}}
     print(json.dumps(report))

@@ -58,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="the tiny random-init config (tests, demos on a laptop)")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
     p.add_argument("--content-lr", type=_positive_float, default=None,
-                   help="learning rate of the content modules (default: --lr)")
+                   help="learning rate of the content modules (default: --lr / 16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--snapshot-interval-s", type=_positive_float, default=2.0,
                    help="publish a snapshot (or average a round) every T seconds")

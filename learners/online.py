@@ -23,9 +23,12 @@ from em3.model.losses import weighted_bce
 from em3.stores import ContentSource
 from em3.types import Impression, Sample
 
-__all__ = ["OnlineLearner", "resolve_device"]
+__all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE"]
 
 logger = logging.getLogger(__name__)
+
+#: Default learning rate of the content modules, as a fraction of ``lr``.
+CONTENT_LR_SCALE = 1 / 16
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,7 +51,10 @@ class OnlineLearner:
         Adam learning rate of the ranker and ID embeddings.
     content_lr : float, optional
         Adam learning rate of the content modules (LoRA adapters, fusion, content
-        norm); default ``lr``.
+        norm); default ``lr * CONTENT_LR_SCALE`` (``lr / 16``). Pretrained encoders
+        take smaller steps than freshly initialised ranking weights; on MovieLens
+        (``benchmarks/quality.py``) about ``lr / 16`` beat ``lr`` at three seeds, and
+        ``lr / 5`` and ``lr / 50`` at one each (``docs/results.md``).
     device : str
         ``"auto"`` (CUDA with bf16 autocast when present, CPU otherwise), ``"cpu"``,
         ``"cuda"``, ``"cuda:1"`` ...
@@ -81,7 +87,7 @@ class OnlineLearner:
         self.params = [p for _, p in named]
         groups = [{"params": [p for n, p in named if not n.startswith(content_prefixes)], "lr": lr},
                   {"params": [p for n, p in named if n.startswith(content_prefixes)],
-                   "lr": lr if content_lr is None else content_lr}]
+                   "lr": lr * CONTENT_LR_SCALE if content_lr is None else content_lr}]
         self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.max_grad_norm = max_grad_norm

@@ -42,7 +42,8 @@ class LearnConfig:
     lr : float
         Learning rate.
     content_lr : float or None
-        Learning rate of the content modules (default ``lr``).
+        Learning rate of the content modules (default ``lr / 16``, see
+        :class:`learners.online.OnlineLearner`).
     device : str
         ``"auto"`` takes the GPU Ray assigned (if any), else the CPU.
     seed : int
