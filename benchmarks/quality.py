@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "shared 2-core CPU; 0 for all 100,000)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--content-lr", type=float, default=None, help="learning rate of LoRA and fusion (default: --lr / 16, the learners' default)")
+    p.add_argument("--content-lr", type=float, default=None,
+                   help="learning rate of LoRA and fusion (default: --lr / 16, the learners' default)")
     p.add_argument("--history-len", type=int, default=100)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2)
@@ -130,8 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---" * (len(cols) + 1) + "|")
     for name, r in results.items():
         print(f"| {name} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    content_lr = args.content_lr if args.content_lr is not None else args.lr * CONTENT_LR_SCALE
     report = {"dataset": args.dataset, "variants": results,
-              "settings": {"events": len(data.samples), "batch_size": args.batch_size, "lr": args.lr, "content_lr": args.content_lr if args.content_lr is not None else args.lr * CONTENT_LR_SCALE,
+              "settings": {"events": len(data.samples), "batch_size": args.batch_size, "lr": args.lr,
+                           "content_lr": content_lr,
                            "history_len": args.history_len, "device": args.device, "threads": args.threads,
                            "seed": args.seed, "overrides": overrides, "cold_k": COLD_K}}
     print(json.dumps(report))

@@ -86,12 +86,13 @@ class ModelConfig:
     cic_neg_num : int
         Sampled ID-table negatives per item in addition to in-batch ones.
     content_match_impressions : float
-        The content-match term of the click head (``<w * interest_content,
-        target_content>``, scoring an item by how much its content resembles what the
-        user engaged with) is gated by ``tau / (tau + n)``, ``n`` = the impressions the
-        item's ID row has been trained on and ``tau`` this value: full weight for a new
-        item, half at ``tau`` impressions, fading as its ID embedding learns. ``0``
-        disables the term (and the impression counter). Content variants only.
+        Gate of the click head's cold-start content match (which scores an item by
+        how much its content resembles what the user engaged with; see
+        :class:`em3.model.ranker.ClickHead`): ``tau / (tau + n)``, ``n`` = the
+        impressions the item's ID row has been trained on and ``tau`` this value: full
+        weight for a new item, half at ``tau`` impressions, fading as its ID embedding
+        learns. ``0`` disables the term (and the impression counter). Content variants
+        only.
     content_match_init : float
         Starting value of the content match's per-dimension weights ``w``: how
         strongly a new item is scored by content similarity before any training (a

@@ -126,8 +126,9 @@ class EM3Model(nn.Module):
         return own
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trainable tensor (LoRA, fusion, ranker, embeddings) and the
-        :data:`COUNTER_STATE` counters, detached, by name: what a snapshot holds."""
+        """Every trainable tensor (LoRA, fusion, ranker, embeddings) and the learned
+        buffers (the :data:`COUNTER_STATE` counters, the head's running content mean),
+        detached, by name: what a snapshot holds."""
         return {n: p.detach() for n, p in self._learned_tensors().items()}
 
     def load_trainable_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
