@@ -13,22 +13,46 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from em3.model import EM3Model, ModelConfig
+from em3.model.model import ItemEncoding
 from em3.model.losses import weighted_bce
 from em3.stores import ContentSource
 from em3.types import Impression, Sample
+from learners.optim import RowWiseAdagrad
 
-__all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE"]
+__all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE", "LEARNER_DEFAULTS", "SPARSE_OPTIMIZERS"]
 
 logger = logging.getLogger(__name__)
 
 #: Default learning rate of the content modules, as a fraction of ``lr``.
 CONTENT_LR_SCALE = 1 / 16
+
+#: Optimizers for the hashed ID tables and biases.
+SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam")
+
+#: The training defaults that ``em3 learn``, the demo's learners and
+#: ``benchmarks/quality.py`` share; chosen on the tuning window (the first 20,000
+#: MovieLens events, ``docs/results.md``).
+LEARNER_DEFAULTS = {"lr": 5e-3, "sparse_optimizer": "rowwise_adagrad", "sparse_lr": 0.05, "bias_lr": 0.5,
+                    "history_content": "cached"}
+
+#: How a training step gets the content embeddings of history items: ``live``
+#: through the towers with gradient (every occurrence trains them), or ``cached``,
+#: the embedding last computed for the item, without gradient (targets still train
+#: the towers; a step then encodes about a third as many items).
+HISTORY_CONTENT = ("cached", "live")
+
+# Parameters trained as tables of rows (row-wise Adagrad by default).
+_TABLE_PREFIXES = ("user_emb.", "item_emb.", "context_emb.")
+_BIAS_PREFIXES = ("global_bias", "user_bias.", "item_bias.")
+# stat_weights stays with the dense (Adam) parameters.
+_CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,13 +72,22 @@ class OnlineLearner:
         Where item content is read (``get_many``); missing items get ID-only
         content (both modalities masked).
     lr : float
-        Adam learning rate of the ranker and ID embeddings.
+        Adam learning rate of the ranker (and of the ID tables with
+        ``sparse_optimizer="adam"``).
     content_lr : float, optional
         Adam learning rate of the content modules (LoRA adapters, fusion, content
         norm); default ``lr * CONTENT_LR_SCALE`` (``lr / 16``). Pretrained encoders
         take smaller steps than freshly initialised ranking weights; on MovieLens
         (``benchmarks/quality.py``) about ``lr / 16`` beat ``lr`` at three seeds, and
         ``lr / 5`` and ``lr / 50`` at one each (``docs/results.md``).
+    sparse_optimizer : {"rowwise_adagrad", "adam"}
+        Optimizer of the hashed ID embedding tables: row-wise Adagrad
+        (:class:`learners.optim.RowWiseAdagrad`, only touched rows move) at
+        ``sparse_lr``, or Adam at ``lr`` with the dense parameters.
+    sparse_lr : float
+        Row-wise Adagrad rate of the ID embedding tables.
+    bias_lr : float
+        Row-wise Adagrad rate of the bias terms (``ModelConfig.bias_terms``).
     device : str
         ``"auto"`` (CUDA with bf16 autocast when present, CPU otherwise), ``"cpu"``,
         ``"cuda"``, ``"cuda:1"`` ...
@@ -66,31 +99,52 @@ class OnlineLearner:
     gradient_checkpointing : bool
         Trade compute for memory in the trainable encoder layers.
     max_grad_norm : float or None
-        Gradient-norm clip (None: no clipping).
+        Gradient-norm clip of the dense parameters (None: no clipping).
+    history_content : {"cached", "live"}
+        See :data:`HISTORY_CONTENT`. Scoring (:meth:`score`) and serving always
+        encode every item afresh.
     """
 
-    def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = 1e-3,
-                 content_lr: float | None = None, device: str = "auto", seed: int = 0, cache_items: int = 20_000,
-                 gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0) -> None:
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, but {lr} is given")
+    def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = LEARNER_DEFAULTS["lr"],
+                 content_lr: float | None = None,
+                 sparse_optimizer: str = LEARNER_DEFAULTS["sparse_optimizer"],
+                 sparse_lr: float = LEARNER_DEFAULTS["sparse_lr"], bias_lr: float = LEARNER_DEFAULTS["bias_lr"],
+                 device: str = "auto", seed: int = 0, cache_items: int = 20_000,
+                 gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0,
+                 history_content: str = LEARNER_DEFAULTS["history_content"]) -> None:
+        if history_content not in HISTORY_CONTENT:
+            raise ValueError(f"history_content must be one of {HISTORY_CONTENT}, but {history_content!r} is given")
+        for name, value in (("lr", lr), ("sparse_lr", sparse_lr), ("bias_lr", bias_lr)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, but {value} is given")
         if content_lr is not None and content_lr <= 0:
             raise ValueError(f"content_lr must be > 0, but {content_lr} is given")
+        if sparse_optimizer not in SPARSE_OPTIMIZERS:
+            raise ValueError(f"sparse_optimizer must be one of {SPARSE_OPTIMIZERS}, but {sparse_optimizer!r} is given")
         self.config = model_config
         self.content = content
         self.device = resolve_device(device)
         self.amp = self.device.type == "cuda"
         self.model = EM3Model(model_config, cache_items=cache_items,
                               gradient_checkpointing=gradient_checkpointing).to(self.device)
-        content_prefixes = ("text.", "image.", "fusion.", "content_norm.")
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        self.params = [p for _, p in named]
-        groups = [{"params": [p for n, p in named if not n.startswith(content_prefixes)], "lr": lr},
-                  {"params": [p for n, p in named if n.startswith(content_prefixes)],
+        rowwise = _BIAS_PREFIXES + (_TABLE_PREFIXES if sparse_optimizer == "rowwise_adagrad" else ())
+        dense = [(n, p) for n, p in named if not n.startswith(rowwise)]
+        self.params = [p for _, p in dense]  # clipped; row-wise steps are normalised per row already
+        groups = [{"params": [p for n, p in dense if not n.startswith(_CONTENT_PREFIXES)], "lr": lr},
+                  {"params": [p for n, p in dense if n.startswith(_CONTENT_PREFIXES)],
                    "lr": lr * CONTENT_LR_SCALE if content_lr is None else content_lr}]
         self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+        tables = [{"params": [p for n, p in named if n.startswith(_BIAS_PREFIXES)], "lr": bias_lr}]
+        if sparse_optimizer == "rowwise_adagrad":
+            tables.append({"params": [p for n, p in named if n.startswith(_TABLE_PREFIXES)], "lr": sparse_lr})
+        tables = [g for g in tables if g["params"]]
+        self.sparse_optimizer = RowWiseAdagrad(tables) if tables else None
         self.generator = torch.Generator().manual_seed(seed)
         self.max_grad_norm = max_grad_norm
+        self.history_content = history_content
+        self.cache_items = cache_items
+        self._history_content: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.steps = 0
 
     # --------------------------------------------------------------- batching
@@ -119,17 +173,43 @@ class OnlineLearner:
                 hist_idx[row, : len(h)] = torch.tensor([index[i] for i in h])
                 hist_mask[row, : len(h)] = True
         target_idx = torch.tensor([index[imp.item_id] for imp in impressions], dtype=torch.long)
-        ids = list(index)
-        contents = self.content.get_many(ids) if self.config.use_content else None
+        n_targets = len({imp.item_id for imp in impressions})  # targets come first in ``index``
         dev = self.device
-        return ids, contents, target_idx.to(dev), hist_idx.to(dev), hist_mask.to(dev)
+        return list(index), n_targets, target_idx.to(dev), hist_idx.to(dev), hist_mask.to(dev)
 
-    def _logits(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]]):
-        ids, contents, target_idx, hist_idx, hist_mask = self._prepare(impressions, histories)
-        enc = self.model.encode_items(ids, contents)
+    def _logits(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]], train: bool = False):
+        ids, n_targets, target_idx, hist_idx, hist_mask = self._prepare(impressions, histories)
+        if not self.config.use_content:
+            enc = self.model.encode_items(ids)
+        elif train and self.history_content == "cached" and len(ids) > n_targets:
+            enc = self._encode_cached_history(ids, n_targets)
+        else:
+            enc = self.model.encode_items(ids, self.content.get_many(ids))
         logits = self.model([i.user_id for i in impressions], [i.context for i in impressions],
                             enc.reps, target_idx, hist_idx, hist_mask)  # (B,)
         return logits.float(), enc
+
+    def _encode_cached_history(self, ids: list[str], n_targets: int) -> ItemEncoding:
+        """Targets through the content towers with gradient; history-only items with the
+        content embedding last computed for them (as a target, or once without
+        gradient on a miss). Their ID rows, gates and biases stay live."""
+        cache = self._history_content
+        targets, history = ids[:n_targets], ids[n_targets:]
+        enc = self.model.encode_items(targets, self.content.get_many(targets))
+        for iid, row in zip(targets, enc.content.detach()):
+            cache[iid] = row
+            cache.move_to_end(iid)
+        misses = [iid for iid in history if iid not in cache]
+        if misses:
+            with torch.no_grad():
+                rows = self.model.content_embeddings(misses, self.content.get_many(misses))
+            cache.update(zip(misses, rows))
+        while len(cache) > self.cache_items:
+            cache.popitem(last=False)
+        content = torch.stack([cache[iid] for iid in history]).to(enc.content.dtype)  # (H, d)
+        hist = self.model.encode_items(history, content=content)
+        # CIC and the content mean see the targets only (``content``/``ids``/``buckets``).
+        return ItemEncoding(torch.cat([enc.reps, hist.reps.to(enc.reps.dtype)]), enc.content, enc.ids, enc.buckets)
 
     # -------------------------------------------------------------- interface
     def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]],
@@ -167,18 +247,26 @@ class OnlineLearner:
         if w is not None and w.shape[0] != len(samples):
             raise ValueError(f"weights must have {len(samples)} entries, but {w.shape[0]} are given")
         with self._autocast():
-            logits, enc = self._logits([s.impression for s in samples], histories)
+            logits, enc = self._logits([s.impression for s in samples], histories, train=True)
             rank = weighted_bce(logits, labels, w, corr, self.config.correction_mode)
             cic = self.model.cic_loss(enc, self.generator)
             loss = rank + self.config.cic_weight * cic
         probs = torch.sigmoid(logits.detach()).cpu().numpy() if return_probs else None
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
+        if self.sparse_optimizer is not None:
+            self.sparse_optimizer.step()
         # Late-positive corrections repeat an impression already counted.
-        self.model.observe_impressions([s.impression.item_id for s in samples if not s.correction])
+        fresh = [s for s in samples if not s.correction]
+        self.model.observe_impressions([s.impression.item_id for s in fresh], [s.impression.user_id for s in fresh],
+                                       [s.label for s in fresh])
+        late = [s for s in samples if s.correction and s.label]
+        self.model.observe_late_clicks([s.impression.item_id for s in late], [s.impression.user_id for s in late])
         if enc.content is not None:
             self.model.head.observe_content(enc.content)
         self.steps += 1
@@ -216,6 +304,23 @@ class OnlineLearner:
         with self._autocast():
             return self.model.item_representations(list(item_ids), contents).float()
 
+    @torch.no_grad()
+    def modality_attention(self, item_ids: Sequence[str]) -> dict[str, float]:
+        """Mean share of the Fusion-Q-Former's cross-attention per modality (``text``,
+        ``image``, ``none`` = the null token) over ``item_ids``; empty without a
+        Fusion-Q-Former. Tells which modality the content embedding is read from."""
+        model = self.model
+        if not hasattr(model.fusion, "attention_mass") or not item_ids:
+            return {}
+        model.eval()
+        names = ["none"] + [n for n, enc in (("text", model.text), ("image", model.image)) if enc is not None]
+        total = torch.zeros(len(names))
+        for start in range(0, len(item_ids), 256):
+            ids = list(item_ids[start:start + 256])
+            tokens, masks = model.modality_tokens(ids, self.content.get_many(ids))
+            total += model.fusion.attention_mass(tokens, masks).float().sum(0).cpu()
+        return {n: round(float(v) / len(item_ids), 4) for n, v in zip(names, total)}
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors (LoRA, fusion, ranker, embeddings) and the learned counters
         (:data:`em3.model.model.COUNTER_STATE`, running content mean), on CPU, contiguous."""
@@ -224,6 +329,7 @@ class OnlineLearner:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Load :meth:`state_dict` output (e.g. from :func:`em3.snapshot.unpack`)."""
         self.model.load_trainable_state_dict(state)
+        self._history_content.clear()
 
     def num_trainable_params(self) -> int:
         return self.model.num_trainable_params()

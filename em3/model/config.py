@@ -30,6 +30,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_cic": {"cic_weight": 0.0},
     "no_fusion": {"fusion": "mean"},
     "full_finetune": {"encoder_mode": "full"},
+    "text_only": {"image_model": "none"},
+    "image_only": {"text_model": "none"},
 }
 
 
@@ -85,6 +87,21 @@ class ModelConfig:
         Weight and temperature of the Content-ID InfoNCE loss (0 disables it).
     cic_neg_num : int
         Sampled ID-table negatives per item in addition to in-batch ones.
+    bias_terms : bool
+        Add the wide part to the logit: a global bias and hashed user and item
+        biases (one number per row), trained by row-wise Adagrad at the learner's
+        ``bias_lr``. An item's bias travels as an extra column of its
+        serving representation.
+    stat_features : bool
+        Real-time click statistics in the wide part: the model counts impressions
+        and clicks per item row, per user row and in total as it learns (buffers
+        that snapshots carry and data-parallel merges add up), and adds to the logit
+        a learned weight times the smoothed click-rate logit of the item and of the
+        user, ``logit((clicks + a p0) / (impressions + a)) - logit(p0)`` with ``p0``
+        the global rate. Counting gives the rate estimate with the least variance;
+        the biases and the deep part learn what it misses.
+    item_pseudo_count, user_pseudo_count : float
+        The ``a`` of the item and user statistic (prior strength in impressions).
     content_match_impressions : float
         Gate of the click head's cold-start content match (which scores an item by
         how much its content resembles what the user engaged with; see
@@ -133,6 +150,10 @@ class ModelConfig:
     cic_weight: float = 1e-3
     cic_temperature: float = 0.2
     cic_neg_num: int = 16
+    bias_terms: bool = True
+    stat_features: bool = True
+    item_pseudo_count: float = 2.0
+    user_pseudo_count: float = 20.0
     content_match_impressions: float = 10.0
     content_match_init: float = 2.0
     correction_mode: str = "cancel"
@@ -161,6 +182,9 @@ class ModelConfig:
             raise ValueError(f"content_match_init must be finite, but {self.content_match_init} is given")
         if self.content_match_impressions < 0:
             raise ValueError(f"content_match_impressions must be >= 0, but {self.content_match_impressions} is given")
+        if not (self.item_pseudo_count > 0 and self.user_pseudo_count > 0):
+            raise ValueError(f"item_pseudo_count and user_pseudo_count must be > 0, but "
+                             f"{self.item_pseudo_count} and {self.user_pseudo_count} are given")
         if self.cic_temperature <= 0:
             raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
         if self.lora_alpha <= 0:
@@ -219,6 +243,12 @@ class ModelConfig:
     def content_match(self) -> bool:
         """Whether the click head has the cold-gated content-match term."""
         return self.use_content and self.content_match_impressions > 0
+
+    @property
+    def rep_dim(self) -> int:
+        """Width of a serving representation: :attr:`item_dim` plus the cold-start gate
+        column (with the content match) and the item-bias column (with bias terms)."""
+        return self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
 
     @property
     def item_dim(self) -> int:

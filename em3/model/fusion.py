@@ -57,11 +57,16 @@ class _QFormerLayer(nn.Module):
         self.norm_f = nn.LayerNorm(d)
         self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Linear(ffn_mult * d, d))
 
-    def forward(self, q: torch.Tensor, memory: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, memory: torch.Tensor, valid: torch.Tensor,
+                weights_out: list | None = None) -> torch.Tensor:
         h = self.norm_q(q)
         q = q + self.self_attn(h, h, h, need_weights=False)[0]  # (N, K, d)
         h = self.norm_c(q)
-        q = q + self.cross_attn(h, memory, memory, key_padding_mask=~valid, need_weights=False)[0]  # (N, K, d)
+        want = weights_out is not None
+        out, weights = self.cross_attn(h, memory, memory, key_padding_mask=~valid, need_weights=want)
+        if want:
+            weights_out.append(weights)  # (N, K, T), averaged over heads
+        q = q + out  # (N, K, d)
         return q + self.ffn(self.norm_f(q))  # (N, K, d)
 
 
@@ -87,6 +92,21 @@ class FusionQFormer(nn.Module):
     def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
         q = self.query_outputs(tokens, masks)  # (N, K, d)
         return self.out(q.flatten(1))  # (N, d)
+
+    @torch.no_grad()
+    def attention_mass(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(N, 1 + M)``: the share of the queries' cross-attention (all layers, heads
+        and queries averaged) on the null token and on each of the ``M`` modalities:
+        which modality the content embedding is read from."""
+        memory, valid = self.tokens(tokens, masks)
+        q = self.queries.expand(memory.shape[0], -1, -1)
+        weights: list[torch.Tensor] = []
+        for layer in self.layers:
+            q = layer(q, memory, valid, weights)
+        w = torch.stack(weights).mean(0).mean(1)  # (N, T)
+        bounds = [0, 1] + [m.shape[1] for m in masks]
+        edges = torch.tensor(bounds).cumsum(0).tolist()
+        return torch.stack([w[:, a:b].sum(1) for a, b in zip(edges[:-1], edges[1:])], dim=1)  # (N, 1 + M)
 
 
 class MeanFusion(nn.Module):

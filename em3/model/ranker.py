@@ -40,7 +40,10 @@ class HashEmbedding(nn.Module):
         self.buckets = buckets
         self.salt = salt
         self.table = nn.Embedding(buckets, dim)
-        nn.init.normal_(self.table.weight, std=init_std)
+        if init_std > 0:
+            nn.init.normal_(self.table.weight, std=init_std)
+        else:
+            nn.init.zeros_(self.table.weight)
 
     def buckets_of(self, ids: Sequence[str]) -> torch.Tensor:
         """``(N,)`` long tensor of bucket indices."""

@@ -129,9 +129,12 @@ def test_corrections_validation_and_state(cfg):
     with pytest.raises(ValueError, match="lr must be > 0"):
         OnlineLearner(cfg, store, lr=0)
     state = learner.state_dict()
-    counters = {"item_impressions", "head.content_mean"}
+    counters = {"item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
+                "head.content_mean"}
     assert sum(v.numel() for k, v in state.items() if k not in counters) == learner.num_trainable_params()
     assert state["item_impressions"].sum() > 0  # trained-on impressions were counted
+    # The late positive adds a click to counts already holding its impression.
+    assert state["global_counts"][1] == sum(s.label for s in batch)
     assert all(v.device.type == "cpu" for v in state.values())
     assert learner.learn_batch([], [])["n"] == 0
 

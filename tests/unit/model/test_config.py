@@ -33,7 +33,8 @@ def test_unknown_keys_and_variants_are_refused():
 
 
 def test_variants():
-    assert set(VARIANTS) == {"em3", "id_only", "content_frozen", "no_cic", "no_fusion", "full_finetune"}
+    assert set(VARIANTS) == {"em3", "id_only", "content_frozen", "no_cic", "no_fusion", "full_finetune", "text_only",
+                             "image_only"}
     assert not ModelConfig.for_variant("id_only").use_content
     assert ModelConfig.for_variant("id_only").item_dim == 64
     assert ModelConfig.for_variant("em3").item_dim == 128

@@ -26,8 +26,8 @@ def _batch(model, items, users=("u1", "u2", "u3")):
 def test_shapes(model, items, tiny_config):
     enc, logits = _batch(model, items)
     d = tiny_config.embed_dim
-    # [content ; id ; cold-start gate]
-    assert enc.reps.shape == (6, 2 * d + 1) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
+    # [content ; id ; cold-start gate ; item wide logit]
+    assert enc.reps.shape == (6, 2 * d + 2) == (6, tiny_config.rep_dim) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
     assert logits.shape == (3,) and torch.isfinite(logits).all()
 
 
@@ -35,10 +35,10 @@ def test_content_match_gate_fades_with_trained_impressions(items, tiny_config):
     model = EM3Model(tiny_config.replace(content_match_impressions=4.0)).eval()
     ids = [i.item_id for i in items]
     with torch.no_grad():
-        fresh = model.item_representations(ids, items)[:, -1]
+        fresh = model.item_representations(ids, items)[:, tiny_config.item_dim]
         torch.testing.assert_close(fresh, torch.ones(len(ids)))
         model.observe_impressions([ids[0]] * 4 + [ids[1]] * 12)
-        gate = model.item_representations(ids, items)[:, -1]
+        gate = model.item_representations(ids, items)[:, tiny_config.item_dim]
     assert gate[0].item() == pytest.approx(0.5) and gate[1].item() == pytest.approx(0.25)
     torch.testing.assert_close(gate[2:], torch.ones(len(ids) - 2))
     # The counter and the running content mean are learned state: they travel with
@@ -57,7 +57,8 @@ def test_content_match_term_scores_a_new_item_by_its_content(items, tiny_config)
     on = EM3Model(tiny_config).eval()
     off = EM3Model(tiny_config.replace(content_match_impressions=0.0)).eval()
     assert on.head.content_match is not None and off.head.content_match is None
-    assert "item_impressions" not in off.trainable_state_dict()
+    assert "item_impressions" not in EM3Model(tiny_config.replace(content_match_impressions=0.0,
+                                                                  stat_features=False)).trainable_state_dict()
     ids = [i.item_id for i in items]
     with torch.no_grad():
         reps = on.item_representations(ids, items)
@@ -129,7 +130,7 @@ def test_variants_build_and_train(variant, encoder_trainable, items):
     elif encoder_trainable is False:
         assert enc_params and not any(p.requires_grad for p in enc_params)
     if variant == "id_only":
-        assert model.text is None and model.image is None and enc.reps.shape[1] == 16
+        assert model.text is None and model.image is None and enc.reps.shape[1] == 16 + 1  # [id ; wide logit]
     if variant == "no_fusion":
         assert type(model.fusion).__name__ == "MeanFusion"
 
@@ -186,13 +187,14 @@ def test_hf_vision_model_by_config(tmp_path, items):
     model = EM3Model(cfg)
     assert any("lora_" in n for n, p in model.image.named_parameters() if p.requires_grad)
     enc = model.encode_items([i.item_id for i in items], items)
-    assert enc.reps.shape == (6, 33) and torch.isfinite(enc.reps).all()
+    assert enc.reps.shape == (6, cfg.rep_dim) and torch.isfinite(enc.reps).all()
 
 
 def test_trainable_state_roundtrip(items, tiny_config):
     a, b = EM3Model(tiny_config).eval(), EM3Model(tiny_config.replace(seed=1)).eval()
     state = a.trainable_state_dict()
-    counters = {"item_impressions", "head.content_mean"}
+    counters = {"item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
+                "head.content_mean"}
     assert set(state) - {n for n, p in a.named_parameters() if p.requires_grad} == counters
     assert sum(v.numel() for k, v in state.items() if k not in counters) == a.num_trainable_params()
     b.load_trainable_state_dict(state)
