@@ -1,15 +1,27 @@
-"""Ranking quality of EM3 and its ablations on a real, time-ordered stream.
+"""Ranking quality of EM3, its ablations and strong simple baselines on a real,
+time-ordered stream.
 
 Prequential (test-then-train) over MovieLens-100K in time order: each mini-batch is
 scored with the current model, then learned. Reports AUC, GAUC (per user), log loss,
-and ``cold_auc`` (AUC over each item's first 5 impressions in the stream), plus a
-chronological 80/20 split figure: the model as trained (one prequential pass) on the
-first 80% of events, frozen, scored on the last 20%.
+the mean prediction against the click rate (calibration), and ``cold_auc`` (AUC over
+each item's first 5 impressions in the stream), plus a chronological 80/20 split
+figure for model variants: the model as trained (one prequential pass) on the first
+80% of events, frozen, scored on the last 20%. Model variants also report their
+Fusion-Q-Former's attention mass per modality (``modality_attention``).
 
-    python benchmarks/quality.py --dataset ml100k --variants em3,id_only,content_frozen,no_cic
+Variants are :data:`em3.model.VARIANTS` (the model, through the same
+``OnlineLearner`` with the same defaults that ``em3 learn`` and the demo use) and the
+baselines of :mod:`em3.baselines` (``item_ctr``, ``user_item_bias``, ``fm_genres``).
 
-The last line printed is one JSON object
-``{"dataset": ..., "variants": {NAME: {...}}, "settings": {...}}``.
+Tuning protocol: every default is chosen on the first 20,000 events (the default
+``--max-events``); figures are reported on all 100,000 (``--max-events 0``) as the
+mean over seeds, each seed beside it:
+
+    python benchmarks/quality.py --dataset ml100k --max-events 0 --seeds 0,1,2 \
+        --variants em3,id_only,content_frozen,no_cic,text_only,image_only,item_ctr,user_item_bias
+
+The last line printed is one JSON object ``{"dataset", "model", "runtime",
+"variants": {NAME: {figures..., "seeds": {SEED: {...}}}}, "settings"}``.
 """
 from __future__ import annotations
 

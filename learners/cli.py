@@ -22,6 +22,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 from em3.cli import add_connection_flags, settings_from_args
+from learners.online import LEARNER_DEFAULTS
 
 __all__ = ["register", "learn_config_from_args"]
 
@@ -56,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="one learner in this process, without Ray")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="em3", help="model variant")
     p.add_argument("--tiny", action="store_true", help="the tiny random-init config (tests, demos on a laptop)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--lr", type=_positive_float, default=LEARNER_DEFAULTS["lr"],
+                   help="dense learning rate (the default is the one benchmarks/quality.py measures)")
     p.add_argument("--content-lr", type=_positive_float, default=None,
                    help="learning rate of the content modules (default: --lr / 16)")
     p.add_argument("--seed", type=int, default=0)

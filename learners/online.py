@@ -39,8 +39,8 @@ SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adam")
 #: The training defaults that ``em3 learn``, the demo's learners and
 #: ``benchmarks/quality.py`` share; chosen on the tuning window (the first 20,000
 #: MovieLens events, ``docs/results.md``).
-LEARNER_DEFAULTS = {"lr": 5e-3, "sparse_optimizer": "rowwise_adagrad", "sparse_lr": 0.05, "bias_lr": 0.5,
-                    "history_content": "cached"}
+LEARNER_DEFAULTS = {"lr": 2e-3, "sparse_optimizer": "rowwise_adagrad", "sparse_lr": 0.05, "bias_lr": 0.5,
+                    "history_content": "cached", "content_every": 4}
 
 #: How a training step gets the content embeddings of history items: ``live``
 #: through the towers with gradient (every occurrence trains them), or ``cached``,
@@ -103,6 +103,11 @@ class OnlineLearner:
     history_content : {"cached", "live"}
         See :data:`HISTORY_CONTENT`. Scoring (:meth:`score`) and serving always
         encode every item afresh.
+    content_every : int
+        With ``cached`` history content, train the content towers on every
+        ``content_every``-th step only; the other steps read every item's cached
+        content embedding (the ranker, ID tables and biases still learn). A
+        cost knob: the towers dominate a step's time on CPU.
     """
 
     def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = LEARNER_DEFAULTS["lr"],
@@ -111,7 +116,10 @@ class OnlineLearner:
                  sparse_lr: float = LEARNER_DEFAULTS["sparse_lr"], bias_lr: float = LEARNER_DEFAULTS["bias_lr"],
                  device: str = "auto", seed: int = 0, cache_items: int = 20_000,
                  gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0,
-                 history_content: str = LEARNER_DEFAULTS["history_content"]) -> None:
+                 history_content: str = LEARNER_DEFAULTS["history_content"],
+                 content_every: int = LEARNER_DEFAULTS["content_every"]) -> None:
+        if not (isinstance(content_every, int) and content_every >= 1):
+            raise ValueError(f"content_every must be an int >= 1, but {content_every!r} is given")
         if history_content not in HISTORY_CONTENT:
             raise ValueError(f"history_content must be one of {HISTORY_CONTENT}, but {history_content!r} is given")
         for name, value in (("lr", lr), ("sparse_lr", sparse_lr), ("bias_lr", bias_lr)):
@@ -143,6 +151,7 @@ class OnlineLearner:
         self.generator = torch.Generator().manual_seed(seed)
         self.max_grad_norm = max_grad_norm
         self.history_content = history_content
+        self.content_every = content_every if history_content == "cached" else 1
         self.cache_items = cache_items
         self._history_content: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.steps = 0
@@ -181,35 +190,46 @@ class OnlineLearner:
         ids, n_targets, target_idx, hist_idx, hist_mask = self._prepare(impressions, histories)
         if not self.config.use_content:
             enc = self.model.encode_items(ids)
-        elif train and self.history_content == "cached" and len(ids) > n_targets:
-            enc = self._encode_cached_history(ids, n_targets)
+        elif train and self.history_content == "cached":
+            # Every ``content_every``-th step the targets go through the towers with
+            # gradient; on the others every item reads its cached content embedding.
+            live = n_targets if self.steps % self.content_every == 0 else 0
+            enc = self._encode_cached(ids, live, n_targets)
         else:
             enc = self.model.encode_items(ids, self.content.get_many(ids))
         logits = self.model([i.user_id for i in impressions], [i.context for i in impressions],
                             enc.reps, target_idx, hist_idx, hist_mask)  # (B,)
         return logits.float(), enc
 
-    def _encode_cached_history(self, ids: list[str], n_targets: int) -> ItemEncoding:
-        """Targets through the content towers with gradient; history-only items with the
-        content embedding last computed for them (as a target, or once without
-        gradient on a miss). Their ID rows, gates and biases stay live."""
+    def _encode_cached(self, ids: list[str], n_live: int, n_targets: int) -> ItemEncoding:
+        """The first ``n_live`` items through the content towers with gradient; the rest
+        with the content embedding last computed for them (as a live target, or once
+        without gradient on a miss). ID rows, gates and biases stay live for all.
+        CIC and the running content mean see the ``n_targets`` targets only."""
         cache = self._history_content
-        targets, history = ids[:n_targets], ids[n_targets:]
-        enc = self.model.encode_items(targets, self.content.get_many(targets))
-        for iid, row in zip(targets, enc.content.detach()):
-            cache[iid] = row
-            cache.move_to_end(iid)
-        misses = [iid for iid in history if iid not in cache]
-        if misses:
-            with torch.no_grad():
-                rows = self.model.content_embeddings(misses, self.content.get_many(misses))
-            cache.update(zip(misses, rows))
+        live, rest = ids[:n_live], ids[n_live:]
+        parts: list[ItemEncoding] = []
+        if live:
+            parts.append(self.model.encode_items(live, self.content.get_many(live)))
+            for iid, row in zip(live, parts[0].content.detach()):
+                cache[iid] = row
+                cache.move_to_end(iid)
+        if rest:
+            misses = [iid for iid in dict.fromkeys(rest) if iid not in cache]
+            if misses:
+                with torch.no_grad():
+                    rows = self.model.content_embeddings(misses, self.content.get_many(misses))
+                cache.update(zip(misses, rows))
+            content = torch.stack([cache[iid] for iid in rest])  # (N - n_live, d)
+            parts.append(self.model.encode_items(rest, content=content))
         while len(cache) > self.cache_items:
             cache.popitem(last=False)
-        content = torch.stack([cache[iid] for iid in history]).to(enc.content.dtype)  # (H, d)
-        hist = self.model.encode_items(history, content=content)
-        # CIC and the content mean see the targets only (``content``/``ids``/``buckets``).
-        return ItemEncoding(torch.cat([enc.reps, hist.reps.to(enc.reps.dtype)]), enc.content, enc.ids, enc.buckets)
+        dtype = parts[0].reps.dtype
+        reps = torch.cat([p.reps.to(dtype) for p in parts])
+        content = torch.cat([p.content.to(dtype) for p in parts])[:n_targets]
+        ids_emb = torch.cat([p.ids for p in parts])[:n_targets]
+        buckets = torch.cat([p.buckets for p in parts])[:n_targets]
+        return ItemEncoding(reps, content, ids_emb, buckets)
 
     # -------------------------------------------------------------- interface
     def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]],

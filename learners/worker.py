@@ -22,6 +22,7 @@ import numpy as np
 
 from em3.config import Settings
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
+from learners.online import LEARNER_DEFAULTS
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
 
 __all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats"]
@@ -40,7 +41,9 @@ class LearnConfig:
     model_config : mapping
         ``ModelConfig.to_dict()`` of the model (saved in every manifest).
     lr : float
-        Learning rate.
+        Dense learning rate (default: :data:`learners.online.LEARNER_DEFAULTS`, the
+        same defaults ``benchmarks/quality.py`` measures; the sparse optimizer's
+        settings come from there too).
     content_lr : float or None
         Learning rate of the content modules (default ``lr / 16``, see
         :class:`learners.online.OnlineLearner`).
@@ -59,7 +62,7 @@ class LearnConfig:
 
     model_line: str
     model_config: Mapping[str, Any]
-    lr: float = 1e-3
+    lr: float = LEARNER_DEFAULTS["lr"]
     content_lr: float | None = None
     device: str = "auto"
     seed: int = 0

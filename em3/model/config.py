@@ -147,10 +147,10 @@ class ModelConfig:
     context_buckets: int = 1 << 10
     attention_hidden: int = 64
     mlp_hidden: tuple[int, ...] = (128, 64)
-    cic_weight: float = 1e-3
+    cic_weight: float = 0.0
     cic_temperature: float = 0.2
     cic_neg_num: int = 16
-    bias_terms: bool = True
+    bias_terms: bool = False
     stat_features: bool = True
     item_pseudo_count: float = 2.0
     user_pseudo_count: float = 20.0
