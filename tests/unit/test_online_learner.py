@@ -72,7 +72,7 @@ def test_content_generalises_to_unseen_items(cfg):
         real = cfg.replace(text_model="minilm", max_text_tokens=32)
         learner = OnlineLearner(real.replace(variant=variant, use_content=variant == "em3",
                                              cic_weight=cfg.cic_weight if variant == "em3" else 0.0),
-                                store, lr=1e-2, device="cpu", seed=0)
+                                store, lr=1e-2, device="cpu", seed=0, content_every=1)  # towers every step
         for step in range(40):
             batch = stream(64, step * 64, item_ids=range(30))
             learner.learn_batch(batch, [[]] * 64)
@@ -147,3 +147,23 @@ def test_learn_batch_probs_are_the_test_then_train_predictions(cfg):
     stats = learner.learn_batch(batch, [[]] * 20, return_probs=True)
     np.testing.assert_allclose(stats["probs"], before, rtol=1e-5, atol=1e-6)
     assert not np.allclose(learner.score(batch, [[]] * 20), before)  # the update happened
+
+
+def test_cached_history_content_gives_the_live_predictions_before_any_update(cfg):
+    """On the first step the cache is filled from the same weights, so cached and live
+    history content give the same test-then-train predictions; content_every skips
+    the towers' gradient on the other steps but still trains the ranker."""
+    store, stream = _world(seed=6)
+    batch = stream(32, 0)
+    hist = [["it1", "it2", "it3"]] * 32
+    live = OnlineLearner(cfg, store, device="cpu", history_content="live").learn_batch(batch, hist, return_probs=True)
+    cached_learner = OnlineLearner(cfg, store, device="cpu", history_content="cached", content_every=2)
+    cached = cached_learner.learn_batch(batch, hist, return_probs=True)
+    np.testing.assert_allclose(cached["probs"], live["probs"], rtol=1e-5, atol=1e-6)
+    lora = {n: p.detach().clone() for n, p in cached_learner.model.named_parameters() if "lora_B" in n}
+    head = cached_learner.model.head.mlp[0].weight.detach().clone()
+    cached_learner.learn_batch(stream(32, 100), hist)  # step 1: no tower gradient
+    assert lora and all(torch.equal(lora[n], p) for n, p in cached_learner.model.named_parameters() if n in lora)
+    assert not torch.equal(head, cached_learner.model.head.mlp[0].weight)
+    with pytest.raises(ValueError, match="content_every"):
+        OnlineLearner(cfg, store, device="cpu", content_every=0)

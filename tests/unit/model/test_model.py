@@ -203,3 +203,24 @@ def test_trainable_state_roundtrip(items, tiny_config):
                                    b.item_representations(["i0"], items[:1])[:, 16:])
     with pytest.raises(ValueError, match="does not fit"):
         b.load_trainable_state_dict({"nope": torch.zeros(1)})
+
+
+def test_click_statistics_count_learned_samples_and_move_the_logit(items, tiny_config):
+    """Items and users with more clicks per impression score higher; a late click adds
+    a click, not an impression; the counters travel in the trainable state."""
+    model = EM3Model(tiny_config.replace(content_match_impressions=0.0)).eval()
+    ids = [i.item_id for i in items]
+    with torch.no_grad():
+        before = model.item_representations(ids, items)
+        model.observe_impressions(["i0"] * 10 + ["i1"] * 10, ["u1"] * 10 + ["u2"] * 10, [1] * 9 + [0] + [0] * 10)
+        model.observe_late_clicks(["i1"], ["u2"])
+        after = model.item_representations(ids, items)
+        wide = tiny_config.item_dim  # the item's wide-logit column
+        assert after[0, wide] > before[0, wide] == 0.0 > after[1, wide]
+        assert after[2, wide] == 0.0  # an item never seen sits at the global rate
+        assert model.global_counts.tolist() == [20.0, 10.0] and model.item_clicks[model.item_emb.buckets_of(["i1"])] == 1
+        assert model.user_stat(["u1"]) > 0 > model.user_stat(["u2"]) and model.user_stat(["new"]) == 0
+    state = model.trainable_state_dict()
+    assert state["user_impressions"].sum() == 20 and state["item_clicks"].sum() == 10
+    off = EM3Model(tiny_config.replace(stat_features=False, content_match_impressions=0.0))
+    assert "item_clicks" not in off.trainable_state_dict() and off.config.rep_dim == tiny_config.item_dim
