@@ -135,6 +135,25 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, device
     return _rounded(out)
 
 
+def _identical_variants(names: list[str], overrides: dict) -> dict[str, str]:
+    """``{variant: earlier variant}`` for model variants whose ModelConfig (label aside)
+    equals an earlier one's: e.g. ``no_cic`` while the default CIC weight is 0. They are
+    run once; the report marks the copy with ``same_config_as``."""
+    from em3.model import ModelConfig
+
+    seen: dict[str, str] = {}
+    out: dict[str, str] = {}
+    for name in names:
+        if name in BASELINES:
+            continue
+        key = json.dumps({**ModelConfig.for_variant(name, **overrides).to_dict(), "variant": ""}, sort_keys=True)
+        if key in seen:
+            out[name] = seen[key]
+        else:
+            seen[key] = name
+    return out
+
+
 def _rounded(out: dict) -> dict:
     return {k: (round(v, 5) if isinstance(v, float) else _rounded(v) if isinstance(v, dict) else v)
             for k, v in out.items()}
@@ -199,8 +218,12 @@ def main(argv: list[str] | None = None) -> dict:
     histories = click_histories(data.samples, args.history_len)
     store = InMemoryContentStore(data.items.values())
     runs: dict[str, dict[int, dict]] = {n: {} for n in names}
+    same_as = _identical_variants(names, overrides)
     for seed in seeds:
         for name in names:
+            if name in same_as:  # the same ModelConfig as an earlier variant: the same run
+                runs[name][seed] = runs[same_as[name]][seed]
+                continue
             logger.info("variant %s, seed %d ...", name, seed)
             torch.manual_seed(seed)
             if name in BASELINES:
@@ -211,6 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
             runs[name][seed] = r
             logger.info("%s seed %d: %s", name, seed, r)
     results = {name: _mean_over_seeds(per_seed) for name, per_seed in runs.items()}
+    for name, first in same_as.items():
+        results[name]["same_config_as"] = first
     cols = ["auc", "gauc", "cold_auc", "logloss", "mean_pred", "split_auc", "samples_per_s", "wall_s"]
     print(f"means over seeds {seeds}, {len(data.samples):,} events")
     print("| variant | " + " | ".join(cols) + " |")
