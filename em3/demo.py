@@ -65,6 +65,12 @@ class DemoConfig:
         ``tiny``: small random-init encoders (tests).
     request_rate_per_s : float
         Mean simulated requests per second (Poisson).
+    base_attraction, quality_scale, preference_scale : float
+        The simulated world's mean attraction of a random user-item pair, the spread
+        of item quality (what counts and ID rows learn) and the strength of user-item
+        taste (what content and history learn); see
+        :class:`simulators.world.WorldConfig`. A product demo's world: clicks common
+        enough that three minutes of traffic show learning.
     n_users, n_items : int
         Simulated users and initial catalogue (MovieLens titles and genres).
     new_items_per_minute : float
@@ -88,7 +94,10 @@ class DemoConfig:
     out_dir: str = "out/demo"
     lines: tuple[str, ...] = ("em3", "id_only")
     model_scale: str = "default"
-    request_rate_per_s: float = 4.0
+    request_rate_per_s: float = 12.0
+    base_attraction: float = 0.2
+    quality_scale: float = 1.0
+    preference_scale: float = 4.0
     n_users: int = 200
     n_items: int = 150
     new_items_per_minute: float = 10.0
@@ -102,13 +111,16 @@ class DemoConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s",
+        for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s", "quality_scale",
+                     "preference_scale",
                      "snapshot_interval_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
         for name in ("n_users", "n_items", "k", "n_candidates"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
+        if not 0 < self.base_attraction < 1:
+            raise ValueError(f"base_attraction must be in (0, 1), but {self.base_attraction!r} is given")
         if self.new_items_per_minute < 0:
             raise ValueError(f"new_items_per_minute must be >= 0, but {self.new_items_per_minute!r} is given")
         if len(self.lines) < 2 or len(set(self.lines)) != len(self.lines):
@@ -409,7 +421,8 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
         horizon_s=config.minutes * 60.0 + 600.0, new_items_per_hour=config.new_items_per_minute * 60.0,
         fresh_window_s=max(60.0, config.minutes * 60.0), drift_period_s=max(600.0, config.minutes * 120.0),
         delay=LogNormalDelay(median_s=config.click_delay_median_s, sigma=0.5, max_s=config.window_s * 3),
-        seed=config.seed,
+        base_attraction=config.base_attraction, quality_scale=config.quality_scale,
+        preference_scale=config.preference_scale, seed=config.seed,
     ))
 
 
@@ -508,9 +521,36 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
             "join_samples_out": join.get("samples_out"),
         },
     }
+    extra = {"headline": _headline(extra, config), **extra}
     write_report(result, Path(config.out_dir), "em3 demo: EM3 online vs ID-only online",
                  extra=extra, extra_html=_extra_html(extra))
     return {**result.to_dict(), **extra}
+
+
+#: What the demo must show (issue 10): every line learns visibly, content wins on
+#: cold items, and the stack keeps up with the traffic.
+HEADLINE_TARGETS = {"window_auc": 0.65, "cold_ctr_ratio": 1.2, "requests_per_s": 10.0}
+
+
+def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
+    """The first lines of the report: did learning show? Each figure beside its target."""
+    aucs = {line: s.get("prequential", {}).get("window_auc") for line, s in extra["learners"].items()}
+    cold = extra["cold_start"]
+    first, control = config.lines[0], config.lines[1]
+    ratio = None
+    if first in cold and control in cold and cold[control].get("ctr"):
+        ratio = cold[first]["ctr"] / cold[control]["ctr"]
+    rate = extra["throughput"]["requests_per_s"]
+    t = HEADLINE_TARGETS
+    checks = {
+        f"every line's prequential AUC over the last window >= {t['window_auc']}":
+            all(a is not None and a >= t["window_auc"] for a in aucs.values()),
+        f"{first} CTR on cold-start items >= {t['cold_ctr_ratio']}x {control}'s":
+            ratio is not None and ratio >= t["cold_ctr_ratio"],
+        f"ranked requests/s >= {t['requests_per_s']}": rate >= t["requests_per_s"],
+    }
+    return {"learning_shows": all(checks.values()), "checks": checks, "window_auc": aucs,
+            "cold_ctr_ratio": ratio, "requests_per_s": rate}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -530,7 +570,8 @@ def _extra_html(extra: Mapping[str, Any]) -> str:
                        for k, v in rows.items())
         return f"<h2>{html.escape(title)}</h2><table>{body}</table>"
 
-    return (table("CTR on cold-start items (arrived during the run)", extra["cold_start"])
+    return (table("Did learning show?", extra["headline"]["checks"])
+            + table("CTR on cold-start items (arrived during the run)", extra["cold_start"])
             + table("Freshness: age of the served snapshot (s)", extra["freshness_s"])
             + table("Snapshot versions served", extra["versions_served"])
             + table("Learners", extra["learners"])
@@ -645,7 +686,12 @@ def _demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("em3 demo: interrupted; every component was stopped", file=sys.stderr)
         return 130
+    headline = report["headline"]
+    for check, ok in headline["checks"].items():
+        print(f"{'PASS' if ok else 'MISS'}  {check}")
     summary = {
+        "learning_shows": headline["learning_shows"], "window_auc": headline["window_auc"],
+        "cold_ctr_ratio": headline["cold_ctr_ratio"], "requests_per_s": headline["requests_per_s"],
         "out": str(Path(config.out_dir).resolve()),
         "requests": report["requests"],
         "ctr": {arm: s["ctr"] for arm, s in report["final"].items()},

@@ -128,6 +128,8 @@ def write_report(report: ABReport, out_dir: str | Path, title: str = "A/B experi
     body = report.to_dict()
     if extra:
         body.update(_clean(dict(extra)))
+        if "headline" in extra:  # the reader's verdict comes first in the file
+            body = {"headline": body.pop("headline"), **body}
     written["json"].write_text(json.dumps(_clean(body), indent=2))
     written["ctr"] = plot_ctr(report, out / "ctr.png")
     written["tests"] = plot_tests(report, out / "tests.png")

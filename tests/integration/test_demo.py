@@ -43,6 +43,12 @@ def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path
 
     report = json.loads((out / "report.json").read_text())
     html = (out / "report.html").read_text()
+    # The verdict on learning comes first, in the file and on stdout, each check beside its figure.
+    assert next(iter(report)) == "headline" and len(report["headline"]["checks"]) == 3
+    assert summary["learning_shows"] == report["headline"]["learning_shows"] == all(
+        report["headline"]["checks"].values())
+    assert set(report["headline"]["window_auc"]) == {"em3", "id_only"}
+    assert proc.stdout.splitlines()[0].startswith(("PASS", "MISS")) and "Did learning show?" in html
     assert set(report["arms"]) == {"em3", "id_only"} and report["control"] == "em3"
     # Traffic really flowed through the server: ~5 req/s for 24 s.
     assert report["requests"] >= 40
