@@ -89,8 +89,10 @@ class ItemCTR:
         self.vocab = _Vocab()
         self.clicks = np.zeros(0)
         self.imps = np.zeros(0)
-        self.total_clicks = 1.0  # a weak prior of 10%: defined before any data
-        self.total_imps = 10.0
+        # Before any data the prior is 1/2 at the weight of one impression. (A 10% start
+        # ranked the whole first batch below everything else: -0.009 pooled AUC.)
+        self.total_clicks = 0.5
+        self.total_imps = 1.0
 
     def _rows(self, impressions: Sequence[Impression]) -> np.ndarray:
         rows = self.vocab.rows([i.item_id for i in impressions])

@@ -30,7 +30,7 @@ def test_item_ctr_is_the_smoothed_rate_with_the_global_prior():
     m = ItemCTR(pseudo_count=4.0)
     imps = [Impression(str(k), "r", "u", "a" if k < 3 else "b", 0, 0.0) for k in range(6)]
     m.update(imps, [1, 1, 0, 0, 0, 0])
-    prior = (1.0 + 2) / (10.0 + 6)  # the weak starting prior plus the data
+    prior = (0.5 + 2) / (1.0 + 6)  # the uninformative starting prior plus the data
     a, b, new = m.predict([imps[0], imps[3], Impression("x", "r", "u", "new", 0, 0.0)])
     assert a == pytest.approx((2 + 4 * prior) / 7) and b == pytest.approx(4 * prior / 7) and new == pytest.approx(prior)
 
