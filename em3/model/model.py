@@ -1,13 +1,16 @@
 """EM3Model: content encoders + fusion + hashed IDs + DIN ranker, in one module.
 
 An item's representation is ``[content ; id]`` (``(N, 2d)``; ``[id]`` for
-``id_only``), computed once per unique item of a batch (history and targets together)
-so the ranking loss reaches the content modules through every occurrence. With the
-content-match term on (``ModelConfig.content_match``, the default for content
-variants) one more column carries the item's cold-start gate ``tau / (tau + n)``,
-``n`` = impressions its ID row has been trained on (the ``item_impressions`` counter,
-which :meth:`EM3Model.observe_impressions` advances and snapshots carry), so a
-serving cache of representations holds everything a request needs.
+``id_only``), computed once per unique item of a batch (history and targets together;
+a learner may pass cached content embeddings for history items). Extra columns follow
+(``ModelConfig.rep_dim``): with the content-match term on
+(``ModelConfig.content_match``, the default for content variants) the item's
+cold-start gate ``tau / (tau + n)``, ``n`` = impressions its ID row has been trained
+on; with click statistics or bias terms on, the item's share of the wide logit (its
+weighted smoothed click-rate logit, its bias). The counters behind them
+(:data:`COUNTER_STATE`, advanced by :meth:`EM3Model.observe_impressions`) travel in
+snapshots, so a serving cache of representations holds everything a request needs;
+the user's statistic is read from the same counters at scoring time.
 
 Serving path (per snapshot version): ``reps = model.item_representations(ids, contents)``
 once for the catalog, then ``model.score_candidates(user, context, reps[hist], reps[cands])``
