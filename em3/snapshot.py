@@ -102,7 +102,8 @@ def unpack(blob: bytes, manifest: SnapshotManifest, expected_config: Any = None)
     Raises
     ------
     em3.errors.SnapshotError
-        On a format, length, checksum or config mismatch, or unreadable bytes.
+        On a format, length, checksum or config mismatch, unreadable bytes, or a
+        tensor holding NaN or infinity.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -125,6 +126,13 @@ def unpack(blob: bytes, manifest: SnapshotManifest, expected_config: Any = None)
             raise SnapshotError(f"snapshot {manifest.model_line} v{manifest.version} has a different model "
                                 f"config: {detail}")
     try:
-        return load(blob)
+        state = load(blob)
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise SnapshotError(f"snapshot {manifest.model_line} v{manifest.version} is unreadable: {exc}") from None
+    # A matching checksum proves the bytes are the publisher's, not that they are sane:
+    # NaN or infinite weights would be served as non-JSON scores.
+    bad = [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise SnapshotError(f"snapshot {manifest.model_line} v{manifest.version} holds non-finite values in "
+                            f"{len(bad)} tensors ({', '.join(sorted(bad)[:3])}); refused")
+    return state

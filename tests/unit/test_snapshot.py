@@ -81,3 +81,18 @@ def test_pack_validates_fields(learner):
         pack(lrn.state_dict(), model_line="x", version=1, sha256="abc")
     with pytest.raises(TypeError, match="must be a Tensor"):
         pack({"w": [1, 2]}, model_line="x", version=1)
+
+
+def test_non_finite_weights_are_refused_even_with_a_matching_checksum(learner):
+    lrn, _ = learner
+    state = lrn.state_dict()
+    name = next(n for n, t in state.items() if t.is_floating_point() and "mlp" in n)
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    blob, manifest = pack(state, {"model_line": "x", "version": 2, "config": lrn.config.to_dict()})
+    with pytest.raises(SnapshotError, match="non-finite values in 1 tensors"):
+        unpack(blob, manifest, lrn.config)
+    state[name].view(-1)[0] = float("inf")
+    blob, manifest = pack(state, {"model_line": "x", "version": 3, "config": lrn.config.to_dict()})
+    with pytest.raises(SnapshotError, match=name):
+        unpack(blob, manifest, lrn.config)
