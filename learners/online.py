@@ -45,7 +45,8 @@ LEARNER_DEFAULTS = {"lr": 2e-3, "sparse_optimizer": "rowwise_adagrad", "sparse_l
 #: How a training step gets the content embeddings of history items: ``live``
 #: through the towers with gradient (every occurrence trains them), or ``cached``,
 #: the embedding last computed for the item, without gradient (targets still train
-#: the towers; a step then encodes about a third as many items).
+#: the towers). Alone it measured +9% samples/s on the tuning window; with
+#: ``content_every`` it is what lets most steps skip the towers.
 HISTORY_CONTENT = ("cached", "live")
 
 # Parameters trained as tables of rows (row-wise Adagrad by default).
@@ -212,14 +213,14 @@ class OnlineLearner:
         if live:
             parts.append(self.model.encode_items(live, self.content.get_many(live)))
             for iid, row in zip(live, parts[0].content.detach()):
-                cache[iid] = row
+                cache[iid] = row.clone()  # not a view: a view would keep the whole batch alive
                 cache.move_to_end(iid)
         if rest:
             misses = [iid for iid in dict.fromkeys(rest) if iid not in cache]
             if misses:
                 with torch.no_grad():
                     rows = self.model.content_embeddings(misses, self.content.get_many(misses))
-                cache.update(zip(misses, rows))
+                cache.update(zip(misses, rows.clone().unbind(0)))
             content = torch.stack([cache[iid] for iid in rest])  # (N - n_live, d)
             parts.append(self.model.encode_items(rest, content=content))
         while len(cache) > self.cache_items:

@@ -247,7 +247,8 @@ class ModelConfig:
     @property
     def rep_dim(self) -> int:
         """Width of a serving representation: :attr:`item_dim` plus the cold-start gate
-        column (with the content match) and the item-bias column (with bias terms)."""
+        column (with the content match) and the item's wide-logit column (with click
+        statistics or bias terms)."""
         return self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
 
     @property

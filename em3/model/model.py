@@ -172,7 +172,7 @@ class EM3Model(nn.Module):
     def observe_impressions(self, item_ids: Sequence[str], user_ids: Sequence[str] | None = None,
                             labels: Sequence[float] | None = None) -> None:
         """Count one trained-on impression per entry of ``item_ids`` (and of
-        ``user_ids``), with its click ``labels``; call after each training step, never
+        ``user_ids``), with its click ``labels`` (none: no clicks); call after each training step, never
         when only scoring. No-op for counters the config does not have."""
         if not len(item_ids):
             return
@@ -181,7 +181,8 @@ class EM3Model(nn.Module):
         if hasattr(self, "item_impressions"):
             self.item_impressions.index_add_(0, rows, ones)
         if self.config.stat_features:
-            y = ones if labels is None else torch.tensor(list(labels), dtype=torch.float32, device=self.device)
+            y = torch.zeros_like(ones) if labels is None else torch.tensor(list(labels), dtype=torch.float32,
+                                                                           device=self.device)
             self.item_clicks.index_add_(0, rows, y)
             if user_ids is not None:
                 urows = self.user_emb.buckets_of(user_ids)
@@ -436,7 +437,7 @@ class EM3Model(nn.Module):
         ctx = self.context_emb.bag([context]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
         has_history = torch.full((c,), hist.shape[0] > 0, dtype=torch.bool, device=candidate_reps.device)
         deep = self.head(user, ctx, candidate_reps, interest, gate, has_history)  # (C,)
-        return deep + self._wide([user_id] * c, bias)  # (C,)
+        return deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
 
     def cic_loss(self, enc: ItemEncoding, generator: torch.Generator | None = None) -> torch.Tensor:
         """Content-ID InfoNCE over the batch's unique items, plus sampled ID negatives."""
