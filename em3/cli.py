@@ -62,10 +62,13 @@ def _services(args: argparse.Namespace) -> int:
             print("services already running; `em3 services down` first", file=sys.stderr)
             return 1
         services = LocalServices(run_dir, kafka_port=args.kafka_port, redis_port=args.redis_port,
-                                 detached=not args.foreground)
+                                 detached=not args.foreground, durable=args.durable)
         info = services.start()
-        print(json.dumps({"bootstrap_servers": info.bootstrap_servers, "redis_url": info.redis_url,
-                          "run_dir": str(run_dir)}))
+        # Addresses only: the Redis password, API key and snapshot key are in the
+        # owner-only services.json, which every other em3 command reads.
+        print(json.dumps({"bootstrap_servers": info.bootstrap_servers, "redis": info.redis_address,
+                          "storage": services.storage, "run_dir": str(run_dir),
+                          "credentials": str(services.run_dir / "services.json")}))
         if args.foreground:
             # Stay in the foreground until Ctrl-C or SIGTERM, then stop both.
             stop = False
@@ -96,12 +99,19 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("services", help="start/stop the embedded Kafka broker (Tansu) and Redis")
+    p = sub.add_parser("services", help="start/stop the embedded Kafka broker (Tansu) and Redis",
+                       description="Start, stop or check the embedded Kafka-protocol broker (Tansu) and "
+                                   "Redis. Redis gets a generated password; it, the API key and the "
+                                   "snapshot key go in RUN_DIR/services.json (mode 0600), never on screen.")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--run-dir", help="pid files, logs, services.json (env EM3_RUN_DIR, default runs/services)")
     p.add_argument("--kafka-port", type=int, default=None, help="default: a free port")
     p.add_argument("--redis-port", type=int, default=None, help="default: a free port")
     p.add_argument("--foreground", action="store_true", help="stay attached; stop both on Ctrl-C")
+    p.add_argument("--durable", action="store_true",
+                   help="keep the broker's topics, records and consumer offsets in files under "
+                        "RUN_DIR/broker-data, so they survive a broker restart (default: in memory, "
+                        "lost when the broker restarts)")
     p.set_defaults(func=_services)
 
     for name in _COMMAND_MODULES:

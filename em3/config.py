@@ -12,6 +12,12 @@ Environment variables
 ``EM3_KAFKA_<KEY>``        Any librdkafka property, ``_`` for ``.``: ``EM3_KAFKA_SECURITY_PROTOCOL=SASL_SSL``,
                            ``EM3_KAFKA_SASL_MECHANISM=PLAIN``, ``EM3_KAFKA_SASL_USERNAME=...`` and so on.
 ``EM3_RUN_DIR``            Where ``em3 services`` keeps pid files, logs and the services file.
+``EM3_API_KEY``            Key the HTTP server's write endpoints require (default: the services file's).
+``EM3_SNAPSHOT_KEY``       HMAC key of snapshot manifests, shared by learners and servers
+                           (default: the services file's).
+
+Secrets never show in a ``repr``: the keys are left out, and a password in a
+Redis URL is masked.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 from em3.errors import ImproperlyConfigured
 
@@ -30,7 +37,31 @@ __all__ = [
     "Settings",
     "load_settings",
     "default_run_dir",
+    "redact_url",
 ]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (safe to log or print).
+
+    >>> redact_url("redis://:s3cret@127.0.0.1:6379/0")
+    'redis://:***@127.0.0.1:6379/0'
+    >>> redact_url("rediss://user:pw@host/1"), redact_url("redis://host:6379/0")
+    ('rediss://user:***@host/1', 'redis://host:6379/0')
+    """
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable url>"
+    if not password:
+        return url
+    userinfo, _, hostinfo = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostinfo}"))
+
+
+_SECRET_WORDS = ("password", "secret", "token", "key")
 
 
 def default_run_dir() -> Path:
@@ -56,6 +87,10 @@ class KafkaSettings:
                 f"but {self.bootstrap_servers!r} is given"
             )
 
+    def __repr__(self) -> str:
+        extra = {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v for k, v in self.extra.items()}
+        return f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, extra={extra!r})"
+
     def client_config(self, **overrides: object) -> dict[str, object]:
         """A librdkafka config dict: bootstrap servers, pass-through extras, then overrides."""
         config: dict[str, object] = {"bootstrap.servers": self.bootstrap_servers}
@@ -77,8 +112,17 @@ class RedisSettings:
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ImproperlyConfigured(
-                f"redis url must start with redis://, rediss:// or unix://, but {self.url!r} is given"
+                f"redis url must start with redis://, rediss:// or unix://, but {redact_url(self.url)!r} is given"
             )
+
+    def __repr__(self) -> str:
+        """The URL with its password masked.
+
+        >>> RedisSettings("redis://:pw@127.0.0.1:6379/0")
+        RedisSettings(url='redis://:***@127.0.0.1:6379/0', ssl_ca_certs=None, ssl_certfile=None, ssl_keyfile=None)
+        """
+        return (f"RedisSettings(url={redact_url(self.url)!r}, ssl_ca_certs={self.ssl_ca_certs!r}, "
+                f"ssl_certfile={self.ssl_certfile!r}, ssl_keyfile={self.ssl_keyfile!r})")
 
 
 @dataclass(frozen=True)
@@ -113,12 +157,19 @@ class TopicNames:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything a process needs to find the shared infrastructure."""
+    """Everything a process needs to find the shared infrastructure.
+
+    ``api_key`` is what the HTTP server's write endpoints require and
+    ``snapshot_key`` the HMAC key of snapshot manifests; both are left out of
+    ``repr``.
+    """
 
     kafka: KafkaSettings
     redis: RedisSettings
     topics: TopicNames = TopicNames()
     redis_prefix: str = "em3:"
+    api_key: str = field(default="", repr=False)
+    snapshot_key: str = field(default="", repr=False)
 
     def with_overrides(
         self,
@@ -155,7 +206,7 @@ def load_settings(
     kafka_options: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build :class:`Settings` from flags, then the environment, then the services file
-    that ``em3 services up`` writes, then loopback defaults.
+    that ``em3 services up`` writes, then loopback defaults (no keys).
 
     >>> s = load_settings({"EM3_KAFKA_SASL_MECHANISM": "PLAIN"}, bootstrap_servers="b:9092",
     ...                   kafka_options={"security.protocol": "SASL_SSL"})
@@ -188,4 +239,6 @@ def load_settings(
             ssl_keyfile=env.get("EM3_REDIS_SSL_KEYFILE"),
         ),
         topics=TopicNames(prefix),
+        api_key=env.get("EM3_API_KEY") or str(local.get("api_key") or ""),
+        snapshot_key=env.get("EM3_SNAPSHOT_KEY") or str(local.get("snapshot_key") or ""),
     )

@@ -90,3 +90,28 @@ def test_infrastructure_is_real_kafka_in_kraft_mode_with_healthchecks():
     assert set(targets) <= set(doc["services"])
     assert (ROOT / "compose" / "Dockerfile").exists()
     assert doc["services"]["topics"]["build"]["dockerfile"] == "compose/Dockerfile"
+
+
+def test_only_the_ranking_server_is_published_and_internal_services_need_credentials():
+    doc = _compose()
+    services = doc["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"server"}
+    # Every other service sits on the internal network only; it has no route out.
+    assert doc["networks"]["internal"]["internal"] is True
+    for name, service in services.items():
+        networks = set(service.get("networks", []))
+        assert "internal" in networks, name
+        if name != "server":
+            assert networks == {"internal"}, name
+    # Redis requires a password that compose refuses to start without; clients get it in their URL.
+    redis_command = " ".join(services["redis"]["command"])
+    assert "--requirepass ${EM3_REDIS_PASSWORD:?" in redis_command
+    env = doc["x-em3-env"]
+    assert env["EM3_REDIS_URL"].startswith("redis://:${EM3_REDIS_PASSWORD:?")
+    for key in ("EM3_API_KEY", "EM3_SNAPSHOT_KEY"):
+        assert env[key].startswith("${" + key + ":?"), key
+    for name in ("join", "learner-em3", "learner-id-only", "server", "topics", "simulator"):
+        assert services[name]["environment"] is env, name
+    # Kafka advertises no listener meant for the host.
+    assert "localhost" not in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
