@@ -24,7 +24,7 @@ snapshot_interval_s, ...
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import msgspec
 import json
 import os
 import signal
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
                             producer.produce(topics.clicks, key=click.user_id, value=codec.encode(click))
                         pending_clicks = []
                         for s in batch:
-                            imp = dataclasses.replace(s.impression, served_at=time.time())
+                            imp = msgspec.structs.replace(s.impression, served_at=time.time())
                             producer.produce(topics.impressions, key=imp.user_id, value=codec.encode(imp))
                             if s.label:
                                 pending_clicks.append(Click(imp.impression_id, imp.user_id, imp.item_id,
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       t0=time.time() - 10**9 - k)[0]
                 s = type(s)(s.impression, 1, s.label_time)  # a click: positive label
                 if args.through == "join":
-                    imp = dataclasses.replace(s.impression, served_at=time.time())
+                    imp = msgspec.structs.replace(s.impression, served_at=time.time())
                     producer.produce(topics.impressions, key=imp.user_id, value=codec.encode(imp))
                     producer.flush(5)  # the impression is in the broker before its click
                     probe = {"t0": time.time(), "sample_id": sample_id_for(imp.impression_id, False)}

@@ -17,30 +17,33 @@ Endpoints
                     per-source version, pointer, Redis state and last error.
 ``GET /metrics``    Prometheus text format.
 
-Bad input gets 422 with ``{"error": "invalid_request", "detail": [{"field", "reason"}]}``;
-bodies over ``max_body_bytes`` get 413; a request while the arm has no snapshot
-or a dependency is down gets 503.
+Request bodies are decoded by the one event schema (:mod:`em3.types`, msgspec):
+bad input gets 422 with ``{"error": "invalid_request", "detail": [{"field", "reason"}]}``
+and never reaches Kafka; bodies over ``max_body_bytes`` get 413; a write without
+the API key gets 401; a request while the arm has no snapshot or a dependency is
+down gets 503. Nothing a client sends gets a 500: that is left for bugs, and the
+connection is always answered.
 """
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
+import hmac
+import re
 import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+import msgspec
+from pydantic import BaseModel
 
-from em3.codec import MAX_TIMESTAMP, MIN_TIMESTAMP
-from em3.types import Click, ItemContent
+from em3.codec import error_field
+from em3.types import Click, ClickRequest, ItemRequest, ItemsRequest, RankRequest
 from serving.metrics import CONTENT_TYPE
 from serving.server import NotReady, ServingRuntime, Unavailable
 
@@ -48,64 +51,49 @@ __all__ = ["create_app", "ServerHandle", "serve_in_thread", "serve_forever"]
 
 logger = logging.getLogger(__name__)
 
-_MAX_ID_CHARS = 256
-_MAX_CONTEXT = 32
-_MAX_TEXT_CHARS = 20_000
+T = TypeVar("T")
+#: Request bodies, declared once in :mod:`em3.types` with their constraints.
+_REQUESTS = (RankRequest, ClickRequest, ItemRequest, ItemsRequest)
+_SCHEMAS, _COMPONENTS = msgspec.json.schema_components(_REQUESTS, ref_template="#/components/schemas/{name}")
 
 
-def _check_id(value: str) -> str:
-    if not value:
-        raise ValueError("must be a non-empty string")
-    if len(value) > _MAX_ID_CHARS:
-        raise ValueError(f"must be at most {_MAX_ID_CHARS} characters, but {len(value)} are given")
-    return value
+_LEADING_FIELD = re.compile(r"^([a-z_]+)\[")
 
 
-def _check_time(value: float | None) -> float | None:
-    if value is not None and not (MIN_TIMESTAMP <= value < MAX_TIMESTAMP):
-        raise ValueError(f"must be seconds since the epoch within [2000, 2100), but {value} is given")
-    return value
+class _Invalid(Exception):
+    """A request body that breaks the schema: answered 422 with ``detail``."""
+
+    def __init__(self, detail: list[dict[str, str]]) -> None:
+        super().__init__(detail)
+        self.detail = detail
 
 
-class RankIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _decode_body(body: bytes, kind: type[T]) -> T:
+    """``body`` decoded as ``kind``, by the schema's constraints; :class:`_Invalid` if not."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        field, reason = error_field(message), message.split(" - at `")[0]
+        if reason.startswith("Object missing required field `"):  # name the missing field itself
+            name = reason.split("`")[1]
+            field, reason = (name if field == "body" else f"{field}.{name}"), "Field required"
+        elif reason.startswith("Object contains unknown field `"):
+            name = reason.split("`")[1]
+            field = name if field == "body" else f"{field}.{name}"
+        elif field == "body" and (m := _LEADING_FIELD.match(reason)):  # a struct's own check names it
+            field = m.group(1)
+        raise _Invalid([{"field": field, "reason": reason}]) from None
+    except msgspec.DecodeError as exc:
+        raise _Invalid([{"field": "body", "reason": f"must be JSON (UTF-8, no lone surrogates): {exc}"}]) from None
+    except RecursionError:
+        raise _Invalid([{"field": "body", "reason": "nested too deep"}]) from None
 
-    user_id: str
-    item_ids: list[str] = Field(min_length=1)
-    context: dict[str, str] = Field(default_factory=dict)
-    k: int | None = Field(default=None, gt=0)
-    served_at: float | None = None
 
-    @field_validator("user_id")
-    @classmethod
-    def check_user(cls, value: str) -> str:
-        return _check_id(value)
-
-    @field_validator("item_ids")
-    @classmethod
-    def check_item_ids(cls, value: list[str]) -> list[str]:
-        seen: dict[str, int] = {}
-        for n, item_id in enumerate(value):
-            try:
-                _check_id(item_id)
-            except ValueError as exc:
-                raise ValueError(f"item_ids[{n}] {exc}") from None
-            if item_id in seen:
-                raise ValueError(f"item_ids[{n}] = {item_id!r} repeats item_ids[{seen[item_id]}]")
-            seen[item_id] = n
-        return value
-
-    @field_validator("served_at")
-    @classmethod
-    def check_served_at(cls, value: float | None) -> float | None:
-        return _check_time(value)
-
-    @field_validator("context")
-    @classmethod
-    def check_context(cls, value: dict[str, str]) -> dict[str, str]:
-        if len(value) > _MAX_CONTEXT:
-            raise ValueError(f"must hold at most {_MAX_CONTEXT} entries, but {len(value)} are given")
-        return value
+def _request_body(kind: type) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` for a msgspec request struct (``openapi_extra``)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _SCHEMAS[_REQUESTS.index(kind)]}}}}
 
 
 class RankedItemOut(BaseModel):
@@ -130,78 +118,18 @@ class ErrorOut(BaseModel):
     detail: Any = None
 
 
-class ClickIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    impression_id: str
-    user_id: str
-    item_id: str
-    clicked_at: float | None = None
-
-    @field_validator("impression_id", "user_id", "item_id")
-    @classmethod
-    def check_ids(cls, value: str) -> str:
-        return _check_id(value)
-
-    @field_validator("clicked_at")
-    @classmethod
-    def check_clicked_at(cls, value: float | None) -> float | None:
-        return _check_time(value)
+def _errors_body(detail: list[dict[str, str]], error: str = "invalid_request") -> dict[str, Any]:
+    return {"error": error, "detail": detail}
 
 
-class ItemIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    item_id: str
-    text: str = Field(default="", max_length=_MAX_TEXT_CHARS)
-    image: str | None = None
-    image_ref: str | None = None
-    attributes: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("item_id")
-    @classmethod
-    def check_item(cls, value: str) -> str:
-        return _check_id(value)
-
-    @field_validator("image")
-    @classmethod
-    def check_image(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise ValueError(f"must be base64-encoded image bytes: {exc}") from None
-        return value
-
-    def to_content(self) -> ItemContent:
-        image = base64.b64decode(self.image) if self.image is not None else None
-        return ItemContent(self.item_id, self.text, image, self.image_ref, dict(self.attributes))
+def _errors_422(detail: list[dict[str, str]]) -> JSONResponse:
+    return JSONResponse(_errors_body(detail), status_code=422)
 
 
-class ItemsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    items: list[ItemIn] = Field(min_length=1, max_length=1000)
-
-
-def _field_name(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if p != "body"]
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
-    return out or "body"
-
-
-def _errors_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    detail = []
-    for err in errors:
-        reason = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        detail.append({"field": _field_name(tuple(err.get("loc", ()))), "reason": reason})
-    return {"error": "invalid_request", "detail": detail}
-
-
-def _errors_422(errors: list[dict[str, Any]]) -> JSONResponse:
-    return JSONResponse(_errors_body(errors), status_code=422)
+def _pydantic_detail(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """FastAPI's own validation errors (query and path parameters) in our shape."""
+    return [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body",
+             "reason": str(e.get("msg", "invalid"))} for e in errors]
 
 
 def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
@@ -213,12 +141,15 @@ def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
     """
     max_candidates = runtime.config.ranking.max_candidates
     try:
-        req = RankIn.model_validate_json(body)
-    except ValidationError as exc:
-        return 422, json.dumps(_errors_body(list(exc.errors()))).encode()
+        req = _decode_body(body, RankRequest)
+    except _Invalid as exc:
+        return 422, json.dumps(_errors_body(exc.detail)).encode()
     if len(req.item_ids) > max_candidates:
         reason = f"must hold at most {max_candidates} candidates, but {len(req.item_ids)} are given"
-        return 422, json.dumps(_errors_body([{"loc": ("item_ids",), "msg": reason}])).encode()
+        return 422, json.dumps(_errors_body([{"field": "item_ids", "reason": reason}])).encode()
+    if req.served_at is not None and req.served_at > time.time() + runtime.config.max_future_s:
+        reason = f"must not lie more than {runtime.config.max_future_s} s ahead of the server's clock"
+        return 422, json.dumps(_errors_body([{"field": "served_at", "reason": reason}])).encode()
     try:
         result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at)
     except NotReady as exc:
@@ -327,52 +258,118 @@ class _Edge:
         await send({"type": "http.response.body", "body": body})
 
 
+class _Unauthorized(Exception):
+    """A write without the server's API key (HTTP 401)."""
+
+
+class _WriteAuth:
+    """The check in front of every write endpoint.
+
+    With an API key (``ServerConfig.api_key``, or ``EM3_API_KEY`` through the
+    settings) a write must send ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``
+    (compared in constant time). Without one, writes are refused unless the server
+    was started for a trusted network (``--trusted-network``): an open write
+    endpoint must be a decision, never a default.
+    """
+
+    def __init__(self, runtime: ServingRuntime) -> None:
+        self.key = runtime.api_key.encode()
+        self.trusted = runtime.config.trusted_network
+
+    def __call__(self, request: Request) -> None:
+        if not self.key:
+            if self.trusted:
+                return
+            raise _Unauthorized("this server has no API key; set EM3_API_KEY, or start it with --trusted-network")
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            given = token if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), self.key):
+            raise _Unauthorized("missing or wrong API key (Authorization: Bearer KEY, or X-API-Key: KEY)")
+
+
 def create_app(runtime: ServingRuntime) -> Any:
     """The ASGI app for ``runtime`` (which the caller starts and stops): the FastAPI
     app behind the :class:`_Edge` middleware."""
     app = FastAPI(title="em3-stream serving", version="1")
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The request structs' $defs (from msgspec) join FastAPI's own components.
+        schema = build_openapi()
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_COMPONENTS)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.state.runtime = runtime
     metrics = runtime.metrics
 
     @app.exception_handler(RequestValidationError)
     async def _on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _errors_422(list(exc.errors()))
+        return _errors_422(_pydantic_detail(list(exc.errors())))
 
-    @app.post("/v1/rank", response_model=RankOut,
+    @app.exception_handler(_Invalid)
+    async def _on_bad_body(request: Request, exc: _Invalid) -> JSONResponse:
+        return _errors_422(exc.detail)
+
+    @app.exception_handler(_Unauthorized)
+    async def _on_unauthorized(request: Request, exc: _Unauthorized) -> JSONResponse:
+        return JSONResponse({"error": "unauthorized", "detail": str(exc)}, status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Exception)
+    async def _on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not the client's fault: answer (never drop the connection) and count it.
+        logger.exception("%s %s failed", request.method, request.url.path)
+        return JSONResponse({"error": "internal"}, status_code=500)
+
+    authorize = _WriteAuth(runtime)
+
+    @app.post("/v1/rank", response_model=RankOut, openapi_extra=_request_body(RankRequest),
               responses={422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
-    async def rank(body: RankIn) -> Any:
+    async def rank(request: Request) -> Any:
         """Rank ``item_ids`` for ``user_id``: the top ``k`` with scores, impression ids and
         propensities, the arm, model line and version, and the candidates without
         registered content. In a running server the edge middleware answers this path
         ahead of the framework (same validation, same answers); this route documents
         the contract in the OpenAPI schema and serves an app mounted without the edge."""
-        status, payload = await anyio.to_thread.run_sync(_rank_bytes, runtime, body.model_dump_json().encode())
+        status, payload = await anyio.to_thread.run_sync(_rank_bytes, runtime, await request.body())
         return Response(payload, status_code=status, media_type="application/json")
 
-    @app.post("/v1/click", status_code=202)
-    def click(body: ClickIn) -> Any:
-        clicked_at = body.clicked_at if body.clicked_at is not None else time.time()
+    @app.post("/v1/click", status_code=202, openapi_extra=_request_body(ClickRequest),
+              responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    async def click(request: Request) -> Any:
+        """Record a click on a served impression (to the clicks topic). Needs the API key."""
+        authorize(request)
+        body = _decode_body(await request.body(), ClickRequest)
+        now = time.time()
+        if body.clicked_at is not None and body.clicked_at > now + runtime.config.max_future_s:
+            raise _Invalid([{"field": "clicked_at", "reason":
+                             f"must not lie more than {runtime.config.max_future_s} s ahead of the server's clock"}])
+        clicked_at = body.clicked_at if body.clicked_at is not None else now
         try:
-            runtime.click(Click(body.impression_id, body.user_id, body.item_id, clicked_at))
+            await anyio.to_thread.run_sync(
+                runtime.click, Click(body.impression_id, body.user_id, body.item_id, clicked_at))
         except Unavailable as exc:
             return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
-        return {"accepted": True, "clicked_at": clicked_at}
+        return JSONResponse({"accepted": True, "clicked_at": clicked_at}, status_code=202)
 
-    @app.post("/v1/items")
+    @app.post("/v1/items", openapi_extra=_request_body(ItemsRequest),
+              responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     async def items(request: Request) -> Any:
+        """Register or update item content: ``{"items": [...]}`` or one item. Needs the API key."""
+        authorize(request)
+        raw = await request.body()
         try:
-            payload = json.loads(await request.body())
-        except ValueError as exc:
-            return _errors_422([{"loc": ("body",), "msg": f"must be JSON: {exc}"}])
+            contents = [i.to_content() for i in _decode_body(raw, ItemsRequest).items]
+        except _Invalid as many:
+            try:
+                contents = [_decode_body(raw, ItemRequest).to_content()]
+            except _Invalid as one:
+                raise (many if raw.lstrip().startswith(b'{"items"') else one) from None
         try:
-            if isinstance(payload, dict) and "items" in payload:
-                contents = [i.to_content() for i in ItemsIn.model_validate(payload).items]
-            else:
-                contents = [ItemIn.model_validate(payload).to_content()]
-        except ValidationError as exc:
-            return _errors_422(list(exc.errors()))
-        try:
-            await asyncio.to_thread(runtime.put_items, contents)
+            await anyio.to_thread.run_sync(runtime.put_items, contents)
         except Unavailable as exc:
             return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
         return {"registered": [c.item_id for c in contents]}

@@ -50,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "hand-offs each)")
     p.add_argument("--precompute-max-items", type=int, default=50_000,
                    help="most item rows computed per new version before it is swapped in")
+    p.add_argument("--max-future", type=float, default=300.0,
+                   help="served_at/clicked_at further ahead of this server's clock than this many seconds get 422")
+    p.add_argument("--trusted-network", action="store_true",
+                   help="accept writes (/v1/click, /v1/items) without an API key: only for a server that only "
+                        "a trusted network can reach (default: writes need EM3_API_KEY)")
     add_connection_flags(p)
     p.set_defaults(func=_serve)
 
@@ -86,7 +91,8 @@ def build_runtime(args: argparse.Namespace):
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
                           precompute_threads=args.precompute_threads or None,
-                          precompute_nice=args.precompute_nice, rank_executor=args.rank_executor)
+                          precompute_nice=args.precompute_nice, rank_executor=args.rank_executor,
+                          max_future_s=args.max_future, trusted_network=args.trusted_network)
     return ServingRuntime.from_settings(settings, config, EM3Loader(_expected_config(args.model_config)))
 
 

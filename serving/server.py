@@ -86,6 +86,14 @@ class ServerConfig:
         process (torch releases the GIL), at the price of two cross-thread
         wake-ups per request (measured at about 1 ms of a 7 ms request on this
         2-core VM: ``benchmarks/serving.py``, see docs/results.md).
+    max_future_s : float
+        ``served_at``/``clicked_at`` further ahead of this server's clock get 422.
+    api_key : str
+        Key that ``POST /v1/click`` and ``/v1/items`` must send; empty: the
+        settings' ``api_key`` (``EM3_API_KEY``).
+    trusted_network : bool
+        Without any API key, accept writes anyway (a server only reachable from a
+        trusted network); otherwise keyless writes get 401.
 
     Torch keeps one thread count per OS thread and takes the last value set as
     the default for new threads, so an in-process server (``serve_in_thread``)
@@ -110,8 +118,13 @@ class ServerConfig:
     precompute_threads: int | None = 1
     precompute_nice: int = 5
     rank_executor: str = "loop"
+    max_future_s: float = 300.0
+    api_key: str = field(default="", repr=False)
+    trusted_network: bool = False
 
     def __post_init__(self) -> None:
+        if not self.max_future_s > 0:
+            raise ValueError(f"max_future_s must be > 0, but {self.max_future_s!r} is given")
         if self.rank_executor not in RANK_EXECUTORS:
             raise ValueError(f"rank_executor must be one of {RANK_EXECUTORS}, but {self.rank_executor!r} is given")
         if not isinstance(self.precompute_nice, int) or not 0 <= self.precompute_nice <= 19:
@@ -240,6 +253,8 @@ class ServingRuntime:
     ) -> None:
         self.config = config
         self.settings = settings
+        #: The key writes must send (``ServerConfig.api_key``, else the settings').
+        self.api_key = config.api_key or getattr(settings, "api_key", "") or ""
         self.content = content
         self.popularity = popularity
         self.producer = producer

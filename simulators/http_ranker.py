@@ -41,16 +41,20 @@ class HTTPRanker:
     drop_context_keys : sequence of str
         Context keys the runner adds for in-process rankers (``"t"``) and the
         server does not need.
+    api_key : str
+        Sent as ``Authorization: Bearer KEY`` with every request (the server's
+        write endpoints need it); empty sends none.
     """
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout_s: float = 10.0,
-                 client: Any = None, drop_context_keys: Sequence[str] = ("t",)) -> None:
+                 client: Any = None, drop_context_keys: Sequence[str] = ("t",), api_key: str = "") -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, but {timeout_s} is given")
         if client is None:
             import httpx
 
-            client = httpx.Client(base_url=base_url, timeout=timeout_s)
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            client = httpx.Client(base_url=base_url, timeout=timeout_s, headers=headers)
         self._client = client
         self._drop = frozenset(drop_context_keys)
         self.clicks_posted = 0

@@ -80,6 +80,7 @@ def serve(settings):
 
     def _serve(experiment=None, settings_=None, **kwargs):
         kwargs.setdefault("poll_interval_s", 0.5)
+        kwargs.setdefault("trusted_network", True)
         config = ServerConfig(experiment or ExperimentConfig.single_line(LINE), **kwargs)
         runtime = ServingRuntime.from_settings(settings_ or settings, config, EM3Loader())
         handle = serve_in_thread(runtime, port=0)

@@ -1,4 +1,4 @@
-import dataclasses
+import msgspec
 
 import pytest
 import torch
@@ -144,7 +144,7 @@ def test_prefix_cache_hits_and_invalidates_on_new_content(items, tiny_config):
         again = model.item_representations(ids[:3], items[:3])
         assert model.cache.misses == misses and model.cache.hits >= 3
         torch.testing.assert_close(first, again)
-        changed = dataclasses.replace(items[0], text="A completely different film")
+        changed = msgspec.structs.replace(items[0], text="A completely different film")
         third = model.item_representations([ids[0]], [changed])
     assert model.cache.misses == misses + 1
     assert not torch.allclose(third[0], first[0])

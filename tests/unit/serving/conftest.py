@@ -163,6 +163,7 @@ def make_runtime(memory_store, content, history, fake_producer):
 
     def _make(experiment=None, **kwargs):
         settings = Settings(KafkaSettings("127.0.0.1:1"), RedisSettings("redis://127.0.0.1:1/0"), TopicNames("t."))
+        kwargs.setdefault("trusted_network", True)
         config = ServerConfig(experiment or ExperimentConfig.single_line("main"), **kwargs)
         runtime = ServingRuntime(config, ToyLoader(), memory_store, content, history,
                                  popularity=MemoryPopularity(), producer=fake_producer, settings=settings)

@@ -52,7 +52,7 @@ def test_rank_returns_ranked_items_with_ids_version_and_unknowns(client, runtime
 def test_rank_is_in_the_openapi_schema_and_served_without_the_edge(client, runtime):
     schema = client.get("/openapi.json").json()
     rank = schema["paths"]["/v1/rank"]["post"]
-    assert rank["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankIn")
+    assert rank["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankRequest")
     assert rank["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RankOut")
     assert {"422", "503"} <= set(rank["responses"])
     # The FastAPI app alone (no edge middleware) answers the same way.
@@ -73,21 +73,25 @@ def test_503_until_a_snapshot_is_loaded(make_runtime):
     "body, field, reason",
     [
         ({"item_ids": ["i1"]}, "user_id", "Field required"),
-        ({"user_id": "u1", "item_ids": []}, "item_ids", "at least 1 item"),
-        ({"user_id": "u1", "item_ids": ["i1"], "k": 0}, "k", "greater than 0"),
+        ({"user_id": "u1", "item_ids": []}, "item_ids", "length >= 1"),
+        ({"user_id": "u1", "item_ids": ["i1"], "k": 0}, "k", ">= 1"),
         ({"user_id": "u1", "item_ids": ["i1", "i2", "i1"]}, "item_ids", "item_ids[2] = 'i1' repeats item_ids[0]"),
-        ({"user_id": "u1", "item_ids": ["i1", ""]}, "item_ids", "item_ids[1] must be a non-empty string"),
-        ({"user_id": "", "item_ids": ["i1"]}, "user_id", "must be a non-empty string"),
-        ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "valid array"),
-        ({"user_id": "u1", "item_ids": ["i1"], "context": {"d": 3}}, "context.d", "valid string"),
-        ({"user_id": "u1", "item_ids": ["i1"], "extra": 1}, "extra", "Extra inputs"),
-        ({"user_id": "u1", "item_ids": ["i1"], "served_at": 12.0}, "served_at", "within [2000, 2100)"),
-        ({"user_id": "u1", "item_ids": [f"x{n}" for n in range(51)]}, "item_ids",
-         "must hold at most 50 candidates, but 51 are given"),
+        ({"user_id": "u1", "item_ids": ["i1", ""]}, "item_ids[1]", "length >= 1"),
+        ({"user_id": "", "item_ids": ["i1"]}, "user_id", "length >= 1"),
+        ({"user_id": "u1", "item_ids": "i1"}, "item_ids", "Expected `array`, got `str`"),
+        ({"user_id": "u1", "item_ids": ["i1"], "context": {"d": 3}}, "context[...]", "Expected `str`, got `int`"),
+        ({"user_id": "u1", "item_ids": ["i1"], "extra": 1}, "extra", "unknown field"),
+        ({"user_id": "u1", "item_ids": ["i1"], "served_at": 12.0}, "served_at", ">= 946684800.0"),
+        ({"user_id": "u1", "item_ids": ["i1"], "served_at": 4.0e9}, "served_at", "ahead of the server's clock"),
+        ({"user_id": "u\tx", "item_ids": ["i1"]}, "user_id", "matching regex"),
+        ({"user_id": "u" * 257, "item_ids": ["i1"]}, "user_id", "length <= 256"),
+        ({"user_id": "\ud800", "item_ids": ["i1"]}, "body", "lone surrogate"),
+        ({"user_id": "u1", "item_ids": ["i1"], "context": {"k": "v" * 1000}}, "context[...]", "length <= 256"),
     ],
 )
 def test_422_names_the_field_and_the_reason(client, body, field, reason):
-    r = client.post("/v1/rank", json=body)
+    # json.dumps escapes a lone surrogate as \\ud800 (valid JSON, not valid UTF-8 once decoded)
+    r = client.post("/v1/rank", content=json.dumps(body).encode(), headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
     assert any(d["field"] == field and reason in d["reason"] for d in detail), detail
@@ -199,3 +203,32 @@ def test_an_unexpected_error_is_a_500_not_a_dropped_connection(client, runtime, 
     r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1"]})
     assert r.status_code == 500 and r.json() == {"error": "internal"}
     assert client.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/click", "/v1/items", "/v1/rank"])
+@pytest.mark.parametrize("body", [
+    b"[" * 50_000 + b"]" * 50_000,                                  # deeply nested (was a RecursionError 500)
+    b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b'{"impression_id": "a", "user_id": "\\ud800", "item_id": "i"}',  # lone surrogate (was a 500)
+    b"\xff\xfe\x00",
+    b'{"item_id": "x\\u0000y"}',
+])
+def test_hostile_bodies_get_4xx_never_5xx(client, fake_producer, path, body):
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert not fake_producer.records  # nothing reached Kafka
+
+
+def test_writes_need_the_api_key_unless_the_network_is_trusted(make_runtime, fake_producer):
+    click = {"impression_id": "r-0", "user_id": "u1", "item_id": "i1"}
+    keyless = TestClient(create_app(make_runtime(trusted_network=False)))
+    r = keyless.post("/v1/click", json=click)
+    assert r.status_code == 401 and "EM3_API_KEY" in r.json()["detail"]
+    keyed = TestClient(create_app(make_runtime(trusted_network=False, api_key="s3cret")))
+    for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
+        assert keyed.post("/v1/click", json=click, headers=headers).status_code == 401
+        assert keyed.post("/v1/items", json={"item_id": "x"}, headers=headers).status_code == 401
+    assert not fake_producer.records
+    assert keyed.post("/v1/click", json=click, headers={"x-api-key": "s3cret"}).status_code == 202
+    assert keyed.post("/v1/click", json=click, headers={"authorization": "Bearer s3cret"}).status_code == 202
+    assert keyed.post("/v1/rank", json={"user_id": "u1", "item_ids": ["i1"]}).status_code in (200, 503)  # reads stay open

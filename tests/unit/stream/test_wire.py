@@ -1,4 +1,4 @@
-"""The fast decode path agrees with the codec on every input; samples round-trip."""
+"""The join's decoding never raises anything but a DecodeError with a known reason; samples round-trip."""
 from __future__ import annotations
 
 import json
@@ -23,50 +23,43 @@ weird = st.one_of(
 )
 
 
+REASONS = {"bad_bytes", "bad_json", "not_an_object", "missing_version", "unknown_schema_version", "wrong_type",
+           "missing_field", "mistyped_field", "bad_value", "absurd_timestamp"}
+
+
 def _outcome(fn, data):
+    """("ok", record) or ("error", reason); anything else raised fails the test."""
     try:
         return ("ok", fn(data))
     except DecodeError as exc:
         return ("error", exc.reason)
-    except (OverflowError, ValueError, TypeError) as exc:
-        return ("crash", type(exc).__name__)
-
-
-def _codec_then_future(decode, name):
-    def run(data):
-        rec = decode(data)
-        if getattr(rec, name) > FAR:
-            raise DecodeError("absurd_timestamp", "future")
-        return rec
-    return run
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.sampled_from(sorted(GOOD_IMP)), weird, st.booleans())
-def test_fast_impression_decode_matches_the_codec(field, value, drop):
+def test_any_mutated_impression_decodes_or_names_its_reason(field, value, drop):
     obj = dict(GOOD_IMP)
     if drop:
         obj.pop(field)
     else:
         obj[field] = value
-    data = json.dumps(obj).encode()
-    assert _outcome(lambda d: decode_impression_checked(d, FAR), data) == _outcome(
-        _codec_then_future(codec.decode_impression, "served_at"), data
-    )
+    kind, result = _outcome(lambda d: decode_impression_checked(d, FAR), json.dumps(obj).encode())
+    if kind == "ok":
+        assert codec.decode_impression(codec.encode(result)) == result  # what is accepted round-trips
+    else:
+        assert result in REASONS
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(sorted(GOOD_CLICK)), weird, st.booleans())
-def test_fast_click_decode_matches_the_codec(field, value, drop):
+def test_any_mutated_click_decodes_or_names_its_reason(field, value, drop):
     obj = dict(GOOD_CLICK)
     if drop:
         obj.pop(field)
     else:
         obj[field] = value
-    data = json.dumps(obj).encode()
-    assert _outcome(lambda d: decode_click_checked(d, FAR), data) == _outcome(
-        _codec_then_future(codec.decode_click, "clicked_at"), data
-    )
+    kind, result = _outcome(lambda d: decode_click_checked(d, FAR), json.dumps(obj).encode())
+    assert kind == "ok" or result in REASONS
 
 
 @pytest.mark.parametrize(
@@ -80,6 +73,13 @@ def test_fast_click_decode_matches_the_codec(field, value, drop):
         (json.dumps({**GOOD_IMP, "served_at": 5.0}).encode(), "absurd_timestamp"),
         (json.dumps({**GOOD_IMP, "served_at": 3.9e9}).encode(), "absurd_timestamp"),  # in the future
         (json.dumps(GOOD_CLICK).encode(), "wrong_type"),
+        (json.dumps({**GOOD_IMP, "item_id": "a\tb"}).encode(), "bad_value"),  # control character
+        (json.dumps({**GOOD_IMP, "user_id": "x" * 257}).encode(), "bad_value"),
+        (json.dumps({**GOOD_IMP, "context": {"k": "v" * 300}}).encode(), "bad_value"),
+        (json.dumps({**GOOD_IMP, "context": {str(i): "v" for i in range(33)}}).encode(), "bad_value"),
+        (json.dumps({**GOOD_IMP, "impression_id": "\ud800"}).encode(), "bad_json"),  # lone surrogate
+        (b"[" * 100_000 + b"]" * 100_000, "not_an_object"),
+        (json.dumps({**GOOD_IMP, "context": {"k": [[[[]]]]}}).encode(), "mistyped_field"),
     ],
 )
 def test_malformed_impressions_raise_with_a_reason(data, reason):
