@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
         client = connect(redis_settings)
         items = synthetic_items()
         RedisContentStore(client, prefix).put_many(items)
-        store = RedisSnapshotStore(client, prefix)
+        store = RedisSnapshotStore(client, prefix, signing_key=info.snapshot_key)
         common = ["--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                   "--topic-prefix", topics.prefix, "--redis-prefix", prefix]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **info.env(), "OMP_NUM_THREADS": "1"}
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         learner = subprocess.Popen(

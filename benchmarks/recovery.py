@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         ensure_topics(kafka, [samples_topic], partitions=args.partitions)
         client = connect(redis_settings)
         RedisContentStore(client, prefix).put_many(synthetic_items())
-        store = RedisSnapshotStore(client, prefix)
+        store = RedisSnapshotStore(client, prefix, signing_key=info.snapshot_key)
         samples = synthetic_samples(args.samples, seed=args.seed)
 
         produced_so_far = [0]
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
                       info.redis_url, "--topic-prefix", topic_prefix, "--redis-prefix", prefix,
                       "--snapshot-interval-s", str(args.snapshot_interval_s), "--batch-size", "64",
                       "--max-batch-wait-s", "0.05", "--lr", "0.01", "--retain-applied"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, **info.env(), "OMP_NUM_THREADS": "1"}
 
         def latest() -> tuple[int | None, int]:
             v = store.latest_version(LINE)

@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         log.info("building the publisher's model (%s config)", args.config)
         model = EM3Model(config).eval()
         state = model.trainable_state_dict()
-        store = RedisSnapshotStore(redis, settings.redis_prefix, keep=5)
+        store = RedisSnapshotStore(redis, settings.redis_prefix, keep=5, signing_key=info.snapshot_key)
         noise = torch.Generator().manual_seed(args.seed)
         first = _publish(store, state, config, 0.0, noise)
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
                "--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                "--topic-prefix", "bench.", "--redis-prefix", "bench:", "--poll-interval", "1.0"]
         cmd += ["--torch-threads", str(args.server_torch_threads)] + args.server_arg
-        server_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        server_env = dict(os.environ, **info.env(), PYTHONUNBUFFERED="1")
         server_env.update(kv.split("=", 1) for kv in args.server_env)
         server = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT,
                                   env=server_env)

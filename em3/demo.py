@@ -310,7 +310,6 @@ class _ColdStartTracker:
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the JSON report (also written to ``config.out_dir``)."""
-    from em3.config import KafkaSettings, RedisSettings, Settings
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
     from em3.services import LocalServices, free_port, wait_until
     from stream.kafka import ensure_topics
@@ -328,16 +327,16 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
     services = LocalServices(out / "services")
     try:
         info = services.start()
-        settings = Settings(KafkaSettings(info.bootstrap_servers), RedisSettings(info.redis_url))
+        settings = info.settings()
         ensure_topics(settings.kafka, settings.topics, partitions=2)
         redis = connect(settings.redis)
-        snapshots = RedisSnapshotStore(redis, settings.redis_prefix)
+        snapshots = RedisSnapshotStore(redis, settings.redis_prefix, signing_key=settings.snapshot_key)
         stages["services_s"] = time.time() - t_start
 
         world = _make_world(config, t0=time.time())
         RedisContentStore(redis, settings.redis_prefix).put_many(world.catalog(world.config.start_time))
 
-        env = {**os.environ, "EM3_BOOTSTRAP_SERVERS": info.bootstrap_servers, "EM3_REDIS_URL": info.redis_url}
+        env = {**os.environ, **info.env()}
         join_port = free_port()
         join = _Subprocess("join", ["join", "--window-s", str(config.window_s), "--allowed-lateness-s", "2",
                                     "--idle-timeout-s", "2", "--web-port", str(join_port)],
@@ -376,7 +375,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         startup = {k: round(v, 2) for k, v in stages.items()}
         processes = {"kafka": services.pids().get("kafka"), "redis": services.pids().get("redis"),
                      "join": join.proc.pid, "server": server.proc.pid, "ray_temp_dir": ray_temp_dir}
-        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup, processes)
+        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup, processes,
+                         api_key=info.api_key)
     except KeyboardInterrupt:
         log.warning("interrupted: shutting down")
         raise
@@ -428,12 +428,12 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
 
 def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, check_all: Callable[[], None],
               join_port: int, progress: bool, startup: Mapping[str, float],
-              processes: Mapping[str, Any]) -> dict[str, Any]:
+              processes: Mapping[str, Any], *, api_key: str = "") -> dict[str, Any]:
     from simulators.ab import ABConfig, ABRunner
     from simulators.http_ranker import HTTPRanker
     from simulators.report import write_report
 
-    http = HTTPRanker(base_url, timeout_s=30.0)
+    http = HTTPRanker(base_url, timeout_s=30.0, api_key=api_key)
     created_at: dict[tuple[str, int], float | None] = {}
 
     def version_created(line: str, version: int) -> float | None:

@@ -6,6 +6,7 @@ __all__ = [
     "ImproperlyConfigured",
     "DecodeError",
     "SnapshotError",
+    "SignatureError",
     "ServiceError",
     "EM3Warning",
 ]
@@ -35,6 +36,10 @@ class DecodeError(EM3Error, ValueError):
 
 class SnapshotError(EM3Error):
     """A snapshot is missing, corrupt (checksum) or does not fit the model config."""
+
+
+class SignatureError(SnapshotError):
+    """A snapshot manifest is unsigned, or not signed with this process's snapshot key."""
 
 
 class ServiceError(EM3Error):

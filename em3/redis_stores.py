@@ -23,8 +23,9 @@ import redis
 from em3 import codec
 from em3.config import RedisSettings
 from em3.errors import DecodeError, SnapshotError
+from em3.signing import sign_manifest, verify_manifest
 from em3.stores import DEFAULT_HISTORY_LENGTH
-from em3.types import ItemContent, SnapshotManifest
+from em3.types import ItemContent, SnapshotManifest, valid_id
 
 __all__ = [
     "connect",
@@ -41,6 +42,13 @@ __all__ = [
 ]
 
 RedisError = redis.RedisError
+
+
+#: Exceptions that mean "Redis is unreachable or busy now" (an outage to ride out,
+#: not a bad record): callers retry these with backoff instead of giving up.
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError, OSError,
+)
 
 
 def connect(settings: RedisSettings, *, decode_responses: bool = False, **kwargs: object) -> redis.Redis:
@@ -102,12 +110,23 @@ class RedisContentStore:
 
 def _history_ids(raw_list: Sequence[bytes | str], limit: int, before: float | None) -> list[str]:
     """Item ids of LRANGE entries ``"<item_id>\t<clicked_at>"`` (newest first), at most
-    ``limit``, skipping clicks at or after ``before``."""
+    ``limit``, skipping clicks at or after ``before``.
+
+    An entry that does not parse (bad UTF-8, an ID that breaks the ID rules, a
+    time that is not a number: written before the edge validated IDs, or by
+    someone else) is skipped, never raised: one bad entry must not stop a learner.
+    """
     items: list[str] = []
     for raw in raw_list:
-        text = raw.decode() if isinstance(raw, bytes) else raw
-        item_id, _, ts = text.partition("\t")
-        if before is not None and ts and float(ts) >= before:
+        try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
+            item_id, _, ts = text.rpartition("\t")
+            t = float(ts)
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if not valid_id(item_id) or t != t:
+            continue
+        if before is not None and t >= before:
             continue
         items.append(item_id)
         if len(items) >= limit:
@@ -171,13 +190,20 @@ class RedisSnapshotStore:
     snapshot; the notification is sent after the transaction commits.
     Verification of checksum and config is the reader's job
     (:func:`em3.snapshot.unpack`), so a corrupt blob is never silently served.
+
+    ``signing_key`` (``Settings.snapshot_key``) signs every published manifest;
+    :meth:`get` and :meth:`manifest` refuse (:class:`SnapshotError`) a snapshot
+    that is unsigned or signed with another key, and a store without a key can
+    neither publish nor read one.
     """
 
-    def __init__(self, client: redis.Redis, prefix: str = "em3:", keep: int = 10) -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "em3:", keep: int = 10, *,
+                 signing_key: str = "") -> None:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, but {keep} is given")
         self.client = client
         self.prefix = prefix
+        self._key = signing_key
         self.keep = keep
 
     # keys -----------------------------------------------------------------
@@ -195,7 +221,8 @@ class RedisSnapshotStore:
         return int(self.client.incr(self._k(line, "seq")))
 
     def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
-        """Store a snapshot and move the line's pointer to it, then notify."""
+        """Sign and store a snapshot, move the line's pointer to it, then notify."""
+        manifest = sign_manifest(manifest, self._key)
         line, version = manifest.model_line, manifest.version
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self._k(line, f"{version}:blob"), blob)
@@ -250,7 +277,9 @@ class RedisSnapshotStore:
         raw = self.client.get(self._k(line, f"{version}:manifest"))
         if raw is None:
             raise SnapshotError(f"no manifest for line {line!r} version {version}")
-        return codec.decode_manifest(raw)
+        manifest = codec.decode_manifest(raw)
+        verify_manifest(manifest, self._key)
+        return manifest
 
     def get(self, line: str, version: int | None = None) -> tuple[SnapshotManifest, bytes]:
         """The manifest and blob of ``version`` (default: the pointer's)."""
@@ -264,7 +293,9 @@ class RedisSnapshotStore:
         raw_manifest, blob = pipe.execute()
         if raw_manifest is None or blob is None:
             raise SnapshotError(f"snapshot {line!r} version {version} is missing (pruned?)")
-        return codec.decode_manifest(raw_manifest), blob
+        manifest = codec.decode_manifest(raw_manifest)
+        verify_manifest(manifest, self._key)
+        return manifest, blob
 
     def subscribe(self):
         """A pub/sub object subscribed to the notification channel (caller closes it)."""

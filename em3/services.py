@@ -232,6 +232,19 @@ class ServiceInfo:
         """``host:port`` of Redis, without credentials (safe to print)."""
         return f"{self.host}:{self.redis_port}"
 
+    def env(self) -> dict[str, str]:
+        """The ``EM3_*`` environment that points a child process (``em3 join``,
+        ``em3 learn``, ``em3 serve``) at these services, credentials included."""
+        return {"EM3_BOOTSTRAP_SERVERS": self.bootstrap_servers, "EM3_REDIS_URL": self.redis_url,
+                "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key}
+
+    def settings(self) -> Any:
+        """:class:`em3.config.Settings` for these services (default topics and prefix)."""
+        from em3.config import KafkaSettings, RedisSettings, Settings
+
+        return Settings(KafkaSettings(self.bootstrap_servers), RedisSettings(self.redis_url),
+                        api_key=self.api_key, snapshot_key=self.snapshot_key)
+
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, *,
                check: Callable[[], None] | None = None, interval_s: float = 0.05) -> Any:

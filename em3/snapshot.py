@@ -7,6 +7,13 @@ the model config, version, parent, creation time, the consumer offsets it was tr
 up to, and the blob's sha256 and length. :func:`unpack` refuses a blob whose checksum
 or length does not match its manifest, or whose config differs from the one expected.
 
+Manifests are signed: :func:`em3.signing.sign_manifest` sets an HMAC-SHA256 over the manifest's
+canonical JSON (which holds the blob's sha256, so the signature covers the weights)
+with a key that learners and servers share (``EM3_SNAPSHOT_KEY``); a store built
+with that key signs what it publishes and refuses to hand out a snapshot whose
+signature is missing or wrong (:func:`em3.signing.verify_manifest`). Someone who can write to
+Redis but does not hold the key cannot get weights served.
+
 >>> import torch
 >>> blob, m = pack({"w": torch.ones(2)}, model_line="main", version=1, config={"embed_dim": 4})
 >>> unpack(blob, m, expected_config={"embed_dim": 4})["w"].tolist()
@@ -22,9 +29,10 @@ from typing import Any, Mapping
 import torch
 
 from em3.errors import SnapshotError
+from em3.signing import sign_manifest, verify_manifest
 from em3.types import SnapshotManifest
 
-__all__ = ["pack", "unpack", "config_dict", "sha256_hex"]
+__all__ = ["pack", "unpack", "config_dict", "sha256_hex", "sign_manifest", "verify_manifest"]
 
 FORMAT = "safetensors"
 

@@ -199,7 +199,7 @@ class ItemContent(msgspec.Struct, frozen=True, tag="item", tag_field="type"):
     v: Version = SCHEMA_VERSION
 
 
-class SnapshotManifest(msgspec.Struct, frozen=True, kw_only=True):
+class SnapshotManifest(msgspec.Struct, frozen=True):
     """Describes one published snapshot; saved as JSON beside its safetensors blob.
 
     ``offsets`` maps ``"topic:partition"`` to the next offset to consume, i.e. the

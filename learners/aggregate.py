@@ -178,7 +178,7 @@ class RedisAggregator(Aggregator):
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix), config.model_line,
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix), config.model_line,
             ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
         )
         super().__init__(publisher, config, world)

@@ -170,7 +170,7 @@ def _serve_line_metrics(settings, line: str, port: int, stop: threading.Event) -
 
     from em3.redis_stores import RedisSnapshotStore, connect
 
-    store = RedisSnapshotStore(connect(settings.redis), settings.redis_prefix)
+    store = RedisSnapshotStore(connect(settings.redis), settings.redis_prefix, signing_key=settings.snapshot_key)
     gauges = {name: Gauge(f"em3_learner_{name}", doc, ["line"]) for name, doc in [
         ("version", "latest published snapshot version"),
         ("snapshot_age_seconds", "seconds since the latest snapshot was created"),
@@ -209,7 +209,7 @@ def _snapshots(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     client = connect(settings.redis)
-    store = RedisSnapshotStore(client, settings.redis_prefix)
+    store = RedisSnapshotStore(client, settings.redis_prefix, signing_key=settings.snapshot_key)
     try:
         if args.action == "list" and not args.line:
             print(json.dumps({"lines": store.lines()}))

@@ -40,6 +40,7 @@ import numpy as np
 
 from em3 import codec
 from em3.errors import DecodeError
+from em3.retry import Backoff
 from em3.stores import HistorySource
 from em3.types import Sample
 from stream.dedup import DEFAULT_DEDUP_CAPACITY, DedupWindow
@@ -59,7 +60,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # Cumulative counters a loop keeps (and a snapshot's stats carry).
-COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps")
+COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps",
+            "batch_retries", "quarantined")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,13 @@ class LoopConfig:
         History items fetched per sample (default: the model's ``history_len``).
     dedup_capacity : int
         Sample ids remembered to drop redeliveries.
+    max_batch_attempts : int
+        Tries of a micro-batch that fails with an error that is not an outage
+        (see ``transient`` of :class:`LearnerLoop`) before it is quarantined:
+        skipped, counted and handed to ``on_quarantine`` (the dead-letter topic).
+        An outage (Redis or the broker unreachable) is retried until it ends.
+    retry_initial_s, retry_max_s : float
+        Backoff between tries (exponential, with jitter).
     """
 
     batch_size: int = 256
@@ -85,13 +94,16 @@ class LoopConfig:
     poll_timeout_s: float = 0.05
     history_len: int | None = None
     dedup_capacity: int = DEFAULT_DEDUP_CAPACITY
+    max_batch_attempts: int = 3
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "dedup_capacity"):
+        for name in ("batch_size", "dedup_capacity", "max_batch_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("max_batch_wait_s", "poll_timeout_s"):
+        for name in ("max_batch_wait_s", "poll_timeout_s", "retry_initial_s", "retry_max_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
         if self.history_len is not None and self.history_len <= 0:
@@ -240,8 +252,15 @@ class LearnerLoop:
         *,
         history_len: int = 100,
         clock: Callable[[], float] = time.monotonic,
+        transient: tuple[type[BaseException], ...] = (OSError,),
+        on_quarantine: Callable[[Sequence[SourceRecord], str], None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.learner = learner
+        self.transient = transient
+        self.on_quarantine = on_quarantine
+        self.sleep = sleep
+        self._should_stop: Callable[[], bool] = lambda: False
         self.source = source
         self.history = history
         self.config = config
@@ -302,36 +321,85 @@ class LearnerLoop:
         return records
 
     def process(self, records: Sequence[SourceRecord]) -> dict[str, float]:
-        """Decode, dedup, score and learn one micro-batch; returns the learner's stats."""
+        """Decode, dedup, score and learn one micro-batch; returns the learner's stats.
+
+        The batch's offsets count as consumed only once it is learned, or
+        quarantined. A failure is retried with backoff: an outage (an exception
+        in ``transient``: Redis or the broker unreachable) for as long as it
+        lasts, anything else ``max_batch_attempts`` times, after which the batch
+        is quarantined (counted, logged, given to ``on_quarantine``) and skipped.
+        A stop requested during an outage leaves the batch unconsumed, to be read
+        again after the restart.
+        """
+        backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
+        attempts = 0
+        while True:
+            try:
+                stats = self._process_once(records)
+            except self.transient as exc:
+                if self._should_stop():
+                    log.warning("stopping during an outage (%r): batch left unconsumed", exc)
+                    return {}
+                delay = backoff.next()
+                self._cycle_counters["batch_retries"] += 1
+                log.warning("micro-batch failed on an outage (%r); retrying in %.1f s", exc, delay)
+                self.sleep(delay)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a poison batch must not stop the learner
+                attempts += 1
+                self._cycle_counters["batch_retries"] += 1
+                if attempts < self.config.max_batch_attempts:
+                    delay = backoff.next()
+                    log.warning("micro-batch failed (%r); try %d of %d in %.1f s", exc, attempts + 1,
+                                self.config.max_batch_attempts, delay)
+                    self.sleep(delay)
+                    continue
+                log.error("micro-batch of %d records failed %d times (%r): quarantined", len(records), attempts, exc)
+                self._cycle_counters["quarantined"] += len(records)
+                if self.on_quarantine is not None:
+                    try:
+                        self.on_quarantine(records, f"learn_failed: {exc!r}")
+                    except Exception as dl_exc:  # noqa: BLE001 - counted and logged above either way
+                        log.error("quarantine hand-off failed: %r", dl_exc)
+                stats = {}
+            for rec in records:
+                self.positions[rec.partition] = max(self.positions.get(rec.partition, 0), rec.offset + 1)
+            return stats
+
+    def _process_once(self, records: Sequence[SourceRecord]) -> dict[str, float]:
         counters = self._cycle_counters
         decoded: list[tuple[str, Sample]] = []
+        undecodable = 0
         for rec in records:
-            counters["records"] += 1
-            self.positions[rec.partition] = max(self.positions.get(rec.partition, 0), rec.offset + 1)
             try:
                 decoded.append((rec.partition, codec.decode_sample(rec.value)))
             except DecodeError as exc:
-                counters["decode_errors"] += 1
+                undecodable += 1
                 log.warning("undecodable sample at %s@%d skipped: %s", rec.partition, rec.offset, exc)
         keep = self.window.filter_new([s.sample_id for _, s in decoded])
-        counters["duplicates_dropped"] += len(decoded) - len(keep)
-        if not keep:
-            return {}
         kept = [decoded[i] for i in keep]
         samples = [s for _, s in kept]
-        histories = self.history.get_many(
-            [s.impression.user_id for s in samples],
-            self.history_len,
-            [s.impression.served_at for s in samples],
-        )
-        if self._fused:
-            # One forward pass: the probabilities computed before the update are the
-            # prequential predictions.
-            stats = dict(self.learner.learn_batch(samples, histories, return_probs=True))
-            probs = np.asarray(stats.pop("probs"), dtype=np.float64)
-        else:
-            probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
-            stats = dict(self.learner.learn_batch(samples, histories))
+        stats: dict[str, float] = {}
+        if samples:
+            histories = self.history.get_many(
+                [s.impression.user_id for s in samples],
+                self.history_len,
+                [s.impression.served_at for s in samples],
+            )
+            if self._fused:
+                # One forward pass: the probabilities computed before the update are the
+                # prequential predictions.
+                stats = dict(self.learner.learn_batch(samples, histories, return_probs=True))
+                probs = np.asarray(stats.pop("probs"), dtype=np.float64)
+            else:
+                probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
+                stats = dict(self.learner.learn_batch(samples, histories))
+        # Only counted once the batch went through (a retried batch counts once).
+        counters["records"] += len(records)
+        counters["decode_errors"] += undecodable
+        counters["duplicates_dropped"] += len(decoded) - len(keep)
+        if not samples:
+            return stats
         plain = np.array([not s.correction for s in samples], dtype=bool)
         self._labels.append(np.array([s.label for s in samples], dtype=np.int8)[plain])
         self._probs.append(probs[plain])
@@ -348,6 +416,7 @@ class LearnerLoop:
     def run_cycle(self, policy: SnapshotPolicy, should_stop: Callable[[], bool] = lambda: False) -> CycleResult:
         """Train micro-batches until ``policy`` says a snapshot is due or ``should_stop()``."""
         started = self.clock()
+        self._should_stop = should_stop
         while True:
             records = self.poll_batch()
             if records:

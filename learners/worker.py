@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from em3.config import Settings
+from em3.retry import Backoff
+from stream.kafka import KafkaException, dead_letter_headers, make_producer
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
 from learners.online import LEARNER_DEFAULTS
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
@@ -163,13 +166,17 @@ class LineTrainer:
     """
 
     def __init__(self, learner, source, history, publisher: SnapshotPublisher, config: LearnConfig,
-                 rank: int = 0, world: int = 1, *, history_len: int = 100) -> None:
+                 rank: int = 0, world: int = 1, *, history_len: int = 100,
+                 transient: tuple[type[BaseException], ...] = (OSError,),
+                 on_quarantine: Callable[..., None] | None = None) -> None:
         self.config = config
         self.rank, self.world = rank, world
         self.learner = learner
         self.source = source
         self.publisher = publisher
-        self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len)
+        self.transient = transient
+        self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len,
+                                transient=transient, on_quarantine=on_quarantine)
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
         self.published = 0
@@ -195,17 +202,36 @@ class LineTrainer:
         graceful stop, so nothing learned is thrown away.
         """
         stop = should_stop or self._stop.is_set
-        self.resume()
+        if not self._retrying(self.resume, "resume", stop):
+            return self.version
         if self.version is None:
-            self._publish_initial()
+            self._retrying(self._publish_initial, "initial publish", stop)
         cycles = 0
         while not stop() and (max_cycles is None or cycles < max_cycles):
             result = self.loop.run_cycle(self.config.policy, stop)
             cycles += 1
             self.window.update(result.labels, result.probs)
             if result.changed:
-                self._publish(result)
+                self._retrying(lambda: self._publish(result), "publish", stop)
         return self.version
+
+    def _retrying(self, action: Callable[[], Any], what: str, stop: Callable[[], bool]) -> bool:
+        """Run ``action``, retrying an outage (Redis, the broker) with backoff until it
+        works (True) or a stop is asked for (False); the learner never exits on one.
+        A cycle whose publish waits keeps its samples: its offsets are only
+        committed after the snapshot holding them is published."""
+        backoff = Backoff(self.config.loop.retry_initial_s, self.config.loop.retry_max_s)
+        while True:
+            try:
+                action()
+                return True
+            except self.transient as exc:
+                if stop():
+                    log.warning("%s failed during an outage (%r) while stopping", what, exc)
+                    return False
+                delay = backoff.next()
+                log.warning("%s failed on an outage (%r); retrying in %.1f s", what, exc, delay)
+                time.sleep(delay)
 
     def _publish(self, result: CycleResult) -> None:
         stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
@@ -301,17 +327,18 @@ class LearnerWorker(LineTrainer):
     def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
         from em3.model import ModelConfig
         from em3.redis_stores import (
-            RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
+            OUTAGE_ERRORS, RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
         )
         from learners.online import OnlineLearner
         from learners.sources import KafkaSampleSource
 
         self.settings = settings
+        self._dlq = None
         model_config = ModelConfig.from_dict(config.model_config)
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix), RedisAppliedLog(self.redis, prefix),
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix),
             config.model_line, model_config.to_dict(), config.publisher,
         )
         extra = {} if config.content_lr is None else {"content_lr": config.content_lr}
@@ -319,10 +346,24 @@ class LearnerWorker(LineTrainer):
                                 lr=config.lr, device=config.device, seed=config.seed, **extra)
         source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
         super().__init__(learner, source, RedisHistoryStore(self.redis, prefix), publisher, config, rank, world,
-                         history_len=model_config.history_len)
+                         history_len=model_config.history_len, transient=OUTAGE_ERRORS + (KafkaException,),
+                         on_quarantine=self._dead_letter)
         log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
                  source.partitions(), learner.device)
+
+    def _dead_letter(self, records: Any, reason: str) -> None:
+        """A quarantined micro-batch goes to the dead-letter topic, record by record."""
+        if self._dlq is None:
+            self._dlq = make_producer(self.settings.kafka, linger_ms=5)
+        code, _, detail = reason.partition(": ")
+        for rec in records:
+            topic, _, partition = rec.partition.rpartition(":")
+            self._dlq.produce(self.settings.topics.dead_letter, value=rec.value[:65536],
+                              headers=dead_letter_headers(code, detail, topic, int(partition), rec.offset))
+        self._dlq.flush(10)
 
     def close(self) -> None:
         super().close()
         self.redis.close()
+        if self._dlq is not None:
+            self._dlq.flush(10)

@@ -24,6 +24,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from em3.retry import Breaker
 from em3.stores import ContentSource, HistorySource
 from em3.types import ItemContent, SnapshotManifest
 from serving.scoring import RankingModel
@@ -253,6 +254,10 @@ class RankingService:
         self._live_lock = threading.Lock()
         self.history_errors = 0
         self.content_errors = 0
+        #: Skip a failing store for a cool-down instead of paying its timeout per request.
+        self.history_breaker = Breaker()
+        self.content_breaker = Breaker()
+        self.history_skipped = 0
 
     # -- versions ----------------------------------------------------------------
     def prepare(
@@ -302,14 +307,17 @@ class RankingService:
         if not item_ids:
             return None
         epochs = cache.epochs(item_ids)
-        try:
-            contents: list[ItemContent | None] = list(self.content.get_many(item_ids))
-            fetched = True
-        except Exception as exc:  # noqa: BLE001 - Redis outage: rank by ID, do not cache
-            self.content_errors += 1
-            logger.warning("content lookup failed for %d items: %r", len(item_ids), exc)
-            contents = [None] * len(item_ids)
-            fetched = False
+        contents: list[ItemContent | None] = [None] * len(item_ids)
+        fetched = False
+        if self.content_breaker.allow():
+            try:
+                contents = list(self.content.get_many(item_ids))
+                fetched = True
+                self.content_breaker.success()
+            except Exception as exc:  # noqa: BLE001 - Redis outage: rank by ID, do not cache
+                self.content_errors += 1
+                self.content_breaker.failure()
+                logger.warning("content lookup failed for %d items: %r", len(item_ids), exc)
         reps = model.item_representations(item_ids, contents)  # (N, D)
         known = [c is not None for c in contents]
         if fetched:
@@ -340,12 +348,18 @@ class RankingService:
     # -- requests -----------------------------------------------------------------
     def user_history(self, state: ServingState, user_id: str) -> list[str]:
         limit = min(self.config.history_len, int(getattr(state.model, "history_len", self.config.history_len)))
+        if not self.history_breaker.allow():
+            self.history_skipped += 1  # the store failed moments ago: rank without history
+            return []
         try:
-            return list(self.history.get(user_id, limit))
+            history = list(self.history.get(user_id, limit))
         except Exception as exc:  # noqa: BLE001 - rank without history rather than fail
             self.history_errors += 1
+            self.history_breaker.failure()
             logger.warning("history lookup failed for user %r: %r", user_id, exc)
             return []
+        self.history_breaker.success()
+        return history
 
     def rank(
         self, state: ServingState, user_id: str, item_ids: Sequence[str],

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
-from em3.errors import SnapshotError
+from em3.errors import SignatureError, SnapshotError
 from em3.redis_stores import RedisError
 from em3.types import SnapshotManifest
 from serving.ranking import ServingState
@@ -195,6 +195,9 @@ class SnapshotReloader:
             manifest, blob = self.store.get(self.model_line, version)
         except (RedisError, OSError) as exc:
             self.mark_redis(False, repr(exc))
+            return False
+        except SignatureError as exc:  # forged or foreign weights: never served
+            self._refuse(version, "signature", str(exc))
             return False
         except SnapshotError as exc:  # pruned between pointer read and get: next poll retries
             self._fail("missing", str(exc))

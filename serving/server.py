@@ -88,6 +88,10 @@ class ServerConfig:
         2-core VM: ``benchmarks/serving.py``, see docs/results.md).
     max_future_s : float
         ``served_at``/``clicked_at`` further ahead of this server's clock get 422.
+    store_timeout_s : float
+        Longest wait for Redis on the request path (history, counters); on a
+        timeout the request ranks without history and a breaker skips Redis for
+        a cool-down (``/readyz`` says ``degraded``).
     api_key : str
         Key that ``POST /v1/click`` and ``/v1/items`` must send; empty: the
         settings' ``api_key`` (``EM3_API_KEY``).
@@ -119,10 +123,13 @@ class ServerConfig:
     precompute_nice: int = 5
     rank_executor: str = "loop"
     max_future_s: float = 300.0
+    store_timeout_s: float = 0.3
     api_key: str = field(default="", repr=False)
     trusted_network: bool = False
 
     def __post_init__(self) -> None:
+        if not self.store_timeout_s > 0:
+            raise ValueError(f"store_timeout_s must be > 0, but {self.store_timeout_s!r} is given")
         if not self.max_future_s > 0:
             raise ValueError(f"max_future_s must be > 0, but {self.max_future_s!r} is given")
         if self.rank_executor not in RANK_EXECUTORS:
@@ -303,15 +310,23 @@ class ServingRuntime:
         )
         from stream.kafka import make_producer
 
+        # Two clients: the request path (history, counters) waits at most
+        # store_timeout_s for Redis, so an outage costs a request milliseconds, not
+        # seconds (and the breakers in RankingService skip Redis while it is down);
+        # snapshots and content (the watcher's bulk reads) keep the longer default.
         client = connect(settings.redis)
+        fast = connect(settings.redis, socket_timeout=config.store_timeout_s,
+                       socket_connect_timeout=config.store_timeout_s)
         prefix = settings.redis_prefix
         runtime = cls(
-            config, loader, RedisSnapshotStore(client, prefix), RedisContentStore(client, prefix),
-            RedisHistoryStore(client, prefix), popularity=RedisPopularityStore(client, prefix),
+            config, loader, RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
+            RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix),
+            popularity=RedisPopularityStore(fast, prefix),
             producer=make_producer(settings.kafka, linger_ms=5, delivery_report_only_error=True),
-            settings=settings, redis_client=client,
+            settings=settings, redis_client=fast,
         )
         runtime.owns_clients = True
+        runtime._bulk_client = client
         return runtime
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -333,7 +348,8 @@ class ServingRuntime:
         if not self.owns_clients:
             return
         self.owns_clients = False
-        for name, client in (("producer", self.producer), ("redis", self.redis_client)):
+        for name, client in (("producer", self.producer), ("redis", self.redis_client),
+                             ("redis", getattr(self, "_bulk_client", None))):
             close = getattr(client, "close", None)
             if close is None:
                 continue
@@ -354,9 +370,11 @@ class ServingRuntime:
             (not s["redis_ok"]) or (s["pointer"] is not None and s["pointer"] in s["bad_versions"])
             for s in sources.values()
         )
+        stores = {"history": not self.ranking.history_breaker.open, "content": not self.ranking.content_breaker.open}
         return {
             "ready": self.is_ready(),
-            "degraded": degraded,
+            "degraded": degraded or not all(stores.values()),
+            "stores_ok": stores,
             "experiment": self.config.experiment.name,
             "arms": [a.name for a in self.config.experiment.arms],
             "sources": sources,

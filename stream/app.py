@@ -128,26 +128,21 @@ def create_app(
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
         async def on_start(self) -> None:
-            await self._call(worker.start)
+            await self._call(worker.start_or_retry)
 
         @Service.task
         async def _batches(self) -> None:
             loop_time = asyncio.get_running_loop().time
             last_work = loop_time()
             while not self.should_stop:
-                try:
-                    read = await self._call(worker.run_once)
-                    if read or not worker.partitions:
-                        last_work = loop_time()
-                    elif (exit_when_idle_s is not None and loop_time() - last_work > exit_when_idle_s
-                          and worker.pending == 0):
-                        log.info("nothing read for %.1f s and nothing pending: stopping", exit_when_idle_s)
-                        _stop_worker_process()
-                        return
-                except Exception:
-                    # Stop with a failure code; a restart resumes from the Redis checkpoint.
-                    log.exception("join batch failed; stopping the worker")
-                    app._em3_failed = True
+                # step() rides out Redis and broker outages (backoff, reload from the
+                # checkpoint) and dead-letters bad records; it does not raise.
+                read = await self._call(worker.step)
+                if read or not worker.partitions:
+                    last_work = loop_time()
+                elif (exit_when_idle_s is not None and loop_time() - last_work > exit_when_idle_s
+                      and worker.pending == 0):
+                    log.info("nothing read for %.1f s and nothing pending: stopping", exit_when_idle_s)
                     _stop_worker_process()
                     return
 

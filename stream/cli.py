@@ -267,7 +267,7 @@ def _run_plain(settings, join, wconf, exit_when_idle_s: float | None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker = JoinWorker(settings, join, wconf)
-    worker.start()
+    worker.start_or_retry()
     try:
         worker.run(stop, idle_exit_s=exit_when_idle_s)
     finally:

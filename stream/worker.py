@@ -36,6 +36,7 @@ from em3 import codec
 from em3.config import Settings
 from em3.errors import DecodeError, EM3Error, ImproperlyConfigured
 from em3.redis_stores import connect
+from em3.retry import Backoff
 from em3.types import Click
 from stream import kafka
 from stream.join import JoinConfig, JoinCore
@@ -76,7 +77,12 @@ class WorkerConfig:
     poll_timeout_s : how long ``consume`` waits for a batch to fill; > 0.
     history_length : entries kept per user's click history; > 0.
     max_future_s : event times further than this ahead of the wall clock are
-        dead-lettered as ``absurd_timestamp`` (they would close every window); > 0.
+        dead-lettered as ``absurd_timestamp``, so they never reach a watermark
+        (one impression stamped 23 h ahead would close every window after it); > 0.
+    max_dead_letter_bytes : a dead-lettered value longer than this is cut to it
+        (header ``em3-truncated`` holds the original length), so a 1 MB poison
+        record cannot fail the dead-letter produce itself; > 0.
+    retry_initial_s, retry_max_s : backoff between recoveries after a failed batch.
     log_interval_s : how often the counters are logged; > 0.
     """
 
@@ -84,15 +90,18 @@ class WorkerConfig:
     batch_size: int = 5000
     poll_timeout_s: float = 0.1
     history_length: int = 256
-    max_future_s: float = 86_400.0
+    max_future_s: float = 300.0
     log_interval_s: float = 10.0
+    max_dead_letter_bytes: int = 64 * 1024
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "history_length"):
+        for name in ("batch_size", "history_length", "max_dead_letter_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be an int > 0, but {value!r} is given")
-        for name in ("poll_timeout_s", "max_future_s", "log_interval_s"):
+        for name in ("poll_timeout_s", "max_future_s", "log_interval_s", "retry_initial_s", "retry_max_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, but {value!r} is given")
@@ -137,14 +146,27 @@ class JoinWorker:
         self.counters: dict[str, int] = {
             "events_in": 0, "impressions_in": 0, "clicks_in": 0, "samples_out": 0, "positive": 0,
             "negative": 0, "correction": 0, "dead_letters": 0, "batches": 0, "checkpoints": 0,
-            "fenced": 0,
+            "fenced": 0, "batch_failures": 0, "recoveries": 0, "offset_resets": 0, "quarantined": 0,
         }
+        self._backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
+        self._retry_at: float | None = None  # set while recovering from a failed batch
+        self.last_failure = ""
         self.last_batch_s = 0.0
         #: Seconds spent per phase of the batch loop (decode+join, produce, flush, checkpoint).
         self.phase_s = {"feed": 0.0, "emit": 0.0, "flush": 0.0, "checkpoint": 0.0}
         self.last_checkpoint_s = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
+    def start_or_retry(self) -> None:
+        """:meth:`start`; if a dependency is down, count it and let :meth:`step` retry."""
+        try:
+            self.start()
+        except ImproperlyConfigured:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis or the broker not up yet
+            self.close_quietly()
+            self._failed(exc, "start")
+
     def start(self) -> None:
         """Connect, check co-partitioning, subscribe (state loads on assignment)."""
         counts = kafka.partition_counts(self.settings.kafka, [self.topics.impressions, self.topics.clicks])
@@ -171,15 +193,18 @@ class JoinWorker:
 
     def close(self) -> None:
         """Leave the group (state stays in Redis, consistent as of the last batch)."""
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
-        if self._producer is not None:
-            self._producer.flush(10)
-            self._producer = None
-        if self._store is not None:
-            self._store.client.close()
-            self._store = None
+        consumer, producer, store = self._consumer, self._producer, self._store
+        self._consumer = self._producer = self._store = None
+        try:
+            if consumer is not None:
+                consumer.close()
+        finally:
+            try:
+                if producer is not None:
+                    producer.flush(10)
+            finally:
+                if store is not None:
+                    store.client.close()
         self._log_counters()
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> None:
@@ -187,10 +212,76 @@ class JoinWorker:
         that long passes with nothing pending and nothing read)."""
         last_work = time.monotonic()
         while not stop.is_set():
-            if self.run_once() or not self.partitions:
+            if self.step() or not self.partitions:
                 last_work = time.monotonic()
             elif idle_exit_s is not None and time.monotonic() - last_work > idle_exit_s and self.pending == 0:
                 return
+
+    def step(self) -> int:
+        """One :meth:`run_once` that rides out failures instead of raising.
+
+        A batch that fails (Redis or the broker down, a delivery not acknowledged,
+        a fencing surprise) is not checkpointed, so nothing of it is lost: the
+        worker waits (exponential backoff with jitter), then rejoins the group,
+        whose assignment loads every partition's state and offsets from its last
+        checkpoint; the batch's samples are re-emitted with the same ids (dropped by the dedup).
+        A worker whose :meth:`start` failed (a dependency down at boot) retries
+        it the same way (:meth:`_recover`). Per-record failures never get here: they are
+        dead-lettered in the batch.
+        """
+        if self._retry_at is not None:
+            wait = self._retry_at - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, self.config.poll_timeout_s))
+                return 0
+            try:
+                self._recover()
+            except Exception as exc:  # noqa: BLE001 - still down: wait longer
+                self._failed(exc, "recovery")
+                return 0
+        try:
+            read = self.run_once()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            self._failed(exc, "batch")
+            return 0
+        self._backoff.reset()
+        return read
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        self.counters["batch_failures"] += 1
+        self.last_failure = f"{what}: {exc!r}"[:500]
+        delay = self._backoff.next()
+        self._retry_at = time.monotonic() + delay
+        log.warning("join %s failed (%r); retrying in %.1f s", what, exc, delay)
+
+    def _recover(self) -> None:
+        """Back to a consistent state: leave the group, start again, and let the
+        assignment load every partition's state and offsets from its checkpoint.
+
+        A full restart rather than a reload in place: a failure can strike inside
+        a rebalance callback (Redis down while a partition is assigned), after
+        which this consumer's idea of its partitions and the group's differ.
+        Rejoining costs one rebalance (seconds) and is right in every case.
+        """
+        self.close_quietly()
+        self.start()
+        self._retry_at = None
+        self.counters["recoveries"] += 1
+        log.info("join recovered: rejoined the group; partitions load from their checkpoints")
+
+    def close_quietly(self) -> None:
+        """:meth:`close`, ignoring what fails (a half-started worker, a dead dependency)."""
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - best effort
+            log.debug("close during recovery failed: %r", exc)
+        self._consumer = self._producer = self._store = None
+        with self._lock:
+            for n in list(self._cores):
+                self._cores.pop(n, None)
+            self._next.clear()
+            self._caught_up.clear()
+            self._dirty.clear()
 
     # -- rebalance --------------------------------------------------------------------
     def _on_assign(self, consumer: kafka.Consumer, partitions: list[kafka.TopicPartition]) -> None:
@@ -304,6 +395,16 @@ class JoinWorker:
             if err is not None:
                 if err.code() == kafka.KafkaError._PARTITION_EOF:
                     caught_up[(msg.topic(), msg.partition())] = True
+                elif err.code() == kafka.KafkaError._AUTO_OFFSET_RESET:
+                    # The checkpoint's offset is past the end of the topic (a broker that
+                    # lost its data): the consumer restarts at the earliest offset. Accept
+                    # what comes from there instead of skipping it as "re-delivered".
+                    key = (msg.topic(), msg.partition())
+                    self.counters["offset_resets"] += 1
+                    log.error("offset of %s:%d is past the end of the topic (broker lost data?): %s; "
+                              "reading from the earliest offset", key[0], key[1], err)
+                    if key in nxt:
+                        nxt[key] = None
                 else:
                     log.warning("consume error: %s", err)
                 continue
@@ -330,10 +431,10 @@ class JoinWorker:
                     n_click += 1
             except DecodeError as exc:
                 self._dead_letter(exc.reason, exc.detail, topic, n, off, value, msg.key())
-            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
-                # A record the codec could not even classify (e.g. a 400-digit timestamp).
-                log.warning("undecodable record %s:%d@%d: %r", topic, n, off, exc)
-                self._dead_letter("undecodable", repr(exc), topic, n, off, value, msg.key())
+            except Exception as exc:  # noqa: BLE001 - quarantine: one record never stops the join
+                log.warning("record %s:%d@%d failed in the join: %r", topic, n, off, exc)
+                self.counters["quarantined"] += 1
+                self._dead_letter("join_failed", repr(exc), topic, n, off, value, msg.key())
         counters = self.counters
         counters["events_in"] += read
         counters["impressions_in"] += n_imp
@@ -342,10 +443,18 @@ class JoinWorker:
 
     def _dead_letter(self, reason: str, detail: str, topic: str, n: int, off: int, value: bytes | None,
                      key: bytes | None) -> None:
-        self._producer.produce(
-            self.topics.dead_letter, value=value, key=key,
-            headers=kafka.dead_letter_headers(reason, detail, topic, n, off),
-        )
+        headers = kafka.dead_letter_headers(reason, detail, topic, n, off)
+        limit = self.config.max_dead_letter_bytes
+        if value is not None and len(value) > limit:
+            headers.append(("em3-truncated", str(len(value)).encode()))
+            value = value[:limit]
+        if key is not None and len(key) > 1024:
+            key = key[:1024]
+        try:
+            self._producer.produce(self.topics.dead_letter, value=value, key=key, headers=headers)
+        except BufferError:
+            self._producer.poll(0.5)
+            self._producer.produce(self.topics.dead_letter, value=value, key=key, headers=headers)
         self.counters["dead_letters"] += 1
         name = f"dead_letter.{reason}"
         self.counters[name] = self.counters.get(name, 0) + 1
@@ -364,6 +473,10 @@ class JoinWorker:
                 except BufferError:  # the local queue is full: let librdkafka drain it
                     self._producer.poll(0.5)
                     produce(samples_topic, value, sample.impression.user_id)
+                except kafka.KafkaException as exc:  # this record cannot be produced: quarantine it
+                    counters["quarantined"] += 1
+                    self._dead_letter("produce_failed", repr(exc), samples_topic, n, -1, value,
+                                      sample.impression.user_id.encode())
             for kind, count in out.counts.items():
                 counters[kind] += count
             counters["samples_out"] += len(out.samples)
@@ -441,6 +554,8 @@ class JoinWorker:
             "last_batch_s": round(self.last_batch_s, 4),
             "last_checkpoint_s": round(self.last_checkpoint_s, 4),
             "phase_s": {k: round(v, 3) for k, v in self.phase_s.items()},
+            "degraded": int(self._retry_at is not None),
+            "last_failure": self.last_failure,
         }
 
     def _log_counters(self) -> None:

@@ -17,14 +17,20 @@ from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
 
 
 @pytest.fixture(scope="session")
-def local_services(tmp_path_factory):
-    """A real Tansu broker and Redis server for the whole session."""
+def local_service_processes(tmp_path_factory):
+    """The session's :class:`em3.services.LocalServices` (for tests that pause Redis)."""
     from em3.services import LocalServices
 
     services = LocalServices(tmp_path_factory.mktemp("services"))
     services.start()
-    yield services.info
+    yield services
     services.stop()
+
+
+@pytest.fixture(scope="session")
+def local_services(local_service_processes):
+    """A real Tansu broker and Redis server for the whole session."""
+    return local_service_processes.info
 
 
 @pytest.fixture
@@ -36,6 +42,8 @@ def settings(local_services) -> Settings:
         redis=RedisSettings(local_services.redis_url),
         topics=TopicNames(f"t{tag}."),
         redis_prefix=f"t{tag}:",
+        api_key=local_services.api_key,
+        snapshot_key=local_services.snapshot_key,
     )
 
 

@@ -124,13 +124,20 @@ def test_malformed_records_are_dead_lettered_with_reasons_while_good_ones_flow(s
         json.dumps({**base, "served_at": time.time() + 30 * 86400}).encode(): "absurd_timestamp",
         json.dumps({**base, "served_at": 10**400}).encode(): "absurd_timestamp",
         codec.encode(Click("x", "u", "i", t0)): "wrong_type",
+        # each of these once stopped the join for good (issue 15)
+        json.dumps({**base, "impression_id": "\ud800"}).encode(): "bad_json",  # lone surrogate
+        json.dumps({**base, "item_id": "a\tb"}).encode(): "bad_value",  # tab in an ID
+        json.dumps({**base, "served_at": time.time() + 23 * 3600}).encode(): "absurd_timestamp",  # watermark poison
+        b"[" * 100_000 + b"]" * 100_000: "not_an_object",
     }
+    huge = json.dumps({**base, "context": {"k": "x" * 900_000}}).encode()  # a ~1 MB record
     producer = make_producer(settings.kafka)
     for i, imp in enumerate(good):
         producer.produce(settings.topics.impressions, key=imp.user_id, value=codec.encode(imp))
         if i == 5:
             for raw in bad:  # raw bytes in the middle of the good stream
                 producer.produce(settings.topics.impressions, key=b"u-bad", value=raw)
+            producer.produce(settings.topics.impressions, key=b"u-bad", value=huge)
     for c in good_clicks:
         producer.produce(settings.topics.clicks, key=c.user_id, value=codec.encode(c))
     producer.produce(settings.topics.clicks, key=b"u-bad", value=b'{"v":1,"type":"click"}')
@@ -139,14 +146,18 @@ def test_malformed_records_are_dead_lettered_with_reasons_while_good_ones_flow(s
 
     worker = run_join(settings)
 
-    dead = [parse_dead_letter(m) for m in read_topic(settings, settings.topics.dead_letter, len(bad) + 2)]
+    dead = [parse_dead_letter(m) for m in read_topic(settings, settings.topics.dead_letter, len(bad) + 3)]
     by_value = {d.value: d for d in dead if d.source_topic == settings.topics.impressions}
-    assert {raw: by_value[raw].reason for raw in bad} == bad
+    assert {raw: by_value[raw].reason for raw in bad if len(raw) <= 65536} == {
+        raw: reason for raw, reason in bad.items() if len(raw) <= 65536}
+    cut = [d for d in dead if len(d.value) == 65536]  # dead-lettered values are cut to 64 KiB
+    assert sorted(d.reason for d in cut) == ["bad_value", "not_an_object"]
+    assert worker.counters["dead_letter.bad_value"] == 2
     click_reasons = sorted(d.reason for d in dead if d.source_topic == settings.topics.clicks)
     assert click_reasons == ["bad_bytes", "missing_field"]
     assert all(d.source_offset >= 0 and d.detail for d in dead)
-    assert worker.counters["dead_letters"] == len(bad) + 2
-    assert worker.counters["dead_letter.absurd_timestamp"] == 3
+    assert worker.counters["dead_letters"] == len(bad) + 3
+    assert worker.counters["dead_letter.absurd_timestamp"] == 4
 
     samples = [codec.decode_sample(m.value()) for m in read_topic(settings, settings.topics.samples, 20)]
     assert sorted(s.impression.impression_id for s in samples) == sorted(i.impression_id for i in good)
@@ -202,4 +213,62 @@ def test_a_fenced_worker_reloads_its_partitions_and_still_labels_everything(sett
             got[key] = s.label
         else:
             assert got[key] == s.label  # a re-emission, identical
+    assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference
+
+
+def test_the_join_rides_out_a_redis_outage_and_loses_nothing(settings, local_service_processes):
+    """Redis frozen (SIGSTOP) for 8 s mid-stream: the join backs off, reloads its
+    partitions from the last checkpoint when Redis is back, and every impression is
+    still labelled exactly as the reference join labels it."""
+    import os
+    import signal
+
+    from stream.dedup import DedupWindow
+
+    ensure_topics(settings.kafka, settings.topics, partitions=2)
+    impressions, clicks = generate_stream(StreamSpec(impressions=4000, users=300, seed=11))
+    events = list(arrival_order(impressions, clicks, 1.0, seed=11))
+    half = len(events) // 2
+    worker = JoinWorker(settings, JOIN, WorkerConfig(batch_size=300, retry_initial_s=0.2, retry_max_s=2.0))
+    worker.start()
+    redis_pid = local_service_processes.pids()["redis"]
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        produce_stream(settings.kafka, settings.topics, iter(events[:half]))
+        time.sleep(1.0)
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            produce_stream(settings.kafka, settings.topics, iter(events[half:]))
+            time.sleep(8.0)
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        deadline = time.monotonic() + 90
+        last, quiet_since = -1, time.monotonic()
+        while time.monotonic() < deadline:  # until recovered, and nothing read or pending for 3 s
+            seen = worker.counters["events_in"]
+            if seen != last:
+                last, quiet_since = seen, time.monotonic()
+            if (worker.counters["recoveries"] and not worker.pending
+                    and time.monotonic() - quiet_since > 3.0 and seen >= len(events)):
+                break
+            time.sleep(0.5)
+        assert thread.is_alive()  # it never exited
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.close()
+    assert worker.counters["batch_failures"] >= 1 and worker.counters["recoveries"] >= 1
+
+    reference = expected_labels(impressions, clicks, JOIN)
+    want = len(reference) + sum(c for _, c in reference.values())
+    dedup = DedupWindow(1_000_000)
+    got = {}
+    for m in read_topic(settings, settings.topics.samples, want):
+        s = codec.decode_sample(m.value())
+        if dedup.add_new(s.sample_id):
+            got[(s.impression.impression_id, s.correction)] = s.label
+    missing = [iid for iid in reference if (iid, False) not in got]
+    assert not missing, (len(missing), len(reference), missing[:5], worker.counters)
     assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference

@@ -48,7 +48,7 @@ def prepare(settings, redis_client) -> None:
 def audit(settings, redis_client, line: str) -> Counter:
     from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
 
-    latest = RedisSnapshotStore(redis_client, settings.redis_prefix).latest_version(line)
+    latest = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key).latest_version(line)
     chain = RedisAppliedLog(redis_client, settings.redis_prefix).chain(line, latest)
     return Counter(i for _, ids in chain for values in ids.values() for i in values)
 
@@ -72,7 +72,7 @@ def test_learning_moves_the_model_and_snapshots_carry_committed_offsets(settings
         initial = {k: v.clone() for k, v in worker.learner.state_dict().items()}
         deadline = time.monotonic() + 60
         worker.run(lambda: worker.loop.totals["samples_applied"] >= 1500 or time.monotonic() > deadline)
-        store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+        store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
         manifest, _ = store.get("it")
         assert sum(manifest.offsets.values()) == 1500
         assert sorted(manifest.offsets) == [f"{settings.topics.samples}:{p}" for p in range(PARTITIONS)]
@@ -91,7 +91,7 @@ def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(set
 
     prepare(settings, redis_client)
     line = "crash"
-    store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
     argv = [sys.executable, "-m", "em3", "learn", "--in-process", "--tiny", "--variant", "id_only",
             "--model-line", line, "--bootstrap-servers", local_services.bootstrap_servers,
             "--redis-url", local_services.redis_url, "--topic-prefix", settings.topics.prefix,
@@ -141,7 +141,7 @@ def test_snapshots_cli_lists_shows_and_rolls_back(settings, redis_client, local_
     from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
     from learners.publisher import SnapshotPublisher
 
-    store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
     pub = SnapshotPublisher(store, RedisAppliedLog(redis_client, settings.redis_prefix), "cli", {"embed_dim": 4})
     v1 = pub.publish({"w": torch.zeros(2)}, parent=None, offsets={"s:0": 5}, applied_ids={"s:0": ["a"]},
                      stats={"totals": {"samples_applied": 1}, "prequential": {"window_auc": 0.5}}).version

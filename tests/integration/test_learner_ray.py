@@ -31,7 +31,7 @@ def holdout_auc(settings, redis_client, line: str, holdout) -> float:
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore
     from learners.online import OnlineLearner
 
-    manifest, blob = RedisSnapshotStore(redis_client, settings.redis_prefix).get(line)
+    manifest, blob = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key).get(line)
     cfg = ModelConfig.from_dict(manifest.config)
     learner = OnlineLearner(cfg, RedisContentStore(redis_client, settings.redis_prefix), device="cpu")
     learner.load_state_dict(snapshot.unpack(blob, manifest, cfg))
@@ -55,7 +55,7 @@ def run_fleet(settings, redis_client, line: str, learners: int, kill_after_appli
     from em3.redis_stores import RedisSnapshotStore
     from learners.scaleout import LearnerFleet
 
-    store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
     config = LearnConfig(line, ModelConfig.tiny("id_only").to_dict(), lr=1e-2, device="cpu",
                          loop=LoopConfig(batch_size=64, max_batch_wait_s=0.05),
                          policy=SnapshotPolicy(interval_s=1.0),
@@ -114,7 +114,7 @@ def stream(settings, redis_client, n: int):
 def lineage(settings, redis_client, line: str) -> Counter:
     from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
 
-    latest = RedisSnapshotStore(redis_client, settings.redis_prefix).latest_version(line)
+    latest = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key).latest_version(line)
     return Counter(i for _, ids in RedisAppliedLog(redis_client, settings.redis_prefix).chain(line, latest)
                    for values in ids.values() for i in values)
 
@@ -137,7 +137,7 @@ def test_two_learners_survive_a_kill_and_match_one_learner(settings, redis_clien
     two_applied, killed = run_fleet(settings, redis_client, "two", 2, kill_after_applied=1000)
     assert one_applied == N_SAMPLES and two_applied == N_SAMPLES and killed == 1
 
-    store = RedisSnapshotStore(redis_client, settings.redis_prefix)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
     latest = store.latest_version("two")
     counts = lineage(settings, redis_client, "two")
     assert set(counts) == {s.sample_id for s in samples} and max(counts.values()) == 1

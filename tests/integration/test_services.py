@@ -218,7 +218,7 @@ def test_snapshot_store_publishes_prunes_and_rolls_back(settings, redis_client):
     from em3.redis_stores import RedisSnapshotStore
     from em3.types import SnapshotManifest
 
-    store = RedisSnapshotStore(redis_client, settings.redis_prefix, keep=3)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, keep=3, signing_key=settings.snapshot_key)
     pubsub = store.subscribe()
     published = []
     for _ in range(5):

@@ -6,6 +6,7 @@ import threading
 import time
 
 import httpx
+import json
 import pytest
 
 from em3 import codec
@@ -51,7 +52,7 @@ class Publisher:
 def publisher(settings, redis_client, tiny_model):
     from em3.redis_stores import RedisSnapshotStore
 
-    return Publisher(RedisSnapshotStore(redis_client, settings.redis_prefix), *tiny_model)
+    return Publisher(RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key), *tiny_model)
 
 
 @pytest.fixture
@@ -217,13 +218,46 @@ def test_bad_input_gets_422_naming_the_field_and_clicks_and_items_work(serve, pu
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "k"
         r = client.post("/v1/rank", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"})
         assert r.status_code == 413
-        r = client.post("/v1/click", json={"impression_id": "x-0", "user_id": "u1", "item_id": "i1"})
+        click = {"impression_id": "x-0", "user_id": "u1", "item_id": "i1"}
+        assert client.post("/v1/click", json=click).status_code == 401  # writes need the key
+        key = {"Authorization": f"Bearer {settings.api_key}"}
+        r = client.post("/v1/click", json=click, headers=key)
         assert r.status_code == 202
         out = _rank(client, items=["brand-new", "i1"]).json()
         assert out["unknown_item_ids"] == ["brand-new"]
-        r = client.post("/v1/items", json={"item_id": "brand-new", "text": "fresh arrival"})
+        r = client.post("/v1/items", json={"item_id": "brand-new", "text": "fresh arrival"}, headers=key)
         assert r.status_code == 200
         assert _rank(client, items=["brand-new", "i1"]).json()["unknown_item_ids"] == []
+
+
+def test_a_snapshot_not_signed_with_the_key_is_never_served(serve, publisher, catalog, settings, redis_client):
+    """Someone who can write to Redis but lacks the snapshot key publishes weights
+    with a matching sha256: unsigned, or signed with another key. The server keeps
+    serving the last good version and says it is degraded."""
+    import msgspec
+
+    from em3.redis_stores import RedisSnapshotStore
+    from em3.signing import sign_manifest
+
+    good = publisher.publish()
+    handle = serve()
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
+    manifest, blob = store.get(LINE)
+    with httpx.Client(base_url=handle.url, timeout=10) as client:
+        _wait(lambda: _ready(client))
+        for version, forged in ((good + 1, msgspec.structs.replace(manifest, signature="")),
+                                (good + 2, sign_manifest(manifest, "not-the-key"))):
+            forged = msgspec.structs.replace(forged, version=version)
+            redis_client.set(f"{settings.redis_prefix}snap:{LINE}:{version}:blob", blob)
+            redis_client.set(f"{settings.redis_prefix}snap:{LINE}:{version}:manifest",
+                             msgspec.json.encode(forged))
+            redis_client.zadd(f"{settings.redis_prefix}snap:{LINE}:versions", {str(version): version})
+            redis_client.set(f"{settings.redis_prefix}snap:{LINE}:latest", version)
+            redis_client.publish(store.channel, json.dumps({"line": LINE, "version": version}))
+            time.sleep(2.5)
+            assert _rank(client).json()["model_version"] == good
+            ready = client.get("/readyz").json()
+            assert ready["degraded"], ready
 
 
 def test_ab_assignment_is_the_same_on_two_servers(serve, publisher, catalog):
@@ -260,7 +294,7 @@ def test_redis_outage_keeps_the_last_good_snapshot_serving(tmp_path, serve, tiny
         private = dataclasses.replace(settings, redis=RedisSettings(f"redis://127.0.0.1:{port}/0"))
         client = connect(private.redis)
         RedisContentStore(client, private.redis_prefix).put_many([ItemContent("i1", text="x"), ItemContent("i2")])
-        version = Publisher(RedisSnapshotStore(client, private.redis_prefix), *tiny_model).publish()
+        version = Publisher(RedisSnapshotStore(client, private.redis_prefix, signing_key=private.snapshot_key), *tiny_model).publish()
         client.close()
         handle = serve(settings_=private, poll_interval_s=0.2)
         with httpx.Client(base_url=handle.url, timeout=10) as http:
@@ -278,3 +312,35 @@ def test_redis_outage_keeps_the_last_good_snapshot_serving(tmp_path, serve, tiny
         if proc.poll() is None:
             proc.terminate()
             proc.wait(10)
+
+
+def test_ranking_rides_out_a_redis_outage_without_blocking(serve, publisher, catalog, local_service_processes):
+    """Redis frozen (SIGSTOP) for 6 s: every /v1/rank still answers 200 within a
+    bounded time (without history while Redis is away), /readyz answers at once and
+    says degraded, and both recover by themselves."""
+    import os
+    import signal
+
+    publisher.publish()
+    handle = serve()
+    redis_pid = local_service_processes.pids()["redis"]
+    with httpx.Client(base_url=handle.url, timeout=10) as client:
+        _wait(lambda: _ready(client))
+        assert _rank(client).status_code == 200
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            slowest, degraded_seen, end = 0.0, False, time.monotonic() + 6.0
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                r = _rank(client)
+                slowest = max(slowest, time.monotonic() - t0)
+                assert r.status_code == 200, r.text
+                t0 = time.monotonic()
+                ready = client.get("/readyz")
+                assert time.monotonic() - t0 < 1.5
+                degraded_seen |= ready.json()["degraded"]
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
+        assert slowest < 1.5 and degraded_seen
+        _wait(lambda: not client.get("/readyz").json()["degraded"], timeout_s=40.0)
+        assert _rank(client).status_code == 200

@@ -168,3 +168,51 @@ def test_a_fused_learner_is_not_scored_separately():
     result = loop.run_cycle(SnapshotPolicy(interval_s=None, every_steps=2))
     assert [kind for kind, _ in learner.calls] == ["learn", "learn"]
     assert result.probs.tolist() == [0.25] * 3 + [0.26] * 3
+
+
+class FlakyLearner(RecordingLearner):
+    """Fails ``learn_batch`` with ``error`` for the first ``failures`` calls."""
+
+    def __init__(self, error: BaseException, failures: int) -> None:
+        super().__init__()
+        self.error, self.failures = error, failures
+
+    def learn_batch(self, samples, histories):
+        if self.failures > 0:
+            self.failures -= 1
+            raise self.error
+        return super().learn_batch(samples, histories)
+
+
+def _flaky_loop(error, failures, **cfg):
+    learner = FlakyLearner(error, failures)
+    src = MemorySampleSource({"t:0": encoded([sample(k) for k in range(4)])})
+    quarantined = []
+    loop = LearnerLoop(learner, src, InMemoryHistoryStore(), LoopConfig(batch_size=4, **cfg),
+                       transient=(ConnectionError,), sleep=lambda s: None,
+                       on_quarantine=lambda records, reason: quarantined.append((len(records), reason)))
+    return learner, src, loop, quarantined
+
+
+def test_an_outage_is_retried_until_it_ends_and_the_batch_is_learned_once():
+    learner, src, loop, quarantined = _flaky_loop(ConnectionError("redis down"), failures=20)
+    loop.process(src.poll(4, 0.01))
+    assert len(learner.learned()) == 4 and not quarantined
+    result = loop.finish_cycle()
+    assert result.counters["batch_retries"] == 20 and result.counters["records"] == 4
+    assert result.offsets == {"t:0": 4}
+
+
+def test_a_poison_batch_is_quarantined_after_max_attempts_and_the_loop_goes_on():
+    learner, src, loop, quarantined = _flaky_loop(ValueError("poison"), failures=3, max_batch_attempts=3)
+    loop.process(src.poll(4, 0.01))
+    assert learner.learned() == [] and quarantined == [(4, "learn_failed: ValueError('poison')")]
+    result = loop.finish_cycle()
+    assert result.counters["quarantined"] == 4 and result.offsets == {"t:0": 4}  # skipped, not retried forever
+
+
+def test_a_stop_during_an_outage_leaves_the_batch_unconsumed():
+    learner, src, loop, quarantined = _flaky_loop(ConnectionError("redis down"), failures=10**9)
+    loop._should_stop = lambda: True
+    loop.process(src.poll(4, 0.01))
+    assert loop.finish_cycle().offsets == {}  # read again after the restart
