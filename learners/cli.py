@@ -118,6 +118,10 @@ def _settings(args: argparse.Namespace):
 
 def _learn(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if not settings.snapshot_key:
+        print("em3 learn: no snapshot key; set EM3_SNAPSHOT_KEY (servers verify every snapshot with it; "
+              "`em3 services up` generates one)", file=sys.stderr)
+        return 2
     config = learn_config_from_args(args)
     stop = threading.Event()
     deadline = None if args.duration_s is None else time.monotonic() + args.duration_s

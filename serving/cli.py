@@ -8,6 +8,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
 import dataclasses
 import json
 import logging
@@ -100,6 +101,10 @@ def _serve(args: argparse.Namespace) -> int:
     from serving.app import serve_forever
 
     runtime = build_runtime(args)
+    if not runtime.settings.snapshot_key:
+        print("em3 serve: no snapshot key; set EM3_SNAPSHOT_KEY (the key learners sign snapshots with; "
+              "`em3 services up` generates one)", file=sys.stderr)
+        return 2
     print(json.dumps({"serving": runtime.config.experiment.name, "url": f"http://{args.host}:{args.port}"}), flush=True)
     serve_forever(runtime, args.host, args.port)
     return 0

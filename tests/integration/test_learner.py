@@ -98,6 +98,8 @@ def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(set
             "--redis-prefix", settings.redis_prefix, "--snapshot-interval-s", "0.3", "--batch-size", "32",
             "--max-batch-wait-s", "0.02", "--lr", "0.01", "--retain-applied"]
 
+    env = {**os.environ, "EM3_SNAPSHOT_KEY": settings.snapshot_key}
+
     def applied() -> int:
         v = store.latest_version(line)
         return 0 if v is None else store.manifest(line, v).stats["totals"]["samples_applied"]
@@ -105,19 +107,19 @@ def test_a_sigkilled_learner_process_loses_nothing_and_applies_nothing_twice(set
     samples = synthetic_samples(3000, seed=7)
     produce(settings, samples[:1500], duplicates_every=9)
     kills = 0
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         wait_until(lambda: applied() > 200, 60, "no snapshot from the first learner")
         os.kill(proc.pid, signal.SIGKILL)  # mid-stream: its unpublished cycle is lost
         proc.wait(10)
         kills += 1
         produce(settings, samples[1500:], duplicates_every=9)
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         wait_until(lambda: applied() > 1700, 60, "the restarted learner made no progress")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         kills += 1
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
         wait_until(lambda: applied() >= 3000, 60, "the stream was not fully learned")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -151,7 +153,8 @@ def test_snapshots_cli_lists_shows_and_rolls_back(settings, redis_client, local_
     flags = ["--redis-url", local_services.redis_url, "--redis-prefix", settings.redis_prefix]
 
     def em3(*args: str) -> str:
-        done = subprocess.run(base + list(args) + flags, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(base + list(args) + flags, capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "EM3_SNAPSHOT_KEY": settings.snapshot_key})
         assert done.returncode == 0, done.stderr
         return done.stdout
 
