@@ -154,6 +154,8 @@ def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
         result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at)
     except NotReady as exc:
         return 503, json.dumps({"error": "not_ready", "detail": str(exc)}).encode()
+    except Unavailable as exc:
+        return 503, json.dumps({"error": "unavailable", "detail": str(exc)}).encode()
     return 200, json.dumps(result.to_dict()).encode()
 
 

@@ -33,8 +33,10 @@ class _ScrapeCollector:
             for name, help_text in (
                 ("enqueued", "Impressions queued for Kafka"),
                 ("produced", "Impressions handed to the Kafka producer"),
-                ("dropped", "Impressions dropped (buffer or producer queue full)"),
-                ("failed", "Impressions the broker failed to take"),
+                ("dropped", "Impressions dropped (still held at a shutdown that could not drain)"),
+                ("failed", "Impressions the broker refused for good"),
+                ("rejected", "Rank requests refused (503) because the impression buffer was full"),
+                ("waits", "Waits of the logger on a full producer queue (broker away or slow)"),
             ):
                 c = CounterMetricFamily(f"em3_serving_impressions_{name}", help_text)
                 c.add_metric([], float(getattr(log, name)))

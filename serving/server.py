@@ -308,6 +308,7 @@ class ServingRuntime:
         from em3.redis_stores import (
             RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisSnapshotStore, connect,
         )
+        from serving.logger import PRODUCER_SETTINGS
         from stream.kafka import make_producer
 
         # Two clients: the request path (history, counters) waits at most
@@ -322,7 +323,7 @@ class ServingRuntime:
             config, loader, RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
             RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix),
             popularity=RedisPopularityStore(fast, prefix),
-            producer=make_producer(settings.kafka, linger_ms=5, delivery_report_only_error=True),
+            producer=make_producer(settings.kafka, delivery_report_only_error=True, **PRODUCER_SETTINGS),
             settings=settings, redis_client=fast,
         )
         runtime.owns_clients = True
@@ -403,7 +404,8 @@ class ServingRuntime:
         """Rank for ``user_id`` with the arm it is bucketed into, and log impressions.
 
         ``served_at`` stamps the impressions (event time; default now). Raises
-        :class:`NotReady` if the arm's snapshot is not loaded yet.
+        :class:`NotReady` if the arm's snapshot is not loaded yet, and
+        :class:`Unavailable` while the impression log is full.
         """
         if not getattr(self._thread_state, "ready", False):
             # Torch reads its thread count per OS thread; a watcher thread that set
@@ -412,6 +414,9 @@ class ServingRuntime:
             self._thread_state.ready = True
         context = dict(context or {})
         k = len(item_ids) if k is None else min(k, len(item_ids))
+        if self.logger is not None and not self.logger.has_room(k):
+            # Back-pressure: never serve impressions that cannot be logged.
+            raise Unavailable("the impression log is full (Kafka away or slow); retry shortly")
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         served_at = time.time() if served_at is None else served_at

@@ -38,14 +38,28 @@ def test_a_full_buffer_drops_and_counts_without_blocking(fake_producer):
     assert log.stats().dropped == 7 and log.stats().queued == 5
 
 
-def test_producer_back_pressure_is_counted_as_drops(fake_producer):
-    fake_producer.full = True
-    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", produce_retry_s=0.05)).start()
+def test_a_full_producer_queue_makes_the_logger_wait_not_drop(fake_producer):
+    fake_producer.full = True  # the broker is away: librdkafka's queue stays full
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", buffer_size=6)).start()
     log.log_many(_imps(4))
     deadline = time.monotonic() + 5
-    while log.stats().dropped < 4 and time.monotonic() < deadline:
+    while log.stats().waits < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert log.stats().dropped == 0 and log.stats().produced == 0  # waiting, nothing lost
+    log.log_many(_imps(2))
+    assert not log.has_room(1) and log.stats().rejected == 1  # the server answers 503 now
+    fake_producer.full = False  # the broker is back
+    assert log.flush(5.0)
     stats = log.close()
+    assert stats.produced == 6 and stats.dropped == 0
+
+
+def test_what_a_shutdown_cannot_deliver_is_counted_as_dropped(fake_producer):
+    fake_producer.full = True
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t")).start()
+    log.log_many(_imps(4))
+    time.sleep(0.1)
+    stats = log.close(timeout_s=0.3)
     assert stats.dropped == 4 and stats.produced == 0
 
 
