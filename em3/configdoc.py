@@ -29,7 +29,7 @@ CONFIG_CLASSES = [
     ("Snapshot publishing (`learners.publisher.PublisherConfig`)", "learners.publisher:PublisherConfig"),
     ("Server (`serving.server.ServerConfig`)", "serving.server:ServerConfig"),
     ("Ranking (`serving.ranking.RankingConfig`)", "serving.ranking:RankingConfig"),
-    ("A/B arm (`serving.ab.ArmConfig`)", "serving.ab:ArmConfig"),
+    ("A/B arm (`em3.experiment.ArmConfig`)", "em3.experiment:ArmConfig"),
     ("Impression logger (`serving.logger.ImpressionLoggerConfig`)", "serving.logger:ImpressionLoggerConfig"),
     ("Log replay (`simulators.replay.ReplayConfig`)", "simulators.replay:ReplayConfig"),
     ("Simulated world (`simulators.world.WorldConfig`)", "simulators.world:WorldConfig"),

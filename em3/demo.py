@@ -60,6 +60,9 @@ class DemoConfig:
         Where the reports, logs and service files go.
     lines : tuple of str
         Model lines, one A/B arm each, equal traffic; the first is the control.
+    training_data : {"split", "pooled"}
+        The experiment's training-data policy (:class:`em3.experiment.ExperimentConfig`):
+        ``split`` (default) trains each line only on its own arm's impressions.
     model_scale : {"default", "tiny"}
         ``default``: real pretrained encoders (MiniLM, EfficientNet-Lite0) with LoRA;
         ``tiny``: small random-init encoders (tests).
@@ -93,6 +96,7 @@ class DemoConfig:
     minutes: float = 3.0
     out_dir: str = "out/demo"
     lines: tuple[str, ...] = ("em3", "id_only")
+    training_data: str = "split"
     model_scale: str = "default"
     request_rate_per_s: float = 12.0
     base_attraction: float = 0.2
@@ -168,12 +172,25 @@ class _Subprocess:
                 self.proc.wait(timeout_s)
 
 
+def _experiment(config: DemoConfig) -> Any:
+    """The demo's A/B experiment: one arm per line, equal traffic, the configured
+    training-data policy (which the learners honour and the report names)."""
+    from em3.experiment import ArmConfig, ExperimentConfig
+
+    share = 1.0 / len(config.lines)
+    fractions = [share] * (len(config.lines) - 1)
+    fractions.append(1.0 - sum(fractions))
+    arms = tuple(ArmConfig(line, f, "line", line) for line, f in zip(config.lines, fractions))
+    return ExperimentConfig("demo", arms, salt=f"demo-{config.seed}", training_data=config.training_data)
+
+
 class _LearnerLine:
     """One model line's learner fleet, run from a driver thread."""
 
-    def __init__(self, settings: Any, line: str, config: DemoConfig) -> None:
+    def __init__(self, settings: Any, line: str, config: DemoConfig, exclude_lines: tuple[str, ...]) -> None:
         from em3.model import ModelConfig
         from learners.actor import ActorResources
+        from learners.loop import LoopConfig
         from learners.publisher import SnapshotPolicy
         from learners.scaleout import LearnerFleet
         from learners.worker import LearnConfig
@@ -181,7 +198,7 @@ class _LearnerLine:
         variant = LINE_VARIANTS[line]
         model = (ModelConfig.tiny(variant) if config.model_scale == "tiny" else ModelConfig.for_variant(variant))
         learn = LearnConfig(line, model.to_dict(), policy=SnapshotPolicy(interval_s=config.snapshot_interval_s),
-                            seed=config.seed)
+                            seed=config.seed, loop=LoopConfig(exclude_lines=exclude_lines))
         use_gpu = config.gpu and _cuda_available()
         self.line = line
         self.model_config = model.to_dict()
@@ -345,7 +362,8 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
 
         ray_temp_dir = _start_ray()
         ray_started = ray_temp_dir is not None
-        lines = [_LearnerLine(settings, line, config) for line in config.lines]
+        experiment = _experiment(config)
+        lines = [_LearnerLine(settings, line, config, experiment.excluded_lines(line)) for line in config.lines]
         for line in lines:
             line.start()
             components.append(line)
@@ -358,11 +376,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
                    config.startup_timeout_s, "the first snapshot of every line", check=check_all, interval_s=0.2)
         stages["first_snapshots_s"] = time.time() - t_start
 
-        experiment = {"name": "demo", "salt": f"demo-{config.seed}",
-                      "arms": [{"name": line, "fraction": 1.0 / len(config.lines), "kind": "line",
-                                "model_line": line} for line in config.lines]}
-        experiment["arms"][-1]["fraction"] = 1.0 - sum(a["fraction"] for a in experiment["arms"][:-1])
-        (out / "experiment.json").write_text(json.dumps(experiment, indent=2))
+        (out / "experiment.json").write_text(json.dumps(experiment.to_dict(), indent=2))
         port = free_port()
         server = _Subprocess("server", ["serve", "--experiment", str(out / "experiment.json"), "--port", str(port)],
                              logs / "server.log", env)
@@ -550,7 +564,8 @@ def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
         f"ranked requests/s >= {t['requests_per_s']}": rate >= t["requests_per_s"],
     }
     return {"learning_shows": all(checks.values()), "checks": checks, "window_auc": aucs,
-            "cold_ctr_ratio": ratio, "requests_per_s": rate}
+            "cold_ctr_ratio": ratio, "requests_per_s": rate,
+            "training_data": config.training_data, "unit_of_randomisation": "user"}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:

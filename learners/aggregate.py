@@ -108,6 +108,7 @@ class Aggregator:
         empty = CycleResult({}, {}, {k: 0 for k in COUNTERS}, np.zeros(0), np.zeros(0))
         manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={},
                                           stats=cycle_stats(self.totals, self.window, empty, learners=self.world,
+                                          training_data=training_data_stats(self.config.loop),
                                                             initial=True))
         self.version = manifest.version
         return self.version
@@ -147,7 +148,8 @@ class Aggregator:
         state = average_deltas(self.state, [r.state for r in results if r.state is not None])
         totals = {k: self.totals.get(k, 0) + merged_counters[k] for k in COUNTERS}
         self.window.update(combined.labels, combined.probs)
-        stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds)
+        stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds,
+                            training_data=training_data_stats(self.config.loop))
         try:
             manifest = self.publisher.publish(state, parent=self.version, offsets=combined.offsets,
                                               applied_ids=combined.applied_ids, stats=stats)

@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="one learner in this process, without Ray")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="em3", help="model variant")
     p.add_argument("--tiny", action="store_true", help="the tiny random-init config (tests, demos on a laptop)")
+    p.add_argument("--experiment", default=None,
+                   help="the A/B experiment file the servers run: its training_data policy decides what this "
+                        "line learns from (split, the default: not from impressions other model arms served; "
+                        "pooled: everything). Without it the line learns from every sample")
     p.add_argument("--lr", type=_positive_float, default=LEARNER_DEFAULTS["lr"],
                    help="dense learning rate (the default is the one benchmarks/quality.py measures)")
     p.add_argument("--content-lr", type=_positive_float, default=None,
@@ -95,6 +99,11 @@ def learn_config_from_args(args: argparse.Namespace):
     from learners.worker import LearnConfig
 
     model = ModelConfig.tiny(args.variant) if args.tiny else ModelConfig.for_variant(args.variant)
+    excluded: tuple[str, ...] = ()
+    if getattr(args, "experiment", None):
+        from em3.experiment import ExperimentConfig
+
+        excluded = ExperimentConfig.from_file(args.experiment).excluded_lines(args.model_line)
     return LearnConfig(
         model_line=args.model_line,
         model_config=model.to_dict(),
@@ -103,7 +112,7 @@ def learn_config_from_args(args: argparse.Namespace):
         device="auto" if (args.gpu or args.in_process) else "cpu",
         seed=args.seed,
         loop=LoopConfig(batch_size=args.batch_size, max_batch_wait_s=args.max_batch_wait_s,
-                        dedup_capacity=args.dedup_capacity),
+                        dedup_capacity=args.dedup_capacity, exclude_lines=excluded),
         policy=SnapshotPolicy(interval_s=args.snapshot_interval_s, every_steps=args.snapshot_every_steps),
         publisher=PublisherConfig(dedup_capacity=args.dedup_capacity, retain_applied=args.retain_applied),
     )

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 # Cumulative counters a loop keeps (and a snapshot's stats carry).
 COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps",
-            "batch_retries", "quarantined")
+            "batch_retries", "quarantined", "other_arm_skipped")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,11 @@ class LoopConfig:
         An outage (Redis or the broker unreachable) is retried until it ends.
     retry_initial_s, retry_max_s : float
         Backoff between tries (exponential, with jitter).
+    exclude_lines : tuple of str
+        Samples whose impression one of these model lines served are skipped
+        (counted as ``other_arm_skipped``): the experiment's ``split`` training-data
+        policy (:meth:`em3.experiment.ExperimentConfig.excluded_lines`). Empty: learn
+        from every sample (``pooled``).
     """
 
     batch_size: int = 256
@@ -97,8 +102,10 @@ class LoopConfig:
     max_batch_attempts: int = 3
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
+    exclude_lines: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude_lines", tuple(self.exclude_lines))
         for name in ("batch_size", "dedup_capacity", "max_batch_attempts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -376,6 +383,11 @@ class LearnerLoop:
             except DecodeError as exc:
                 undecodable += 1
                 log.warning("undecodable sample at %s@%d skipped: %s", rec.partition, rec.offset, exc)
+        excluded = self.config.exclude_lines
+        skipped = 0
+        if excluded:
+            mine = [(p, s) for p, s in decoded if s.impression.model_line not in excluded]
+            skipped, decoded = len(decoded) - len(mine), mine
         keep = self.window.filter_new([s.sample_id for _, s in decoded])
         kept = [decoded[i] for i in keep]
         samples = [s for _, s in kept]
@@ -397,6 +409,7 @@ class LearnerLoop:
         # Only counted once the batch went through (a retried batch counts once).
         counters["records"] += len(records)
         counters["decode_errors"] += undecodable
+        counters["other_arm_skipped"] += skipped
         counters["duplicates_dropped"] += len(decoded) - len(keep)
         if not samples:
             return stats

@@ -28,7 +28,7 @@ from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
 from learners.online import LEARNER_DEFAULTS
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
 
-__all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats"]
+__all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats", "training_data_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class PrequentialWindow:
 
 def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: CycleResult,
                 **extra: Any) -> dict[str, Any]:
-    """The ``stats`` a manifest carries: cumulative counters, prequential window, last cycle."""
+    """The ``stats`` a manifest carries: cumulative counters, prequential window, last
+    cycle (and whatever ``extra`` adds: the training-data policy, the fleet size)."""
     applied = max(1, result.applied)
     return {
         "totals": {k: int(totals.get(k, 0)) for k in COUNTERS},
@@ -148,6 +149,11 @@ def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: Cy
                   "mean_loss": result.loss_sum / applied, "seconds": round(result.seconds, 3)},
         **extra,
     }
+
+
+def training_data_stats(loop: LoopConfig) -> dict[str, Any]:
+    """What a manifest records of the training-data policy the line learned under."""
+    return {"policy": "split" if loop.exclude_lines else "pooled", "excluded_lines": list(loop.exclude_lines)}
 
 
 class LineTrainer:
@@ -235,6 +241,7 @@ class LineTrainer:
 
     def _publish(self, result: CycleResult) -> None:
         stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
+                            training_data=training_data_stats(self.config.loop),
                             dedup_window=len(self.loop.window))
         if self._publish_state(result.offsets, result.applied_ids, stats):
             self.source.commit(result.offsets)  # only after the snapshot holding them is published

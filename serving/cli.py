@@ -74,7 +74,7 @@ def _expected_config(spec: str | None) -> dict | None:
 def build_runtime(args: argparse.Namespace):
     """A :class:`serving.server.ServingRuntime` from parsed ``em3 serve`` flags."""
     from em3.cli import settings_from_args
-    from serving.ab import ExperimentConfig
+    from em3.experiment import ExperimentConfig
     from serving.ranking import RankingConfig
     from serving.scoring import EM3Loader
     from serving.server import ServerConfig, ServingRuntime

@@ -25,7 +25,8 @@ from em3 import codec
 from em3.config import Settings
 from em3.stores import ContentSource, HistorySource
 from em3.types import Click, Impression, ItemContent
-from serving.ab import ArmConfig, BaselineResult, ExperimentConfig, PopularityRanker, RandomRanker
+from em3.experiment import ArmConfig, ExperimentConfig
+from serving.ab import BaselineResult, PopularityRanker, RandomRanker
 from serving.logger import ImpressionLogger, ImpressionLoggerConfig
 from serving.metrics import ServingMetrics
 from serving.ranking import RankingConfig, RankingService

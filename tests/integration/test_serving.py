@@ -70,7 +70,7 @@ def catalog(settings, redis_client):
 @pytest.fixture
 def serve(settings):
     """serve(experiment=None, **server_config) -> a running ServerHandle on a free port."""
-    from serving.ab import ExperimentConfig
+    from em3.experiment import ExperimentConfig
     from serving.app import serve_in_thread
     from serving.scoring import EM3Loader
     from serving.server import ServerConfig, ServingRuntime
@@ -176,7 +176,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_last_good_keeps_serving(serve, pu
 
 
 def test_impressions_reach_kafka_with_arm_version_and_propensity(serve, publisher, catalog, settings):
-    from serving.ab import ArmConfig, ExperimentConfig
+    from em3.experiment import ArmConfig, ExperimentConfig
     from stream.kafka import make_consumer, wait_for_assignment
 
     version = publisher.publish()
@@ -261,7 +261,7 @@ def test_a_snapshot_not_signed_with_the_key_is_never_served(serve, publisher, ca
 
 
 def test_ab_assignment_is_the_same_on_two_servers(serve, publisher, catalog):
-    from serving.ab import ArmConfig, ExperimentConfig
+    from em3.experiment import ArmConfig, ExperimentConfig
 
     publisher.publish()
     exp = ExperimentConfig("exp", (ArmConfig("a", 0.7, "line", LINE), ArmConfig("b", 0.3, "popularity")), salt="s")

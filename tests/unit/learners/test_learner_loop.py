@@ -216,3 +216,24 @@ def test_a_stop_during_an_outage_leaves_the_batch_unconsumed():
     loop._should_stop = lambda: True
     loop.process(src.poll(4, 0.01))
     assert loop.finish_cycle().offsets == {}  # read again after the restart
+
+
+def test_split_training_data_skips_what_other_model_arms_served():
+    from em3.experiment import ArmConfig, ExperimentConfig
+
+    def served_by(k, line):
+        imp = Impression(f"imp-{k}", f"r{k}", "u1", f"i{k}", 0, 1.7e9 + k, model_line=line)
+        return Sample(imp, k % 2, 1.7e9 + k + 1)
+
+    samples = [served_by(k, line) for k, line in enumerate(["em3", "id_only", "random", "em3", "id_only", ""])]
+    experiment = ExperimentConfig("x", (ArmConfig("a", 0.5, "line", "em3"), ArmConfig("b", 0.5, "line", "id_only")))
+    learner, src, loop = make_loop({"t:0": encoded(samples)}, batch_size=10,
+                                   exclude_lines=experiment.excluded_lines("em3"))
+    loop.process(src.poll(10, 0.01))
+    assert learner.learned() == [s.sample_id for s in samples if s.impression.model_line != "id_only"]
+    result = loop.finish_cycle()
+    assert result.counters["other_arm_skipped"] == 2 and result.offsets == {"t:0": 6}
+    pooled = ExperimentConfig("x", experiment.arms, training_data="pooled")
+    learner, src, loop = make_loop({"t:0": encoded(samples)}, batch_size=10, exclude_lines=pooled.excluded_lines("em3"))
+    loop.process(src.poll(10, 0.01))
+    assert len(learner.learned()) == 6

@@ -155,7 +155,7 @@ class MemoryPopularity:
 def make_runtime(memory_store, content, history, fake_producer):
     """make_runtime(experiment=None, **server_config) -> a ServingRuntime on in-memory parts."""
     from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
-    from serving.ab import ExperimentConfig
+    from em3.experiment import ExperimentConfig
     from serving.server import ServerConfig, ServingRuntime
     from serving.toy import ToyLoader
 

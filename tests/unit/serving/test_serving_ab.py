@@ -5,7 +5,8 @@ import random
 
 import pytest
 
-from serving.ab import ArmConfig, ExperimentConfig, PopularityRanker, RandomRanker, bucket
+from em3.experiment import ArmConfig, ExperimentConfig, bucket
+from serving.ab import PopularityRanker, RandomRanker
 
 
 def _users(n: int, seed: int = 7) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from em3 import codec
-from serving.ab import ArmConfig, ExperimentConfig
+from em3.experiment import ArmConfig, ExperimentConfig
 from serving.app import create_app
 from serving.ranking import RankingConfig
 

@@ -52,7 +52,7 @@ def test_model_line_and_experiment_are_exclusive():
 
 @pytest.mark.parametrize("field, value", [("poll_interval_s", -3), ("max_body_bytes", 0), ("request_threads", -1)])
 def test_server_config_messages(field, value):
-    from serving.ab import ExperimentConfig
+    from em3.experiment import ExperimentConfig
 
     with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
         ServerConfig(ExperimentConfig.single_line("main"), **{field: value})

@@ -1,0 +1,217 @@
+"""A/B experiments: arms, salted-hash bucketing and the training-data policy.
+
+Shared by the servers (which route users to arms), the learners (which honour the
+experiment's training-data policy), the simulators and the demo; the non-learned
+baseline rankers live in :mod:`serving.ab`.
+
+A user's bucket is ``u = blake2b(salt | user_id) / 2**64``, a number in ``[0, 1)``
+that depends only on the salt and the user id: the same user lands in the same
+arm on every server and every request, and users spread uniformly over
+``[0, 1)``. Arms own consecutive slices of that interval in config order, as
+wide as their traffic fractions. Changing the salt reshuffles everyone (a new
+experiment); changing fractions moves only the users at the slice borders.
+
+Arm kinds:
+
+``line``        the latest snapshot of a model line (hot-reloaded)
+``snapshot``    one fixed version of a line
+``popularity``  candidates by a Redis counter of clicks or impressions
+``random``      a uniformly random order (propensity ``1 / n`` per shown slot)
+
+>>> exp = ExperimentConfig.single_line("main")
+>>> exp.arm_for("user-1").name
+'main'
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["ARM_KINDS", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
+
+ARM_KINDS = ("line", "snapshot", "popularity", "random")
+_TWO_64 = float(1 << 64)
+
+
+def bucket(user_id: str, salt: str) -> float:
+    """The user's position in ``[0, 1)``: a salted 64-bit hash, scaled.
+
+    >>> bucket("u1", "s") == bucket("u1", "s")
+    True
+    >>> 0.0 <= bucket("u1", "s") < 1.0
+    True
+    """
+    digest = hashlib.blake2b(f"{salt}\x1f{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _TWO_64
+
+
+@dataclass(frozen=True)
+class ArmConfig:
+    """One arm of an experiment.
+
+    Parameters
+    ----------
+    name : str
+        Logged with every impression (``Impression.arm``).
+    fraction : float
+        Share of users, in ``(0, 1]``.
+    kind : {"line", "snapshot", "popularity", "random"}
+    model_line : str
+        The line served (``line``, ``snapshot``); for baselines a label logged
+        as ``Impression.model_line`` (default: the kind).
+    version : int, optional
+        The fixed snapshot version (``snapshot`` only).
+    popularity : {"clicks", "impressions"}
+        Which counter the popularity arm ranks by.
+    """
+
+    name: str
+    fraction: float
+    kind: str = "line"
+    model_line: str = ""
+    version: int | None = None
+    popularity: str = "clicks"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, but {self.name!r} is given")
+        if not isinstance(self.fraction, (int, float)) or not 0.0 < float(self.fraction) <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], but {self.fraction!r} is given")
+        if self.kind not in ARM_KINDS:
+            raise ValueError(f"kind must be one of {ARM_KINDS}, but {self.kind!r} is given")
+        if self.kind in ("line", "snapshot") and not self.model_line:
+            raise ValueError(f"model_line must be given for a {self.kind!r} arm, but {self.model_line!r} is given")
+        if self.kind == "snapshot" and (not isinstance(self.version, int) or self.version <= 0):
+            raise ValueError(f"version must be > 0 for a 'snapshot' arm, but {self.version!r} is given")
+        if self.kind != "snapshot" and self.version is not None:
+            raise ValueError(f"version is only for 'snapshot' arms, but {self.version!r} is given for a {self.kind!r} arm")
+        if self.popularity not in ("clicks", "impressions"):
+            raise ValueError(f"popularity must be 'clicks' or 'impressions', but {self.popularity!r} is given")
+
+    @property
+    def is_model(self) -> bool:
+        return self.kind in ("line", "snapshot")
+
+    @property
+    def source_key(self) -> str:
+        """The reloader key of a model arm: ``line`` or ``line@version``."""
+        return self.model_line if self.kind == "line" else f"{self.model_line}@{self.version}"
+
+    @property
+    def logged_line(self) -> str:
+        return self.model_line or self.kind
+
+
+#: What each arm's learner trains on (see :meth:`ExperimentConfig.excluded_lines`).
+TRAINING_DATA = ("split", "pooled")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Arms and the salt that buckets users; fractions must add up to 1.
+
+    ``training_data`` is the experiment's training-data policy:
+
+    * ``"split"`` (default): each model line learns only from impressions that no
+      *other* model arm of this experiment served (its own arm's, the baseline
+      arms', replayed logs). Arms then do not train on each other's exposures,
+      which would bias the measured effect (training-loop interference, Si 2023),
+      at the cost of each learner seeing only its share of the traffic.
+    * ``"pooled"``: every line learns from every sample.
+    """
+
+    name: str
+    arms: tuple[ArmConfig, ...]
+    salt: str = ""
+    training_data: str = "split"
+    _edges: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arms", tuple(self.arms))
+        if not self.name:
+            raise ValueError(f"name must be a non-empty string, but {self.name!r} is given")
+        if not self.arms:
+            raise ValueError("arms must hold at least one arm, but none is given")
+        if self.training_data not in TRAINING_DATA:
+            raise ValueError(f"training_data must be one of {TRAINING_DATA}, but {self.training_data!r} is given")
+        names = [a.name for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, but {names} are given")
+        total = math.fsum(a.fraction for a in self.arms)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"arm fractions must add up to 1, but they add up to {total:.6g}")
+        edges, acc = [], 0.0
+        for arm in self.arms:
+            acc += arm.fraction
+            edges.append(acc)
+        edges[-1] = 1.0  # rounding must never leave a user without an arm
+        object.__setattr__(self, "_edges", tuple(edges))
+
+    @property
+    def effective_salt(self) -> str:
+        """The salt, defaulting to the experiment name."""
+        return self.salt or self.name
+
+    def arm_for(self, user_id: str) -> ArmConfig:
+        """The arm that serves ``user_id`` (stable for a given salt)."""
+        u = bucket(user_id, self.effective_salt)
+        for arm, edge in zip(self.arms, self._edges):
+            if u < edge:
+                return arm
+        return self.arms[-1]
+
+    def excluded_lines(self, model_line: str) -> tuple[str, ...]:
+        """The model lines whose impressions ``model_line``'s learner must not learn
+        from under this experiment's policy (none when pooled).
+
+        >>> e = ExperimentConfig("x", (ArmConfig("a", 0.5, "line", "em3"), ArmConfig("b", 0.5, "line", "id_only")))
+        >>> e.excluded_lines("em3"), ExperimentConfig("x", e.arms, training_data="pooled").excluded_lines("em3")
+        (('id_only',), ())
+        """
+        if self.training_data == "pooled":
+            return ()
+        return tuple(sorted({a.model_line for a in self.arms if a.is_model and a.model_line != model_line}))
+
+    @classmethod
+    def single_line(cls, model_line: str) -> "ExperimentConfig":
+        """All traffic on the latest snapshot of one line (``em3 serve --model-line``)."""
+        return cls(name=model_line, arms=(ArmConfig(model_line, 1.0, "line", model_line),))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
+        """From ``{"name", "salt"?, "training_data"?, "arms": [{"name", "fraction", "kind"?,
+        "model_line"?, "version"?, "popularity"?}, ...]}``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"an experiment must be a JSON object, but {type(data).__name__} is given")
+        arms_raw = data.get("arms")
+        if not isinstance(arms_raw, list):
+            raise ValueError(f"arms must be a list, but {arms_raw!r} is given")
+        known = {"name", "fraction", "kind", "model_line", "version", "popularity"}
+        arms = []
+        for n, arm in enumerate(arms_raw):
+            if not isinstance(arm, Mapping):
+                raise ValueError(f"arms[{n}] must be an object, but {arm!r} is given")
+            unknown = sorted(set(arm) - known)
+            if unknown:
+                raise ValueError(f"arms[{n}] has unknown keys {unknown}; expected a subset of {sorted(known)}")
+            arms.append(ArmConfig(**arm))
+        return cls(name=str(data.get("name", "")), arms=tuple(arms), salt=str(data.get("salt", "")),
+                   training_data=str(data.get("training_data", "split")))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ExperimentConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "salt": self.salt,
+            "training_data": self.training_data,
+            "arms": [
+                {k: v for k, v in a.__dict__.items() if v is not None} for a in self.arms
+            ],
+        }
