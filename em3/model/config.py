@@ -115,8 +115,8 @@ class ModelConfig:
     popularity_weight_init : float
         Starting weight of the item popularity statistic, ``log(1 + n) - log(1 + m)``
         with ``n`` the item's counted impressions and ``m`` the mean over the item
-        rows seen so far; ``0`` leaves the term (and its weight) out. Needs
-        ``stat_features``.
+        rows seen so far; ``0`` leaves the term (and its weight) out, and so does
+        ``stat_features=False``.
     content_match_impressions : float
         Gate of the click head's cold-start content match (which scores an item by
         how much its content resembles what the user engaged with; see
@@ -170,8 +170,8 @@ class ModelConfig:
     stat_features: bool = True
     item_pseudo_count: float = 2.0
     user_pseudo_count: float = 20.0
-    user_stat_weight_init: float = 1.0
-    popularity_weight_init: float = 0.0
+    user_stat_weight_init: float = 0.25
+    popularity_weight_init: float = 0.4
     content_match_impressions: float = 10.0
     content_match_init: float = 2.0
     correction_mode: str = "cancel"
@@ -208,9 +208,6 @@ class ModelConfig:
         for name in ("user_stat_weight_init", "popularity_weight_init"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, but {getattr(self, name)} is given")
-        if self.popularity_weight_init and not self.stat_features:
-            raise ValueError(f"popularity_weight_init needs stat_features, but popularity_weight_init is "
-                             f"{self.popularity_weight_init} and stat_features is False")
         if self.cic_temperature <= 0:
             raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
         if self.lora_alpha <= 0:
@@ -269,6 +266,11 @@ class ModelConfig:
     def content_match(self) -> bool:
         """Whether the click head has the cold-gated content-match term."""
         return self.use_content and self.content_match_impressions > 0
+
+    @property
+    def popularity_term(self) -> bool:
+        """Whether the wide part has the item popularity statistic."""
+        return self.stat_features and self.popularity_weight_init != 0
 
     @property
     def rep_dim(self) -> int:

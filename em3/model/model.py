@@ -133,7 +133,7 @@ class EM3Model(nn.Module):
             self.register_buffer("global_counts", torch.zeros(2))
             # Weights of the smoothed item and user click-rate logits in the logit.
             self.stat_weights = nn.Parameter(torch.tensor([1.0, config.user_stat_weight_init]))
-        if config.popularity_weight_init:
+        if config.popularity_term:
             # Weight of the item's popularity (its log impression count) in the logit.
             self.popularity_weight = nn.Parameter(torch.tensor(float(config.popularity_weight_init)))
         self.cache = PrefixCache(cache_items)
@@ -255,7 +255,7 @@ class EM3Model(nn.Module):
             parts.append(self.item_bias.table(buckets).squeeze(-1))
         if self.config.stat_features:
             parts.append(self.stat_weights[0] * self.item_stat(buckets))
-        if self.config.popularity_weight_init:
+        if self.config.popularity_term:
             parts.append(self.popularity_weight * self.item_popularity(buckets))
         return sum(parts) if parts else None
 

@@ -71,10 +71,10 @@ def test_within_group_bpr_pairs_only_within_a_group_and_ignores_group_offsets():
     loss = within_group_bpr(z, y, g)
     # Pairs: (0, 1) in group 0; (3, 2) in group 1; group 2 has no click.
     expected = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(2.8))) / 2
-    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
     shifted = z.detach() + torch.tensor([5.0, 5.0, -3.0, -3.0, 7.0])
     assert float(within_group_bpr(shifted, y, g)) == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert z.grad[0] < 0 < z.grad[1] and z.grad[3] < 0 < z.grad[2] and z.grad[4] == 0
     none = within_group_bpr(z, y, torch.arange(5))  # every row its own group: no pair
-    assert float(none) == 0.0 and none.requires_grad
+    assert float(none.detach()) == 0.0 and none.requires_grad
