@@ -52,7 +52,7 @@ HISTORY_CONTENT = ("cached", "live")
 # Parameters trained as tables of rows (row-wise Adagrad by default).
 _TABLE_PREFIXES = ("user_emb.", "item_emb.", "context_emb.")
 _BIAS_PREFIXES = ("global_bias", "user_bias.", "item_bias.")
-# stat_weights stays with the dense (Adam) parameters.
+# stat_weights and popularity_weight stay with the dense (Adam) parameters.
 _CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
 
 

@@ -91,7 +91,9 @@ class ModelConfig:
         Weight of a within-user pairwise (BPR) loss added to the pointwise one: each
         clicked impression of a batch against each unclicked one of the same user
         (:func:`em3.model.losses.within_group_bpr`). It trains the ranking within a
-        user, which GAUC measures, and ignores per-user offsets. 0 disables it.
+        user, which GAUC measures, and ignores per-user offsets. 0 disables it
+        (the default: weights 0.1-5 moved GAUC by at most 0.0004 on the tuning
+        window).
     bias_terms : bool
         Add the wide part to the logit: a global bias and hashed user and item
         biases (one number per row), trained by row-wise Adagrad at the learner's
@@ -111,12 +113,15 @@ class ModelConfig:
         Starting weight of the user statistic in the logit (the item statistic's
         starts at 1). The weights train at the dense rate, which moves them by about
         ``lr`` per step: over a stream of a few hundred steps the starting value is
-        close to the value used.
+        close to the value used. A user offset that moves within a user's stream
+        raises AUC and lowers GAUC; 0.25 (was 1) gave em3 -0.002 AUC and +0.004 GAUC
+        on the tuning window.
     popularity_weight_init : float
         Starting weight of the item popularity statistic, ``log(1 + n) - log(1 + m)``
         with ``n`` the item's counted impressions and ``m`` the mean over the item
         rows seen so far; ``0`` leaves the term (and its weight) out, and so does
-        ``stat_features=False``.
+        ``stat_features=False``. 0.4 gave em3 +0.012 AUC, +0.012 GAUC and +0.017
+        cold AUC on the tuning window.
     content_match_impressions : float
         Gate of the click head's cold-start content match (which scores an item by
         how much its content resembles what the user engaged with; see
