@@ -21,7 +21,7 @@ import torch
 
 from em3.model import EM3Model, ModelConfig
 from em3.model.model import ItemEncoding
-from em3.model.losses import weighted_bce
+from em3.model.losses import weighted_bce, within_group_bpr
 from em3.stores import ContentSource
 from em3.types import Impression, Sample
 from learners.optim import RowWiseAdagrad
@@ -52,7 +52,7 @@ HISTORY_CONTENT = ("cached", "live")
 # Parameters trained as tables of rows (row-wise Adagrad by default).
 _TABLE_PREFIXES = ("user_emb.", "item_emb.", "context_emb.")
 _BIAS_PREFIXES = ("global_bias", "user_bias.", "item_bias.")
-# stat_weights stays with the dense (Adam) parameters.
+# stat_weights and popularity_weight stay with the dense (Adam) parameters.
 _CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
 
 
@@ -253,13 +253,14 @@ class OnlineLearner:
         Returns
         -------
         dict
-            ``loss``, ``rank_loss``, ``cic_loss``, ``n``, ``positives``,
+            ``loss``, ``rank_loss``, ``cic_loss``, ``pair_loss`` (the within-user
+            pairwise loss, 0 when off), ``n``, ``positives``,
             ``corrections``, ``unique_items``, ``seconds`` (floats and ints), and
             ``probs`` (``np.ndarray`` ``(B,)``) when asked.
         """
         t0 = time.perf_counter()
         if not samples:
-            return {"loss": 0.0, "rank_loss": 0.0, "cic_loss": 0.0, "n": 0, "positives": 0,
+            return {"loss": 0.0, "rank_loss": 0.0, "cic_loss": 0.0, "pair_loss": 0.0, "n": 0, "positives": 0,
                     "corrections": 0, "unique_items": 0, "seconds": 0.0}
         self.model.train()
         labels = torch.tensor([s.label for s in samples], dtype=torch.float32, device=self.device)
@@ -272,6 +273,11 @@ class OnlineLearner:
             rank = weighted_bce(logits, labels, w, corr, self.config.correction_mode)
             cic = self.model.cic_loss(enc, self.generator)
             loss = rank + self.config.cic_weight * cic
+            pair = logits.sum() * 0.0
+            if self.config.pairwise_weight:
+                users = self.model.user_emb.buckets_of([s.impression.user_id for s in samples])
+                pair = within_group_bpr(logits, labels, users)
+                loss = loss + self.config.pairwise_weight * pair
         probs = torch.sigmoid(logits.detach()).cpu().numpy() if return_probs else None
         self.optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
@@ -292,6 +298,7 @@ class OnlineLearner:
             self.model.head.observe_content(enc.content)
         self.steps += 1
         stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
+                 "pair_loss": float(pair.detach()),
                  "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
                  "unique_items": int(enc.reps.shape[0]), "seconds": time.perf_counter() - t0}
         if probs is not None:

@@ -87,6 +87,13 @@ class ModelConfig:
         Weight and temperature of the Content-ID InfoNCE loss (0 disables it).
     cic_neg_num : int
         Sampled ID-table negatives per item in addition to in-batch ones.
+    pairwise_weight : float
+        Weight of a within-user pairwise (BPR) loss added to the pointwise one: each
+        clicked impression of a batch against each unclicked one of the same user
+        (:func:`em3.model.losses.within_group_bpr`). It trains the ranking within a
+        user, which GAUC measures, and ignores per-user offsets. 0 disables it
+        (the default: weights 0.1-5 moved GAUC by at most 0.0004 on the tuning
+        window).
     bias_terms : bool
         Add the wide part to the logit: a global bias and hashed user and item
         biases (one number per row), trained by row-wise Adagrad at the learner's
@@ -102,6 +109,19 @@ class ModelConfig:
         the biases and the deep part learn what it misses.
     item_pseudo_count, user_pseudo_count : float
         The ``a`` of the item and user statistic (prior strength in impressions).
+    user_stat_weight_init : float
+        Starting weight of the user statistic in the logit (the item statistic's
+        starts at 1). The weights train at the dense rate, which moves them by about
+        ``lr`` per step: over a stream of a few hundred steps the starting value is
+        close to the value used. A user offset that moves within a user's stream
+        raises AUC and lowers GAUC; 0.25 (was 1) gave em3 -0.002 AUC and +0.004 GAUC
+        on the tuning window.
+    popularity_weight_init : float
+        Starting weight of the item popularity statistic, ``log(1 + n) - log(1 + m)``
+        with ``n`` the item's counted impressions and ``m`` the mean over the item
+        rows seen so far; ``0`` leaves the term (and its weight) out, and so does
+        ``stat_features=False``. 0.4 gave em3 +0.012 AUC, +0.012 GAUC and +0.017
+        cold AUC on the tuning window.
     content_match_impressions : float
         Gate of the click head's cold-start content match (which scores an item by
         how much its content resembles what the user engaged with; see
@@ -150,10 +170,13 @@ class ModelConfig:
     cic_weight: float = 0.0
     cic_temperature: float = 0.2
     cic_neg_num: int = 16
+    pairwise_weight: float = 0.0
     bias_terms: bool = False
     stat_features: bool = True
     item_pseudo_count: float = 2.0
     user_pseudo_count: float = 20.0
+    user_stat_weight_init: float = 0.25
+    popularity_weight_init: float = 0.4
     content_match_impressions: float = 10.0
     content_match_init: float = 2.0
     correction_mode: str = "cancel"
@@ -178,6 +201,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 0, but {value!r} is given")
         if self.cic_weight < 0:
             raise ValueError(f"cic_weight must be >= 0, but {self.cic_weight} is given")
+        if not self.pairwise_weight >= 0:
+            raise ValueError(f"pairwise_weight must be >= 0, but {self.pairwise_weight} is given")
         if not math.isfinite(self.content_match_init):
             raise ValueError(f"content_match_init must be finite, but {self.content_match_init} is given")
         if self.content_match_impressions < 0:
@@ -185,6 +210,9 @@ class ModelConfig:
         if not (self.item_pseudo_count > 0 and self.user_pseudo_count > 0):
             raise ValueError(f"item_pseudo_count and user_pseudo_count must be > 0, but "
                              f"{self.item_pseudo_count} and {self.user_pseudo_count} are given")
+        for name in ("user_stat_weight_init", "popularity_weight_init"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, but {getattr(self, name)} is given")
         if self.cic_temperature <= 0:
             raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
         if self.lora_alpha <= 0:
@@ -243,6 +271,11 @@ class ModelConfig:
     def content_match(self) -> bool:
         """Whether the click head has the cold-gated content-match term."""
         return self.use_content and self.content_match_impressions > 0
+
+    @property
+    def popularity_term(self) -> bool:
+        """Whether the wide part has the item popularity statistic."""
+        return self.stat_features and self.popularity_weight_init != 0
 
     @property
     def rep_dim(self) -> int:

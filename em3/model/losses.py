@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_bce", "content_id_infonce"]
+__all__ = ["weighted_bce", "content_id_infonce", "within_group_bpr"]
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
@@ -45,6 +45,37 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     if weights is not None:
         loss = loss * weights.to(logits.dtype)
     return loss.mean() if loss.numel() else logits.sum() * 0.0
+
+
+def within_group_bpr(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Pairwise (BPR) loss between the clicked and unclicked rows of each group.
+
+    ``loss = mean over pairs (i, j) of softplus(z_j - z_i)``, over every pair in the
+    batch with ``groups[i] == groups[j]``, ``labels[i] = 1`` and ``labels[j] = 0``: it
+    asks for the ranking within a group (a user) and is blind to any per-group
+    offset, which the pointwise loss learns.
+
+    Parameters
+    ----------
+    logits, labels : Tensor ``(B,)``
+    groups : Tensor ``(B,)`` of ints (e.g. user rows)
+
+    Returns
+    -------
+    Tensor
+        Scalar; 0 (with a gradient path) when the batch has no such pair.
+
+    >>> z = torch.tensor([2.0, 0.0, 5.0]); y = torch.tensor([1.0, 0.0, 0.0])
+    >>> round(float(within_group_bpr(z, y, torch.tensor([0, 0, 1]))), 4)  # one pair: softplus(0 - 2)
+    0.1269
+    """
+    same = groups.unsqueeze(0) == groups.unsqueeze(1)  # (B, B)
+    pos, neg = labels > 0.5, labels < 0.5
+    pairs = same & pos.unsqueeze(1) & neg.unsqueeze(0)  # (B, B): row i clicked, column j not
+    if not bool(pairs.any()):
+        return logits.sum() * 0.0
+    diff = logits.unsqueeze(0) - logits.unsqueeze(1)  # (B, B): z_j - z_i
+    return F.softplus(diff[pairs]).mean()
 
 
 def content_id_infonce(content: torch.Tensor, ids: torch.Tensor, temperature: float,

@@ -7,7 +7,7 @@ a learner may pass cached content embeddings for history items). Extra columns f
 (``ModelConfig.content_match``, the default for content variants) the item's
 cold-start gate ``tau / (tau + n)``, ``n`` = impressions its ID row has been trained
 on; with click statistics or bias terms on, the item's share of the wide logit (its
-weighted smoothed click-rate logit, its bias). The counters behind them
+weighted smoothed click-rate logit and popularity, its bias). The counters behind them
 (:data:`COUNTER_STATE`, advanced by :meth:`EM3Model.observe_impressions`) travel in
 snapshots, so a serving cache of representations holds everything a request needs;
 the user's statistic is read from the same counters at scoring time.
@@ -132,7 +132,10 @@ class EM3Model(nn.Module):
             self.register_buffer("user_clicks", torch.zeros(config.user_buckets))
             self.register_buffer("global_counts", torch.zeros(2))
             # Weights of the smoothed item and user click-rate logits in the logit.
-            self.stat_weights = nn.Parameter(torch.ones(2))
+            self.stat_weights = nn.Parameter(torch.tensor([1.0, config.user_stat_weight_init]))
+        if config.popularity_term:
+            # Weight of the item's popularity (its log impression count) in the logit.
+            self.popularity_weight = nn.Parameter(torch.tensor(float(config.popularity_weight_init)))
         self.cache = PrefixCache(cache_items)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -212,6 +215,23 @@ class EM3Model(nn.Module):
         return self._ctr_logits(self.item_clicks[buckets], self.item_impressions[buckets],
                                 self.config.item_pseudo_count)
 
+    def item_popularity(self, buckets: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` popularity of items by table row: ``log(1 + n) - log(1 + m)``, ``n``
+        the item's counted impressions and ``m`` the mean over item rows seen so far
+        (0 for an item at the mean; negative for a new one once anything is counted).
+
+        On MovieLens, items with more impressions are clicked more often than their
+        smoothed click rate says (the rate of a rarely shown item is shrunk, and
+        people rate what many watch). On the tuning window (first 20,000 events),
+        adding 0.4 times this to the item statistic raised a counting-only score from
+        0.6734 / 0.6725 to 0.6850 / 0.6843 AUC / GAUC, and in the model id_only by
+        +0.011 AUC, +0.011 GAUC and +0.034 cold AUC (``docs/results.md``).
+        """
+        counts = self.item_impressions
+        seen = (counts > 0).sum().clamp(min=1)
+        mean = counts.sum() / seen
+        return torch.log1p(counts[buckets]) - torch.log1p(mean)
+
     def user_stat(self, user_ids: Sequence[str]) -> torch.Tensor:
         """``(B,)`` smoothed click-rate logit of users."""
         rows = self.user_emb.buckets_of(user_ids)
@@ -229,13 +249,15 @@ class EM3Model(nn.Module):
         return reps[..., : self.config.item_dim], gate, wide
 
     def _item_wide(self, buckets: torch.Tensor) -> torch.Tensor | None:
-        """``(N,)`` the item's share of the wide logit: its bias and its weighted
-        click-rate statistic (None when the config has neither)."""
+        """``(N,)`` the item's share of the wide logit: its bias, its weighted
+        click-rate statistic and popularity (None when the config has none of them)."""
         parts = []
         if self.config.bias_terms:
             parts.append(self.item_bias.table(buckets).squeeze(-1))
         if self.config.stat_features:
             parts.append(self.stat_weights[0] * self.item_stat(buckets))
+        if self.config.popularity_term:
+            parts.append(self.popularity_weight * self.item_popularity(buckets))
         return sum(parts) if parts else None
 
     def _wide(self, user_ids: Sequence[str], item_wide: torch.Tensor | None) -> torch.Tensor | float:

@@ -62,6 +62,22 @@ def test_loss_drops_on_a_learnable_stream(cfg):
     assert auc([s.label for s in test], learner.score(test, _with_histories(test, dict(liked)))) > 0.75
 
 
+def test_pairwise_loss_is_reported_and_changes_the_update_only_when_on(cfg):
+    """With ``pairwise_weight`` the step adds the within-user BPR loss (reported as
+    ``pair_loss``) and moves the weights differently; at 0 it is reported as 0."""
+    store, stream = _world()
+    batch = stream(64, 0)
+    hist = [[] for _ in batch]
+    states = {}
+    for weight in (0.0, 1.0):
+        learner = OnlineLearner(cfg.replace(pairwise_weight=weight), store, device="cpu", seed=0)
+        stats = learner.learn_batch(batch, hist)
+        assert (stats["pair_loss"] > 0) == (weight > 0)
+        assert stats["loss"] == pytest.approx(stats["rank_loss"] + weight * stats["pair_loss"], rel=1e-5)
+        states[weight] = learner.state_dict()["head.mlp.0.weight"]
+    assert not torch.equal(states[0.0], states[1.0])
+
+
 @pytest.mark.slow
 def test_content_generalises_to_unseen_items(cfg):
     """Trained on items 0-29 only, the content model (real MiniLM text) ranks brand-new

@@ -1,9 +1,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from em3.model.losses import content_id_infonce, weighted_bce
+from em3.model.losses import content_id_infonce, weighted_bce, within_group_bpr
 
 
 def _reference_infonce(c, e, tau, neg=None, same=None):
@@ -59,3 +60,21 @@ def test_weighted_bce_and_corrections():
     loss.backward()
     # The correction sample's gradient w.r.t. its logit is exactly -1 (per-sample, before the mean).
     assert abs(float(z.grad[2]) * 3 + 1.0) < 1e-6
+
+
+def test_within_group_bpr_pairs_only_within_a_group_and_ignores_group_offsets():
+    """Pairs are (clicked, unclicked) of the same group; a per-group offset leaves the
+    loss unchanged; the gradient raises the clicked row and lowers the unclicked one."""
+    z = torch.tensor([1.0, -0.5, 3.0, 0.2, 0.0], requires_grad=True)
+    y = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    g = torch.tensor([0, 0, 1, 1, 2])
+    loss = within_group_bpr(z, y, g)
+    # Pairs: (0, 1) in group 0; (3, 2) in group 1; group 2 has no click.
+    expected = (math.log1p(math.exp(-1.5)) + math.log1p(math.exp(2.8))) / 2
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-6)
+    shifted = z.detach() + torch.tensor([5.0, 5.0, -3.0, -3.0, 7.0])
+    assert float(within_group_bpr(shifted, y, g)) == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert z.grad[0] < 0 < z.grad[1] and z.grad[3] < 0 < z.grad[2] and z.grad[4] == 0
+    none = within_group_bpr(z, y, torch.arange(5))  # every row its own group: no pair
+    assert float(none.detach()) == 0.0 and none.requires_grad

@@ -1,3 +1,6 @@
+import dataclasses
+import math
+
 import msgspec
 
 import pytest
@@ -207,8 +210,9 @@ def test_trainable_state_roundtrip(items, tiny_config):
 
 def test_click_statistics_count_learned_samples_and_move_the_logit(items, tiny_config):
     """Items and users with more clicks per impression score higher; a late click adds
-    a click, not an impression; the counters travel in the trainable state."""
-    model = EM3Model(tiny_config.replace(content_match_impressions=0.0)).eval()
+    a click, not an impression; the counters travel in the trainable state. (The
+    popularity term is off here: it has its own test below.)"""
+    model = EM3Model(tiny_config.replace(content_match_impressions=0.0, popularity_weight_init=0.0)).eval()
     ids = [i.item_id for i in items]
     with torch.no_grad():
         before = model.item_representations(ids, items)
@@ -224,3 +228,26 @@ def test_click_statistics_count_learned_samples_and_move_the_logit(items, tiny_c
     assert state["user_impressions"].sum() == 20 and state["item_clicks"].sum() == 10
     off = EM3Model(tiny_config.replace(stat_features=False, content_match_impressions=0.0))
     assert "item_clicks" not in off.trainable_state_dict() and off.config.rep_dim == tiny_config.item_dim
+
+
+def test_item_popularity_ranks_often_shown_items_above_rarely_shown_ones(items, tiny_config):
+    """With the popularity term on, an item shown more often than the mean gets a
+    higher wide logit than one shown less (click rates equal), a new item sits below
+    both, and the term's weight travels in the trainable state; 0 leaves it out."""
+    cfg = tiny_config.replace(content_match_impressions=0.0, popularity_weight_init=0.4, user_stat_weight_init=0.5)
+    model = EM3Model(cfg).eval()
+    ids = [i.item_id for i in items]
+    with torch.no_grad():
+        # i0: 30 impressions, i1: 3; both click at the rate 1/3, the global rate.
+        model.observe_impressions(["i0"] * 30 + ["i1"] * 3, ["u"] * 33, [1, 0, 0] * 11)
+        reps = model.item_representations(ids, items)
+        wide = cfg.item_dim
+        assert reps[0, wide] > 0 > reps[1, wide] > reps[2, wide]
+        mean = 33 / 2
+        expected = 0.4 * (math.log1p(30) - math.log1p(mean))
+        assert reps[0, wide].item() == pytest.approx(expected + float(model.item_stat(model.item_emb.buckets_of(["i0"]))), abs=1e-5)
+    state = model.trainable_state_dict()
+    assert state["popularity_weight"].item() == pytest.approx(0.4)
+    assert state["stat_weights"].tolist() == pytest.approx([1.0, 0.5])
+    for off in (tiny_config.replace(popularity_weight_init=0.0), tiny_config.replace(stat_features=False)):
+        assert "popularity_weight" not in EM3Model(off).trainable_state_dict()
