@@ -41,7 +41,7 @@ import numpy as np
 
 from em3.types import Click, Impression
 from simulators.rankers import Ranker
-from simulators.sequential import DEFAULT_TAU2, SequentialTest
+from simulators.sequential import DEFAULT_TAU2, RatioStats, SequentialTest, fixed_horizon
 from simulators.world import World
 
 __all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm", "auc"]
@@ -67,15 +67,22 @@ class ABConfig:
         Traffic share per arm (default: equal). Must sum to 1.
     control : str, optional
         The control arm (default: the first arm).
-    assignment : {"request", "user"}
-        Randomisation unit. ``"user"`` keeps a user in one arm (more realistic;
-        requests of one user are then correlated, which the test ignores).
+    assignment : {"user", "request"}
+        Randomisation unit. ``"user"`` (default, as servers bucket) keeps a user
+        in one arm.
+    unit : {"user", "request"}
+        Unit of analysis. ``"user"`` (default): the metric is CTR = clicks /
+        impressions summed per user, its variance by the delta method over users
+        (one user's requests are correlated, so a request-level test is too
+        confident); ``min_samples`` then counts users. ``"request"``: each
+        request's CTR is one i.i.d. observation (only right with request-level
+        assignment; kept to show the difference).
     alpha : float
         Family-wise significance level.
     tau2 : float
         mSPRT mixing variance (see :mod:`simulators.sequential`).
     min_samples : int
-        Per-arm requests before the test may reject.
+        Per-arm units (users, or requests) before the test may reject.
     check_every : int
         Requests between looks.
     attribution_window_s : float
@@ -98,7 +105,8 @@ class ABConfig:
     start_time: float | None = None
     split: Mapping[str, float] | None = None
     control: str | None = None
-    assignment: str = "request"
+    assignment: str = "user"
+    unit: str = "user"
     alpha: float = 0.05
     tau2: float = DEFAULT_TAU2
     min_samples: int = 200
@@ -120,6 +128,8 @@ class ABConfig:
             raise ValueError(f"alpha must be in (0, 1), but {self.alpha} is given")
         if self.assignment not in ("request", "user"):
             raise ValueError(f"assignment must be 'request' or 'user', but {self.assignment!r} is given")
+        if self.unit not in ("request", "user"):
+            raise ValueError(f"unit must be 'request' or 'user', but {self.unit!r} is given")
 
 
 @dataclass
@@ -131,26 +141,37 @@ class ArmStats:
     clicks: int = 0
     sum_ctr: float = 0.0
     sumsq_ctr: float = 0.0
+    users: RatioStats = field(default_factory=RatioStats)
 
-    def add(self, shown: int, clicks: int) -> None:
+    def add(self, shown: int, clicks: int, user_id: str = "") -> None:
         ctr = clicks / shown if shown else 0.0
         self.requests += 1
         self.impressions += shown
         self.clicks += clicks
         self.sum_ctr += ctr
         self.sumsq_ctr += ctr * ctr
+        self.users.add(user_id, shown, clicks)
 
-    def summary(self, alpha: float) -> dict[str, float]:
-        """Mean per-request CTR with a normal-approximation ``1 - alpha`` interval."""
+    def estimate(self, unit: str) -> tuple[int, float, float]:
+        """``(units, CTR, variance of the CTR)`` for the unit of analysis."""
+        if unit == "user":
+            ctr, var = self.users.estimate()
+            return self.users.units, ctr, var
         n = self.requests
         if n == 0:
-            return {"requests": 0, "impressions": 0, "clicks": 0, "ctr": math.nan,
-                    "ci_low": math.nan, "ci_high": math.nan}
+            return 0, math.nan, math.inf
         mean = self.sum_ctr / n
-        var = max(self.sumsq_ctr / n - mean * mean, 0.0) * n / max(n - 1, 1)
-        half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(var / n)
-        return {"requests": n, "impressions": self.impressions, "clicks": self.clicks,
-                "ctr": mean, "ci_low": mean - half, "ci_high": mean + half}
+        return n, mean, max(self.sumsq_ctr / n - mean * mean, 0.0) / max(n - 1, 1)
+
+    def summary(self, alpha: float, unit: str = "user") -> dict[str, float]:
+        """CTR (per the unit of analysis) with a normal-approximation ``1 - alpha`` interval."""
+        n, mean, var = self.estimate(unit)
+        if n == 0:
+            return {"requests": 0, "users": 0, "impressions": 0, "clicks": 0, "ctr": math.nan,
+                    "ci_low": math.nan, "ci_high": math.nan}
+        half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(var) if math.isfinite(var) else math.inf
+        return {"requests": self.requests, "users": self.users.units, "impressions": self.impressions,
+                "clicks": self.clicks, "ctr": mean, "ci_low": mean - half, "ci_high": mean + half}
 
 
 @dataclass
@@ -306,8 +327,8 @@ class ABRunner:
         def look(now: float) -> None:
             nonlocal counted
             while counted < len(outcomes) and outcomes[counted][0] + cfg.attribution_window_s <= now:
-                _, arm, shown, clicks = outcomes[counted]
-                stats[arm].add(shown, clicks)
+                _, arm, shown, clicks, user = outcomes[counted]
+                stats[arm].add(shown, clicks, user)
                 if scored[counted] is not None:
                     s_arm, s_scores, s_labels = scored[counted]
                     auc_data[s_arm][0].extend(s_scores)
@@ -315,11 +336,13 @@ class ABRunner:
                 counted += 1
             c = stats[self.control]
             entry: dict[str, Any] = {"t": now, "requests": n_done,
-                                     "arms": {a: stats[a].summary(cfg.alpha) for a in self.arm_names}, "tests": {}}
+                                     "arms": {a: stats[a].summary(cfg.alpha, cfg.unit) for a in self.arm_names},
+                                     "tests": {}}
+            n_c, mean_c, var_c = c.estimate(cfg.unit)
             for a in self.treatments:
-                s = stats[a]
-                r = tests[a].update(c.requests, c.sum_ctr, s.requests, s.sum_ctr, c.sumsq_ctr, s.sumsq_ctr)
-                diff = r.diff if min(c.requests, s.requests) > 0 else math.nan
+                n_t, mean_t, var_t = stats[a].estimate(cfg.unit)
+                r = tests[a].update_estimates(n_c, mean_c, var_c, n_t, mean_t, var_t)
+                diff = r.diff if min(n_c, n_t) > 0 else math.nan
                 entry["tests"][a] = {"diff": diff, "p_value": r.p_value, "ci_low": r.ci_low,
                                      "ci_high": r.ci_high, "reject": r.reject}
                 if r.reject and a not in stopped_at:
@@ -373,7 +396,7 @@ class ABRunner:
                         labels.append(1)
                         continue
                 labels.append(0)
-            outcomes.append((t, arm, len(shown), clicks_in_window))
+            outcomes.append((t, arm, len(shown), clicks_in_window, req.user_id))
             scored.append((arm, list(ranking.scores[: len(shown)]), labels) if ranking.scores is not None else None)
             n_done = i + 1
             if n_done % cfg.check_every == 0:
@@ -384,7 +407,8 @@ class ABRunner:
         end = t + cfg.attribution_window_s
         deliver(end)
         look(end)
-        final = {a: stats[a].summary(cfg.alpha) for a in self.arm_names}
+        final = {a: stats[a].summary(cfg.alpha, cfg.unit) for a in self.arm_names}
+        n_c, mean_c, var_c = stats[self.control].estimate(cfg.unit)
         verdicts: dict[str, dict[str, Any]] = {}
         for a in self.treatments:
             last = tests[a].last
@@ -394,8 +418,10 @@ class ABRunner:
             if last.reject:
                 verdict = "treatment_better" if last.ci_low > 0 else "control_better"
             base = final[self.control]["ctr"]
+            _, mean_t, var_t = stats[a].estimate(cfg.unit)
             verdicts[a] = {
-                **last.to_dict(), "verdict": verdict, "alpha_per_test": per_test_alpha,
+                **last.to_dict(), "verdict": verdict, "alpha_per_test": per_test_alpha, "unit": cfg.unit,
+                "fixed_horizon": fixed_horizon(mean_c, var_c, mean_t, var_t, per_test_alpha),
                 "relative_lift": (last.diff / base) if base and base > 0 else math.nan,
                 "stopped_at_request": stopped_at.get(a, (None, None))[0],
                 "stopped_at_time": stopped_at.get(a, (None, None))[1],

@@ -60,6 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rate", type=float, default=2.0, help="requests per event-time second")
     p.add_argument("--alpha", type=float, default=0.05)
+    p.add_argument("--unit", choices=["user", "request"], default="user",
+                   help="unit of analysis: user (CTR per user, delta method; users are randomised) or request "
+                        "(each request i.i.d.; too confident when one user sends many)")
+    p.add_argument("--min-units", type=int, default=200,
+                   help="units (users, or requests) per arm before the sequential test may reject")
     p.add_argument("--tau2", type=float, default=1e-4, help="mSPRT mixing variance")
     p.add_argument("--check-every", type=int, default=500)
     p.add_argument("--stop-early", action="store_true")
@@ -190,13 +195,15 @@ def ab_command(args: argparse.Namespace) -> int:
 
     config = ABConfig(n_requests=args.n_requests, k=args.k, request_rate_per_s=args.rate, alpha=args.alpha,
                       tau2=args.tau2, check_every=args.check_every, stop_early=args.stop_early, seed=args.seed,
-                      arm_from_ranking=bool(args.server))
+                      arm_from_ranking=bool(args.server), unit=args.unit, min_samples=args.min_units)
     report = ABRunner(world, arms, config, event_sink=sink if sinks else None).run()
     summary: dict[str, object] = {
         "control": report.control, "requests": report.requests, "stopped_early": report.stopped_early,
+        "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
         "verdicts": {a: {"verdict": v["verdict"], "diff": v["diff"], "p_value": v["p_value"],
-                         "ci": [v["ci_low"], v["ci_high"]], "stopped_at_request": v["stopped_at_request"]}
+                         "ci": [v["ci_low"], v["ci_high"]], "stopped_at_request": v["stopped_at_request"],
+                         "fixed_horizon": v["fixed_horizon"]}
                      for a, v in report.tests.items()},
     }
     if kafka_sink is not None:

@@ -24,6 +24,17 @@ effects you hope to detect (for CTR differences of about 0.01, ``tau2 = 1e-4``).
 The normal approximation needs some data: nothing is rejected before each arm
 has ``min_samples`` observations and a positive variance.
 
+**Unit of analysis.** Users are randomised, and one user's requests are
+correlated, so treating each request as an independent trial makes the interval
+too narrow and breaks the false-positive promise. :class:`RatioStats` keeps the
+per-user sufficient statistics of a ratio metric (CTR = clicks / impressions,
+both summed per user) and :func:`delta_ratio` gives its variance by the delta
+method (Deng et al., "Applying the Delta Method in Metric Analytics", 2018):
+with per-user clicks ``C`` and impressions ``I`` over ``n`` users,
+``R = sum C / sum I`` and ``Var(R) ~ (Var C - 2 R Cov(C, I) + R^2 Var I) / (n mean(I)^2)``.
+:meth:`SequentialTest.update_estimates` runs the same mSPRT on those estimates,
+and :func:`fixed_horizon` is the one-look readout on them.
+
 For comparison, :func:`z_test` is the fixed-horizon two-proportion z-test,
 valid only when looked at once; :func:`peeking_z_test_rejects` shows how
 looking after every batch inflates its false-positive rate.
@@ -44,6 +55,7 @@ import numpy as np
 __all__ = [
     "MSPRTResult",
     "msprt",
+    "msprt_estimates",
     "msprt_log_lr",
     "msprt_half_width",
     "SequentialTest",
@@ -51,6 +63,9 @@ __all__ = [
     "z_test",
     "peeking_z_test_rejects",
     "DEFAULT_TAU2",
+    "RatioStats",
+    "delta_ratio",
+    "fixed_horizon",
 ]
 
 DEFAULT_TAU2 = 1e-4
@@ -142,6 +157,79 @@ class MSPRTResult:
         return asdict(self)
 
 
+def delta_ratio(n: float, s_c: float, s_i: float, q_c: float, q_i: float, q_ci: float) -> tuple[float, float]:
+    """``(R, Var R)`` of the ratio ``sum C / sum I`` over ``n`` independent units, from
+    the sums ``s_*``, the sums of squares ``q_c``, ``q_i`` and of products ``q_ci``.
+
+    >>> r, v = delta_ratio(4, 2, 8, 2, 16, 4)   # 4 users, 2 impressions each, half of them clicked once
+    >>> r, round(v, 6)
+    (0.25, 0.020833)
+    """
+    if n < 2 or s_i <= 0:
+        return (s_c / s_i if s_i > 0 else math.nan), math.inf
+    r = s_c / s_i
+    mean_c, mean_i = s_c / n, s_i / n
+    correction = n / (n - 1)
+    var_c = max(q_c / n - mean_c**2, 0.0) * correction
+    var_i = max(q_i / n - mean_i**2, 0.0) * correction
+    cov = (q_ci / n - mean_c * mean_i) * correction
+    return r, max(var_c - 2 * r * cov + r * r * var_i, 0.0) / (n * mean_i**2)
+
+
+class RatioStats:
+    """Per-unit (user) statistics of a ratio metric, updated in O(1) per event.
+
+    >>> st = RatioStats()
+    >>> for user, shown, clicks in [("a", 2, 1), ("b", 2, 0), ("a", 2, 1), ("c", 4, 1)]:
+    ...     st.add(user, shown, clicks)
+    >>> st.units, st.impressions, st.clicks
+    (3, 10, 3)
+    >>> round(st.estimate()[0], 2)
+    0.3
+    """
+
+    def __init__(self) -> None:
+        self._per_unit: dict[str, tuple[int, int]] = {}
+        self.s_c = self.s_i = self.q_c = self.q_i = self.q_ci = 0.0
+
+    def add(self, unit: str, impressions: int, clicks: int) -> None:
+        c0, i0 = self._per_unit.get(unit, (0, 0))
+        c1, i1 = c0 + clicks, i0 + impressions
+        self._per_unit[unit] = (c1, i1)
+        self.s_c += c1 - c0
+        self.s_i += i1 - i0
+        self.q_c += c1 * c1 - c0 * c0
+        self.q_i += i1 * i1 - i0 * i0
+        self.q_ci += c1 * i1 - c0 * i0
+
+    @property
+    def units(self) -> int:
+        return len(self._per_unit)
+
+    @property
+    def impressions(self) -> int:
+        return int(self.s_i)
+
+    @property
+    def clicks(self) -> int:
+        return int(self.s_c)
+
+    def estimate(self) -> tuple[float, float]:
+        """``(CTR, variance of the CTR)`` by the delta method over units."""
+        return delta_ratio(self.units, self.s_c, self.s_i, self.q_c, self.q_i, self.q_ci)
+
+
+def fixed_horizon(mean_a: float, var_a: float, mean_b: float, var_b: float, alpha: float = 0.05) -> dict[str, float]:
+    """The one-look readout of ``mean_b - mean_a`` (normal, two-sided): diff, interval, p-value."""
+    diff, var = mean_b - mean_a, var_a + var_b
+    if not (var > 0 and math.isfinite(var)):
+        return {"diff": diff, "ci_low": -math.inf, "ci_high": math.inf, "p_value": 1.0}
+    se = math.sqrt(var)
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p = 2 * (1 - NormalDist().cdf(abs(diff) / se))
+    return {"diff": diff, "ci_low": diff - z * se, "ci_high": diff + z * se, "p_value": p}
+
+
 def msprt(
     n_a: int, sum_a: float, n_b: int, sum_b: float, *, sumsq_a: float | None = None,
     sumsq_b: float | None = None, tau2: float = DEFAULT_TAU2, alpha: float = 0.05,
@@ -156,9 +244,19 @@ def msprt(
     sumsq_b = sum_b if sumsq_b is None else sumsq_b
     mean_a, var_a = _moments(n_a, sum_a, sumsq_a)
     mean_b, var_b = _moments(n_b, sum_b, sumsq_b)
+    return msprt_estimates(n_a, float(mean_a), float(var_a), n_b, float(mean_b), float(var_b), tau2=tau2,
+                           alpha=alpha, theta0=theta0, min_samples=min_samples)
+
+
+def msprt_estimates(
+    n_a: int, mean_a: float, var_a: float, n_b: int, mean_b: float, var_b: float, *,
+    tau2: float = DEFAULT_TAU2, alpha: float = 0.05, theta0: float = 0.0, min_samples: int = 100,
+) -> MSPRTResult:
+    """The mSPRT at one look from each arm's estimate and its variance (``var_*`` is the
+    variance of the estimate, e.g. from :func:`delta_ratio`); ``n_*`` are units."""
     diff = float(mean_b - mean_a)
     var = float(var_a + var_b)
-    ready = min(n_a, n_b) >= min_samples and var > 0
+    ready = min(n_a, n_b) >= min_samples and var > 0 and math.isfinite(var)
     if not ready:
         return MSPRTResult(n_a, n_b, float(mean_a), float(mean_b), diff, 0.0, 1.0, -math.inf, math.inf,
                            False, alpha, tau2)
@@ -203,9 +301,17 @@ class SequentialTest:
 
     def update(self, n_a: int, sum_a: float, n_b: int, sum_b: float, sumsq_a: float | None = None,
                sumsq_b: float | None = None) -> MSPRTResult:
-        """Look at cumulative statistics; returns the always-valid state."""
-        now = msprt(n_a, sum_a, n_b, sum_b, sumsq_a=sumsq_a, sumsq_b=sumsq_b, tau2=self.tau2,
-                    alpha=self.alpha, theta0=self.theta0, min_samples=self.min_samples)
+        """Look at cumulative statistics of i.i.d. observations; returns the always-valid state."""
+        return self._record(msprt(n_a, sum_a, n_b, sum_b, sumsq_a=sumsq_a, sumsq_b=sumsq_b, tau2=self.tau2,
+                                  alpha=self.alpha, theta0=self.theta0, min_samples=self.min_samples))
+
+    def update_estimates(self, n_a: int, mean_a: float, var_a: float, n_b: int, mean_b: float,
+                         var_b: float) -> MSPRTResult:
+        """Look at each arm's estimate and its variance (user-level: :class:`RatioStats`)."""
+        return self._record(msprt_estimates(n_a, mean_a, var_a, n_b, mean_b, var_b, tau2=self.tau2,
+                                            alpha=self.alpha, theta0=self.theta0, min_samples=self.min_samples))
+
+    def _record(self, now: MSPRTResult) -> MSPRTResult:
         self.looks += 1
         self.p_value = min(self.p_value, now.p_value)
         self.ci = (max(self.ci[0], now.ci_low), min(self.ci[1], now.ci_high))

@@ -34,7 +34,7 @@ def test_aa_runs_rarely_reject():
 def test_planted_lift_is_detected_early():
     world = World(WorldConfig(seed=1, **SMALL))
     arms = {"random": RandomRanker("random", 1), "oracle": OracleRanker(world, noise=0.5, seed=2)}
-    cfg = ABConfig(n_requests=6000, seed=1, check_every=100, stop_early=True, request_rate_per_s=1.0)
+    cfg = ABConfig(n_requests=6000, seed=1, check_every=100, stop_early=True, request_rate_per_s=1.0, min_samples=50)
     report = ABRunner(world, arms, cfg).run()
     test = report.tests["oracle"]
     assert test["verdict"] == "treatment_better"
@@ -130,3 +130,34 @@ def test_prequential_auc_for_scoring_rankers():
     last = report.timeline[-1]["metrics"]["prequential_auc"]
     assert "random" not in last  # no scores, no AUC
     assert last["oracle"] > 0.6  # the true attraction ranks clicks above non-clicks
+
+
+def test_user_level_inference_keeps_alpha_where_request_level_does_not():
+    """A/A with heterogeneous users who each send many requests (their requests are
+    correlated through the user's own click rate): the delta-method test over users
+    rejects about alpha of the time; the naive per-request test far more often."""
+    import numpy as np
+
+    from simulators.sequential import RatioStats, fixed_horizon
+
+    rng = np.random.default_rng(0)
+    rejections = {"user": 0, "request": 0}
+    runs = 300
+    for _ in range(runs):
+        arms = {}
+        for arm in ("a", "b"):
+            stats, per_request = RatioStats(), []
+            for user in range(60):
+                p = rng.beta(0.5, 4.0)  # users differ a lot in how often they click
+                for _ in range(int(rng.integers(5, 40))):
+                    clicks = int(rng.binomial(10, p))
+                    stats.add(f"{arm}{user}", 10, clicks)
+                    per_request.append(clicks / 10)
+            arms[arm] = (stats, np.asarray(per_request))
+        (sa, ra), (sb, rb) = arms["a"], arms["b"]
+        (ma, va), (mb, vb) = sa.estimate(), sb.estimate()
+        rejections["user"] += fixed_horizon(ma, va, mb, vb)["p_value"] <= 0.05
+        naive = fixed_horizon(ra.mean(), ra.var(ddof=1) / ra.size, rb.mean(), rb.var(ddof=1) / rb.size)
+        rejections["request"] += naive["p_value"] <= 0.05
+    assert rejections["user"] / runs <= 0.05 + 0.04
+    assert rejections["request"] / runs >= 0.2

@@ -32,7 +32,7 @@ def test_replay_file_counts_malformed(tmp_path, capsys):
 
 def test_ab_writes_a_report(tmp_path, capsys):
     args = ["ab", "--arms", "random,oracle", "--n-requests", "1500", "--n-users", "200", "--n-items", "150",
-            "--check-every", "250", "--out", str(tmp_path)]
+            "--check-every", "250", "--min-units", "50", "--out", str(tmp_path)]
     assert main(args) == 0
     out = _last_json(capsys)
     assert out["control"] == "random" and out["requests"] == 1500
