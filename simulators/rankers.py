@@ -29,6 +29,7 @@ __all__ = [
     "RandomRanker",
     "PopularityRanker",
     "OracleRanker",
+    "EpsilonGreedyRanker",
 ]
 
 
@@ -185,3 +186,42 @@ class OracleRanker:
             logit = logit + self.noise * self._rng.standard_normal(logit.shape[0])
         order = np.argsort(-logit, kind="stable")[:k]
         return Ranking(tuple(candidates[i] for i in order), self.arm, scores=tuple(logit[order].tolist()))
+
+
+class EpsilonGreedyRanker:
+    """A :class:`PopularityRanker` that explores: each slot, with probability
+    ``epsilon``, shows a uniformly random remaining candidate instead of the next
+    best one. With ``epsilon=0`` it is greedy, and learns only about what it
+    already shows; its exploring twin discovers items it would never show, which
+    makes training on pooled A/B data (one arm learning from the other's
+    exposures) visibly biased (``benchmarks/ab_interference.py``).
+    """
+
+    def __init__(self, arm: str, epsilon: float, seed: int = 0, prior_clicks: float = 1.0,
+                 prior_impressions: float = 20.0) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], but {epsilon} is given")
+        self.arm = arm
+        self.epsilon = epsilon
+        self.learner = PopularityRanker(arm, prior_clicks, prior_impressions)
+        self._rng = np.random.default_rng(seed)
+
+    def observe(self, events: Sequence[Impression | Click]) -> None:
+        self.learner.observe(events)
+
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
+        _check_k(k)
+        scores = self.learner.score(candidates)
+        order = [int(i) for i in np.argsort(-scores, kind="stable")]
+        chosen: list[int] = []
+        taken: set[int] = set()
+        for _ in range(min(k, len(candidates))):
+            if self.epsilon > 0 and self._rng.random() < self.epsilon:
+                rest = [i for i in range(len(candidates)) if i not in taken]
+                pick = rest[int(self._rng.integers(len(rest)))]
+            else:
+                pick = next(i for i in order if i not in taken)
+            chosen.append(pick)
+            taken.add(pick)
+        return Ranking(tuple(candidates[i] for i in chosen), self.arm,
+                       scores=tuple(float(scores[i]) for i in chosen))
