@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from em3.config import KafkaSettings  # noqa: E402
-from simulators._kafka_sink import produce_events  # noqa: E402
+from simulators.kafka_sink import produce_events  # noqa: E402
 from simulators.obd import load_obd  # noqa: E402
 from simulators.replay import LogReplayer, ReplayConfig  # noqa: E402
 from simulators.replay_sources import obd_rows  # noqa: E402

@@ -401,9 +401,9 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
             except Exception as exc:  # noqa: BLE001 - keep stopping the rest
                 log.warning("stopping %s failed: %r", component, exc)
         if ray_started:
-            import ray
+            from learners.actor import stop_ray
 
-            ray.shutdown()
+            stop_ray()
         services.stop()
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
@@ -415,14 +415,14 @@ def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
 
 def _start_ray() -> str | None:
     """Start a local Ray runtime; returns its temp dir, or None if one was running."""
-    import ray
+    from learners.actor import start_ray, ray_running
 
-    if ray.is_initialized():
+    if ray_running():
         return None
     # AF_UNIX socket paths must stay short, so the temp dir is under /tmp.
     temp = Path("/tmp") / f"em3-ray-{uuid.uuid4().hex[:6]}"
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(temp), configure_logging=False)
+    start_ray(None, num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+              _temp_dir=str(temp), configure_logging=False)
     return str(temp)
 
 

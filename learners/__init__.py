@@ -20,7 +20,7 @@ __all__ += [
 
 
 def __getattr__(name: str):
-    # Ray is imported only when the fleet is used (only actor.py and scaleout.py import ray).
+    # Ray is imported only when the fleet is used (only actor.py imports ray).
     if name == "LearnerFleet":
         from learners.scaleout import LearnerFleet
 

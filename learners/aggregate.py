@@ -32,7 +32,7 @@ from em3.config import Settings
 from em3.model.model import COUNTER_STATE
 from learners.loop import COUNTERS, CycleResult
 from learners.publisher import LineMovedError, SnapshotPublisher
-from learners.worker import LearnConfig, PrequentialWindow, cycle_stats
+from learners.worker import LearnConfig, PrequentialWindow, cycle_stats, training_data_stats
 
 __all__ = ["average_deltas", "Aggregator", "RedisAggregator"]
 

@@ -1,5 +1,5 @@
-"""``--learners N``: N Ray learner actors on one model line (one of the two modules
-that import ``ray``).
+"""``--learners N``: N Ray learner actors on one model line (the Ray calls go
+through :mod:`learners.actor`, the one module that imports ``ray``).
 
 * ``N == 1``: one actor in single mode (:meth:`learners.worker.LearnerWorker.run`)
   publishes the line's snapshots itself.
@@ -27,10 +27,9 @@ import threading
 import time
 from typing import Any, Callable
 
-import ray
-from ray.exceptions import RayActorError, RayError
 
 from em3.config import Settings
+from learners import actor
 from learners.actor import ActorResources, start_aggregator_actor, start_learner_actor
 from learners.worker import LearnConfig
 
@@ -83,9 +82,9 @@ class LearnerFleet:
     def start(self) -> "LearnerFleet":
         """Connect to (or start) Ray and create the actors; returns self."""
         global _RAY_STARTED_BY_FLEETS
-        if not ray.is_initialized():
+        if not actor.ray_running():
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.ray_init_kwargs}
-            ray.init(address=self.ray_address, **kwargs)
+            actor.start_ray(self.ray_address, **kwargs)
             _RAY_STARTED_BY_FLEETS = True
         _LIVE_FLEETS.add(id(self))
         self._owns_ray = _RAY_STARTED_BY_FLEETS
@@ -101,14 +100,14 @@ class LearnerFleet:
         if self.n == 1 and self.workers:
             try:
                 self.workers[0].stop.remote()
-            except RayActorError:  # pragma: no cover - already dead
+            except actor.ActorDiedError:  # pragma: no cover - already dead
                 pass
 
     def shutdown(self) -> None:
         """Kill the actors (and Ray, if a fleet started it and this is the last live one)."""
         for handle in self.workers + ([self.aggregator] if self.aggregator is not None else []):
             try:
-                ray.kill(handle, no_restart=True)
+                actor.kill(handle)
             except Exception as exc:  # noqa: BLE001 - shutting down anyway
                 log.debug("kill failed: %s", exc)
         self.workers, self.aggregator = [], None
@@ -117,13 +116,13 @@ class LearnerFleet:
         # Ray started by a fleet goes down with the last live fleet of this process
         # (several model lines may share it).
         if self._owns_ray and not _LIVE_FLEETS:
-            ray.shutdown()
+            actor.stop_ray()
             _RAY_STARTED_BY_FLEETS = False
         self._owns_ray = False
 
     def pids(self) -> list[int]:
         """Process ids of the learner actors (crash tests SIGKILL them)."""
-        return ray.get([w.pid.remote() for w in self.workers], timeout=120)
+        return actor.get([w.pid.remote() for w in self.workers], timeout=120)
 
     # ------------------------------------------------------------------- run
     def run(self, should_stop: Callable[[], bool] | None = None, max_rounds: int | None = None) -> int | None:
@@ -139,13 +138,13 @@ class LearnerFleet:
             ref = worker.run.remote(None, max_rounds)
             try:
                 while True:
-                    ready, _ = ray.wait([ref], timeout=0.2)
+                    ready = actor.wait_ready(ref, timeout=0.2)
                     if ready:
-                        self.version = ray.get(ref)
+                        self.version = actor.get(ref)
                         return self.version
                     if stop() and not self._stop.is_set():
                         self.stop()
-            except RayActorError as exc:
+            except actor.ActorDiedError as exc:
                 self.restarts += 1
                 log.warning("learner died (%s); Ray restarts it and it resumes from the latest snapshot", exc)
                 if stop():
@@ -155,13 +154,13 @@ class LearnerFleet:
         agg = self.aggregator
         init = self.workers[0].state.remote()
         try:
-            self.version = ray.get(agg.start.remote(init))
-        except RayError as exc:
+            self.version = actor.get(agg.start.remote(init))
+        except actor.RemoteError as exc:
             self._resync(exc)
         while not stop() and (max_rounds is None or self.rounds < max_rounds):
             try:
                 self._round()
-            except RayError as exc:
+            except actor.RemoteError as exc:
                 # Anything but a learner dying in its round (handled inside): start the
                 # round again from the latest published snapshot. Learners that already
                 # trained past it find their positions ahead and seek back.
@@ -170,21 +169,21 @@ class LearnerFleet:
 
     def _round(self) -> None:
         agg = self.aggregator
-        version, offsets = ray.get(agg.base.remote())
+        version, offsets = actor.get(agg.base.remote())
         state_ref = agg.base_state.remote()
         pending = {rank: w.train_round.remote(version, state_ref, offsets) for rank, w in enumerate(self.workers)}
         results: dict[int, Any] = {}
         while pending:
             for rank, ref in list(pending.items()):
                 try:
-                    results[rank] = ray.get(ref)
-                except RayActorError as exc:
+                    results[rank] = actor.get(ref)
+                except actor.ActorDiedError as exc:
                     self.restarts += 1
                     log.warning("learner %d died in a round (%s); re-running its round from v%s", rank, exc, version)
                     pending[rank] = self.workers[rank].train_round.remote(version, state_ref, offsets)
                     continue
                 del pending[rank]
-        info = ray.get(agg.merge_and_publish.remote([results[rank] for rank in range(self.n)]))
+        info = actor.get(agg.merge_and_publish.remote([results[rank] for rank in range(self.n)]))
         self.version = info["version"]
         self.rounds += 1
 
@@ -196,9 +195,9 @@ class LearnerFleet:
         deadline = time.monotonic() + 300
         while True:
             try:
-                self.version = ray.get(self.aggregator.start.remote(None))
+                self.version = actor.get(self.aggregator.start.remote(None))
                 return
-            except RayError:
+            except actor.RemoteError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
@@ -207,4 +206,4 @@ class LearnerFleet:
         """Process id of the aggregator actor (None with one learner)."""
         if self.aggregator is None:
             return None
-        return ray.get(self.aggregator.pid.remote(), timeout=120)
+        return actor.get(self.aggregator.pid.remote(), timeout=120)

@@ -1,7 +1,7 @@
 """Simulators: log replay, simulated users, the online A/B runner, off-policy estimators.
 
 Pure cores (arrays and iterables in, numbers and events out) with I/O at the
-edges: Kafka only in :mod:`simulators._kafka_sink` (through :mod:`stream.kafka`),
+edges: Kafka only in :mod:`simulators.kafka_sink` (through :mod:`stream.kafka`),
 plotting only in :mod:`simulators.report`. Both are imported lazily, on first
 use of :func:`produce_events` or :func:`write_report`.
 
@@ -47,7 +47,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "produce_events":
-        from simulators._kafka_sink import produce_events
+        from simulators.kafka_sink import produce_events
 
         return produce_events
     if name == "write_report":

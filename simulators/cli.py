@@ -125,7 +125,7 @@ def replay_command(args: argparse.Namespace) -> int:
                 pass
         else:
             from em3.cli import settings_from_args
-            from simulators._kafka_sink import produce_events
+            from simulators.kafka_sink import produce_events
 
             settings = settings_from_args(args)
             sink = produce_events(replayer.run(rows), settings.kafka, prefix=settings.topics.prefix,
@@ -183,7 +183,7 @@ def ab_command(args: argparse.Namespace) -> int:
     kafka_sink = None
     if args.kafka:
         from em3.cli import settings_from_args
-        from simulators._kafka_sink import KafkaEventSink
+        from simulators.kafka_sink import KafkaEventSink
 
         settings = settings_from_args(args)
         kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix)

@@ -1,7 +1,7 @@
 """Log replay core: logged rows in, Impression and Click events out, in event-time order.
 
 Pure: it takes an iterable of rows and yields events; it never touches a
-socket. The Kafka edge is :func:`simulators._kafka_sink.produce_events`; the
+socket. The Kafka edge is :func:`simulators.kafka_sink.produce_events`; the
 file and dataset adapters are in :mod:`simulators.replay_sources`.
 
 A row is one logged impression plus, if it was clicked, the delay from the

@@ -7,7 +7,7 @@ import pytest
 
 from em3 import codec
 from em3.types import Click, Impression
-from simulators._kafka_sink import produce_events
+from simulators.kafka_sink import produce_events
 from simulators.delays import ExponentialDelay
 from simulators.replay import LogReplayer, event_time
 from simulators.replay_sources import obd_rows
@@ -64,7 +64,7 @@ def test_obd_replay_round_trips_through_the_broker(settings):
 
 
 def test_ab_runner_events_reach_kafka(settings):
-    from simulators._kafka_sink import KafkaEventSink
+    from simulators.kafka_sink import KafkaEventSink
     from simulators.ab import ABConfig, ABRunner
     from simulators.rankers import RandomRanker
     from simulators.world import World, WorldConfig
