@@ -48,6 +48,7 @@ def _with_histories(batch, liked):
     return hist
 
 
+@pytest.mark.slow  # seconds: out of the fast lane (scripts/test.sh --fast), in the full suite
 def test_loss_drops_on_a_learnable_stream(cfg):
     store, stream = _world()
     learner = OnlineLearner(cfg, store, lr=1e-2, device="cpu", seed=0)

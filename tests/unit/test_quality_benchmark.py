@@ -2,11 +2,14 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import quality  # noqa: E402
 
 
+@pytest.mark.slow  # seconds: out of the fast lane (scripts/test.sh --fast), in the full suite
 def test_report_has_means_and_per_seed_figures_for_models_and_baselines(capsys):
     report = quality.main(["--max-events", "1500", "--variants", "id_only,item_ctr,user_item_bias,fm_genres",
                            "--seeds", "0,1", "--batch-size", "256"])

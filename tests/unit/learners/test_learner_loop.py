@@ -125,6 +125,7 @@ def test_batches_respect_batch_size_and_stop_is_honoured():
     assert result.counters["steps"] == 1 and result.applied == 2
 
 
+@pytest.mark.slow  # seconds: out of the fast lane (scripts/test.sh --fast), in the full suite
 @hsettings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 30), min_size=1, max_size=60), st.integers(1, 7), st.integers(1, 5))
 def test_one_big_batch_and_many_small_ones_apply_the_same_samples(ids, batch_size, steps):

@@ -20,6 +20,7 @@ def _aa(seed: int, n_requests: int = 1200):
     return ABRunner(world, arms, cfg).run()
 
 
+@pytest.mark.slow  # seconds: out of the fast lane (scripts/test.sh --fast), in the full suite
 def test_aa_runs_rarely_reject():
     """Ten seeded A/A experiments, looked at every 50 requests.
 
