@@ -168,18 +168,51 @@ def create_app(
     return app
 
 
-def prometheus_text(metrics: dict[str, Any], prefix: str = "em3_join_") -> str:
-    """The numeric join counters in Prometheus' text format (for ``GET /metrics``).
+#: Join counters that only grow (Prometheus counters); every other number is a gauge.
+_COUNTERS = ("events_in", "impressions_in", "clicks_in", "samples_out", "positive", "negative", "correction",
+             "dead_letters", "batches", "checkpoints", "fenced", "batch_failures", "recoveries", "offset_resets",
+             "quarantined")
 
-    >>> print(prometheus_text({"events_in": 3, "partitions": [0], "watermark_min": None}), end="")
-    em3_join_events_in 3
+
+def prometheus_text(metrics: dict[str, Any], prefix: str = "em3_join_") -> str:
+    """The numeric join figures in Prometheus' text format (for ``GET /metrics``),
+    through prometheus_client: counters and gauges with HELP and TYPE lines, and the
+    dead letters by reason as one labelled counter.
+
+    >>> text = prometheus_text({"events_in": 3, "partitions": [0], "watermark_min": None,
+    ...                         "dead_letter.bad_json": 2})
+    >>> for line in text.splitlines():
+    ...     if "events_in" in line or "reason" in line:
+    ...         print(line)
+    # HELP em3_join_events_in_total join counter events_in
+    # TYPE em3_join_events_in_total counter
+    em3_join_events_in_total 3.0
+    # HELP em3_join_dead_letters_by_reason_total dead letters by reason
+    # TYPE em3_join_dead_letters_by_reason_total counter
+    em3_join_dead_letters_by_reason_total{reason="bad_json"} 2.0
     """
-    lines = []
-    for name, value in sorted(metrics.items()):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        lines.append(f"{prefix}{name} {value}")
-    return "\n".join(lines) + "\n"
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class _Snapshot:
+        def collect(self):
+            by_reason = CounterMetricFamily(f"{prefix}dead_letters_by_reason", "dead letters by reason",
+                                            labels=["reason"])
+            for name, value in sorted(metrics.items()):
+                if name.startswith("dead_letter."):
+                    by_reason.add_metric([name.split(".", 1)[1]], float(value))
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if name in _COUNTERS:
+                    yield CounterMetricFamily(f"{prefix}{name}", f"join counter {name}", value=float(value))
+                else:
+                    yield GaugeMetricFamily(f"{prefix}{name}", f"join gauge {name}", value=float(value))
+            yield by_reason
+
+    registry = CollectorRegistry()
+    registry.register(_Snapshot())
+    return generate_latest(registry).decode()
 
 
 def run_worker(
