@@ -1248,7 +1248,8 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
                 break
             time.sleep(1.0)
         join_at_drain_end = {k: join_metrics().get(k) for k in ("events_in", "pending_impressions", "held_clicks",
-                                                                 "event_time_delay_s", "next_offsets")}
+                                                                 "watermark_min", "event_time_delay_s",
+                                                                 "next_offsets")}
         drain_s = time.monotonic() - drain_start
         time.sleep(3.0)
 
@@ -1307,6 +1308,10 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
     kills_of_server = [d[0] for d in rec.server_down]
     near_kill = [i for i in unaccounted if any(0 <= k - served[i] <= 1.0 for k in kills_of_server)]
     lost = max(0, len(unaccounted) - counted_lost)
+    # Where the join had got to: its slowest partition's watermark (event time) when
+    # the drain ended. An impression served after it may simply be unread yet.
+    horizon = join_at_drain_end.get("watermark_min")
+    beyond = [i for i in unaccounted if horizon is not None and served[i] > horizon + 2.0]
 
     landed = poisoner.landed
     not_back = {k: v for k, v in landed.items() if k not in poison_back}
@@ -1348,6 +1353,9 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
         "impressions_unaccounted": len(unaccounted),
         "impressions_lost": lost,
         "impressions_lost_near_server_kill": min(lost, len(near_kill)),
+        "impressions_unaccounted_beyond_join_position": len(beyond) if horizon is not None else None,
+        "impressions_unaccounted_before_join_position": (len(unaccounted) - len(beyond)
+                                                         if horizon is not None else None),
         "samples_distinct": len(produced_ids),
         "samples_applied": sum(applied_counts.values()),
         "samples_quarantined": len(quarantined),
