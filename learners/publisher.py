@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from em3.errors import SnapshotError
+from em3.errors import SignatureError, SnapshotError
 from em3.types import SnapshotManifest
 from stream.dedup import DedupWindow
 
@@ -227,7 +227,7 @@ class SnapshotPublisher:
         line = self.model_line
         if self.config.check_pointer:
             current = self.snapshots.latest_version(line)
-            if current != parent:
+            if current != parent and not self._forged(current):
                 raise LineMovedError(f"line {line!r} points at v{current}, but this learner built on v{parent}")
         version = self.snapshots.next_version(line)
         blob, manifest = _pack(
@@ -245,6 +245,23 @@ class SnapshotPublisher:
         self._chain.append((version, sum(len(v) for v in applied_ids.values())))
         self._prune()
         return manifest
+
+    def _forged(self, version: int | None) -> bool:
+        """True when the line's pointer names a version whose manifest is not signed with
+        our key: someone with write access to Redis but without the key moved it. It is
+        not a rollback to honour (resuming would skip it and stall for good): the next
+        publish moves the pointer back onto the signed chain."""
+        if version is None:
+            return False
+        try:
+            self.snapshots.get(self.model_line, version)
+        except SignatureError as exc:
+            log.error("line %r points at v%d, which fails verification (%s); publishing over it",
+                      self.model_line, version, exc)
+            return True
+        except SnapshotError:
+            return False
+        return False
 
     def _prune(self) -> None:
         """Delete applied records that fell out of the dedup window (unless retained)."""

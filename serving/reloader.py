@@ -185,9 +185,26 @@ class SnapshotReloader:
                 return False  # nothing published yet
             if self.current is not None and self.current.version == target:
                 return False
-            if target in self._bad:
-                return False
-            return self._load(target)
+            if target not in self._bad and self._load(target):
+                return True
+            if self.current is None and target in self._bad:
+                # Nothing served yet and the pointer names a version we refuse (forged,
+                # corrupt): serve the newest older version that verifies, rather than
+                # stay unready until someone publishes again.
+                return self._fall_back(target)
+            return False
+
+    def _fall_back(self, below: int) -> bool:
+        try:
+            older = [v for v in self.store.versions(self.model_line) if v < below and v not in self._bad]
+        except (RedisError, OSError) as exc:
+            self.mark_redis(False, repr(exc))
+            return False
+        for version in reversed(older):
+            if self._load(version):
+                logger.warning("%s: the pointer's v%d is refused; serving v%d meanwhile", self.key, below, version)
+                return True
+        return False
 
     def _load(self, version: int) -> bool:
         t0 = time.perf_counter()

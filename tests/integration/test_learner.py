@@ -164,3 +164,32 @@ def test_snapshots_cli_lists_shows_and_rolls_back(settings, redis_client, local_
     assert json.loads(em3("rollback", "cli"))["latest"] == v1
     assert store.latest_version("cli") == v1
     assert "cli" in json.loads(em3("list"))["lines"]
+
+
+def test_a_forged_pointer_does_not_stall_the_publisher_but_a_rollback_is_honoured(settings, redis_client):
+    """Someone without the snapshot key moves the line's pointer to a forged version:
+    the learner publishes over it (it used to resume, skip the forgery and stall for
+    good: found by benchmarks/chaos.py). A real rollback still stops it."""
+    import msgspec
+    import torch
+
+    from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
+    from learners.publisher import LineMovedError, SnapshotPublisher
+
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
+    pub = SnapshotPublisher(store, RedisAppliedLog(redis_client, settings.redis_prefix), "forge", {"embed_dim": 4})
+    args = {"offsets": {"s:0": 1}, "applied_ids": {"s:0": ["a"]}, "stats": {}}
+    v1 = pub.publish({"w": torch.zeros(2)}, parent=None, **args).version
+    manifest, blob = store.get("forge", v1)
+    forged = store.next_version("forge")
+    key = f"{settings.redis_prefix}snap:forge"
+    redis_client.set(f"{key}:{forged}:blob", blob)
+    redis_client.set(f"{key}:{forged}:manifest",
+                     msgspec.json.encode(msgspec.structs.replace(manifest, version=forged, signature="")))
+    redis_client.zadd(f"{key}:versions", {str(forged): forged})
+    redis_client.set(f"{key}:latest", forged)
+    v3 = pub.publish({"w": torch.ones(2)}, parent=v1, **args).version
+    assert store.latest_version("forge") == v3 > forged
+    store.rollback("forge", v1)  # a signed, deliberate move: honoured
+    with pytest.raises(LineMovedError):
+        pub.publish({"w": torch.ones(2)}, parent=v3, **args)

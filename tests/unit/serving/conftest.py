@@ -37,6 +37,10 @@ class MemorySnapshotStore:
         self._check()
         return self.latest.get(line)
 
+    def versions(self, line):
+        self._check()
+        return sorted(v for (l, v) in self.snaps if l == line)
+
     def get(self, line, version=None):
         self._check()
         version = self.latest[line] if version is None else version

@@ -139,3 +139,18 @@ def test_config_errors():
         SnapshotWatcher(None, [], poll_interval_s=0)
 
 
+
+
+def test_a_server_whose_pointer_names_a_refused_version_serves_the_newest_good_one(reloader, memory_store,
+                                                                                   toy_config):
+    """A forged or corrupt version at the pointer must not keep a starting server
+    unready: it serves the newest older version that verifies (found by the chaos
+    benchmark: a server restarted while the pointer named a forged version stayed 503)."""
+    from serving.toy import corrupt, make_toy_snapshot
+
+    for version in (1, 2):
+        memory_store.publish(*make_toy_snapshot("main", version, toy_config, seed=version))
+    manifest, blob = make_toy_snapshot("main", 3, toy_config, seed=3)
+    memory_store.publish(manifest, corrupt(blob))
+    assert reloader.check()
+    assert reloader.current.version == 2 and 3 in reloader.status().bad_versions
