@@ -42,7 +42,7 @@ from em3 import codec
 from em3.config import KafkaSettings, RedisSettings, TopicNames
 from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
 from em3.types import Click, sample_id_for
-from em3.services import LocalServices, free_port, wait_until
+from em3.app.services import LocalServices, free_port, wait_until
 from learners.testing import synthetic_items, synthetic_samples
 from stream.kafka import TopicPartition, ensure_topics, make_consumer, make_producer
 

@@ -1,6 +1,6 @@
 """Stream join throughput and exactness on the local broker.
 
-Starts Tansu and Redis (:class:`em3.services.LocalServices`), produces a seeded
+Starts Tansu and Redis (:class:`em3.app.services.LocalServices`), produces a seeded
 synthetic stream (default 200k impressions, ~10% clicked, log-normal click
 delays with a tail past the window) with confluent-kafka, then:
 
@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames  # noqa: E402
 from em3.redis_stores import connect  # noqa: E402
-from em3.services import LocalServices  # noqa: E402
+from em3.app.services import LocalServices  # noqa: E402
 from stream.join import JoinConfig, expected_labels  # noqa: E402
 from stream.kafka import ensure_topics, make_consumer, wait_for_assignment  # noqa: E402
 from stream.synthetic import StreamSpec, arrival_order, generate_stream, produce_stream  # noqa: E402

@@ -43,7 +43,7 @@ from pathlib import Path
 from em3 import codec
 from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
 from em3.redis_stores import RedisAppliedLog, RedisContentStore, RedisSnapshotStore, connect
-from em3.services import LocalServices
+from em3.app.services import LocalServices
 from learners.testing import synthetic_items, synthetic_samples
 from stream.kafka import ensure_topics, make_producer
 

@@ -1,7 +1,7 @@
 """Replay the Open Bandit Dataset random logs (campaign all) into the local broker, as fast as possible.
 
 Starts an embedded Tansu broker (and Redis, which the manager brings along)
-with :class:`em3.services.LocalServices`, unless ``--bootstrap-servers`` points
+with :class:`em3.app.services.LocalServices`, unless ``--bootstrap-servers`` points
 at a running one. Rows are read first (CSV parsing is not replay); the timed
 part is the replay itself: event-time merge of impressions and delayed
 clicks, encoding, producing keyed records, and the final flush until every
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     with ExitStack() as stack:
         bootstrap = args.bootstrap_servers
         if bootstrap is None:
-            from em3.services import LocalServices
+            from em3.app.services import LocalServices
 
             services = stack.enter_context(LocalServices(tempfile.mkdtemp(prefix="em3-bench-replay-")))
             bootstrap = services.info.bootstrap_servers

@@ -57,7 +57,7 @@ import torch  # noqa: E402
 
 from em3 import snapshot  # noqa: E402
 from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames  # noqa: E402
-from em3.services import LocalServices, free_port  # noqa: E402
+from em3.app.services import LocalServices, free_port  # noqa: E402
 from em3.types import ItemContent  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving")

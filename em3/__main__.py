@@ -1,6 +1,6 @@
 """``python -m em3`` is the ``em3`` command."""
 import sys
 
-from em3.cli import main
+from em3.app.cli import main
 
 sys.exit(main())

@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 
-from em3.cli import add_connection_flags, settings_from_args
+from em3.app.cli import add_connection_flags, settings_from_args
 from learners.online import LEARNER_DEFAULTS
 
 __all__ = ["register", "learn_config_from_args"]

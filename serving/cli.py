@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``em3`` command line."""
-    from em3.cli import add_connection_flags
+    from em3.app.cli import add_connection_flags
 
     p = subparsers.add_parser("serve", help="serve /v1/rank with hot-reloaded snapshots (FastAPI + uvicorn)")
     which = p.add_mutually_exclusive_group(required=True)
@@ -73,7 +73,7 @@ def _expected_config(spec: str | None) -> dict | None:
 
 def build_runtime(args: argparse.Namespace):
     """A :class:`serving.server.ServingRuntime` from parsed ``em3 serve`` flags."""
-    from em3.cli import settings_from_args
+    from em3.app.cli import settings_from_args
     from em3.experiment import ExperimentConfig
     from serving.ranking import RankingConfig
     from serving.scoring import EM3Loader

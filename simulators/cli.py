@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``replay`` and ``ab`` to the ``em3`` command line."""
-    from em3.cli import add_connection_flags
+    from em3.app.cli import add_connection_flags
 
     p = subparsers.add_parser("replay", help="replay logs (OBD, JSONL/CSV/Parquet) into Kafka in event-time order")
     src = p.add_mutually_exclusive_group(required=True)
@@ -124,7 +124,7 @@ def replay_command(args: argparse.Namespace) -> int:
             for _ in replayer.run(rows):
                 pass
         else:
-            from em3.cli import settings_from_args
+            from em3.app.cli import settings_from_args
             from simulators.kafka_sink import produce_events
 
             settings = settings_from_args(args)
@@ -182,7 +182,7 @@ def ab_command(args: argparse.Namespace) -> int:
         arms = _builtin_arms(args.arms, world)
     kafka_sink = None
     if args.kafka:
-        from em3.cli import settings_from_args
+        from em3.app.cli import settings_from_args
         from simulators.kafka_sink import KafkaEventSink
 
         settings = settings_from_args(args)

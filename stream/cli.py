@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Sequence
 
-from em3.cli import add_connection_flags, settings_from_args
+from em3.app.cli import add_connection_flags, settings_from_args
 
 __all__ = ["register", "join_config_from_args", "worker_config_from_args", "join_command"]
 

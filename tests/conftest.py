@@ -18,8 +18,8 @@ from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
 
 @pytest.fixture(scope="session")
 def local_service_processes(tmp_path_factory):
-    """The session's :class:`em3.services.LocalServices` (for tests that pause Redis)."""
-    from em3.services import LocalServices
+    """The session's :class:`em3.app.services.LocalServices` (for tests that pause Redis)."""
+    from em3.app.services import LocalServices
 
     services = LocalServices(tmp_path_factory.mktemp("services"))
     services.start()

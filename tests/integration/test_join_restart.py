@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from em3 import codec
-from em3.services import free_port
+from em3.app.services import free_port
 from stream.dedup import DedupWindow
 from stream.join import JoinConfig, expected_labels
 from stream.kafka import ensure_topics, make_consumer, wait_for_assignment

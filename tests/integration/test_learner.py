@@ -14,7 +14,7 @@ import pytest
 
 from em3 import codec
 from em3.model import ModelConfig
-from em3.services import wait_until
+from em3.app.services import wait_until
 from learners.loop import LoopConfig
 from learners.publisher import PublisherConfig, SnapshotPolicy
 from learners.testing import synthetic_items, synthetic_samples

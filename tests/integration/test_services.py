@@ -61,10 +61,10 @@ def test_services_cli_up_status_down_leaves_nothing_and_prints_no_secret(tmp_pat
     import os
     import stat
 
-    from em3.services import redis_answers
+    from em3.app.services import redis_answers
 
     run_dir = tmp_path / "run"
-    em3 = [sys.executable, "-m", "em3.cli", "services"]
+    em3 = [sys.executable, "-m", "em3.app.cli", "services"]
     up = subprocess.run(em3 + ["up", "--run-dir", str(run_dir)] + flags, capture_output=True, text=True, timeout=60)
     assert up.returncode == 0, up.stderr
     info_path = run_dir / "services.json"
@@ -107,7 +107,7 @@ def test_durable_broker_keeps_topics_records_and_offsets_across_restarts(tmp_pat
     from confluent_kafka.admin import AdminClient
 
     from em3.config import KafkaSettings
-    from em3.services import LocalServices
+    from em3.app.services import LocalServices
     from stream.kafka import ensure_topics, make_consumer, make_producer, wait_for_assignment
 
     topic, sent = "durable.events", [f"record-{i}".encode() for i in range(300)]
@@ -160,7 +160,7 @@ def test_in_memory_broker_loses_every_topic_on_restart(tmp_path):
     from confluent_kafka.admin import AdminClient
 
     from em3.config import KafkaSettings
-    from em3.services import LocalServices
+    from em3.app.services import LocalServices
     from stream.kafka import ensure_topics
 
     with LocalServices(tmp_path / "run") as services:
@@ -174,7 +174,7 @@ def test_the_file_object_store_honours_conditional_writes_ranges_and_listing(tmp
     import http.client
     import threading
 
-    from em3.services import _FileObjectStore, free_port
+    from em3.app.services import _FileObjectStore, free_port
 
     port = free_port()
     server = _FileObjectStore(tmp_path, "127.0.0.1", port, "the-key", ["b"])

@@ -15,7 +15,7 @@ from em3.types import ItemContent
 pytestmark = pytest.mark.integration
 
 LINE = "main"
-from em3.services import wait_until
+from em3.app.services import wait_until
 
 _wait = functools.partial(wait_until, timeout_s=30.0, what="condition", interval_s=0.05)
 
@@ -284,7 +284,7 @@ def test_redis_outage_keeps_the_last_good_snapshot_serving(tmp_path, serve, tiny
 
     from em3.config import RedisSettings
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
-    from em3.services import find_redis_server, free_port, redis_answers
+    from em3.app.services import find_redis_server, free_port, redis_answers
 
     port = free_port()
     proc = subprocess.Popen([str(find_redis_server()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",

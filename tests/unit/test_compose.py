@@ -57,7 +57,7 @@ def _em3_commands(doc: dict) -> list[tuple[str, list[str]]]:
 
 
 def test_every_em3_command_in_the_compose_file_parses():
-    from em3.cli import _build_parser  # the real `em3` parser, with every package's subcommands
+    from em3.app.cli import _build_parser  # the real `em3` parser, with every package's subcommands
 
     parser = _build_parser()
     commands = _em3_commands(_compose())

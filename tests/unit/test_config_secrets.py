@@ -67,7 +67,7 @@ def test_redact_url(url, masked):
 def test_service_info_puts_a_quoted_password_in_the_url_and_none_in_its_repr():
     from redis.connection import parse_url
 
-    from em3.services import ServiceInfo
+    from em3.app.services import ServiceInfo
 
     info = ServiceInfo(1, 2, redis_password="p@ss/w:rd %", api_key="k1", snapshot_key="k2")
     assert parse_url(info.redis_url)["password"] == "p@ss/w:rd %"
@@ -76,7 +76,7 @@ def test_service_info_puts_a_quoted_password_in_the_url_and_none_in_its_repr():
 
 
 def test_local_services_generates_distinct_credentials(tmp_path):
-    from em3.services import LocalServices
+    from em3.app.services import LocalServices
 
     a, b = LocalServices(tmp_path / "a").info, LocalServices(tmp_path / "b").info
     for info in (a, b):
@@ -86,7 +86,7 @@ def test_local_services_generates_distinct_credentials(tmp_path):
 
 
 def test_private_files_are_owner_only(tmp_path):
-    from em3.services import _write_private
+    from em3.app.services import _write_private
 
     path = tmp_path / "services.json"
     path.write_text("{}")

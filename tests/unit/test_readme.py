@@ -5,7 +5,7 @@ import re
 import shlex
 from pathlib import Path
 
-from em3 import configdoc
+from em3.app import configdoc
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_config_reference_is_generated_from_the_current_dataclasses():
     assert configdoc.readme_section(README) == configdoc.render().strip(), (
-        "README's configuration reference is stale: run `python3 -m em3.configdoc` and paste its output"
+        "README's configuration reference is stale: run `python3 -m em3.app.configdoc` and paste its output"
     )
 
 
@@ -34,7 +34,7 @@ def test_the_two_commands_and_ci_agree():
 
 
 def test_every_em3_command_line_in_the_readme_parses():
-    from em3.cli import _build_parser
+    from em3.app.cli import _build_parser
 
     parser = _build_parser()
     commands = []

@@ -1,7 +1,7 @@
 """Hot reload: pointer following, rollback, refusing bad snapshots, Redis outages, the watcher."""
 from __future__ import annotations
 
-from em3.services import wait_until
+from em3.app.services import wait_until
 
 
 import pytest

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from em3.cli import main
+from em3.app.cli import main
 
 
 def _last_json(capsys) -> dict:

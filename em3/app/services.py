@@ -378,7 +378,7 @@ class LocalServices:
         env = {**os.environ, _OBJECT_STORE_KEY_ENV: self._object_store_key,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                            os.environ.get("PYTHONPATH")]))}
-        argv = [sys.executable, "-m", "em3.services", "object-store", "--root", str(data),
+        argv = [sys.executable, "-m", "em3.app.services", "object-store", "--root", str(data),
                 "--host", self.info.host, "--port", str(self._object_store_port), "--bucket", _BUCKET]
         proc, log_path = self._spawn("objectstore", argv, env)
         _wait_until(
@@ -899,10 +899,10 @@ class _ObjectStoreHandler(BaseHTTPRequestHandler):
 
 
 def _serve_object_store(argv: list[str] | None = None) -> int:  # pragma: no cover - runs as a child
-    """``python -m em3.services object-store --root DIR --port P``: the durable broker's storage."""
+    """``python -m em3.app.services object-store --root DIR --port P``: the durable broker's storage."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m em3.services")
+    parser = argparse.ArgumentParser(prog="python -m em3.app.services")
     parser.add_argument("command", choices=["object-store"])
     parser.add_argument("--root", required=True)
     parser.add_argument("--host", default="127.0.0.1")

@@ -19,7 +19,7 @@ from em3.config import default_run_dir, load_settings
 __all__ = ["main", "add_connection_flags", "settings_from_args"]
 
 # Packages whose ``cli.register`` adds subcommands; missing ones are skipped.
-_COMMAND_MODULES = ("stream.cli", "learners.cli", "serving.cli", "simulators.cli", "em3.demo")
+_COMMAND_MODULES = ("stream.cli", "learners.cli", "serving.cli", "simulators.cli", "em3.app.demo")
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def _services(args: argparse.Namespace) -> int:
-    from em3.services import LocalServices, services_status, stop_services
+    from em3.app.services import LocalServices, services_status, stop_services
 
     run_dir = args.run_dir or default_run_dir()
     if args.action == "up":

@@ -146,7 +146,7 @@ class _Subprocess:
 
     def __init__(self, name: str, argv: Sequence[str], log_path: Path, env: Mapping[str, str],
                  module: str = "em3") -> None:
-        from em3.services import die_with_parent
+        from em3.app.services import die_with_parent
 
         self.name = name
         self.log_path = log_path
@@ -328,7 +328,7 @@ class _ColdStartTracker:
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
     """Run the demo; returns the JSON report (also written to ``config.out_dir``)."""
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect
-    from em3.services import LocalServices, free_port, wait_until
+    from em3.app.services import LocalServices, free_port, wait_until
     from stream.kafka import ensure_topics
 
     out = Path(config.out_dir).resolve()
