@@ -620,7 +620,7 @@ class Supervised:
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        from em3.services import die_with_parent
+        from em3.app.services import die_with_parent
 
         self.starts += 1
         log_file = open(self.log_dir / f"{self.name}.{self.starts}.log", "wb")
@@ -1024,7 +1024,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outage_s: float,
          rng: random.Random, t_start: float) -> dict[str, Any]:
     from em3.redis_stores import RedisAppliedLog, RedisContentStore, RedisSnapshotStore, connect
-    from em3.services import LocalServices, free_port, wait_until
+    from em3.app.services import LocalServices, free_port, wait_until
     from simulators.delays import LogNormalDelay
     from simulators.world import World, WorldConfig
     from stream.kafka import ensure_topics, parse_dead_letter
