@@ -376,7 +376,7 @@ class LocalServices:
         data = self.run_dir / "broker-data"
         data.mkdir(mode=0o700, exist_ok=True)
         env = {**os.environ, _OBJECT_STORE_KEY_ENV: self._object_store_key,
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
                                                            os.environ.get("PYTHONPATH")]))}
         argv = [sys.executable, "-m", "em3.app.services", "object-store", "--root", str(data),
                 "--host", self.info.host, "--port", str(self._object_store_port), "--bucket", _BUCKET]
