@@ -48,14 +48,24 @@ def content_digest(item: ItemContent | None) -> str:
     return h.hexdigest()
 
 
+#: Images declaring more pixels than this are treated as missing, before decoding:
+#: a 661-byte PNG can declare 60,000 x 60,000 pixels (a decompression bomb).
+MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def decode_image(data: bytes, size: int) -> torch.Tensor | None:
-    """Decode PNG/JPEG bytes to a normalised ``(3, size, size)`` tensor; ``None`` if unreadable."""
+    """Decode PNG/JPEG bytes to a normalised ``(3, size, size)`` tensor; ``None`` if
+    unreadable or larger than :data:`MAX_IMAGE_PIXELS` (registered content must never
+    fail a snapshot swap or a training step)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{width} x {height} pixels exceeds {MAX_IMAGE_PIXELS}")
             rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         logger.warning("unreadable image (%d bytes): %s; treating the image as missing", len(data), exc)
         return None
     arr = np.asarray(rgb, dtype=np.float32) / 255.0  # (S, S, 3)
