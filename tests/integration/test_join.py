@@ -42,6 +42,27 @@ def read_topic(settings, topic: str, expected: int, timeout_s: float = 60.0, idl
     return out
 
 
+def assert_labelled_exactly(settings, impressions, clicks, worker) -> None:
+    """The samples topic labels every impression as the reference join does, once
+    after dedup; a re-emitted sample (same id) carries the same label."""
+    from stream.dedup import DedupWindow
+
+    reference = expected_labels(impressions, clicks, JOIN)
+    want = len(reference) + sum(c for _, c in reference.values())
+    dedup = DedupWindow(1_000_000)
+    got = {}
+    for m in read_topic(settings, settings.topics.samples, want):
+        s = codec.decode_sample(m.value())
+        key = (s.impression.impression_id, s.correction)
+        if dedup.add_new(s.sample_id):
+            got[key] = s.label
+        else:
+            assert got[key] == s.label  # a re-emission, identical
+    missing = [iid for iid in reference if (iid, False) not in got]
+    assert not missing, (len(missing), len(reference), missing[:5], worker.counters)
+    assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference
+
+
 def run_join(settings, **worker_kwargs) -> JoinWorker:
     worker = JoinWorker(settings, JOIN, WorkerConfig(**worker_kwargs))
     worker.start()
@@ -182,7 +203,6 @@ def test_orphan_and_too_late_clicks_go_to_dead_letter(settings):
 
 
 def test_a_fenced_worker_reloads_its_partitions_and_still_labels_everything(settings, redis_client):
-    from stream.dedup import DedupWindow
     from stream.state import RedisJoinStateStore
 
     ensure_topics(settings.kafka, settings.topics, partitions=2)
@@ -202,18 +222,7 @@ def test_a_fenced_worker_reloads_its_partitions_and_still_labels_everything(sett
         worker.close()
     assert worker.counters["fenced"] >= 1
 
-    reference = expected_labels(impressions, clicks, JOIN)
-    want = len(reference) + sum(c for _, c in reference.values())
-    dedup = DedupWindow(1_000_000)
-    got = {}
-    for m in read_topic(settings, settings.topics.samples, want):
-        s = codec.decode_sample(m.value())
-        key = (s.impression.impression_id, s.correction)
-        if dedup.add_new(s.sample_id):
-            got[key] = s.label
-        else:
-            assert got[key] == s.label  # a re-emission, identical
-    assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference
+    assert_labelled_exactly(settings, impressions, clicks, worker)
 
 
 def test_the_join_rides_out_a_redis_outage_and_loses_nothing(settings, local_service_processes):
@@ -222,8 +231,6 @@ def test_the_join_rides_out_a_redis_outage_and_loses_nothing(settings, local_ser
     still labelled exactly as the reference join labels it."""
     import os
     import signal
-
-    from stream.dedup import DedupWindow
 
     ensure_topics(settings.kafka, settings.topics, partitions=2)
     impressions, clicks = generate_stream(StreamSpec(impressions=4000, users=300, seed=11))
@@ -261,14 +268,4 @@ def test_the_join_rides_out_a_redis_outage_and_loses_nothing(settings, local_ser
         worker.close()
     assert worker.counters["batch_failures"] >= 1 and worker.counters["recoveries"] >= 1
 
-    reference = expected_labels(impressions, clicks, JOIN)
-    want = len(reference) + sum(c for _, c in reference.values())
-    dedup = DedupWindow(1_000_000)
-    got = {}
-    for m in read_topic(settings, settings.topics.samples, want):
-        s = codec.decode_sample(m.value())
-        if dedup.add_new(s.sample_id):
-            got[(s.impression.impression_id, s.correction)] = s.label
-    missing = [iid for iid in reference if (iid, False) not in got]
-    assert not missing, (len(missing), len(reference), missing[:5], worker.counters)
-    assert {iid: (got[(iid, False)], (iid, True) in got) for iid in reference} == reference
+    assert_labelled_exactly(settings, impressions, clicks, worker)
