@@ -181,6 +181,48 @@ class RedisHistoryStore:
         return out
 
 
+def kept_versions(versions: list[int], keep: int, latest: int | None, bases: dict[int, int]) -> set[int]:
+    """The versions a store keeps: the newest ``keep``, the pointer's, and every
+    version a kept delta is built on (``bases``: delta version -> its base), so each
+    kept version stays loadable.
+
+    >>> sorted(kept_versions([1, 2, 3, 4, 5], 2, 5, {2: 1, 3: 2, 4: 3, 5: 4}))
+    [1, 2, 3, 4, 5]
+    >>> sorted(kept_versions([1, 2, 3, 4, 5], 2, 5, {5: 4}))
+    [4, 5]
+    """
+    needed = set(versions[-keep:]) | ({latest} if latest is not None else set())
+    frontier = list(needed)
+    while frontier:
+        base = bases.get(frontier.pop())
+        if base is not None and base not in needed:
+            needed.add(base)
+            frontier.append(base)
+    return needed
+
+
+def walk_chain(get, line: str, version: int, have: int | None = None) -> list[tuple[SnapshotManifest, bytes]]:
+    """The snapshots that rebuild ``version``, oldest first, read with ``get(line, v)``:
+    a full snapshot and the deltas after it, or, when the chain passes through
+    ``have`` (a version the caller already holds), only the deltas after ``have``.
+
+    Raises :class:`SnapshotError` when a link is missing (pruned) or loops.
+    """
+    chain: list[tuple[SnapshotManifest, bytes]] = []
+    seen: set[int] = set()
+    current: int | None = version
+    while current is not None and current != have:
+        if current in seen:
+            raise SnapshotError(f"snapshot {line!r} v{version}: its delta chain loops at v{current}")
+        seen.add(current)
+        manifest, blob = get(line, current)
+        chain.append((manifest, blob))
+        current = manifest.base_version if manifest.kind == "delta" else None
+        if manifest.kind == "delta" and current is None:
+            raise SnapshotError(f"snapshot {line!r} v{manifest.version} is a delta without a base")
+    return chain[::-1]
+
+
 class RedisSnapshotStore:
     """Versioned snapshots per model line: blob + manifest, a version pointer,
     a pub/sub notification, the last ``keep`` versions kept.
@@ -228,22 +270,31 @@ class RedisSnapshotStore:
         pipe.set(self._k(line, f"{version}:blob"), blob)
         pipe.set(self._k(line, f"{version}:manifest"), codec.manifest_to_json(manifest))
         pipe.zadd(self._k(line, "versions"), {str(version): version})
+        if manifest.kind == "delta":
+            pipe.hset(self._k(line, "bases"), str(version), str(manifest.base_version))
         pipe.set(self._k(line, "latest"), version)
         pipe.sadd(f"{self.prefix}snap-lines", line)
         pipe.execute()
         self.client.publish(self.channel, json.dumps({"line": line, "version": version}))
         self._prune(line)
 
+    def _bases(self, line: str) -> dict[int, int]:
+        """``{delta version: its base version}`` of the kept deltas."""
+        return {int(k): int(v) for k, v in self.client.hgetall(self._k(line, "bases")).items()}
+
     def _prune(self, line: str) -> None:
+        """Keep the newest ``keep`` versions, the pointer's, and every version a kept
+        delta is built on (so each kept version stays loadable); delete the rest."""
         versions = self.versions(line)
-        latest = self.latest_version(line)
-        stale = [v for v in versions[: max(0, len(versions) - self.keep)] if v != latest]
+        needed = kept_versions(versions, self.keep, self.latest_version(line), self._bases(line))
+        stale = [v for v in versions if v not in needed]
         if not stale:
             return
         pipe = self.client.pipeline(transaction=True)
         for v in stale:
             pipe.delete(self._k(line, f"{v}:blob"), self._k(line, f"{v}:manifest"))
             pipe.zrem(self._k(line, "versions"), str(v))
+            pipe.hdel(self._k(line, "bases"), str(v))
         pipe.execute()
 
     def rollback(self, line: str, version: int | None = None) -> int:
@@ -296,6 +347,10 @@ class RedisSnapshotStore:
         manifest = codec.decode_manifest(raw_manifest)
         verify_manifest(manifest, self._key)
         return manifest, blob
+
+    def get_chain(self, line: str, version: int, have: int | None = None) -> list[tuple[SnapshotManifest, bytes]]:
+        """See :func:`walk_chain`."""
+        return walk_chain(self.get, line, version, have)
 
     def subscribe(self):
         """A pub/sub object subscribed to the notification channel (caller closes it)."""

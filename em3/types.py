@@ -222,6 +222,15 @@ class SnapshotManifest(msgspec.Struct, frozen=True):
     stats: dict[str, Any] = msgspec.field(default_factory=dict)
     signature: str = ""
     v: Version = SCHEMA_VERSION
+    #: ``"full"``: the blob holds the whole trainable state. ``"delta"``: it holds the
+    #: rows that changed since ``base_version`` plus every tensor that changed wholly
+    #: (:func:`em3.snapshot.pack_delta`).
+    kind: Literal["full", "delta"] = "full"
+    base_version: int | None = None
+    #: Digest of the whole state this snapshot stands for (:func:`em3.snapshot.state_digest`),
+    #: and, for a delta, of the state it must be applied to.
+    state_sha256: str = ""
+    base_state_sha256: str = ""
 
 
 # --- HTTP request bodies (serving.app decodes them; /openapi.json shows them) --------

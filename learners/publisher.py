@@ -23,6 +23,7 @@ orphaned applied record is unreachable from any published version.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -87,15 +88,41 @@ class PublisherConfig:
         ``benchmarks/recovery.py``).
     check_pointer : bool
         Refuse to publish when the line's pointer moved (:class:`LineMovedError`).
+    full_every, full_every_s : int, float
+        Between full snapshots, publish deltas against the version before
+        (:func:`em3.snapshot.pack_delta`: the changed rows of the ID tables and
+        counters, the dense tensors whole); a full snapshot follows after
+        ``full_every`` deltas or ``full_every_s`` seconds, whichever comes first.
+        ``full_every=0`` publishes only full snapshots. Keep ``full_every`` below
+        the store's ``keep`` so that a server which missed a delta finds the chain.
     """
 
     dedup_capacity: int = 200_000
     retain_applied: bool = False
     check_pointer: bool = True
+    full_every: int = 10
+    full_every_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.dedup_capacity, int) or self.dedup_capacity <= 0:
             raise ValueError(f"dedup_capacity must be > 0, but {self.dedup_capacity!r} is given")
+        if not isinstance(self.full_every, int) or self.full_every < 0:
+            raise ValueError(f"full_every must be >= 0, but {self.full_every!r} is given")
+        if not self.full_every_s >= 0:
+            raise ValueError(f"full_every_s must be >= 0, but {self.full_every_s!r} is given")
+
+
+@dataclass
+class _Base:
+    version: int
+    state: dict[str, Any]
+    digest: str
+    deltas: int  # deltas published since the last full snapshot
+    full_at: float  # monotonic time of that full snapshot
+
+
+def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: t.detach().to("cpu").clone() for name, t in state.items()}
 
 
 @dataclass
@@ -116,16 +143,28 @@ def _pack(state: Mapping[str, Any], **manifest_fields: Any) -> tuple[bytes, Snap
     return snapshot.pack(state, **manifest_fields)
 
 
+def _pack_delta(state: Mapping[str, Any], base: Mapping[str, Any], **fields: Any) -> tuple[bytes, SnapshotManifest]:
+    from em3 import snapshot
+
+    return snapshot.pack_delta(state, base, **fields)
+
+
+def _materialize(chain, expected_config: Mapping[str, Any]) -> dict[str, Any]:
+    from em3 import snapshot
+
+    return snapshot.materialize(chain, expected_config)
+
+
+def _digest(state: Mapping[str, Any]) -> str:
+    from em3 import snapshot
+
+    return snapshot.state_digest(state)
+
+
 def _config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
     from em3 import snapshot
 
     return snapshot.config_dict(config)
-
-
-def _unpack(blob: bytes, manifest: SnapshotManifest, expected_config: Mapping[str, Any]) -> Mapping[str, Any]:
-    from em3 import snapshot
-
-    return snapshot.unpack(blob, manifest, expected_config=expected_config)
 
 
 class SnapshotPublisher:
@@ -153,6 +192,8 @@ class SnapshotPublisher:
         self.config = config
         # (version, applied count) of the window's chain, newest last; used to prune.
         self._chain: list[tuple[int, int]] = []
+        # The last published (or resumed) state, that the next delta is made against.
+        self._base: _Base | None = None
 
     # ---------------------------------------------------------------- resume
     def resume(self, partitions: Iterable[str] | None = None) -> ResumePoint | None:
@@ -170,10 +211,11 @@ class SnapshotPublisher:
         candidates = [latest] + [v for v in reversed(self.snapshots.versions(self.model_line)) if v < latest]
         for version in candidates:
             try:
-                manifest, blob = self.snapshots.get(self.model_line, version)
+                chain = self.snapshots.get_chain(self.model_line, version)
             except SnapshotError as exc:
                 log.warning("snapshot %s v%d unreadable (%s); trying an older one", self.model_line, version, exc)
                 continue
+            manifest = chain[-1][0]
             saved, wanted = _config_dict(manifest.config), _config_dict(self.model_config)
             if saved != wanted:
                 differing = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -182,12 +224,13 @@ class SnapshotPublisher:
                     f"use another --model-line or the same variant (differing keys: {differing})"
                 )
             try:
-                state = _unpack(blob, manifest, self.model_config)
+                state = _materialize(chain, self.model_config)
             except SnapshotError as exc:
                 log.warning("snapshot %s v%d fails verification (%s); trying an older one", self.model_line, version, exc)
                 continue
-            window, chain = self._window(version, None if partitions is None else set(partitions))
-            self._chain = chain
+            window, applied_chain = self._window(version, None if partitions is None else set(partitions))
+            self._chain = applied_chain
+            self._base = _Base(version, _copy_state(state), manifest.state_sha256 or _digest(state), 0, -math.inf)
             totals = {k: int(v) for k, v in dict(manifest.stats.get("totals", {})).items()}
             log.info("resuming %s from v%d (offsets %s, dedup window %d ids)",
                      self.model_line, version, dict(manifest.offsets), len(window))
@@ -230,18 +273,20 @@ class SnapshotPublisher:
             if current != parent and not self._forged(current):
                 raise LineMovedError(f"line {line!r} points at v{current}, but this learner built on v{parent}")
         version = self.snapshots.next_version(line)
-        blob, manifest = _pack(
-            state,
-            model_line=line,
-            version=version,
-            parent_version=parent,
-            created_at=time.time(),
-            config=self.model_config,
-            offsets={k: int(v) for k, v in offsets.items()},
-            stats=dict(stats),
-        )
+        fields = dict(model_line=line, version=version, parent_version=parent, created_at=time.time(),
+                      config=self.model_config, offsets={k: int(v) for k, v in offsets.items()}, stats=dict(stats))
+        base, now = self._base, time.monotonic()
+        delta = (base is not None and parent is not None and base.version == parent
+                 and base.deltas < self.config.full_every and now - base.full_at < self.config.full_every_s)
+        if delta:
+            blob, manifest = _pack_delta(state, base.state, base_version=parent, base_state_sha256=base.digest,
+                                         **fields)
+        else:
+            blob, manifest = _pack(state, **fields)
         self.applied.put(line, version, parent, {k: list(v) for k, v in applied_ids.items() if v})
         self.snapshots.publish(manifest, blob)
+        self._base = _Base(version, _copy_state(state), manifest.state_sha256,
+                           base.deltas + 1 if delta else 0, base.full_at if delta else now)
         self._chain.append((version, sum(len(v) for v in applied_ids.values())))
         self._prune()
         return manifest

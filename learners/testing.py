@@ -14,6 +14,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from em3.errors import SnapshotError
+from em3.redis_stores import kept_versions, walk_chain
 from em3.types import Impression, ItemContent, Sample, SnapshotManifest
 
 __all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog"]
@@ -60,11 +61,17 @@ class InMemorySnapshotStore:
         return self.seq[line]
 
     def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
-        kept = self.snaps.setdefault(manifest.model_line, {})
+        line = manifest.model_line
+        kept = self.snaps.setdefault(line, {})
         kept[manifest.version] = (manifest, blob)
-        self.latest[manifest.model_line] = manifest.version
-        for v in sorted(kept)[: max(0, len(kept) - self.keep)]:
+        self.latest[line] = manifest.version
+        bases = {v: m.base_version for v, (m, _) in kept.items() if m.kind == "delta"}
+        needed = kept_versions(sorted(kept), self.keep, manifest.version, bases)
+        for v in [v for v in kept if v not in needed]:
             del kept[v]
+
+    def get_chain(self, line: str, version: int, have: int | None = None) -> list[tuple[SnapshotManifest, bytes]]:
+        return walk_chain(self.get, line, version, have)
 
     def versions(self, line: str) -> list[int]:
         return sorted(self.snaps.get(line, {}))

@@ -1,12 +1,21 @@
 """The ranking service: pure logic between a loaded model, item content and user history.
 
-Item representations are cached per snapshot version in an :class:`ItemRepCache`.
-When a new version is loaded, :meth:`RankingService.prepare` fills a fresh cache
-for the registered catalog and the items the previous version was asked about,
-off the request path; items that show up later (new registrations, cold-start
-candidates) are computed on first use, from their content, so a new item ranks
-at once. Candidates without registered content are ranked by their ID part
-(or dropped, see :class:`RankingConfig`) and always reported back.
+Two-speed content. An item's row is its *content row* (what the content towers make
+of its text and image: slow, on CPU about a millisecond an item) composed with its
+*fast part* (ID embedding, counters, biases: a table read). Content rows live in a
+:class:`ContentTable` per line, in an :class:`ItemRepCache`, and are kept across
+snapshot versions; every request composes the rows it needs
+(:meth:`RankingModel.compose`). So a swap to a version that changed the ranker and
+the ID tables costs nothing per item, whatever the catalogue's size. When a version
+changes the content towers (its ``content_key`` differs), the line keeps serving the
+content rows it has and a background thread recomputes the catalogue's rows with
+the new towers, in batches, at most once per ``content_refresh_s``; the new table
+replaces the old in one assignment. The first version of a line fills the table
+for the registered catalog once, off the request path; items that show up later
+(new registrations, cold-start candidates) are computed on first use, from their
+content, so a new item ranks at once. Candidates without registered content are
+ranked by their ID part (or dropped, see :class:`RankingConfig`) and always
+reported back.
 
 Invalidation is race-free: each cache keeps an epoch per item, read before the
 content is fetched; a row computed from content older than the latest
@@ -32,6 +41,7 @@ from serving.scoring import RankingModel
 __all__ = [
     "RankingConfig",
     "ItemRepCache",
+    "ContentTable",
     "ServingState",
     "RankedItem",
     "RankResult",
@@ -57,7 +67,12 @@ class RankingConfig:
     cache_max_items : int
         Rows kept per snapshot version; the oldest inserted go first beyond it.
     precompute_max_items : int
-        Most items whose rows are computed when a version is loaded.
+        Most items whose content rows are computed when a line's first version is
+        loaded, and by each background refresh.
+    content_refresh_s : float
+        Least time between the starts of two background refreshes of a line's
+        content rows (each starts when a newly loaded version changed the content
+        towers); 0 refreshes on every such version.
     unknown_ttl_s : float
         How long the ID-only row of an unregistered item is trusted before the
         content store is asked again.
@@ -73,6 +88,7 @@ class RankingConfig:
     max_candidates: int = 1000
     cache_max_items: int = 200_000
     precompute_max_items: int = 50_000
+    content_refresh_s: float = 30.0
     unknown_ttl_s: float = 2.0
     rep_batch_size: int = 64
     unknown_candidates: str = "score"
@@ -84,6 +100,8 @@ class RankingConfig:
                 raise ValueError(f"{name} must be > 0, but {value!r} is given")
         if not isinstance(self.precompute_max_items, int) or self.precompute_max_items < 0:
             raise ValueError(f"precompute_max_items must be >= 0, but {self.precompute_max_items!r} is given")
+        if not self.content_refresh_s >= 0:
+            raise ValueError(f"content_refresh_s must be >= 0, but {self.content_refresh_s!r} is given")
         if not self.unknown_ttl_s >= 0:
             raise ValueError(f"unknown_ttl_s must be >= 0, but {self.unknown_ttl_s!r} is given")
         if self.unknown_candidates not in UNKNOWN_POLICIES:
@@ -205,16 +223,42 @@ class ItemRepCache:
                 self._drop(item_id)
 
 
+class ContentTable:
+    """The content rows one line serves, shared by its versions: ``current`` is the
+    pair ``(content_key, cache)``, replaced whole by a refresh (one assignment), so a
+    request that reads it once sees one consistent table."""
+
+    def __init__(self, key: str, cache: ItemRepCache) -> None:
+        self.current: tuple[str, ItemRepCache] = (key, cache)
+        self.refreshing = False
+        self.refresh_started = -math.inf  # monotonic
+        self.refreshes = 0
+        self.last_refresh: dict[str, float] = {}
+
+    @property
+    def key(self) -> str:
+        return self.current[0]
+
+    @property
+    def cache(self) -> ItemRepCache:
+        return self.current[1]
+
+
 @dataclass(frozen=True)
 class ServingState:
-    """One loaded snapshot with its row cache: what a request reads, all at once."""
+    """One loaded snapshot with its line's content table: what a request reads."""
 
     model_line: str
     version: int
     manifest: SnapshotManifest | None
     model: RankingModel
-    cache: ItemRepCache
+    content: ContentTable
     loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def cache(self) -> ItemRepCache:
+        """The content rows served now."""
+        return self.content.cache
 
 
 @dataclass(frozen=True)
@@ -264,15 +308,30 @@ class RankingService:
         self, line: str, manifest: SnapshotManifest | None, model: RankingModel,
         previous: ServingState | None = None,
     ) -> ServingState:
-        """A new :class:`ServingState` with rows precomputed for the registered
-        catalog and the items ``previous`` served (newest first), up to
-        ``precompute_max_items``. Runs in the reloader's thread, never per request."""
-        cache = ItemRepCache(self.config.cache_max_items)
-        with self._live_lock:
-            self._live.add(cache)  # invalidations from now on reach this cache
+        """A new :class:`ServingState` for ``model``. The first version of a line fills
+        a content table for the registered catalog (up to ``precompute_max_items``);
+        later versions share the previous one's table and, when ``model`` changed the
+        content towers, start a background refresh of it. Runs in the reloader's
+        thread, never per request."""
+        version = manifest.version if manifest is not None else 0
+        if previous is None:
+            t0 = time.perf_counter()
+            cache = self._fill(model, self._catalog_ids(previous=None))
+            table = ContentTable(model.content_key, cache)
+            logger.info("line %r v%s: %d content rows computed in %.3f s", line, version, len(cache),
+                        time.perf_counter() - t0)
+        else:
+            table = previous.content
+            if model.content_key != table.key:
+                self._maybe_refresh(line, table, model)
+        return ServingState(line, version, manifest, model, table)
+
+    def _catalog_ids(self, previous: ItemRepCache | None) -> list[str]:
+        """The registered catalog and the items ``previous`` holds (newest first), up to
+        ``precompute_max_items``."""
         wanted: dict[str, None] = {}
         if previous is not None:
-            for item_id in reversed(previous.cache.keys()):
+            for item_id in reversed(previous.keys()):
                 wanted[item_id] = None
         ids_fn = getattr(self.content, "ids", None)
         if callable(ids_fn):
@@ -282,16 +341,43 @@ class RankingService:
             except Exception as exc:  # noqa: BLE001 - a store outage must not stop a swap
                 self.content_errors += 1
                 logger.warning("could not list the catalog for precompute: %r", exc)
-        ids = list(wanted)[: self.config.precompute_max_items]
-        t0 = time.perf_counter()
+        return list(wanted)[: self.config.precompute_max_items]
+
+    def _fill(self, model: RankingModel, ids: Sequence[str]) -> ItemRepCache:
+        """A new, live content cache holding the rows of ``ids``, computed in batches."""
+        cache = ItemRepCache(self.config.cache_max_items)
+        with self._live_lock:
+            self._live.add(cache)  # invalidations from now on reach this cache
         bs = self.config.rep_batch_size
         for start in range(0, len(ids), bs):
-            self._compute(model, cache, ids[start:start + bs], time.monotonic())
-        version = manifest.version if manifest is not None else 0
-        logger.info(
-            "line %r v%s: %d item rows precomputed in %.3f s", line, version, len(cache), time.perf_counter() - t0
-        )
-        return ServingState(line, version, manifest, model, cache)
+            self._content_rows(model, cache, ids[start:start + bs], time.monotonic())
+        return cache
+
+    def _maybe_refresh(self, line: str, table: ContentTable, model: RankingModel) -> None:
+        """Start recomputing ``table`` with ``model``'s towers in a background thread,
+        unless a refresh runs or one started less than ``content_refresh_s`` ago."""
+        now = time.monotonic()
+        if table.refreshing or now - table.refresh_started < self.config.content_refresh_s:
+            return
+        table.refreshing, table.refresh_started = True, now
+
+        def run() -> None:
+            try:
+                t0 = time.perf_counter()
+                ids = self._catalog_ids(previous=table.cache)
+                cache = self._fill(model, ids)
+                table.current = (model.content_key, cache)  # the swap: one assignment
+                seconds = time.perf_counter() - t0
+                table.refreshes += 1
+                table.last_refresh = {"items": len(cache), "seconds": seconds,
+                                      "items_per_s": len(cache) / seconds if seconds > 0 else 0.0}
+                logger.info("line %r: content rows of %d items refreshed in %.3f s", line, len(cache), seconds)
+            except Exception:  # noqa: BLE001 - the old rows stay served; the next version retries
+                logger.exception("line %r: content refresh failed", line)
+            finally:
+                table.refreshing = False
+
+        threading.Thread(target=run, name=f"content-refresh-{line}", daemon=True).start()
 
     def invalidate(self, item_ids: Sequence[str]) -> None:
         """Drop the rows of ``item_ids`` from every live cache (content changed)."""
@@ -301,9 +387,11 @@ class RankingService:
             cache.invalidate(item_ids)
 
     # -- rows ---------------------------------------------------------------------
-    def _compute(
+    def _content_rows(
         self, model: RankingModel, cache: ItemRepCache, item_ids: Sequence[str], now: float
     ) -> tuple[torch.Tensor, list[bool]] | None:
+        """Content rows of ``item_ids`` from the content store and the towers, stored in
+        ``cache`` (unless the store failed: then they are not cached)."""
         if not item_ids:
             return None
         epochs = cache.epochs(item_ids)
@@ -318,32 +406,34 @@ class RankingService:
                 self.content_errors += 1
                 self.content_breaker.failure()
                 logger.warning("content lookup failed for %d items: %r", len(item_ids), exc)
-        reps = model.item_representations(item_ids, contents)  # (N, D)
+        rows = model.item_content(item_ids, contents)  # (N, C)
         known = [c is not None for c in contents]
         if fetched:
             ttl = self.config.unknown_ttl_s
             expires = [math.inf if k else now + ttl for k in known]
-            cache.put_many(item_ids, reps, known, epochs, expires)
-        return reps, known
+            cache.put_many(item_ids, rows, known, epochs, expires)
+        return rows, known
 
     def representations(self, state: ServingState, item_ids: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
-        """Rows ``(N, D)`` for ``item_ids`` from the cache, computing misses; and
-        whether each item has registered content."""
+        """Rows ``(N, D)`` for ``item_ids``: their content rows from the line's table
+        (computing misses) composed with the model's fast part; and whether each item
+        has registered content."""
         now = time.monotonic()
-        rows, known, missing = state.cache.gather(item_ids, now)
+        cache = state.content.cache
+        rows, known, missing = cache.gather(item_ids, now)
         if missing:
             unique = list(dict.fromkeys(item_ids[n] for n in missing))
-            reps, flags = self._compute(state.model, state.cache, unique, now)  # type: ignore[misc]
+            fresh, flags = self._content_rows(state.model, cache, unique, now)  # type: ignore[misc]
             if rows is None:
-                rows = reps.new_zeros((len(item_ids), reps.shape[1]))
+                rows = fresh.new_zeros((len(item_ids), fresh.shape[1]))
             where = {item_id: j for j, item_id in enumerate(unique)}
             picks = [where[item_ids[n]] for n in missing]
-            rows[missing] = reps[picks].to(rows.dtype)
+            rows[missing] = fresh[picks].to(rows.dtype)
             for n, j in zip(missing, picks):
                 known[n] = flags[j]
         if rows is None:
             return torch.empty(0, 0), known
-        return rows, known  # (N, D)
+        return state.model.compose(item_ids, rows), known  # (N, D)
 
     # -- requests -----------------------------------------------------------------
     def user_history(self, state: ServingState, user_id: str) -> list[str]:

@@ -206,10 +206,33 @@ class SnapshotReloader:
                 return True
         return False
 
+    def _chain(self, version: int) -> list:
+        """The snapshots to apply to reach ``version``: the deltas after the version
+        served now when ``version``'s chain passes through it, else a full snapshot
+        and the deltas after it (:meth:`RedisSnapshotStore.get_chain`)."""
+        have = None if self.current is None else self.current.version
+        get_chain = getattr(self.store, "get_chain", None)
+        if get_chain is None:  # a store without deltas
+            return [self.store.get(self.model_line, version)]
+        return get_chain(self.model_line, version, have=have)
+
+    def _build(self, chain: list, previous: RankingModel | None) -> RankingModel:
+        """Load the chain's snapshots in order, each on the model before it."""
+        model = previous
+        for manifest, blob in chain:
+            if manifest.kind == "delta":
+                load_delta = getattr(self.loader, "load_delta", None)
+                if load_delta is None:
+                    raise SnapshotError(f"v{manifest.version} is a delta, and this loader loads only full snapshots")
+                model = load_delta(manifest, blob, model)
+            else:
+                model = self.loader.load(manifest, blob, model)
+        return model
+
     def _load(self, version: int) -> bool:
         t0 = time.perf_counter()
         try:
-            manifest, blob = self.store.get(self.model_line, version)
+            chain = self._chain(version)
         except (RedisError, OSError) as exc:
             self.mark_redis(False, repr(exc))
             return False
@@ -220,8 +243,9 @@ class SnapshotReloader:
             self._fail("missing", str(exc))
             return False
         previous = self.current
+        manifest = chain[-1][0]
         try:
-            model = self.loader.load(manifest, blob, None if previous is None else previous.model)
+            model = self._build(chain, None if previous is None else previous.model)
             state = self.prepare(self.model_line, manifest, model, previous)
         except SnapshotError as exc:
             self._refuse(version, "snapshot", str(exc))

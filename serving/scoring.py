@@ -1,11 +1,16 @@
 """The small scoring interface the server ranks through, and its EM3 adapter.
 
-A server never calls a model's training API. It needs two things from a loaded
-snapshot, which :class:`RankingModel` names:
+A server never calls a model's training API. It needs these from a loaded
+snapshot, which :class:`RankingModel` names. An item's row has a slow part and a
+fast part (two-speed content):
 
-* ``item_representations(item_ids, contents)``: one row per item, computed from
-  its content and ID parts, once per item and snapshot version (the server
-  caches the rows);
+* ``item_content(item_ids, contents)``: the slow part, computed by the content
+  towers from the item's content. It depends only on the towers' weights, which
+  ``content_key`` identifies, so the server keeps these rows across snapshot
+  versions and recomputes them in the background when the key changes;
+* ``compose(item_ids, content_rows)``: the whole row from the content rows and the
+  fast, table-read part (ID embedding, counters, biases), per request: a snapshot
+  that changes only the ranker and the ID tables costs no recompute;
 * ``score(user_id, context, history_reps, candidate_reps)``: one logit per
   candidate.
 
@@ -39,11 +44,20 @@ class RankingModel(Protocol):
     (inference only, no state changes) and must not change after loading.
     """
 
-    def item_representations(
+    content_key: str
+    """Identifies the content towers' weights: models with equal keys give equal
+    :meth:`item_content` rows."""
+
+    def item_content(
         self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
     ) -> torch.Tensor:
-        """Rows ``(N, D)`` for ``item_ids``; ``contents[i]`` is ``None`` when the item
-        has no registered content (the model then masks the content part)."""
+        """Content rows ``(N, C)`` for ``item_ids`` (``C`` may be 0); ``contents[i]`` is
+        ``None`` when the item has no registered content (the model then masks the
+        content part)."""
+        ...
+
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``(N, D)`` for ``item_ids`` from their content rows ``(N, C)``; cheap."""
         ...
 
     def score(
@@ -125,13 +139,36 @@ class EM3RankingModel:
         self.model = model.eval()
         self.history_len = int(model.config.history_len)
         self.rep_lock = rep_lock or threading.Lock()
+        self._content_key: str | None = None
+
+    @property
+    def content_key(self) -> str:
+        if self._content_key is None:
+            from em3.snapshot import state_digest
+
+            tower = {n: t for n, t in self.model.trainable_state_dict().items() if n.startswith(CONTENT_PREFIXES)}
+            self._content_key = state_digest(tower) if self.model.config.use_content else "none"
+        return self._content_key
 
     @torch.inference_mode()
+    def item_content(
+        self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
+    ) -> torch.Tensor:
+        if not self.model.config.use_content:
+            return torch.zeros(len(item_ids), 0)
+        with self.rep_lock:
+            return self.model.content_embeddings(list(item_ids), list(contents))  # (N, d)
+
+    @torch.inference_mode()
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
+        content = content_rows if self.model.config.use_content else None
+        return self.model.encode_items(list(item_ids), content=content).reps  # (N, R)
+
     def item_representations(
         self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
     ) -> torch.Tensor:
-        with self.rep_lock:
-            return self.model.item_representations(list(item_ids), list(contents))  # (N, R)
+        """Whole rows ``(N, R)``: :meth:`compose` of :meth:`item_content`."""
+        return self.compose(item_ids, self.item_content(item_ids, contents))
 
     @torch.inference_mode()
     def score(
@@ -142,6 +179,10 @@ class EM3RankingModel:
         candidate_reps: torch.Tensor,
     ) -> torch.Tensor:
         return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps)  # (C,)
+
+
+#: Trainable tensors of the content towers (LoRA adapters, fusion, content norm).
+CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
 
 
 class EM3Loader:
@@ -192,3 +233,20 @@ class EM3Loader:
         except (ValueError, RuntimeError, KeyError) as exc:
             raise SnapshotError(f"snapshot state does not fit the model: {exc}") from None
         return EM3RankingModel(model, rep_lock)
+
+    def load_delta(self, manifest: SnapshotManifest, blob: bytes, previous: RankingModel | None) -> RankingModel:
+        """The model of delta snapshot ``manifest``: ``previous`` (which must be its
+        base) with the delta applied (:func:`em3.snapshot.apply_delta` checks the base's
+        digest and the result's). ``previous`` is not modified."""
+        from em3 import snapshot
+        from em3.model import ModelConfig
+
+        expected = pinned_config_check(self._pinned, self._lock, manifest, self.expected_config)
+        delta = snapshot.unpack(blob, manifest, expected)  # raises SnapshotError
+        config = ModelConfig.from_dict(manifest.config)
+        if not isinstance(previous, EM3RankingModel) or previous.model.config != config:
+            raise SnapshotError(f"delta v{manifest.version} needs its base v{manifest.base_version} loaded")
+        state = snapshot.apply_delta(previous.model.trainable_state_dict(), delta, manifest)
+        model = _share_frozen_copy(previous.model)
+        model.load_trainable_state_dict(state)
+        return EM3RankingModel(model, previous.rep_lock)

@@ -68,18 +68,29 @@ class ToyModel:
         self.bias = tensors["bias"]  # (1,)
         self.forward_delay_s = forward_delay_s
 
-    def item_representations(
-        self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
-    ) -> torch.Tensor:
+    @property
+    def content_key(self) -> str:
+        return hashlib.sha256(self.token_table.numpy().tobytes()).hexdigest()
+
+    def item_content(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor:
+        """Mean token embedding of each item's text ``(N, D)`` (zeros without text)."""
         b = self.config.buckets
-        ids = torch.tensor([_bucket(i, b) for i in item_ids], dtype=torch.long)
-        rows = self.item_table[ids].clone()  # (N, D)
+        rows = torch.zeros(len(item_ids), self.config.dim)
         for n, content in enumerate(contents):
             tokens = content.text.lower().split() if content is not None else []
             if tokens:
                 tok = torch.tensor([_bucket(t, b) for t in tokens], dtype=torch.long)
-                rows[n] += self.token_table[tok].mean(dim=0)
+                rows[n] = self.token_table[tok].mean(dim=0)
         return rows
+
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor([_bucket(i, self.config.buckets) for i in item_ids], dtype=torch.long)
+        return self.item_table[ids] + content_rows  # (N, D)
+
+    def item_representations(
+        self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
+    ) -> torch.Tensor:
+        return self.compose(item_ids, self.item_content(item_ids, contents))
 
     def score(
         self,

@@ -1,12 +1,14 @@
-"""The ranking service: cached rows per version, cold start, unknown candidates, invalidation."""
+"""The ranking service: two-speed content rows, cold start, unknown candidates, invalidation."""
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
 
 from em3.types import ItemContent
 from serving.ranking import ItemRepCache, RankingConfig, RankingService
-from serving.toy import ToyLoader, make_toy_snapshot
+from serving.toy import ToyLoader, ToyModel, make_toy_snapshot
 
 
 def _state(service, toy_config, version=1, previous=None):
@@ -69,7 +71,7 @@ def test_a_new_item_ranks_from_its_content_at_once(content, history, toy_config)
     result = service.rank(state, "u1", ["fresh", "i1"])
     assert result.unknown_item_ids == []
     row = state.cache.get("fresh", 0.0)
-    expected = state.model.item_representations(["fresh"], [ItemContent("fresh", text="brand new thing")])[0]
+    expected = state.model.item_content(["fresh"], [ItemContent("fresh", text="brand new thing")])[0]
     assert torch.allclose(row.rep, expected)
 
 
@@ -156,3 +158,42 @@ def test_rank_checks_its_arguments(content, history, toy_config):
 def test_ranking_config_messages(field, value):
     with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
         RankingConfig(**{field: value})
+
+
+def _retrained(model: ToyModel, *, towers: bool) -> ToyModel:
+    """``model`` after more training: new ID rows and, with ``towers``, new content towers."""
+    g = torch.Generator().manual_seed(7)
+    tensors = {"item_table": torch.randn(model.item_table.shape, generator=g), "user_table": model.user_table,
+               "bias": model.bias, "token_table": model.token_table}
+    if towers:
+        tensors["token_table"] = torch.randn(model.token_table.shape, generator=g)
+    return ToyModel(model.config, tensors)
+
+
+def test_a_version_with_the_same_towers_shares_the_content_rows_and_composes_its_own(content, history,
+                                                                                        toy_config):
+    service = RankingService(content, history)
+    v1 = _state(service, toy_config)
+    model2 = _retrained(v1.model, towers=False)
+    v2 = service.prepare("main", None, model2, v1)
+    assert v2.content is v1.content and not v2.content.refreshing  # nothing recomputed per item
+    ids = ["i3", "i4"]
+    reps, _ = service.representations(v2, ids)
+    assert torch.allclose(reps, model2.item_representations(ids, content.get_many(ids)))
+
+
+def test_new_towers_keep_the_old_content_rows_until_a_background_refresh_replaces_them(content, history,
+                                                                                         toy_config, catalog):
+    service = RankingService(content, history, RankingConfig(content_refresh_s=0.0))
+    v1 = _state(service, toy_config)
+    old_rows = v1.cache.get("i3", 0.0).rep.clone()
+    model2 = _retrained(v1.model, towers=True)
+    v2 = service.prepare("main", None, model2, v1)
+    deadline = time.monotonic() + 10
+    while v2.content.key != model2.content_key and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert v2.content.key == model2.content_key and v2.content.refreshes == 1
+    new_row = v2.cache.get("i3", 0.0).rep
+    assert not torch.allclose(new_row, old_rows)
+    assert torch.allclose(new_row, model2.item_content(["i3"], content.get_many(["i3"]))[0])
+    assert len(v2.cache) == len(catalog)  # the whole catalog, recomputed
