@@ -245,3 +245,26 @@ def test_snapshot_store_publishes_prunes_and_rolls_back(settings, redis_client):
     with pytest.raises(SnapshotError):
         store.get("nope")
     pubsub.close()
+
+
+def test_snapshot_store_keeps_delta_chains_loadable_and_walks_them(settings, redis_client):
+    import time
+
+    from em3.redis_stores import RedisSnapshotStore
+    from em3.types import SnapshotManifest
+
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, keep=2, signing_key=settings.snapshot_key)
+    line, parent = "chain", None
+    for k in range(5):  # v1 full, v2-v3 deltas, v4 full, v5 delta
+        v = store.next_version(line)
+        kind = "full" if k in (0, 3) else "delta"
+        m = SnapshotManifest(line, v, parent, time.time(), {}, {}, sha256="ab" * 32, num_bytes=1, kind=kind,
+                             base_version=parent if kind == "delta" else None)
+        store.publish(m, b"x")
+        parent = v
+        if k == 2:  # keep=2, but v3's chain reaches back to the full v1
+            assert store.versions(line) == [1, 2, 3]
+            assert [m.version for m, _ in store.get_chain(line, 3)] == [1, 2, 3]
+            assert [m.version for m, _ in store.get_chain(line, 3, have=2)] == [3]
+    assert store.versions(line) == [4, 5]  # the new full base frees the old chain
+    assert [m.version for m, _ in store.get_chain(line, 5)] == [4, 5]
