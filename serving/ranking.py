@@ -33,6 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from em3.model.encoders import content_digest
 from em3.retry import Breaker
 from em3.stores import ContentSource, HistorySource
 from em3.types import ItemContent, SnapshotManifest
@@ -344,13 +345,15 @@ class RankingService:
         return list(wanted)[: self.config.precompute_max_items]
 
     def _fill(self, model: RankingModel, ids: Sequence[str]) -> ItemRepCache:
-        """A new, live content cache holding the rows of ``ids``, computed in batches."""
+        """A new, live content cache holding the rows of ``ids``, computed in batches;
+        items with identical content (same text and image bytes) are computed once."""
         cache = ItemRepCache(self.config.cache_max_items)
         with self._live_lock:
             self._live.add(cache)  # invalidations from now on reach this cache
         bs = self.config.rep_batch_size
+        same_content: dict[str, torch.Tensor] = {}
         for start in range(0, len(ids), bs):
-            self._content_rows(model, cache, ids[start:start + bs], time.monotonic())
+            self._content_rows(model, cache, ids[start:start + bs], time.monotonic(), same_content)
         return cache
 
     def _maybe_refresh(self, line: str, table: ContentTable, model: RankingModel) -> None:
@@ -388,10 +391,12 @@ class RankingService:
 
     # -- rows ---------------------------------------------------------------------
     def _content_rows(
-        self, model: RankingModel, cache: ItemRepCache, item_ids: Sequence[str], now: float
+        self, model: RankingModel, cache: ItemRepCache, item_ids: Sequence[str], now: float,
+        same_content: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, list[bool]] | None:
         """Content rows of ``item_ids`` from the content store and the towers, stored in
-        ``cache`` (unless the store failed: then they are not cached)."""
+        ``cache`` (unless the store failed: then they are not cached). ``same_content``
+        maps content digests to rows already computed with ``model``, and is added to."""
         if not item_ids:
             return None
         epochs = cache.epochs(item_ids)
@@ -406,13 +411,27 @@ class RankingService:
                 self.content_errors += 1
                 self.content_breaker.failure()
                 logger.warning("content lookup failed for %d items: %r", len(item_ids), exc)
-        rows = model.item_content(item_ids, contents)  # (N, C)
+        if same_content is None:
+            rows = model.item_content(item_ids, contents)  # (N, C)
+        else:
+            rows = self._memo_rows(model, item_ids, contents, same_content)
         known = [c is not None for c in contents]
         if fetched:
             ttl = self.config.unknown_ttl_s
             expires = [math.inf if k else now + ttl for k in known]
             cache.put_many(item_ids, rows, known, epochs, expires)
         return rows, known
+
+    @staticmethod
+    def _memo_rows(model: RankingModel, item_ids: Sequence[str], contents: Sequence[ItemContent | None],
+                   same_content: dict[str, torch.Tensor]) -> torch.Tensor:
+        digests = [content_digest(c) for c in contents]
+        todo = list({d: n for n, d in enumerate(digests) if d not in same_content}.values())
+        if todo:
+            fresh = model.item_content([item_ids[n] for n in todo], [contents[n] for n in todo])  # (M, C)
+            for row, n in zip(fresh, todo):
+                same_content[digests[n]] = row
+        return torch.stack([same_content[d] for d in digests]) if digests else torch.empty(0, 0)
 
     def representations(self, state: ServingState, item_ids: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
         """Rows ``(N, D)`` for ``item_ids``: their content rows from the line's table
