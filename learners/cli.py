@@ -232,13 +232,16 @@ def _snapshots(args: argparse.Namespace) -> int:
             return 2
         if args.action == "list":
             latest = store.latest_version(args.line)
-            print(f"{'':1} {'version':>7} {'parent':>6} {'created (UTC)':<19} {'applied':>9} {'window_auc':>10}  offsets")
+            print(f"{'':1} {'version':>7} {'parent':>6} {'kind':<10} {'bytes':>10} {'created (UTC)':<19} {'applied':>9} "
+                  f"{'window_auc':>10}  offsets")
             for version in store.versions(args.line):
                 m = store.manifest(args.line, version)
                 created = datetime.fromtimestamp(m.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
                 applied = m.stats.get("totals", {}).get("samples_applied", "")
                 auc = m.stats.get("prequential", {}).get("window_auc")
-                print(f"{'*' if version == latest else ' '} {version:>7} {str(m.parent_version or ''):>6} {created:<19} "
+                kind = "full" if m.kind == "full" else f"delta/{m.base_version}"
+                print(f"{'*' if version == latest else ' '} {version:>7} {str(m.parent_version or ''):>6} {kind:<10} "
+                      f"{m.num_bytes:>10} {created:<19} "
                       f"{applied!s:>9} {('' if auc is None else f'{auc:.4f}'):>10}  {json.dumps(dict(m.offsets))}")
             return 0
         if args.action == "show":
