@@ -1,8 +1,10 @@
 """Freshness: from a click's production to the first /v1/rank answer served by a
 snapshot whose offsets include it.
 
-Starts the embedded broker and Redis, a learner (``em3 learn --in-process``, tiny
-config) and a ranking server (``em3 serve``) as subprocesses, keeps a background
+Starts the embedded broker and Redis, a learner (``em3 learn``: by default the
+default ``em3`` model through a Ray learner actor, publishing delta snapshots every
+second; ``--runtime in_process --tiny --variant id_only`` for the small in-process
+one) and a ranking server (``em3 serve``) as subprocesses, keeps a background
 stream of samples flowing, and every ``--probe-every-s`` produces a probe click: a
 positive labelled sample on the samples topic (``--through direct``, the learner's
 input; the join's own latency is measured by ``benchmarks/join.py``). Its
@@ -16,7 +18,8 @@ and how much the server's reload (``created_at`` -> first answer).
 
 Run::
 
-    python benchmarks/freshness.py --duration-s 40 --snapshot-interval-s 2
+    python benchmarks/freshness.py                      # em3, Ray, 1 s deltas
+    python benchmarks/freshness.py --runtime in_process --tiny --variant id_only --snapshot-interval-s 2
 
 The last printed line is one JSON object: freshness_p50_s, freshness_p99_s,
 snapshot_interval_s, ...
@@ -52,12 +55,15 @@ LINE = "fresh"
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=40.0, help="measured phase")
-    parser.add_argument("--snapshot-interval-s", type=float, default=2.0)
+    parser.add_argument("--snapshot-interval-s", type=float, default=1.0)
     parser.add_argument("--background-rate", type=float, default=200.0, help="samples per second")
     parser.add_argument("--probe-every-s", type=float, default=0.25)
     parser.add_argument("--poll-every-s", type=float, default=0.05)
     parser.add_argument("--candidates", type=int, default=20)
-    parser.add_argument("--variant", default="id_only")
+    parser.add_argument("--variant", default="em3")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random-init config instead of the default")
+    parser.add_argument("--runtime", choices=["ray", "in_process"], default="ray",
+                        help="the learner as a Ray actor (what `em3 learn` runs) or in its process")
     parser.add_argument("--through", choices=["direct", "join"], default="direct",
                         help="direct: probe clicks are labelled samples on the samples topic; join: an "
                              "impression then a click on their topics, labelled by `em3 join --engine plain`")
@@ -79,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         learner = subprocess.Popen(
-            [sys.executable, "-m", "em3", "-v", "learn", "--in-process", "--tiny", "--variant", args.variant,
+            [sys.executable, "-m", "em3", "-v", "learn", *(["--in-process"] if args.runtime == "in_process" else []),
+             *(["--tiny"] if args.tiny else []), "--variant", args.variant,
              "--model-line", LINE, "--snapshot-interval-s", str(args.snapshot_interval_s),
-             "--batch-size", "256", "--max-batch-wait-s", "0.05", "--lr", "0.01", *common],
+             "--batch-size", "256", "--max-batch-wait-s", "0.05", *(["--lr", "0.01"] if args.tiny else []), *common],
             env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "learner.log", "wb"))
         join = None
         if args.through == "join":
@@ -219,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
                         proc.kill()
 
         order = sorted(manifests, key=lambda v: seen[v])
+        delta_count = sum(1 for m in manifests.values() if m.kind == "delta")
+        full_count = len(manifests) - delta_count
         fresh, learner_part, server_part, uncovered = [], [], [], 0
         for probe in probes:
             if "offset" not in probe:
@@ -246,7 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
         "freshness_p99_s": pct(fresh, 99),
         "freshness_max_s": pct(fresh, 100),
         "snapshot_interval_s": args.snapshot_interval_s,
-        "target_p99_s": args.snapshot_interval_s + 3.0,
+        "variant": args.variant + (" (tiny)" if args.tiny else ""),
+        "runtime": args.runtime,
+        "delta_snapshots": delta_count,
+        "full_snapshots": full_count,
+        "target_p99_s": 3.0,
         "learner_part_p50_s": pct(learner_part, 50),
         "learner_part_p99_s": pct(learner_part, 99),
         "server_reload_part_p50_s": pct(server_part, 50),

@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--max-batch-wait-s", type=_positive_float, default=0.2)
     p.add_argument("--dedup-capacity", type=_positive_int, default=200_000)
+    p.add_argument("--full-snapshot-every", type=int, default=10, metavar="N",
+                   help="publish a full snapshot after N delta snapshots (0: only full snapshots)")
     p.add_argument("--retain-applied", action="store_true",
                    help="keep every version's applied-ids record (audit trail)")
     p.add_argument("--gpu", action="store_true", help="one GPU per learner (Ray num_gpus=1)")
@@ -114,7 +116,8 @@ def learn_config_from_args(args: argparse.Namespace):
         loop=LoopConfig(batch_size=args.batch_size, max_batch_wait_s=args.max_batch_wait_s,
                         dedup_capacity=args.dedup_capacity, exclude_lines=excluded),
         policy=SnapshotPolicy(interval_s=args.snapshot_interval_s, every_steps=args.snapshot_every_steps),
-        publisher=PublisherConfig(dedup_capacity=args.dedup_capacity, retain_applied=args.retain_applied),
+        publisher=PublisherConfig(dedup_capacity=args.dedup_capacity, retain_applied=args.retain_applied,
+                                  full_every=getattr(args, "full_snapshot_every", 10)),
     )
 
 

@@ -50,7 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "per core) or in a worker-thread pool (overlapping requests, about 1 ms of thread "
                         "hand-offs each)")
     p.add_argument("--precompute-max-items", type=int, default=50_000,
-                   help="most item rows computed per new version before it is swapped in")
+                   help="most items whose content rows are computed when a line's first version loads, "
+                        "and by each background content refresh")
+    p.add_argument("--content-refresh-s", type=float, default=30.0,
+                   help="least seconds between two background refreshes of a line's content rows (each "
+                        "starts when a new version changed the content towers)")
     p.add_argument("--max-future", type=float, default=300.0,
                    help="served_at/clicked_at further ahead of this server's clock than this many seconds get 422")
     p.add_argument("--trusted-network", action="store_true",
@@ -88,7 +92,8 @@ def build_runtime(args: argparse.Namespace):
         experiment = ExperimentConfig.single_line(args.model_line)
     ranking = RankingConfig(history_len=args.history_len, max_candidates=args.max_candidates,
                             unknown_candidates=args.unknown_candidates,
-                            precompute_max_items=args.precompute_max_items)
+                            precompute_max_items=args.precompute_max_items,
+                            content_refresh_s=args.content_refresh_s)
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
                           precompute_threads=args.precompute_threads or None,
