@@ -7,14 +7,16 @@ The simulated world knows the truth. For each replication (seed ``r``):
   (run as an A/A of two copies of the arm that share all feedback, which is one
   learner seeing all traffic), with the same world seed; the true effect is the
   mean over replications of ``CTR(treatment alone) - CTR(control alone)``;
-* **the A/B test**: the two arms 50/50, users randomised, once with ``pooled``
-  training data (each arm's learner also learns from the other arm's exposures:
-  ``share_feedback``) and once with ``split`` (each learns only from its own);
-  the estimate is the user-level CTR difference (delta method), with its
-  fixed-horizon ``1 - alpha`` interval.
+* **the A/B test**: the two arms 50/50, users randomised, once per training-data
+  policy (``ABConfig.training_data``): ``pooled`` (each arm's learner also learns
+  from the other arm's exposures), ``split`` (each learns only from its own) and
+  ``weighted`` (each learns from all exposures, weighted by
+  :class:`em3.experiment.ArmPropensity` so that they look like its own: Si's
+  weighted training); the estimate is the user-level CTR difference (delta
+  method), with its fixed-horizon ``1 - alpha`` interval.
 
 Reported per policy: the mean estimate, the bias (mean of estimate - truth), and
-the coverage (share of replications whose interval holds the true effect). Si's ``weighted`` policy is not built; it is reported as such.
+the coverage (share of replications whose interval holds the true effect).
 
 The world is one where interference is real: the control explores (epsilon-greedy
 popularity learner, epsilon 0.3) and the treatment is greedy (epsilon 0). Alone,
@@ -53,9 +55,9 @@ def _world(args: argparse.Namespace, seed: int) -> World:
                              new_items_per_hour=0.0, seed=seed))
 
 
-def _config(args: argparse.Namespace, seed: int, share: bool) -> ABConfig:
+def _config(args: argparse.Namespace, seed: int, training_data: str) -> ABConfig:
     return ABConfig(n_requests=args.requests, k=args.k, request_rate_per_s=args.rate, seed=seed,
-                    check_every=args.requests, min_samples=20, share_feedback=share, unit="user",
+                    check_every=args.requests, min_samples=20, training_data=training_data, unit="user",
                     assignment="user", alpha=args.alpha)
 
 
@@ -64,7 +66,7 @@ def _solo_ctr(args: argparse.Namespace, arm: str, seed: int) -> float:
     world = _world(args, seed)
     copies = {f"{arm}-1": EpsilonGreedyRanker(f"{arm}-1", ARMS[arm], seed=seed),
               f"{arm}-2": EpsilonGreedyRanker(f"{arm}-2", ARMS[arm], seed=seed + 1)}
-    report = ABRunner(world, copies, _config(args, seed, share=True)).run()
+    report = ABRunner(world, copies, _config(args, seed, "pooled")).run()
     clicks = sum(s["clicks"] for s in report.final.values())
     shown = sum(s["impressions"] for s in report.final.values())
     return clicks / shown
@@ -73,7 +75,7 @@ def _solo_ctr(args: argparse.Namespace, arm: str, seed: int) -> float:
 def _ab(args: argparse.Namespace, seed: int, policy: str) -> dict[str, float]:
     world = _world(args, seed)
     arms = {name: EpsilonGreedyRanker(name, eps, seed=seed + n) for n, (name, eps) in enumerate(ARMS.items())}
-    report = ABRunner(world, arms, _config(args, seed, share=policy == "pooled")).run()
+    report = ABRunner(world, arms, _config(args, seed, policy)).run()
     return report.tests["greedy"]["fixed_horizon"]
 
 
@@ -92,7 +94,7 @@ def main() -> int:
     ARMS["explore"] = args.explore
     t0 = time.time()
     truths: list[float] = []
-    runs: dict[str, list[dict[str, float]]] = {"pooled": [], "split": []}
+    runs: dict[str, list[dict[str, float]]] = {"pooled": [], "split": [], "weighted": []}
     for r in range(args.replications):
         truth = _solo_ctr(args, "greedy", r) - _solo_ctr(args, "explore", r)
         truths.append(truth)
@@ -111,14 +113,15 @@ def main() -> int:
         covered = [row["ci_low"] <= true_effect <= row["ci_high"] for row in rows]
         policies[policy] = {"estimate": float(est.mean()), "bias": float(err.mean()),
                             "rmse": float(math.sqrt((err**2).mean())), "ci_coverage": float(np.mean(covered))}
-    policies["weighted"] = {"built": False}
-    better = min(("split",), key=lambda k: abs(policies[k]["bias"]))  # type: ignore[index]
+    better = min(("split", "weighted"), key=lambda k: abs(policies[k]["bias"]))  # type: ignore[index]
     print(json.dumps({
         "true_effect": true_effect, "true_effect_se": float(np.std(truths, ddof=1) / math.sqrt(len(truths)))
         if len(truths) > 1 else None, "replications": args.replications, "policies": policies,
         "unit": "user", "alpha": args.alpha, "arms": {"control": "explore (epsilon 0.3)", "treatment": "greedy"},
         "targets": {
             "split_coverage_ge_0.9": policies["split"]["ci_coverage"] >= 0.9,  # type: ignore[index]
+            "weighted_coverage_ge_0.9": policies["weighted"]["ci_coverage"] >= 0.9,  # type: ignore[index]
+            "better_of_split_weighted": better,
             "better_bias_le_half_pooled":
                 abs(policies[better]["bias"]) <= 0.5 * abs(policies["pooled"]["bias"]),  # type: ignore[index]
         },

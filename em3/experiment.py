@@ -106,8 +106,57 @@ class ArmConfig:
         return self.model_line or self.kind
 
 
-#: What each arm's learner trains on (see :meth:`ExperimentConfig.excluded_lines`).
-TRAINING_DATA = ("split", "pooled")
+#: What each arm's learner trains on (see :meth:`ExperimentConfig.excluded_lines`
+#: and :class:`ArmPropensity`).
+TRAINING_DATA = ("split", "pooled", "weighted")
+
+
+class ArmPropensity:
+    """Si's weighted training (arXiv 2310.17496): every arm's learner learns from all
+    the experiment's data, each sample weighted so that the data looks as if that arm
+    had served everyone.
+
+    Pooled data mixes the arms' exposures, ``p_mix(x) = sum_a q_a p_a(x)`` with ``q_a``
+    an arm's share of the impressions. The weight that turns it into arm ``a``'s own
+    distribution is ``p_a(x) / p_mix(x) = P(a | x) / q_a``, where ``P(a | x)`` is the
+    probability that an impression like ``x`` was served by arm ``a``. Here ``x`` is
+    the item, and ``P(a | item)`` a running, smoothed count of which arm served the
+    item's impressions: ``(n_a,item + prior q_a) / (n_item + prior)``. An item only the
+    other arm shows gets a weight near 0 (this arm alone would never have learned
+    about it); an item both show alike gets about 1. Weights are clipped at
+    ``max_weight``.
+
+    >>> p = ArmPropensity()
+    >>> for _ in range(50):
+    ...     p.observe("a", "both"); p.observe("b", "both"); p.observe("b", "b-only")
+    >>> round(p.weight("a", "both"), 2), round(p.weight("a", "b-only"), 2), round(p.weight("b", "b-only"), 2)
+    (1.49, 0.04, 1.48)
+    """
+
+    def __init__(self, prior: float = 2.0, max_weight: float = 10.0) -> None:
+        if not (prior > 0 and max_weight > 0):
+            raise ValueError(f"prior and max_weight must be > 0, but {prior} and {max_weight} are given")
+        self.prior, self.max_weight = prior, max_weight
+        self._by_item: dict[str, dict[str, int]] = {}
+        self._by_arm: dict[str, int] = {}
+        self._total = 0
+
+    def observe(self, arm: str, item_id: str) -> None:
+        """Count one impression of ``item_id`` served by ``arm``."""
+        counts = self._by_item.setdefault(item_id, {})
+        counts[arm] = counts.get(arm, 0) + 1
+        self._by_arm[arm] = self._by_arm.get(arm, 0) + 1
+        self._total += 1
+
+    def weight(self, arm: str, item_id: str) -> float:
+        """The loss weight of a sample of ``item_id`` for ``arm``'s learner."""
+        if not self._total or not self._by_arm.get(arm):
+            return 1.0
+        share = self._by_arm[arm] / self._total
+        counts = self._by_item.get(item_id, {})
+        n = sum(counts.values())
+        p_arm = (counts.get(arm, 0) + self.prior * share) / (n + self.prior)
+        return min(self.max_weight, p_arm / share)
 
 
 @dataclass(frozen=True)
@@ -122,6 +171,9 @@ class ExperimentConfig:
       which would bias the measured effect (training-loop interference, Si 2023),
       at the cost of each learner seeing only its share of the traffic.
     * ``"pooled"``: every line learns from every sample.
+    * ``"weighted"``: every line learns from every sample, each weighted by
+      :class:`ArmPropensity` so that the data looks as if that line's arm had served
+      everyone (Si's weighted training: all the data, without the shift).
     """
 
     name: str
@@ -172,7 +224,7 @@ class ExperimentConfig:
         >>> e.excluded_lines("em3"), ExperimentConfig("x", e.arms, training_data="pooled").excluded_lines("em3")
         (('id_only',), ())
         """
-        if self.training_data == "pooled":
+        if self.training_data in ("pooled", "weighted"):
             return ()
         return tuple(sorted({a.model_line for a in self.arms if a.is_model and a.model_line != model_line}))
 

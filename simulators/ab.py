@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from em3.experiment import TRAINING_DATA, ArmPropensity
 from em3.types import Click, Impression
 from simulators.rankers import Ranker
 from simulators.sequential import DEFAULT_TAU2, RatioStats, SequentialTest, fixed_horizon
@@ -89,8 +90,10 @@ class ABConfig:
         Clicks later than this after their impression do not count.
     stop_early : bool
         End when every treatment has a verdict.
-    share_feedback : bool
-        If True, learning rankers see every arm's events, not only their own.
+    training_data : {"split", "pooled", "weighted"}
+        What learning rankers observe (:data:`em3.experiment.TRAINING_DATA`): only
+        their own arm's events (``split``), every arm's (``pooled``), or every arm's
+        with Si's weights (``weighted``, :class:`em3.experiment.ArmPropensity`).
     arm_from_ranking : bool
         If True, the arm is the one the ranker reports (``Ranking.arm``), not
         the runner's assignment: for a server that buckets users itself (map
@@ -113,11 +116,13 @@ class ABConfig:
     check_every: int = 500
     attribution_window_s: float = 600.0
     stop_early: bool = False
-    share_feedback: bool = False
+    training_data: str = "split"
     arm_from_ranking: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.training_data not in TRAINING_DATA:
+            raise ValueError(f"training_data must be one of {TRAINING_DATA}, but {self.training_data!r} is given")
         for name in ("n_requests", "k", "check_every", "min_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
@@ -307,6 +312,8 @@ class ABRunner:
         stopped_early = False
         n_done = 0
 
+        propensity = ArmPropensity()
+
         def deliver(until: float) -> None:
             batch: dict[str, list] = {a: [] for a in self.arm_names}
             while pending_events and pending_events[0][0] <= until:
@@ -314,14 +321,25 @@ class ABRunner:
                 if self.event_sink is not None:
                     self.event_sink(event)
                 batch[arm].append(event)
+            if cfg.training_data == "weighted":
+                for a in self.arm_names:
+                    for e in batch[a]:
+                        if isinstance(e, Impression):
+                            propensity.observe(a, e.item_id)
             for name, ranker in self.arms.items():
                 observe = getattr(ranker, "observe", None)
                 if observe is None:
                     continue
-                events = [e for a in self.arm_names for e in batch[a]] if cfg.share_feedback else batch[name]
-                if events:
-                    if cfg.share_feedback:
-                        events.sort(key=lambda e: e.served_at if isinstance(e, Impression) else e.clicked_at)
+                if cfg.training_data == "split":
+                    events = batch[name]
+                else:
+                    events = sorted((e for a in self.arm_names for e in batch[a]),
+                                    key=lambda e: e.served_at if isinstance(e, Impression) else e.clicked_at)
+                if not events:
+                    continue
+                if cfg.training_data == "weighted":
+                    observe(events, [propensity.weight(name, e.item_id) for e in events])
+                else:
                     observe(events)
 
         def look(now: float) -> None:

@@ -87,8 +87,9 @@ class Ranker(Protocol):
 class LearningRanker(Ranker, Protocol):
     """A ranker that learns from its own impressions and clicks."""
 
-    def observe(self, events: Sequence[Impression | Click]) -> None:
-        """Events in event-time order; clicks arrive after their delay."""
+    def observe(self, events: Sequence[Impression | Click], weights: Sequence[float] | None = None) -> None:
+        """Events in event-time order; clicks arrive after their delay. ``weights``
+        (one per event, default 1) are training weights (weighted training data)."""
         ...
 
 
@@ -139,15 +140,16 @@ class PopularityRanker:
         self.arm = arm
         self.prior_clicks = prior_clicks
         self.prior_impressions = prior_impressions
-        self.impressions: dict[str, int] = defaultdict(int)
-        self.clicks: dict[str, int] = defaultdict(int)
+        self.impressions: dict[str, float] = defaultdict(float)
+        self.clicks: dict[str, float] = defaultdict(float)
 
-    def observe(self, events: Sequence[Impression | Click]) -> None:
-        for event in events:
+    def observe(self, events: Sequence[Impression | Click], weights: Sequence[float] | None = None) -> None:
+        for n, event in enumerate(events):
+            w = 1.0 if weights is None else float(weights[n])
             if isinstance(event, Impression):
-                self.impressions[event.item_id] += 1
+                self.impressions[event.item_id] += w
             else:
-                self.clicks[event.item_id] += 1
+                self.clicks[event.item_id] += w
 
     def score(self, item_ids: Sequence[str]) -> np.ndarray:
         """Smoothed CTR of each item."""
@@ -206,8 +208,8 @@ class EpsilonGreedyRanker:
         self.learner = PopularityRanker(arm, prior_clicks, prior_impressions)
         self._rng = np.random.default_rng(seed)
 
-    def observe(self, events: Sequence[Impression | Click]) -> None:
-        self.learner.observe(events)
+    def observe(self, events: Sequence[Impression | Click], weights: Sequence[float] | None = None) -> None:
+        self.learner.observe(events, weights)
 
     def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
         _check_k(k)

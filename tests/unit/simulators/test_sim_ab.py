@@ -56,12 +56,40 @@ class Recorder:
         self.arm = arm
         self.inner = RandomRanker(arm, 0)
         self.seen: list = []
+        self.weights: list = []
 
     def rank(self, user_id, candidates, context, k) -> Ranking:
         return self.inner.rank(user_id, candidates, context, k)
 
-    def observe(self, events) -> None:
+    def observe(self, events, weights=None) -> None:
         self.seen.extend(events)
+        self.weights.extend([1.0] * len(events) if weights is None else weights)
+
+
+class TopOnly(Recorder):
+    """Shows only the first ``k`` candidates in id order: a narrow, fixed catalogue."""
+
+    def rank(self, user_id, candidates, context, k) -> Ranking:
+        return Ranking(tuple(sorted(candidates)[:k]), self.arm)
+
+
+def test_pooled_and_weighted_learners_see_every_arm_weighted_by_how_their_arm_serves_the_item():
+    world = World(WorldConfig(seed=3, **SMALL))
+    pooled = {"a": Recorder("a"), "b": TopOnly("b")}
+    ABRunner(world, pooled, ABConfig(n_requests=400, seed=3, k=5, check_every=100, training_data="pooled")).run()
+    assert len(pooled["a"].seen) == len(pooled["b"].seen) and set(pooled["a"].weights) == {1.0}
+    world = World(WorldConfig(seed=3, **SMALL))
+    arms = {"a": Recorder("a"), "b": TopOnly("b")}
+    ABRunner(world, arms, ABConfig(n_requests=400, seed=3, k=5, check_every=100, training_data="weighted")).run()
+    b_items = {e.item_id for e in arms["b"].seen if isinstance(e, Impression) and e.arm == "b"}
+    w_a = [w for e, w in zip(arms["a"].seen, arms["a"].weights) if isinstance(e, Impression)]
+    items = [e.item_id for e in arms["a"].seen if isinstance(e, Impression)]
+    only_a = [w for i, w in zip(items, w_a) if i not in b_items]
+    only_b_for_a = [w for e, w in zip(arms["a"].seen, arms["a"].weights)
+                    if isinstance(e, Impression) and e.arm == "b"]
+    # The random arm rarely shows the narrow arm's items: for its learner they weigh little,
+    # while its own spread-out items weigh more than 1.
+    assert sum(only_b_for_a) / len(only_b_for_a) < 0.5 < 1.0 < sum(only_a) / len(only_a)
 
 
 def test_events_reach_the_sink_in_time_order_and_learners_see_their_own_arm():
