@@ -228,6 +228,20 @@ class ExperimentConfig:
             return ()
         return tuple(sorted({a.model_line for a in self.arms if a.is_model and a.model_line != model_line}))
 
+    def loop_settings(self, model_line: str) -> dict[str, Any]:
+        """The :class:`learners.loop.LoopConfig` fields that make ``model_line``'s learner
+        follow this experiment's policy: ``exclude_lines`` (split) and
+        ``weight_as_line`` (weighted: samples weighted by :class:`ArmPropensity` for
+        this line's arm).
+
+        >>> e = ExperimentConfig("x", (ArmConfig("a", 0.5, "line", "em3"), ArmConfig("b", 0.5, "line", "id_only")),
+        ...                      training_data="weighted")
+        >>> e.loop_settings("em3")
+        {'exclude_lines': (), 'weight_as_line': 'em3'}
+        """
+        return {"exclude_lines": self.excluded_lines(model_line),
+                "weight_as_line": model_line if self.training_data == "weighted" else ""}
+
     @classmethod
     def single_line(cls, model_line: str) -> "ExperimentConfig":
         """All traffic on the latest snapshot of one line (``em3 serve --model-line``)."""

@@ -101,11 +101,11 @@ def learn_config_from_args(args: argparse.Namespace):
     from learners.worker import LearnConfig
 
     model = ModelConfig.tiny(args.variant) if args.tiny else ModelConfig.for_variant(args.variant)
-    excluded: tuple[str, ...] = ()
+    policy: dict = {}
     if getattr(args, "experiment", None):
         from em3.experiment import ExperimentConfig
 
-        excluded = ExperimentConfig.from_file(args.experiment).excluded_lines(args.model_line)
+        policy = ExperimentConfig.from_file(args.experiment).loop_settings(args.model_line)
     return LearnConfig(
         model_line=args.model_line,
         model_config=model.to_dict(),
@@ -114,7 +114,7 @@ def learn_config_from_args(args: argparse.Namespace):
         device="auto" if (args.gpu or args.in_process) else "cpu",
         seed=args.seed,
         loop=LoopConfig(batch_size=args.batch_size, max_batch_wait_s=args.max_batch_wait_s,
-                        dedup_capacity=args.dedup_capacity, exclude_lines=excluded),
+                        dedup_capacity=args.dedup_capacity, **policy),
         policy=SnapshotPolicy(interval_s=args.snapshot_interval_s, every_steps=args.snapshot_every_steps),
         publisher=PublisherConfig(dedup_capacity=args.dedup_capacity, retain_applied=args.retain_applied,
                                   full_every=getattr(args, "full_snapshot_every", 10)),

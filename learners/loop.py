@@ -34,12 +34,13 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from em3 import codec
 from em3.errors import DecodeError
+from em3.experiment import ArmPropensity
 from em3.retry import Backoff
 from em3.stores import HistorySource
 from em3.types import Sample
@@ -92,6 +93,12 @@ class LoopConfig:
         (counted as ``other_arm_skipped``): the experiment's ``split`` training-data
         policy (:meth:`em3.experiment.ExperimentConfig.excluded_lines`). Empty: learn
         from every sample (``pooled``).
+    weight_as_line : str
+        Non-empty: the ``weighted`` policy. Every sample is learned with the weight
+        :class:`em3.experiment.ArmPropensity` gives it for this model line's arm
+        (``P(line | item) / share``, from the ``model_line`` tags of the samples seen so
+        far in this process), so that the data looks as if this line had served
+        everyone.
     """
 
     batch_size: int = 256
@@ -103,6 +110,7 @@ class LoopConfig:
     retry_initial_s: float = 0.5
     retry_max_s: float = 30.0
     exclude_lines: tuple[str, ...] = ()
+    weight_as_line: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude_lines", tuple(self.exclude_lines))
@@ -197,7 +205,8 @@ class MemorySampleSource:
 class LearnerLike(Protocol):
     """What the loop needs of :class:`learners.online.OnlineLearner`."""
 
-    def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]]) -> Mapping[str, float]: ...
+    def learn_batch(self, samples: Sequence[Sample], histories: Sequence[Sequence[str]],
+                    weights: Sequence[float] | None = None) -> Mapping[str, float]: ...
 
     def score(self, records: Sequence[Sample], histories: Sequence[Sequence[str]]) -> np.ndarray: ...
 
@@ -277,6 +286,7 @@ class LearnerLoop:
         self.positions: dict[str, int] = {}
         # learn_batch(..., return_probs=True) returns the pre-update predictions itself.
         self._fused = "return_probs" in inspect.signature(learner.learn_batch).parameters
+        self._propensity = ArmPropensity()
         self.totals: dict[str, int] = {name: 0 for name in COUNTERS}
         self._new_cycle()
 
@@ -373,6 +383,13 @@ class LearnerLoop:
                 self.positions[rec.partition] = max(self.positions.get(rec.partition, 0), rec.offset + 1)
             return stats
 
+    def _weights(self, samples: Sequence[Sample]) -> list[float]:
+        """Si's weights of ``samples`` for this line's arm (the ``weighted`` policy)."""
+        for s in samples:
+            if not s.correction:
+                self._propensity.observe(s.impression.model_line or "-", s.impression.item_id)
+        return [self._propensity.weight(self.config.weight_as_line, s.impression.item_id) for s in samples]
+
     def _process_once(self, records: Sequence[SourceRecord]) -> dict[str, float]:
         counters = self._cycle_counters
         decoded: list[tuple[str, Sample]] = []
@@ -398,14 +415,17 @@ class LearnerLoop:
                 self.history_len,
                 [s.impression.served_at for s in samples],
             )
+            extra: dict[str, Any] = {}
+            if self.config.weight_as_line:
+                extra["weights"] = self._weights(samples)
             if self._fused:
                 # One forward pass: the probabilities computed before the update are the
                 # prequential predictions.
-                stats = dict(self.learner.learn_batch(samples, histories, return_probs=True))
+                stats = dict(self.learner.learn_batch(samples, histories, return_probs=True, **extra))
                 probs = np.asarray(stats.pop("probs"), dtype=np.float64)
             else:
                 probs = np.asarray(self.learner.score(samples, histories), dtype=np.float64)
-                stats = dict(self.learner.learn_batch(samples, histories))
+                stats = dict(self.learner.learn_batch(samples, histories, **extra))
         # Only counted once the batch went through (a retried batch counts once).
         counters["records"] += len(records)
         counters["decode_errors"] += undecodable

@@ -153,7 +153,8 @@ def cycle_stats(totals: Mapping[str, int], window: PrequentialWindow, result: Cy
 
 def training_data_stats(loop: LoopConfig) -> dict[str, Any]:
     """What a manifest records of the training-data policy the line learned under."""
-    return {"policy": "split" if loop.exclude_lines else "pooled", "excluded_lines": list(loop.exclude_lines)}
+    policy = "weighted" if loop.weight_as_line else "split" if loop.exclude_lines else "pooled"
+    return {"policy": policy, "excluded_lines": list(loop.exclude_lines)}
 
 
 class LineTrainer:

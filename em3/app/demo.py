@@ -187,7 +187,7 @@ def _experiment(config: DemoConfig) -> Any:
 class _LearnerLine:
     """One model line's learner fleet, run from a driver thread."""
 
-    def __init__(self, settings: Any, line: str, config: DemoConfig, exclude_lines: tuple[str, ...]) -> None:
+    def __init__(self, settings: Any, line: str, config: DemoConfig, policy: dict[str, Any]) -> None:
         from em3.model import ModelConfig
         from learners.actor import ActorResources
         from learners.loop import LoopConfig
@@ -198,7 +198,7 @@ class _LearnerLine:
         variant = LINE_VARIANTS[line]
         model = (ModelConfig.tiny(variant) if config.model_scale == "tiny" else ModelConfig.for_variant(variant))
         learn = LearnConfig(line, model.to_dict(), policy=SnapshotPolicy(interval_s=config.snapshot_interval_s),
-                            seed=config.seed, loop=LoopConfig(exclude_lines=exclude_lines))
+                            seed=config.seed, loop=LoopConfig(**policy))
         use_gpu = config.gpu and _cuda_available()
         self.line = line
         self.model_config = model.to_dict()
@@ -363,7 +363,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         ray_temp_dir = _start_ray()
         ray_started = ray_temp_dir is not None
         experiment = _experiment(config)
-        lines = [_LearnerLine(settings, line, config, experiment.excluded_lines(line)) for line in config.lines]
+        lines = [_LearnerLine(settings, line, config, experiment.loop_settings(line)) for line in config.lines]
         for line in lines:
             line.start()
             components.append(line)

@@ -25,8 +25,9 @@ class RecordingLearner:
         self.calls.append(("score", [s.sample_id for s in samples]))
         return np.full(len(samples), 1 / (1 + np.exp(-self.weight)))
 
-    def learn_batch(self, samples, histories):
+    def learn_batch(self, samples, histories, weights=None):
         self.calls.append(("learn", [s.sample_id for s in samples]))
+        self.sample_weights = None if weights is None else list(weights)
         self.histories.append([list(h) for h in histories])
         self.weight += 0.1 * len(samples)
         return {"loss": 0.5, "n": len(samples)}
@@ -238,3 +239,25 @@ def test_split_training_data_skips_what_other_model_arms_served():
     learner, src, loop = make_loop({"t:0": encoded(samples)}, batch_size=10, exclude_lines=pooled.excluded_lines("em3"))
     loop.process(src.poll(10, 0.01))
     assert len(learner.learned()) == 6
+
+
+def test_weighted_training_data_learns_everything_weighted_by_how_this_arm_serves_the_item():
+    from em3.experiment import ArmConfig, ExperimentConfig
+
+    def served_by(k, line, item):
+        imp = Impression(f"imp-{k}", f"r{k}", "u1", item, 0, 1.7e9 + k, model_line=line)
+        return Sample(imp, k % 2, 1.7e9 + k + 1)
+
+    # "shared" is served by both lines alike, "theirs" only by id_only.
+    samples = [served_by(k, line, item) for k, (line, item) in
+               enumerate([("em3", "shared"), ("id_only", "shared"), ("id_only", "theirs")] * 10)]
+    experiment = ExperimentConfig("x", (ArmConfig("a", 0.5, "line", "em3"), ArmConfig("b", 0.5, "line", "id_only")),
+                                  training_data="weighted")
+    learner, src, loop = make_loop({"t:0": encoded(samples)}, batch_size=30, **experiment.loop_settings("em3"))
+    loop.process(src.poll(30, 0.01))
+    assert len(learner.learned()) == 30
+    by_item = {}
+    for s, w in zip(samples, learner.sample_weights):
+        by_item.setdefault(s.impression.item_id, set()).add(round(w, 6))
+    (shared,), (theirs,) = by_item["shared"], by_item["theirs"]
+    assert theirs < 0.2 < 1.0 < shared  # em3 alone would never have shown "theirs"
