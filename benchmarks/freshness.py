@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--poll-every-s", type=float, default=0.05)
     parser.add_argument("--candidates", type=int, default=20)
     parser.add_argument("--variant", default="em3")
+    parser.add_argument("--start-timeout-s", type=float, default=600.0,
+                        help="how long the learner may take to publish its first snapshot (Ray, model load)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random-init config instead of the default")
     parser.add_argument("--runtime", choices=["ray", "in_process"], default="ray",
                         help="the learner as a Ray actor (what `em3 learn` runs) or in its process")
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
                 threading.Thread(target=locate, daemon=True).start()
 
             threading.Thread(target=background, daemon=True).start()
-            wait_until(lambda: store.latest_version(LINE) is not None, 120, "the learner published no snapshot")
+            wait_until(lambda: store.latest_version(LINE) is not None, args.start_timeout_s,
+                       "the learner published no snapshot")
             port = free_port()
             server = subprocess.Popen(
                 [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--host", "127.0.0.1",
