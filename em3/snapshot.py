@@ -311,3 +311,16 @@ def materialize(chain: Sequence[tuple[SnapshotManifest, bytes]], expected_config
             continue
         state = apply_delta(state, unpack(delta_blob, manifest, expected_config), manifest)
     return state
+
+
+def load_state(store: Any, line: str, version: int | None = None,
+               expected_config: Any = None) -> tuple[SnapshotManifest, dict[str, torch.Tensor]]:
+    """The manifest and whole state of ``line``'s ``version`` (default: the pointer's)
+    from a snapshot store (``latest_version`` and ``get_chain``), whether that version
+    is a full snapshot or a delta: its chain is read and :func:`materialize`\\ d."""
+    if version is None:
+        version = store.latest_version(line)
+        if version is None:
+            raise SnapshotError(f"line {line!r} has no published snapshot")
+    chain = store.get_chain(line, version)
+    return chain[-1][0], materialize(chain, expected_config)

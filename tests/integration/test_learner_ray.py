@@ -31,10 +31,11 @@ def holdout_auc(settings, redis_client, line: str, holdout) -> float:
     from em3.redis_stores import RedisContentStore, RedisSnapshotStore
     from learners.online import OnlineLearner
 
-    manifest, blob = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key).get(line)
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key=settings.snapshot_key)
+    manifest, state = snapshot.load_state(store, line)  # the latest may be a delta
     cfg = ModelConfig.from_dict(manifest.config)
     learner = OnlineLearner(cfg, RedisContentStore(redis_client, settings.redis_prefix), device="cpu")
-    learner.load_state_dict(snapshot.unpack(blob, manifest, cfg))
+    learner.load_state_dict(state)
     probs = learner.score(holdout, [[] for _ in holdout])
     return auc([s.label for s in holdout], probs)
 

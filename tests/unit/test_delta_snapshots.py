@@ -90,6 +90,9 @@ def test_the_store_keeps_the_bases_of_the_deltas_it_keeps():
     assert snaps.versions("main") == [1, 2, 3, 4]  # v4 is a delta of v3 of v2 of the full v1
     assert [m.version for m, _ in snaps.get_chain("main", 4)] == [1, 2, 3, 4]
     assert [m.version for m, _ in snaps.get_chain("main", 4, have=2)] == [3, 4]
+    manifest, whole = snapshot.load_state(snaps, "main")  # the latest is a delta
+    assert manifest.version == 4 and manifest.kind == "delta"
+    assert all(torch.equal(whole[k], state[k]) for k in state)
 
 
 @pytest.fixture(scope="module")
