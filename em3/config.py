@@ -75,10 +75,16 @@ class KafkaSettings:
 
     ``extra`` holds librdkafka properties passed through unchanged to every
     producer, consumer and admin client (SASL/SSL settings live there).
+    ``idempotence`` says whether the broker's idempotent producer is safe to use
+    (``EM3_PRODUCER_IDEMPOTENCE=on|off``): True for Apache Kafka; the embedded
+    Tansu 0.6 broker is started with it off, because its idempotence loses
+    acknowledged records across a crash (``benchmarks/tansu_idempotence.py``).
+    Producers that need at-least-once delivery then rely on retries alone.
     """
 
     bootstrap_servers: str
     extra: Mapping[str, str] = field(default_factory=dict)
+    idempotence: bool = True
 
     def __post_init__(self) -> None:
         if not self.bootstrap_servers or not isinstance(self.bootstrap_servers, str):
@@ -89,7 +95,8 @@ class KafkaSettings:
 
     def __repr__(self) -> str:
         extra = {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v for k, v in self.extra.items()}
-        return f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, extra={extra!r})"
+        return (f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, extra={extra!r}, "
+                f"idempotence={self.idempotence!r})")
 
     def client_config(self, **overrides: object) -> dict[str, object]:
         """A librdkafka config dict: bootstrap servers, pass-through extras, then overrides."""
@@ -197,6 +204,18 @@ def _services_file(run_dir: Path) -> Mapping[str, str]:
     return {}
 
 
+def _on_off(name: str, value: object) -> bool:
+    """``on``/``off`` (or true/false, 1/0, yes/no, a bool) as a bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise ImproperlyConfigured(f"{name} must be on or off, but {value!r} is given")
+
+
 def load_settings(
     env: Mapping[str, str] | None = None,
     *,
@@ -229,9 +248,11 @@ def load_settings(
         if key.startswith("EM3_KAFKA_")
     }
     extra.update(kafka_options or {})
+    idempotence = _on_off("EM3_PRODUCER_IDEMPOTENCE", env.get("EM3_PRODUCER_IDEMPOTENCE",
+                                                              local.get("producer_idempotence", True)))
     prefix = topic_prefix if topic_prefix is not None else env.get("EM3_TOPIC_PREFIX", "em3.")
     return Settings(
-        kafka=KafkaSettings(bootstrap, extra),
+        kafka=KafkaSettings(bootstrap, extra, idempotence),
         redis=RedisSettings(
             url,
             ssl_ca_certs=env.get("EM3_REDIS_SSL_CA_CERTS"),

@@ -309,7 +309,7 @@ class ServingRuntime:
         from em3.redis_stores import (
             RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisSnapshotStore, connect,
         )
-        from serving.logger import PRODUCER_SETTINGS
+        from serving.logger import producer_settings
         from stream.kafka import make_producer
 
         # Two clients: the request path (history, counters) waits at most
@@ -324,7 +324,8 @@ class ServingRuntime:
             config, loader, RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
             RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix),
             popularity=RedisPopularityStore(fast, prefix),
-            producer=make_producer(settings.kafka, delivery_report_only_error=True, **PRODUCER_SETTINGS),
+            producer=make_producer(settings.kafka, delivery_report_only_error=True,
+                                   **producer_settings(settings.kafka.idempotence)),
             settings=settings, redis_client=fast,
         )
         runtime.owns_clients = True

@@ -234,13 +234,14 @@ class ServiceInfo:
         """The ``EM3_*`` environment that points a child process (``em3 join``,
         ``em3 learn``, ``em3 serve``) at these services, credentials included."""
         return {"EM3_BOOTSTRAP_SERVERS": self.bootstrap_servers, "EM3_REDIS_URL": self.redis_url,
-                "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key}
+                "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key,
+                "EM3_PRODUCER_IDEMPOTENCE": "off"}
 
     def settings(self) -> Any:
         """:class:`em3.config.Settings` for these services (default topics and prefix)."""
         from em3.config import KafkaSettings, RedisSettings, Settings
 
-        return Settings(KafkaSettings(self.bootstrap_servers), RedisSettings(self.redis_url),
+        return Settings(KafkaSettings(self.bootstrap_servers, idempotence=False), RedisSettings(self.redis_url),
                         api_key=self.api_key, snapshot_key=self.snapshot_key)
 
 
@@ -346,6 +347,9 @@ class LocalServices:
             "api_key": self.info.api_key,
             "snapshot_key": self.info.snapshot_key,
             "storage": self.storage,
+            # Tansu's idempotent producer loses acknowledged records across a crash
+            # (benchmarks/tansu_idempotence.py): producers here rely on retries.
+            "producer_idempotence": False,
             "pids": {name: p.pid for name, p in self._procs.items()},
         }
         if self._object_store_port is not None:
