@@ -145,7 +145,8 @@ def _count_on_topic(kafka: KafkaSettings, topic: str, expected: set[str], idle_s
     """Read ``topic`` from the start; how many times each impression id occurs."""
     from em3 import codec
 
-    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", fetch_max_bytes=52428800)
+    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", fetch_max_bytes=52428800,
+                             max_partition_fetch_bytes=52428800)
     consumer.subscribe([topic])
     counts: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
