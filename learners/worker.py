@@ -209,18 +209,34 @@ class LineTrainer:
         graceful stop, so nothing learned is thrown away.
         """
         stop = should_stop or self._stop.is_set
-        if not self._retrying(self.resume, "resume", stop):
+        if not self.start(stop):
             return self.version
-        if self.version is None:
-            self._retrying(self._publish_initial, "initial publish", stop)
         cycles = 0
         while not stop() and (max_cycles is None or cycles < max_cycles):
-            result = self.loop.run_cycle(self.config.policy, stop)
+            self.cycle(stop)
             cycles += 1
-            self.window.update(result.labels, result.probs)
-            if result.changed:
-                self._retrying(lambda: self._publish(result), "publish", stop)
         return self.version
+
+    def start(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Resume from the line's latest snapshot, or publish the initial weights as its
+        first version; False if a stop was asked for during an outage."""
+        stop = should_stop or self._stop.is_set
+        if not self._retrying(self.resume, "resume", stop):
+            return False
+        if self.version is None:
+            self._retrying(self._publish_initial, "initial publish", stop)
+        return True
+
+    def cycle(self, should_stop: Callable[[], bool] | None = None) -> CycleResult:
+        """One cycle (until the policy says a snapshot is due, or ``should_stop()``),
+        published if it changed the model. :meth:`run` repeats it; a caller that owns
+        the schedule (an in-process simulation) calls it after :meth:`start`."""
+        stop = should_stop or self._stop.is_set
+        result = self.loop.run_cycle(self.config.policy, stop)
+        self.window.update(result.labels, result.probs)
+        if result.changed:
+            self._retrying(lambda: self._publish(result), "publish", stop)
+        return result
 
     def _retrying(self, action: Callable[[], Any], what: str, stop: Callable[[], bool]) -> bool:
         """Run ``action``, retrying an outage (Redis, the broker) with backoff until it
