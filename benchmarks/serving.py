@@ -145,8 +145,9 @@ def _count_on_topic(kafka: KafkaSettings, topic: str, expected: set[str], idle_s
     """Read ``topic`` from the start; how many times each impression id occurs."""
     from em3 import codec
 
-    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", fetch_max_bytes=52428800,
-                             max_partition_fetch_bytes=52428800)
+    # Small fetches: the durable broker reads one object per record batch, and a fetch
+    # that has to read thousands of them outlasts the client's request timeout.
+    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", max_partition_fetch_bytes=262144)
     consumer.subscribe([topic])
     counts: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
@@ -478,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: durable for a kill outage (a memory broker forgets every topic), else memory")
     p.add_argument("--drain-timeout-s", type=float, default=120.0,
                    help="longest wait for the server to have no impression in flight after the load")
-    p.add_argument("--audit-idle-s", type=float, default=20.0, help="stop reading the topic after this long idle")
+    p.add_argument("--audit-idle-s", type=float, default=60.0, help="stop reading the topic after this long idle")
     p.add_argument("--audit-timeout-s", type=float, default=600.0)
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)
