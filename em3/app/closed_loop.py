@@ -202,10 +202,10 @@ class ClosedLoop:
         if t >= self._next_learn:
             self.learn(t)
         if isinstance(event, Impression):
-            self.join.add_impression(event)
+            self.join.add_impression(event)  # its label waits for a click or the window's end
         else:
             self.join.add_click(event)
-        self._drain()
+            self._drain()  # a positive goes to the user's history at once, as the join's does
 
     def _drain(self) -> None:
         out = self.join.take_output()
