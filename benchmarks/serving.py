@@ -145,9 +145,10 @@ def _count_on_topic(kafka: KafkaSettings, topic: str, expected: set[str], idle_s
     """Read ``topic`` from the start; how many times each impression id occurs."""
     from em3 import codec
 
-    # Small fetches: the durable broker reads one object per record batch, and a fetch
-    # that has to read thousands of them outlasts the client's request timeout.
-    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", max_partition_fetch_bytes=262144)
+    # A long fetch wait: the durable broker reads one stored object per record batch,
+    # and a fetch it cannot fill within fetch.wait.max.ms (50 ms in CONSUMER_DEFAULTS)
+    # comes back empty, so a loaded broker returned nothing most of the time.
+    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", fetch_wait_max_ms=10000)
     consumer.subscribe([topic])
     counts: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
