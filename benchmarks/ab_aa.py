@@ -127,7 +127,7 @@ def _closed_loop_run(task: tuple[str, int, dict]) -> dict:
                               new_items_per_hour=0.0, calibration="synthetic"))
     config = ClosedLoopConfig(learn_every_s=p["learn_every_s"], join_window_s=p["window_s"],
                               batch_size=p["batch_size"], **DESIGNS[design])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loop = ClosedLoop(world, config, salt=f"aa-{seed}")
     ab = ABConfig(n_requests=p["requests"], k=p["k"], request_rate_per_s=p["rate"], seed=seed,
                   alpha=p["alpha"], tau2=p["tau2"], min_samples=p["min_users"], check_every=p["check_every"],
@@ -148,7 +148,7 @@ def _closed_loop_run(task: tuple[str, int, dict]) -> dict:
         "ctr": [report.final[a]["ctr"] for a in report.arms],
         "auc": [aucs.get(a, math.nan) for a in report.arms],
         "cycles": loop.cycles, "samples": loop.samples, "max_param_diff": loop.state_difference(),
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
     }
 
 
@@ -173,6 +173,7 @@ def _summary(rows: list[dict], alpha: float) -> dict:
         "mean_cycles": float(np.mean([r["cycles"] for r in rows])),
         "runs_with_identical_models": int(sum(r["max_param_diff"] == 0.0 for r in rows)),
         "mean_run_s": float(np.mean([r["seconds"] for r in rows])),
+        "mean_run_cpu_s": float(np.mean([r["cpu_s"] for r in rows])),
     }
 
 
@@ -197,6 +198,7 @@ def closed_loop(args: argparse.Namespace) -> dict:
             if n % 20 == 0:
                 print(f"{n}/{len(tasks)} runs, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     summaries = {d: _summary(rows[d], args.alpha) for d in designs}
+    cpu_s = sum(r["cpu_s"] for design_rows in rows.values() for r in design_rows)
     primary = summaries["split"]
     return {
         "aa_false_positive_rate": primary["user_level_fpr"],
@@ -213,6 +215,8 @@ def closed_loop(args: argparse.Namespace) -> dict:
         "runtime": "in_process",
         "workers": args.workers,
         "wall_s": round(time.perf_counter() - started, 1),
+        "cpu_s_in_runs": round(cpu_s, 1),
+        "wall_s_if_cpus_were_free": round(cpu_s / args.workers, 1),
     }
 
 
@@ -232,7 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-requests", type=int, default=3000)
     cl = parser.add_argument_group("closed loop (--closed-loop)")
     cl.add_argument("--closed-loop", action="store_true", help="A/A of two learning arms through the serving path")
-    cl.add_argument("--designs", default="split,pooled,frozen", help=f"comma-separated, from {sorted(DESIGNS)}")
+    cl.add_argument("--designs", default="split,split_independent,pooled,frozen",
+                    help=f"comma-separated, from {sorted(DESIGNS)}")
     cl.add_argument("--other-runs", type=int, default=100, help="runs of each design other than split")
     cl.add_argument("--workers", type=int, default=2, help="worker processes")
     cl.add_argument("--cl-users", type=int, default=300)
