@@ -79,10 +79,10 @@ class ABConfig:
         request's CTR is one i.i.d. observation (only right with request-level
         assignment; kept to show the difference).
     shadow_unit : {"user", "request"}, optional
-        A second unit of analysis whose sequential test runs beside the main one,
-        on the same looks, for comparison only (``ABReport.shadow_tests``): the
-        naive per-request test beside the user-level one, say. It never stops
-        the experiment.
+        A second unit of analysis, for comparison only. Its sequential test runs
+        beside the main one on the same looks (``ABReport.shadow_tests``; the naive
+        per-request test beside the user-level one, say) and never stops the
+        experiment.
     alpha : float
         Family-wise significance level.
     tau2 : float
