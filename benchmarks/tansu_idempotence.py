@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from em3.app.services import LocalServices  # noqa: E402
 from em3.config import KafkaSettings  # noqa: E402
 from serving.logger import PRODUCER_SETTINGS  # noqa: E402
-from stream.kafka import ensure_topics, make_consumer, make_producer  # noqa: E402
+from stream.kafka import PRODUCER_DEFAULTS, KafkaException, Producer, ensure_topics, make_consumer  # noqa: E402
 
 log = logging.getLogger("benchmarks.tansu_idempotence")
 TOPIC = "idem.records"
@@ -83,36 +83,52 @@ def run_case(storage: str, outage: str, idempotence: bool, args: argparse.Namesp
     with LocalServices(run_dir, durable=storage == "durable") as services:
         kafka = KafkaSettings(services.info.bootstrap_servers)
         ensure_topics(kafka, [TOPIC], partitions=1)
+        # Delivery reports come in whichever thread polls (the producing thread, then the
+        # main thread's flush); set.add and list.append need no lock of ours.
         acked: set[bytes] = set()
-        errors: Counter[str] = Counter()
-        lock = threading.Lock()
+        errors: list[str] = []
+        fatal: list[str] = []
 
         def on_delivery(err, msg) -> None:
-            with lock:
-                if err is None:
-                    acked.add(msg.value())
-                else:
-                    errors[err.name()] += 1
+            if err is None:
+                acked.add(msg.value())
+            else:
+                errors.append(err.name())
+
+        def on_error(err) -> None:
+            if err.fatal():
+                fatal.append(err.str())
 
         settings = PRODUCER_SETTINGS if idempotence else PLAIN_SETTINGS
-        producer = make_producer(kafka, on_delivery=on_delivery, request_timeout_ms=args.request_timeout_ms,
-                                 **settings)
+        # As stream.kafka.make_producer builds it, plus the fatal-error callback.
+        config = kafka.client_config(**{**PRODUCER_DEFAULTS, **{k.replace("_", "."): v for k, v in settings.items()}})
+        config.update({"request.timeout.ms": args.request_timeout_ms, "on_delivery": on_delivery, "error_cb": on_error})
+        producer = Producer(config)
         sent = [f"m-{i:07d}".encode() for i in range(args.messages)]
         outage_at = len(sent) // 3
         reached = threading.Event()
+
+        def poll(timeout: float) -> None:
+            try:
+                producer.poll(timeout)
+            except KafkaException as exc:  # librdkafka raises a fatal error from poll
+                fatal.append(str(exc))
 
         def produce() -> None:
             start = time.monotonic()
             for i, value in enumerate(sent):
                 if i == outage_at:
                     reached.set()
-                while True:
+                while not fatal:
                     try:
                         producer.produce(TOPIC, key=value, value=value)
                         break
                     except BufferError:
-                        producer.poll(0.05)
-                producer.poll(0)
+                        poll(0.05)
+                if fatal:  # the producer is unusable (librdkafka fatal error): stop
+                    reached.set()
+                    return
+                poll(0)
                 wait = start + (i + 1) / args.rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
@@ -132,7 +148,11 @@ def run_case(storage: str, outage: str, idempotence: bool, args: argparse.Namesp
             time.sleep(args.outage_s)
             os.kill(pid, signal.SIGCONT)
         thread.join()
-        undelivered = producer.flush(args.flush_timeout_s)
+        try:
+            undelivered = producer.flush(args.flush_timeout_s)
+        except KafkaException as exc:  # a fatal error surfaces here
+            fatal.append(str(exc))
+            undelivered = len(producer)
         values = _read_all(kafka, args.idle_s, args.read_timeout_s)
     counts = Counter(values)
     on_topic = set(counts)
@@ -148,7 +168,8 @@ def run_case(storage: str, outage: str, idempotence: bool, args: argparse.Namesp
         "lost": len(expected - on_topic),
         "acked_lost": len(acked - on_topic),
         "undelivered_at_flush": undelivered,
-        "delivery_errors": dict(errors),
+        "delivery_errors": dict(Counter(errors)),
+        "fatal_error": fatal[0] if fatal else None,
         "topic_survived": topic_survived,
         "lost_examples": sorted(v.decode() for v in expected - on_topic)[:5],
         "outage_at": outage_at,
