@@ -38,7 +38,10 @@ Per design: the rejection rates of the user-level and per-request mSPRT (ever,
 over all looks) and of each fixed-horizon test at the end, the spread of the
 final difference across runs against the standard error the user-level test
 assumed (``variance_ratio`` = var(diff) / mean(se^2): 1 when the test sees all
-the variance), CTR and prequential AUC of the arms.
+the variance), the fixed-horizon rate once the variance is inflated by that ratio
+(estimated on the other half of the runs: 2-fold cross-fitting by seed parity), CTR
+and prequential AUC of the arms. ``--rows-out FILE`` keeps every run's row (JSON
+lines).
 
     python benchmarks/ab_aa.py --closed-loop                 # 200 runs per design, 2 workers
 """
@@ -50,6 +53,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -152,10 +156,26 @@ def _closed_loop_run(task: tuple[str, int, dict]) -> dict:
     }
 
 
+def _crossfit_inflated_fpr(rows: list[dict], alpha: float) -> tuple[float, list[float]]:
+    """Fixed-horizon false-positive rate with the user-level variance inflated by the
+    A/A variance ratio, each half of the runs (by seed parity) inflated by the ratio
+    measured on the other half, so no run is tested with a factor it helped estimate."""
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    halves = [[r for r in rows if r["seed"] % 2 == h] for h in (0, 1)]
+    ratios, rejects = [], []
+    for h in (0, 1):
+        other = halves[1 - h]
+        ratio = float(np.var([r["diff"] for r in other], ddof=1) / np.nanmean([r["se"] ** 2 for r in other]))
+        ratios.append(ratio)
+        rejects += [abs(r["diff"]) > z * r["se"] * math.sqrt(max(ratio, 1.0)) for r in halves[h]]
+    return float(np.mean(rejects)), ratios
+
+
 def _summary(rows: list[dict], alpha: float) -> dict:
     diffs = np.array([r["diff"] for r in rows])
     se2 = np.array([r["se"] ** 2 for r in rows])
     n = len(rows)
+    inflated_fpr, half_ratios = _crossfit_inflated_fpr(rows, alpha)
     return {
         "runs": n,
         "user_level_fpr": float(np.mean([r["user_reject"] for r in rows])),
@@ -167,6 +187,8 @@ def _summary(rows: list[dict], alpha: float) -> dict:
         "sd_diff": float(diffs.std(ddof=1)),
         "rms_se_user_level": float(math.sqrt(np.nanmean(se2))),
         "variance_ratio": float(diffs.var(ddof=1) / np.nanmean(se2)),
+        "user_level_fixed_horizon_fpr_inflated_crossfit": inflated_fpr,
+        "variance_ratio_halves": half_ratios,
         "mean_ctr": float(np.mean([np.mean(r["ctr"]) for r in rows])),
         "mean_prequential_auc": float(np.nanmean([np.nanmean(r["auc"]) for r in rows])),
         "mean_users_per_arm": float(np.mean([np.mean(r["users"]) for r in rows])),
@@ -198,6 +220,10 @@ def closed_loop(args: argparse.Namespace) -> dict:
             if n % 20 == 0:
                 print(f"{n}/{len(tasks)} runs, {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     summaries = {d: _summary(rows[d], args.alpha) for d in designs}
+    if args.rows_out:
+        with open(args.rows_out, "w") as f:
+            for design_rows in rows.values():
+                f.writelines(json.dumps(r) + "\n" for r in design_rows)
     cpu_s = sum(r["cpu_s"] for design_rows in rows.values() for r in design_rows)
     primary = summaries["split"]
     return {
@@ -240,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"comma-separated, from {sorted(DESIGNS)}")
     cl.add_argument("--other-runs", type=int, default=100, help="runs of each design other than split")
     cl.add_argument("--workers", type=int, default=2, help="worker processes")
+    cl.add_argument("--rows-out", default=None, help="write every run's row here (JSON lines)")
     cl.add_argument("--cl-users", type=int, default=300)
     cl.add_argument("--cl-items", type=int, default=100)
     cl.add_argument("--cl-candidates", type=int, default=20)
