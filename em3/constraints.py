@@ -127,7 +127,7 @@ _TYPE_WORDS = {
 
 def describe(cls: type, name: str) -> str:
     """The declared constraint of field ``name`` of config class ``cls`` in words
-    (``"> 0"``, ``"in [0, 1]"``, ``"one of 'a', 'b'"``, ``"> 0, or None"``); ``""``
+    (``"> 0"``, ``"in [0, 1]"``, ``"one of 'a', 'b'"``, ``"> 0 or None"``); ``""``
     when the field declares none."""
     decl = _declaration(cls, (name,))
     return _constraint_text(*decl) if decl else ""
@@ -296,4 +296,4 @@ def _constraint_text(ann: Any, meta: list[Any]) -> str:
         value = _constraint_text(*_unwrap(args[1]))
         words.extend([f"each value {value}"] if value else [])
     text = " and ".join(words).replace(" and matching", " matching")
-    return f"{text}, or None" if text and optional else text
+    return f"{text} or None" if text and optional else text
