@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from em3 import codec
+from em3.constraints import NonEmptyStr, PositiveFloat, PositiveInt, config_class
 from em3.types import Impression
 
 __all__ = ["ImpressionLoggerConfig", "ImpressionLogger", "ImpressionLoggerStats"]
@@ -44,7 +45,7 @@ BatchHook = Callable[[Sequence[Impression]], None]
 PRODUCER_SETTINGS = {"enable_idempotence": True, "acks": "all", "message_timeout_ms": 0, "linger_ms": 5}
 
 
-@dataclass(frozen=True)
+@config_class
 class ImpressionLoggerConfig:
     """Settings of an :class:`ImpressionLogger`.
 
@@ -60,22 +61,10 @@ class ImpressionLoggerConfig:
         How often the background thread drains the buffer.
     """
 
-    topic: str
-    buffer_size: int = 100_000
-    batch_size: int = 2000
-    flush_interval_s: float = 0.02
-
-    def __post_init__(self) -> None:
-        if not self.topic:
-            raise ValueError(f"topic must be a non-empty string, but {self.topic!r} is given")
-        for name in ("buffer_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("flush_interval_s",):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+    topic: NonEmptyStr
+    buffer_size: PositiveInt = 100_000
+    batch_size: PositiveInt = 2000
+    flush_interval_s: PositiveFloat = 0.02
 
 
 @dataclass(frozen=True)

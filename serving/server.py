@@ -17,12 +17,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 
 from em3 import codec
 from em3.config import Settings
+from em3.constraints import Annotated, Field, Int, Literal, PositiveFloat, PositiveInt, config_class
 from em3.stores import ContentSource, HistorySource
 from em3.types import Click, Impression, ItemContent
 from em3.experiment import ArmConfig, ExperimentConfig
@@ -46,10 +47,11 @@ class Unavailable(RuntimeError):
     """A dependency (Redis, the Kafka producer) cannot take the request now (HTTP 503)."""
 
 
-RANK_EXECUTORS = ("loop", "threads")
+RankExecutor = Literal["loop", "threads"]
+RANK_EXECUTORS: tuple[str, ...] = get_args(RankExecutor)
 
 
-@dataclass(frozen=True)
+@config_class
 class ServerConfig:
     """Settings of one server process.
 
@@ -114,39 +116,19 @@ class ServerConfig:
 
     experiment: ExperimentConfig
     ranking: RankingConfig = field(default_factory=RankingConfig)
-    poll_interval_s: float = 1.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    impression_buffer: int = 100_000
+    poll_interval_s: PositiveFloat = 1.0
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    impression_buffer: PositiveInt = 100_000
     count_impressions: bool = True
     random_seed: int = 0
-    request_threads: int | None = 1
-    precompute_threads: int | None = 1
-    precompute_nice: int = 5
-    rank_executor: str = "loop"
-    max_future_s: float = 300.0
-    store_timeout_s: float = 0.3
+    request_threads: PositiveInt | None = 1
+    precompute_threads: PositiveInt | None = 1
+    precompute_nice: Annotated[Int, Field(ge=0, le=19)] = 5
+    rank_executor: RankExecutor = "loop"
+    max_future_s: PositiveFloat = 300.0
+    store_timeout_s: PositiveFloat = 0.3
     api_key: str = field(default="", repr=False)
     trusted_network: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.store_timeout_s > 0:
-            raise ValueError(f"store_timeout_s must be > 0, but {self.store_timeout_s!r} is given")
-        if not self.max_future_s > 0:
-            raise ValueError(f"max_future_s must be > 0, but {self.max_future_s!r} is given")
-        if self.rank_executor not in RANK_EXECUTORS:
-            raise ValueError(f"rank_executor must be one of {RANK_EXECUTORS}, but {self.rank_executor!r} is given")
-        if not isinstance(self.precompute_nice, int) or not 0 <= self.precompute_nice <= 19:
-            raise ValueError(f"precompute_nice must be in [0, 19], but {self.precompute_nice!r} is given")
-        for name in ("request_threads", "precompute_threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        if not self.poll_interval_s > 0:
-            raise ValueError(f"poll_interval_s must be > 0, but {self.poll_interval_s!r} is given")
-        for name in ("max_body_bytes", "impression_buffer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
 
     def sources(self) -> list[ReloaderConfig]:
         """One reloader per distinct model source among the arms."""
