@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from em3.experiment import TRAINING_DATA, ArmPropensity
+from em3.constraints import Literal, OpenProbability, PositiveFloat, PositiveInt, config_class
+from em3.experiment import ArmPropensity, TrainingData
 from em3.types import Click, Impression
 from simulators.rankers import Ranker
 from simulators.sequential import DEFAULT_TAU2, RatioStats, SequentialTest, fixed_horizon
@@ -50,7 +51,7 @@ __all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class ABConfig:
     """Settings of one experiment.
 
@@ -102,39 +103,23 @@ class ABConfig:
         Seed of arrivals and assignment.
     """
 
-    n_requests: int = 20_000
-    k: int = 10
-    request_rate_per_s: float = 2.0
+    n_requests: PositiveInt = 20_000
+    k: PositiveInt = 10
+    request_rate_per_s: PositiveFloat = 2.0
     start_time: float | None = None
     split: Mapping[str, float] | None = None
     control: str | None = None
-    assignment: str = "user"
-    unit: str = "user"
-    alpha: float = 0.05
-    tau2: float = DEFAULT_TAU2
-    min_samples: int = 200
-    check_every: int = 500
-    attribution_window_s: float = 600.0
+    assignment: Literal["user", "request"] = "user"
+    unit: Literal["user", "request"] = "user"
+    alpha: OpenProbability = 0.05
+    tau2: PositiveFloat = DEFAULT_TAU2
+    min_samples: PositiveInt = 200
+    check_every: PositiveInt = 500
+    attribution_window_s: PositiveFloat = 600.0
     stop_early: bool = False
-    training_data: str = "split"
+    training_data: TrainingData = "split"
     arm_from_ranking: bool = False
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.training_data not in TRAINING_DATA:
-            raise ValueError(f"training_data must be one of {TRAINING_DATA}, but {self.training_data!r} is given")
-        for name in ("n_requests", "k", "check_every", "min_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
-        for name in ("request_rate_per_s", "tau2", "attribution_window_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), but {self.alpha} is given")
-        if self.assignment not in ("request", "user"):
-            raise ValueError(f"assignment must be 'request' or 'user', but {self.assignment!r} is given")
-        if self.unit not in ("request", "user"):
-            raise ValueError(f"unit must be 'request' or 'user', but {self.unit!r} is given")
 
 
 @dataclass
