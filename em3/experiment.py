@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Mapping, get_args
 
 from em3.constraints import Annotated, Field, Fraction, Literal, NonEmptyStr, PositiveInt, config_class
+from em3.errors import ImproperlyConfigured
 
 __all__ = ["ARM_KINDS", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
 
@@ -259,7 +260,14 @@ class ExperimentConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ImproperlyConfigured(f"experiment file {str(path)!r} cannot be read as JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"experiment file {str(path)!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from em3.errors import ImproperlyConfigured
+
 __all__ = ["register", "replay_command", "ab_command"]
 
 logger = logging.getLogger(__name__)
@@ -156,7 +158,8 @@ def _builtin_arms(spec: str, world):
         elif name == "oracle-noisy":
             arms[name] = OracleRanker(world, name, noise=2.0, seed=i)
         else:
-            raise ValueError(f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
+            raise ImproperlyConfigured(
+                f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
     return arms
 
 

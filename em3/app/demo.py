@@ -27,9 +27,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from em3.constraints import (Annotated, Field, Literal, NonNegFloat, OpenProbability, PositiveFloat, PositiveInt,
+                             config_class)
+from em3.experiment import TrainingData
 
 __all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register"]
 
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # Model lines the demo can run; each is trained by its own learner from the same samples.
 LINE_VARIANTS = {"em3": "em3", "id_only": "id_only", "content_frozen": "content_frozen", "no_cic": "no_cic"}
+DemoLine = Literal[tuple(LINE_VARIANTS)]  # one of the names above
 
 
 class ComponentFailed(RuntimeError):
@@ -48,7 +53,7 @@ class ComponentFailed(RuntimeError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@config_class
 class DemoConfig:
     """Settings of one demo run; checked at construction.
 
@@ -60,7 +65,7 @@ class DemoConfig:
         Where the reports, logs and service files go.
     lines : tuple of str
         Model lines, one A/B arm each, equal traffic; the first is the control.
-    training_data : {"split", "pooled"}
+    training_data : {"split", "pooled", "weighted"}
         The experiment's training-data policy (:class:`em3.experiment.ExperimentConfig`):
         ``split`` (default) trains each line only on its own arm's impressions.
     model_scale : {"default", "tiny"}
@@ -93,47 +98,30 @@ class DemoConfig:
     seed : int
     """
 
-    minutes: float = 3.0
+    minutes: PositiveFloat = 3.0
     out_dir: str = "out/demo"
-    lines: tuple[str, ...] = ("em3", "id_only")
-    training_data: str = "split"
-    model_scale: str = "default"
-    request_rate_per_s: float = 12.0
-    base_attraction: float = 0.2
-    quality_scale: float = 1.0
-    preference_scale: float = 4.0
-    n_users: int = 200
-    n_items: int = 150
-    new_items_per_minute: float = 10.0
-    click_delay_median_s: float = 1.5
-    window_s: float = 10.0
-    snapshot_interval_s: float = 2.0
-    k: int = 10
-    n_candidates: int = 30
+    lines: Annotated[tuple[DemoLine, ...], Field(min_length=2)] = ("em3", "id_only")
+    training_data: TrainingData = "split"
+    model_scale: Literal["default", "tiny"] = "default"
+    request_rate_per_s: PositiveFloat = 12.0
+    base_attraction: OpenProbability = 0.2
+    quality_scale: PositiveFloat = 1.0
+    preference_scale: PositiveFloat = 4.0
+    n_users: PositiveInt = 200
+    n_items: PositiveInt = 150
+    new_items_per_minute: NonNegFloat = 10.0
+    click_delay_median_s: PositiveFloat = 1.5
+    window_s: PositiveFloat = 10.0
+    snapshot_interval_s: PositiveFloat = 2.0
+    k: PositiveInt = 10
+    n_candidates: PositiveInt = 30
     gpu: bool = False
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: PositiveFloat = 600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s", "quality_scale",
-                     "preference_scale",
-                     "snapshot_interval_s", "startup_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        for name in ("n_users", "n_items", "k", "n_candidates"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        if not 0 < self.base_attraction < 1:
-            raise ValueError(f"base_attraction must be in (0, 1), but {self.base_attraction!r} is given")
-        if self.new_items_per_minute < 0:
-            raise ValueError(f"new_items_per_minute must be >= 0, but {self.new_items_per_minute!r} is given")
-        if len(self.lines) < 2 or len(set(self.lines)) != len(self.lines):
-            raise ValueError(f"lines must name at least two distinct model lines, but {self.lines!r} is given")
-        unknown = [line for line in self.lines if line not in LINE_VARIANTS]
-        if unknown:
-            raise ValueError(f"lines must be among {sorted(LINE_VARIANTS)}, but {unknown} are given")
-        if self.model_scale not in ("default", "tiny"):
-            raise ValueError(f"model_scale must be 'default' or 'tiny', but {self.model_scale!r} is given")
+        if len(set(self.lines)) != len(self.lines):
+            raise ValueError(f"lines must name distinct model lines, but {self.lines!r} is given")
         if self.k > self.n_candidates:
             raise ValueError(f"k must be <= n_candidates ({self.n_candidates}), but {self.k} is given")
 
