@@ -182,9 +182,9 @@ class EnvSettings(BaseSettings):
     Parameters
     ----------
     bootstrap_servers : str
-        Kafka bootstrap servers, e.g. ``broker:9092`` (flag ``--bootstrap-servers``).
+        Kafka bootstrap servers, ``host:port[,host:port]`` (flag ``--bootstrap-servers``).
     redis_url : str
-        Redis URL, e.g. ``redis://:password@host:6379/0``, ``rediss://`` for TLS (flag ``--redis-url``).
+        Redis URL: ``redis://:password@host:6379/0``, ``rediss://`` for TLS (flag ``--redis-url``).
     topic_prefix : str
         Prefix of every topic name (flag ``--topic-prefix``).
     kafka : mapping
