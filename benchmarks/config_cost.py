@@ -4,10 +4,12 @@ simulated request in the A/B runner).
 
     python3 benchmarks/config_cost.py [--repeat 2000]
 
-Construction is timed for every config class with its defaults (required fields
-filled with small valid values) and for ``ModelConfig.from_dict`` (what a server and
-a fleet's averaging round run per snapshot). The counts come from wrapping every
-config class's ``__init__`` while the hot loops run. The script imports whatever
+Construction is timed (microseconds, best of three) for every config class with
+its defaults (required fields filled with small valid values), for
+``ModelConfig.from_dict`` (what a server and a fleet's averaging round run per
+snapshot) and ``load_settings`` (once per process); the import of the CLI is timed in
+fresh interpreters (milliseconds). The counts come from wrapping every config class's
+``__init__`` while the hot loops run. The script imports whatever
 ``PYTHONPATH`` points at (this checkout when unset), so the same command measures
 another checkout, e.g. the hand-written checks before: ``PYTHONPATH=/path/to/old
 python3 benchmarks/config_cost.py``. The last line printed is one JSON object.
@@ -170,13 +172,27 @@ def hot_path_counts() -> dict[str, dict[str, Any]]:
     return out
 
 
+def import_ms(runs: int) -> float:
+    """Best-of-``runs`` milliseconds to import the CLI (``em3.app.cli``, which loads the
+    settings loader) in a fresh interpreter with this one's ``sys.path``."""
+    import subprocess
+
+    code = "import time; t = time.perf_counter(); import em3.app.cli; print(time.perf_counter() - t)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    times = [float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                                  text=True).stdout) for _ in range(runs)]
+    return round(min(times) * 1e3, 1)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2000, help="constructions per timing run")
+    parser.add_argument("--import-runs", type=int, default=5, help="fresh interpreters timing the CLI import")
     args = parser.parse_args(argv)
     costs = construction_costs(args.repeat)
+    costs["import em3.app.cli (ms)"] = import_ms(args.import_runs)
     for name, us in costs.items():
-        print(f"{name:28s} {us:9.2f} us", file=sys.stderr)
+        print(f"{name:28s} {us:9.2f}", file=sys.stderr)
     counts = hot_path_counts()
     for path, row in counts.items():
         print(f"{path}: {row}", file=sys.stderr)
