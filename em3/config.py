@@ -65,8 +65,10 @@ _SECRET_WORDS = ("password", "secret", "token", "key")
 
 
 def default_run_dir(env: Mapping[str, str] | None = None) -> Path:
-    """``$EM3_RUN_DIR`` if set, else ``./runs/services``."""
-    return Path(_environment(env).run_dir).resolve()
+    """``$EM3_RUN_DIR`` if set, else ``./runs/services`` (read by the same loader, without
+    checking the other variables)."""
+    run_dir = _Environment(EnvSettings, env)().get("run_dir") or EnvSettings.model_fields["run_dir"].default
+    return Path(run_dir).resolve()
 
 
 @config_class
