@@ -198,7 +198,7 @@ def ab_command(args: argparse.Namespace) -> int:
                       arm_from_ranking=bool(args.server), unit=args.unit, min_samples=args.min_units)
     report = ABRunner(world, arms, config, event_sink=sink if sinks else None).run()
     summary: dict[str, object] = {
-        "control": report.control, "requests": report.requests, "stopped_early": report.stopped_early,
+        "control": report.control, "requests": report.requests, "stop_reason": report.stop_reason,
         "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
         "verdicts": {a: {"verdict": v["verdict"], "diff": v["diff"], "p_value": v["p_value"],

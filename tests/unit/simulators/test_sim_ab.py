@@ -40,7 +40,7 @@ def test_planted_lift_is_detected_early():
     test = report.tests["oracle"]
     assert test["verdict"] == "treatment_better"
     assert test["ci_low"] > 0 and test["p_value"] <= 0.05
-    assert report.stopped_early and report.requests < 6000
+    assert report.stop_reason == "evidence" and report.requests < 6000
     assert report.final["oracle"]["ctr"] > report.final["random"]["ctr"]
 
 
