@@ -73,7 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-users", type=int, default=1000)
     p.add_argument("--n-items", type=int, default=400)
     p.add_argument("--kafka", action="store_true", help="also produce impressions and clicks to Kafka")
-    p.add_argument("--out", default=None, help="write report.json, PNGs and report.html here")
+    p.add_argument("--out", default=None, help="write report.json and report.html here")
     add_connection_flags(p)
     p.set_defaults(func=ab_command)
 

@@ -494,7 +494,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
     ab = ABConfig(n_requests=max(10, int(config.minutes * 60.0 * config.request_rate_per_s * 2)),
                   k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
                   assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
-                  unit="user", training_data=config.training_data, min_samples=50, check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
+                  unit="user", training_data=config.training_data, min_samples=50,
+                  check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
     runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
                       should_stop=lambda: time.time() >= deadline)
     with _Progress(progress, config, paced, snapshots, join_port, deadline):

@@ -230,8 +230,9 @@ def bar_chart(chart_id: str, bars: Sequence[Bar], *, title: str, y_fmt: Fmt, rul
         top = frame.py(bar.value)
         body.append(f'<rect class="bar" x="{left:.1f}" y="{top:.1f}" width="{right - left:.1f}" '
                     f'height="{frame.y0 - top:.1f}" fill="{colour}"/>')
-        body.append(f'<text class="value" x="{(left + right) / 2:.1f}" y="{top - 5:.1f}" text-anchor="middle">'
-                    f"{escape(y_fmt(bar.value))}</text>")
+        label_y = frame.py(max(bar.value, bar.high)) if _ok(bar.high) else top  # above the whisker
+        body.append(f'<text class="value" x="{(left + right) / 2:.1f}" y="{max(label_y - 5, 10):.1f}" '
+                    f'text-anchor="middle">{escape(y_fmt(bar.value))}</text>')
         if _ok(bar.low) and _ok(bar.high):
             mid, lo, hi = (left + right) / 2, frame.py(bar.low), frame.py(min(bar.high, frame.yr[1]))
             body.append(f'<path class="whisker" d="M{mid:.1f},{lo:.1f} L{mid:.1f},{hi:.1f} '
@@ -258,8 +259,9 @@ def stacked_area(chart_id: str, x: Sequence[float], layers: Mapping[str, Sequenc
     """
     keep = [i for i in range(len(x)) if all(_ok(v[i]) for v in layers.values())]
     values = [sum(float(v[i]) for v in layers.values()) for i in keep]
+    top = max([1.0] + [round(v, 2) for v in values])  # shares rounded to sum 1.0001 still top out at 100%
     frame = _Frame(width, height, (x_min if x_min is not None else min(x, default=0.0), max(x, default=1.0)),
-                   _y_ticks(values + [1.0], 0.0, max(values + [1.0])))
+                   _y_ticks([0.0, top], 0.0, top))
     body = frame.axes(y_fmt, _x_ticks(frame.xr[0], frame.xr[1], x_fmt), x_label)
     base = [0.0] * len(keep)
     colours = [PALETTE[i % len(PALETTE)] for i in range(len(layers))]

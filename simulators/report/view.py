@@ -181,7 +181,8 @@ def _winner(data: Mapping[str, Any]) -> tuple[str | None, str]:
     if better:
         best = max(better, key=lambda a: tests[a].get("diff") or 0.0)
         t = tests[best]
-        return best, f"{best} wins: CTR {fmt.pp(t.get('diff'))} over {control} ({fmt.signed_pct(t.get('relative_lift'))})"
+        lift = fmt.signed_pct(t.get("relative_lift"))
+        return best, f"{best} wins: CTR {fmt.pp(t.get('diff'))} over {control} ({lift})"
     if tests and all(t.get("verdict") == "control_better" for t in tests.values()):
         margin = min(abs(t.get("diff") or 0.0) for t in tests.values())
         others = ", ".join(tests)
@@ -378,7 +379,8 @@ def _charts(data: Mapping[str, Any], clock: _Clock) -> list[Chart]:
         series = _metric_series(data, name, clock)
         if series:
             charts.append(Chart(f"chart-{name}", title, line_chart(
-                f"chart-{name}", series, title=title, x_label=clock.label, x_fmt=clock.fmt, x_min=0.0, y_fmt=y_fmt), note))
+                f"chart-{name}", series, title=title, x_label=clock.label, x_fmt=clock.fmt, x_min=0.0,
+                y_fmt=y_fmt), note))
     for arm, points in _modality(data).items():
         xs = [clock.x(p["t"]) for p in points]
         layers = {m: [p.get(m) for p in points] for m in _MODALITIES}
@@ -467,11 +469,12 @@ def _system_tables(data: Mapping[str, Any]) -> list[Table | None]:
     cold = data.get("cold_start", {})
     if cold:
         ratio = data.get("headline", {}).get("cold_ctr_ratio")
+        lines = data.get("demo", {}).get("config", {}).get("lines") or list(cold)
         tables.append(Table("table-cold", "Cold-start items (arrived during the run)",
                             ["Arm", "Impressions", "Clicks", "CTR", "95% CI"],
                             [[arm, fmt.count(s.get("impressions")), fmt.count(s.get("clicks")), fmt.pct(s.get("ctr")),
                               fmt.interval(s.get("ci_low"), s.get("ci_high"), fmt.pct)] for arm, s in cold.items()],
-                            f"CTR ratio of the first line to the second: {fmt.ratio(ratio)}." if ratio else ""))
+                            f"CTR ratio {' ÷ '.join(lines[:2])}: {fmt.ratio(ratio)}." if ratio else ""))
     learners = data.get("learners", {})
     if learners:
         rows = []

@@ -61,6 +61,7 @@ def test_stacked_area_tops_out_at_the_sum():
     areas = [p for p in root.iter(f"{NS}polygon") if p.get("class") == "area"]
     assert len(areas) == 3
     assert all(len(a.get("points").split()) == 4 for a in areas)  # the point with a missing layer is left out
+    assert _y_ticks(svg)[-1] == "100%"
 
 
 def test_chart_text_is_escaped():
