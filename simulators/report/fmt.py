@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-__all__ = ["NONE", "count", "pct", "pp", "signed_pct", "ratio", "ms", "seconds", "per_s", "fixed", "interval",
-           "duration"]
+__all__ = ["NONE", "count", "pct", "pp", "signed_pct", "ratio", "ms", "seconds", "per_s", "fixed", "p_value",
+           "interval", "duration"]
 
 #: What an absent figure reads as.
 NONE = "–"
@@ -121,6 +121,17 @@ def fixed(x: Any, digits: int = 3) -> str:
     if x != 0 and abs(x) < 10 ** -digits:
         return f"{x:.3g}"
     return f"{x:.{digits}f}"
+
+
+def p_value(x: Any) -> str:
+    """A p-value, with the tiny ones bounded rather than written out.
+
+    >>> p_value(0.2745), p_value(3.9e-33)
+    ('0.275', '< 0.001')
+    """
+    if _missing(x):
+        return NONE
+    return "< 0.001" if x < 0.001 else f"{x:.3f}"
 
 
 def interval(low: Any, high: Any, fmt: Callable[[Any], str]) -> str:

@@ -189,6 +189,8 @@ def _winner(data: Mapping[str, Any]) -> tuple[str | None, str]:
         return control, f"{control} (control) wins: CTR {fmt.pp(margin).lstrip('+')} above {others}"
     if tests and all(t.get("ci_low") is None for t in tests.values()):
         return None, "No winner yet: too few users for a verdict"
+    if any(t.get("verdict") == "control_better" for t in tests.values()):
+        return None, "No winner yet: not every comparison has a verdict"
     return None, "No winner: no difference detected"
 
 
@@ -245,7 +247,7 @@ def _learning(data: Mapping[str, Any], clock: "_Clock") -> Learning:
         return Learning(bool(head.get("learning_shows")), checks, _auc_chart(data, clock, None))
     checks = []
     t_auc = targets.get("window_auc")
-    for line, auc in head.get("window_auc", {}).items():
+    for line, auc in (head.get("window_auc", {}) if t_auc is not None else {}).items():
         checks.append(Check(f"{line}: prequential AUC, last window", fmt.fixed(auc), f"≥ {t_auc:g}",
                             auc is not None and auc >= t_auc))
     lines = data.get("demo", {}).get("config", {}).get("lines") or list(head.get("window_auc", {}))
@@ -268,7 +270,7 @@ def _auc_chart(data: Mapping[str, Any], clock: "_Clock", target: float | None) -
     rules = [Rule(target, f"target {target:g}")] if target is not None else []
     low = min([0.5] + [float(y) for s in series for y in s.y if y is not None and math.isfinite(y)])
     svg = line_chart("chart-learning-auc", series, title="Prequential AUC over the last window, per line",
-                     x_label=clock.label, x_fmt=clock.fmt, x_min=0.0, y_fmt=lambda y: f"{y:.2f}", rules=rules,
+                     x_label=clock.label, x_fmt=clock.fmt, x_min=0.0, y_fmt=lambda y: f"{y:g}", rules=rules,
                      y_min=low, y_max=1.0, width=560, height=240)
     return Chart("chart-learning-auc", "Window AUC per line vs target", svg,
                  "Each learner scores every sample before it trains on it; AUC over its last window.")
@@ -338,9 +340,9 @@ def _banded(data: Mapping[str, Any], key: str, value: str, clock: _Clock, label:
 
 
 _METRIC_CHARTS = {
-    "prequential_auc": ("Served-score AUC per arm", lambda y: f"{y:.2f}",
+    "prequential_auc": ("Served-score AUC per arm", lambda y: f"{y:g}",
                         "AUC of the scores each arm served against the clicks that followed, all requests so far."),
-    "learner_window_auc": ("Learner window AUC per line", lambda y: f"{y:.2f}",
+    "learner_window_auc": ("Learner window AUC per line", lambda y: f"{y:g}",
                            "The learners' prequential AUC over their last window (also in the verdict card)."),
     "freshness_s": ("Freshness: age of the served snapshot", lambda y: f"{y:g} s",
                     "Seconds between a snapshot's publication and the request it served."),
@@ -448,9 +450,9 @@ def _tests_table(data: Mapping[str, Any]) -> Table:
         fh = t.get("fixed_horizon") or {}
         rows.append([f"{arm} − {data['control']}", words.get(t.get("verdict"), str(t.get("verdict"))),
                      fmt.pp(t.get("diff")), fmt.signed_pct(t.get("relative_lift")),
-                     fmt.interval(t.get("ci_low"), t.get("ci_high"), fmt.pp), fmt.fixed(t.get("p_value")),
+                     fmt.interval(t.get("ci_low"), t.get("ci_high"), fmt.pp), fmt.p_value(t.get("p_value")),
                      fmt.count(t.get("stopped_at_request")), fmt.interval(fh.get("ci_low"), fh.get("ci_high"), fmt.pp),
-                     fmt.fixed(fh.get("p_value"))])
+                     fmt.p_value(fh.get("p_value"))])
     alpha = next((t.get("alpha_per_test") for t in data.get("tests", {}).values()), None)
     return Table("table-tests", "Always-valid test against the control (mSPRT)",
                  ["Comparison", "Verdict", "Difference", "Relative", f"Always-valid {_level(alpha)} CI",

@@ -145,6 +145,19 @@ def test_verdict_without_a_difference_or_without_enough_users(demo):
     assert "needs 50 users per arm" in early.comparisons[0].sentence
 
 
+def test_verdict_over_several_treatments(demo):
+    data = _with_test(demo, verdict="treatment_better", diff=0.01, ci_low=0.002, ci_high=0.018, relative_lift=0.1)
+    data["tests"]["content_frozen"] = dict(data["tests"]["id_only"], diff=0.02, relative_lift=0.2)
+    data["tests"]["no_cic"] = dict(data["tests"]["id_only"], verdict="no_difference_detected", diff=0.03,
+                                   ci_low=-0.01, ci_high=0.07)
+    page = build_page(data, "t")
+    assert page.verdict.winner == "content_frozen" and len(page.verdict.comparisons) == 3
+    mixed = _with_test(demo, verdict="control_better", diff=-0.02, ci_low=-0.03, ci_high=-0.01)
+    mixed["tests"]["no_cic"] = dict(mixed["tests"]["id_only"], verdict="no_difference_detected", ci_low=-0.04,
+                                    ci_high=0.01)
+    assert build_page(mixed, "t").verdict.headline == "No winner yet: not every comparison has a verdict"
+
+
 @pytest.mark.parametrize("reason,words", [("evidence", "Stopped on evidence"),
                                           ("request_budget", "Ran all"),
                                           (None, "Stop reason not recorded")])
@@ -177,7 +190,7 @@ def test_a_missed_target_is_marked_missed(demo, report_problems):
     data["headline"].update(window_auc={"em3": 0.61, "id_only": 0.7}, learning_shows=False)
     page = render_html(data, "t")
     card = _section(page, "learning")
-    assert "Not fully: 1 of 4 checks miss their target" in _text(card)
+    assert "Not fully: 1 of 4 checks missed their target" in _text(card)
     assert card.count("✗ missed") == 1 and report_problems(page) == []
 
 
