@@ -15,6 +15,12 @@ Environment variables
 ``EM3_API_KEY``            Key the HTTP server's write endpoints require (default: the services file's).
 ``EM3_SNAPSHOT_KEY``       HMAC key of snapshot manifests, shared by learners and servers
                            (default: the services file's).
+``EM3_USER_ID_KEY``        HMAC key that turns raw user IDs into pseudonyms at the edge (servers,
+                           replay); default: the services file's. Without one the edge refuses to
+                           start unless ``EM3_ALLOW_RAW_USER_IDS=1`` (local demos only).
+``EM3_USER_ID_KEY_PREVIOUS`` The key before the last rotation (``em3 users rotate-key``).
+``EM3_RETENTION_<FIELD>``  Retention periods in seconds (:class:`em3.privacy.RetentionConfig`),
+                           e.g. ``EM3_RETENTION_HISTORY_TTL_S=86400``; ``0`` keeps forever.
 
 Secrets never show in a ``repr``: the keys are left out, and a password in a
 Redis URL is masked.
@@ -29,6 +35,7 @@ from typing import Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from em3.errors import ImproperlyConfigured
+from em3.privacy import RetentionConfig
 
 __all__ = [
     "KafkaSettings",
@@ -151,7 +158,13 @@ class TopicNames:
     def dead_letter(self) -> str:
         return f"{self.prefix}dead-letter"
 
+    @property
+    def deletions(self) -> str:
+        """The compacted topic of user deletion requests (keyed by tombstone id)."""
+        return f"{self.prefix}deletions"
+
     def all(self) -> list[str]:
+        """The event topics (co-partitioned by user); :attr:`deletions` is apart."""
         return [self.impressions, self.clicks, self.samples, self.dead_letter]
 
 
@@ -159,9 +172,12 @@ class TopicNames:
 class Settings:
     """Everything a process needs to find the shared infrastructure.
 
-    ``api_key`` is what the HTTP server's write endpoints require and
-    ``snapshot_key`` the HMAC key of snapshot manifests; both are left out of
-    ``repr``.
+    ``api_key`` is what the HTTP server's write endpoints require,
+    ``snapshot_key`` the HMAC key of snapshot manifests and ``user_id_key``
+    (and ``user_id_key_previous`` during a rotation) the HMAC key of user
+    pseudonyms (:class:`em3.privacy.Pseudonymizer`); all are left out of
+    ``repr``. ``allow_raw_user_ids`` lets raw IDs through an edge without a key
+    (local demos only). ``retention`` holds every store's retention period.
     """
 
     kafka: KafkaSettings
@@ -170,6 +186,10 @@ class Settings:
     redis_prefix: str = "em3:"
     api_key: str = field(default="", repr=False)
     snapshot_key: str = field(default="", repr=False)
+    user_id_key: str = field(default="", repr=False)
+    user_id_key_previous: str = field(default="", repr=False)
+    allow_raw_user_ids: bool = False
+    retention: RetentionConfig = RetentionConfig()
 
     def with_overrides(
         self,
@@ -241,4 +261,8 @@ def load_settings(
         topics=TopicNames(prefix),
         api_key=env.get("EM3_API_KEY") or str(local.get("api_key") or ""),
         snapshot_key=env.get("EM3_SNAPSHOT_KEY") or str(local.get("snapshot_key") or ""),
+        user_id_key=env.get("EM3_USER_ID_KEY") or str(local.get("user_id_key") or ""),
+        user_id_key_previous=env.get("EM3_USER_ID_KEY_PREVIOUS") or str(local.get("user_id_key_previous") or ""),
+        allow_raw_user_ids=env.get("EM3_ALLOW_RAW_USER_IDS", "").strip().lower() in ("1", "true", "yes"),
+        retention=RetentionConfig.from_env(env),
     )
