@@ -40,7 +40,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -54,10 +54,12 @@ __all__ = [
     "tombstone_id",
     "Pseudonymizer",
     "RetentionConfig",
+    "start",
     "erasing",
     "stores_erased",
     "settle",
     "new_user_id_key",
+    "TombstoneFilter",
 ]
 
 #: Hex characters of a pseudonym (128 bits: no collision among 10^12 users in practice).
@@ -271,6 +273,27 @@ class RetentionConfig:
 # -- the tombstone's life -------------------------------------------------------------
 
 
+def start(existing: Tombstone | None, tid: str, requested_at: float) -> Tombstone | None:
+    """The tombstone a deletion request at ``requested_at`` begins, or None when it
+    is a redelivery of one already complete (a request made after the last
+    completion starts over: the user came back and asked again).
+
+    >>> t = start(None, "0" * 32, 100.0); t.status, t.requested_at
+    ('erasing', 100.0)
+    >>> done = settle(stores_erased(t, 101.0, {}, []), {})
+    >>> start(done, "0" * 32, 100.0) is None, start(done, "0" * 32, 200.0).requested_at
+    (True, 200.0)
+    """
+    if existing is None or existing.status == "requested":
+        first = requested_at if existing is None else min(existing.requested_at, requested_at)
+        return Tombstone(tid, first, status="erasing")
+    if existing.status == "complete":
+        if existing.completed_at is not None and requested_at <= existing.completed_at:
+            return None
+        return Tombstone(tid, requested_at, status="erasing")
+    return erasing(existing)
+
+
 def erasing(tomb: Tombstone) -> Tombstone:
     """The agent took the request (a completed tombstone stays complete).
 
@@ -302,10 +325,13 @@ def stores_erased(tomb: Tombstone, at: float, counts: Mapping[str, int], lines: 
                                    lines_expected=expected, erased=erased)
 
 
-def settle(tomb: Tombstone, resets: Mapping[str, tuple[int, float]]) -> Tombstone:
+def settle(tomb: Tombstone, resets: Mapping[str, tuple[int, float]],
+           active: Iterable[str] | None = None) -> Tombstone:
     """Fold the lines' resets (``line -> (version, time)``) into ``tomb``; complete it
     once the stores are erased and every expected line has reset. ``completed_at``
-    is when the last of those happened (not when this runs).
+    is when the last of those happened (not when this runs). With ``active``, an
+    expected line that is no longer active (its learner stopped publishing) is not
+    waited for: its kept snapshots keep the rows until they age out.
 
     >>> t = stores_erased(Tombstone("0" * 32, 100.0), 101.0, {}, ["a", "b"])
     >>> settle(t, {"a": (7, 102.0)}).status
@@ -313,13 +339,74 @@ def settle(tomb: Tombstone, resets: Mapping[str, tuple[int, float]]) -> Tombston
     >>> done = settle(t, {"a": (7, 102.0), "b": (3, 104.5)})
     >>> done.status, done.completed_at, done.lines_reset
     ('complete', 104.5, {'a': 7, 'b': 3})
+    >>> settle(t, {"a": (7, 102.0)}, active=["a"]).status
+    'complete'
     """
     if tomb.status == "complete":
         return tomb
     reset = {**tomb.lines_reset, **{line: int(v) for line, (v, _) in resets.items()}}
+    if active is not None:
+        live = set(active)
+        gone = [line for line in tomb.lines_expected if line not in live and line not in reset]
+        if gone:
+            tomb = msgspec.structs.replace(tomb, lines_expected=[x for x in tomb.lines_expected if x not in gone],
+                                           erased={**tomb.erased, "lines_not_waited_for": len(gone)})
     if tomb.status != "stores_erased" or tomb.stores_erased_at is None:
         return msgspec.structs.replace(tomb, lines_reset=reset)
     if any(line not in reset for line in tomb.lines_expected):
         return msgspec.structs.replace(tomb, lines_reset=reset)
     times = [tomb.stores_erased_at] + [t for line, (_, t) in resets.items() if line in tomb.lines_expected]
     return msgspec.structs.replace(tomb, status="complete", lines_reset=reset, completed_at=max(times))
+
+
+class TombstoneFilter:
+    """Answers "is this pseudonym erased?" for the join and the learners, from a
+    store's tombstone ids, refetched only when the store's change counter moved.
+
+    ``fetch(seq)`` returns None when the counter still equals ``seq``, else
+    ``(new seq, tombstone ids)``. Answers are memoised per pseudonym until the
+    set changes (one SHA-256 per distinct user, not per event).
+
+    >>> tids = {tombstone_id("aa")}
+    >>> f = TombstoneFilter(lambda seq: None if seq == 1 else (1, tids))
+    >>> f.refresh(), f.erased("aa"), f.erased("bb"), len(f)
+    (True, True, False, 1)
+    """
+
+    def __init__(self, fetch: Callable[[int | None], tuple[int, set[str]] | None], memo_size: int = 1 << 20) -> None:
+        self._fetch = fetch
+        self._seq: int | None = None
+        self._tids: frozenset[str] = frozenset()
+        self._memo: dict[str, bool] = {}
+        self._memo_size = memo_size
+
+    def refresh(self) -> bool:
+        """Refetch if the store changed; True when the set changed."""
+        got = self._fetch(self._seq)
+        if got is None:
+            return False
+        self._seq, tids = got
+        tids = frozenset(tids)
+        changed = tids != self._tids
+        self._tids = tids
+        if changed:
+            self._memo.clear()
+        return changed
+
+    def add(self, pseudonyms: Iterable[str]) -> None:
+        """Treat ``pseudonyms`` as erased from now on (known before the store says so)."""
+        self._tids = self._tids | {tombstone_id(p) for p in pseudonyms}
+        self._memo.clear()
+
+    def erased(self, user_pseudonym: str) -> bool:
+        if not self._tids:
+            return False
+        hit = self._memo.get(user_pseudonym)
+        if hit is None:
+            if len(self._memo) >= self._memo_size:
+                self._memo.clear()
+            hit = self._memo[user_pseudonym] = tombstone_id(user_pseudonym) in self._tids
+        return hit
+
+    def __len__(self) -> int:
+        return len(self._tids)
