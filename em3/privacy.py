@@ -45,7 +45,7 @@ from typing import Callable, Iterable, Mapping
 import msgspec
 
 from em3.errors import ImproperlyConfigured
-from em3.types import Tombstone
+from em3.types import DeletionRequest, Tombstone
 
 __all__ = [
     "PSEUDONYM_CHARS",
@@ -60,6 +60,7 @@ __all__ = [
     "settle",
     "new_user_id_key",
     "TombstoneFilter",
+    "deletion_records",
 ]
 
 #: Hex characters of a pseudonym (128 bits: no collision among 10^12 users in practice).
@@ -172,7 +173,7 @@ class Pseudonymizer:
         return [self(raw)] + ([old] if old is not None else [])
 
     def __repr__(self) -> str:
-        return f"Pseudonymizer(keyed={self.keyed}, rotating={self.rotating})"
+        return f"Pseudonymizer(keyed={bool(getattr(self, '_key', b''))}, rotating={bool(getattr(self, '_previous', b''))})"
 
 
 _DAY = 86_400.0
@@ -268,6 +269,25 @@ class RetentionConfig:
             return cls(**kwargs)  # type: ignore[arg-type]
         except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from None
+
+
+def deletion_records(pseudonyms: Iterable[str], requested_at: float,
+                     request_id: str = "") -> list[tuple[bytes, bytes, Tombstone]]:
+    """What a deletion writes: per pseudonym, the deletions topic's key (the tombstone
+    id) and value (the encoded :class:`DeletionRequest`), and the ``requested``
+    tombstone to record at once.
+
+    >>> [(len(k), v[:19]) for k, v, _ in deletion_records(["ab"], 1.7e9)]
+    [(32, b'{"type":"deletion",')]
+    """
+    from em3 import codec
+
+    out = []
+    for p in pseudonyms:
+        tid = tombstone_id(p)
+        out.append((tid.encode(), codec.encode(DeletionRequest(p, requested_at, request_id)),
+                    Tombstone(tid, requested_at)))
+    return out
 
 
 # -- the tombstone's life -------------------------------------------------------------
