@@ -137,6 +137,9 @@ class Pseudonymizer:
             raise ImproperlyConfigured("EM3_USER_ID_KEY_PREVIOUS is set without EM3_USER_ID_KEY")
         self._key = key.encode() if key else b""
         self._previous = previous_key.encode() if previous_key else b""
+        # Users repeat: a bounded memo of this process's recent raw IDs (the edge holds
+        # them anyway) spares an HMAC per event in a replay of 10^5 events/s.
+        self._memo: dict[str, str] = {}
 
     @classmethod
     def from_settings(cls, settings: object) -> "Pseudonymizer":
@@ -157,7 +160,14 @@ class Pseudonymizer:
 
     def __call__(self, raw: str) -> str:
         """The pseudonym of ``raw`` under the current key (``raw`` itself when unkeyed)."""
-        return pseudonym(self._key, raw) if self._key else raw
+        if not self._key:
+            return raw
+        out = self._memo.get(raw)
+        if out is None:
+            if len(self._memo) >= 100_000:
+                self._memo.clear()
+            out = self._memo[raw] = pseudonym(self._key, raw)
+        return out
 
     def previous(self, raw: str) -> str | None:
         """The pseudonym of ``raw`` under the previous key, or None outside a rotation."""

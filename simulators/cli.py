@@ -46,6 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of drawn click delays")
     p.add_argument("--partitions", type=int, default=1, help="partitions of topics created here")
     p.add_argument("--dry-run", action="store_true", help="replay without Kafka: only count")
+    p.add_argument("--allow-raw-user-ids", action="store_true",
+                   help="without EM3_USER_ID_KEY, produce raw user IDs (local demos only; same as "
+                        "EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
     p.add_argument("--no-progress", action="store_true")
     add_connection_flags(p)
     p.set_defaults(func=replay_command)
@@ -73,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-users", type=int, default=1000)
     p.add_argument("--n-items", type=int, default=400)
     p.add_argument("--kafka", action="store_true", help="also produce impressions and clicks to Kafka")
+    p.add_argument("--allow-raw-user-ids", action="store_true",
+                   help="without EM3_USER_ID_KEY, produce raw user IDs (local demos only; same as "
+                        "EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
     p.add_argument("--out", default=None, help="write report.json, PNGs and report.html here")
     add_connection_flags(p)
     p.set_defaults(func=ab_command)
@@ -87,6 +93,18 @@ def _progress():
         return None
     return Progress(TextColumn("{task.description}"), TextColumn("{task.fields[events]} events"),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=Console(stderr=True))
+
+
+def _pseudonymizer(settings, args: argparse.Namespace):
+    """The edge's :class:`em3.privacy.Pseudonymizer` (raises ImproperlyConfigured without a key,
+    unless ``--allow-raw-user-ids`` or ``EM3_ALLOW_RAW_USER_IDS=1``)."""
+    import dataclasses
+
+    from em3.privacy import Pseudonymizer
+
+    if getattr(args, "allow_raw_user_ids", False):
+        settings = dataclasses.replace(settings, allow_raw_user_ids=True)
+    return Pseudonymizer.from_settings(settings)
 
 
 def replay_command(args: argparse.Namespace) -> int:
@@ -129,7 +147,7 @@ def replay_command(args: argparse.Namespace) -> int:
 
             settings = settings_from_args(args)
             sink = produce_events(replayer.run(rows), settings.kafka, prefix=settings.topics.prefix,
-                                  partitions=args.partitions)
+                                  partitions=args.partitions, pseudonymize=_pseudonymizer(settings, args))
             out["kafka"] = sink.to_dict()
     except KeyboardInterrupt:
         out["interrupted"] = True
@@ -186,7 +204,8 @@ def ab_command(args: argparse.Namespace) -> int:
         from simulators.kafka_sink import KafkaEventSink
 
         settings = settings_from_args(args)
-        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix)
+        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix,
+                                    pseudonymize=_pseudonymizer(settings, args))
         sinks.append(kafka_sink)
 
     def sink(event) -> None:
