@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -50,6 +51,7 @@ __all__ = [
     "RedisAppliedLog",
     "RedisPrivacyStore",
     "history_key",
+    "scan_values",
 ]
 
 RedisError = redis.RedisError
@@ -712,3 +714,42 @@ class RedisPrivacyStore:
         the number of keys deleted."""
         keys = [history_key(self.prefix, p) for p in pseudonyms]
         return int(self.client.delete(*keys)) if keys else 0
+
+
+def scan_values(client: redis.Redis, pattern: re.Pattern[bytes], match: str = "*") -> dict[bytes, set[bytes]]:
+    """Every match of ``pattern`` in the names and values of the keys matching
+    ``match`` (strings, lists, hashes, sets, sorted sets, streams), mapped to the keys
+    it was found in: an audit of what Redis holds (``benchmarks/privacy.py`` looks
+    for user IDs with it). Reads everything: not for a request path."""
+    found: dict[bytes, set[bytes]] = {}
+
+    def look(key: bytes, data: bytes | None) -> None:
+        if data:
+            for m in pattern.findall(data):
+                found.setdefault(m if isinstance(m, bytes) else m[0], set()).add(key)
+
+    for key in client.scan_iter(match=match, count=1000):
+        look(key, key)
+        kind = client.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "string":
+            look(key, client.get(key))
+        elif kind == "list":
+            for item in client.lrange(key, 0, -1):
+                look(key, item)
+        elif kind == "hash":
+            for field, value in client.hgetall(key).items():
+                look(key, field)
+                look(key, value)
+        elif kind == "set":
+            for item in client.smembers(key):
+                look(key, item)
+        elif kind == "zset":
+            for item in client.zrange(key, 0, -1):
+                look(key, item)
+        elif kind == "stream":
+            for _, fields in client.xrange(key):
+                for field, value in fields.items():
+                    look(key, field)
+                    look(key, value)
+    return found

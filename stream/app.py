@@ -210,7 +210,8 @@ def _add_deletion_agent(app: Any, settings: Settings, app_config: AppConfig) -> 
                       value_serializer="raw", partitions=1, compacting=True)
     dead_letter = app.topic(settings.topics.dead_letter, key_type=bytes, value_type=bytes, key_serializer="raw",
                             value_serializer="raw")
-    tombstones = app.Table("tombstones", default=None, partitions=1)
+    # use_partitioner: written from a batch (stream.take), outside one event's context.
+    tombstones = app.Table("tombstones", default=None, partitions=1, use_partitioner=True)
     app.eraser, app.tombstones = eraser, tombstones
 
     async def off_loop(fn: Any, *args: Any) -> Any:
