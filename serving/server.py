@@ -543,20 +543,20 @@ class ServingRuntime:
         requested_at = time.time()
         records = deletion_records(self.pseudonymize.all(raw_user_id), requested_at, request_id)
         errors: list[str] = []
-        acked: list[bool] = []
 
-        def delivered(err: Any, msg: Any) -> None:
-            (errors.append(str(err)) if err is not None else acked.append(True))
+        def delivered(err: Any, msg: Any) -> None:  # the server's producer reports failures only
+            if err is not None:
+                errors.append(str(err))
 
         try:
             for key, value, _ in records:
                 self.producer.produce(self.settings.topics.deletions, key=key, value=value, on_delivery=delivered)
         except BufferError as exc:
             raise Unavailable(f"Kafka producer queue is full: {exc}") from None
-        self.producer.flush(timeout_s)
-        if errors or len(acked) < len(records):
-            raise Unavailable(f"the broker has not acknowledged the deletion request ({errors[:1] or 'timeout'}); "
-                              "retrying is safe")
+        remaining = self.producer.flush(timeout_s)
+        if errors or remaining:
+            raise Unavailable(f"the broker has not acknowledged the deletion request "
+                              f"({errors[:1] or f'{remaining} queued after {timeout_s} s'}); retrying is safe")
         if self.tombstones is not None:
             for _, _, tomb in records:
                 try:

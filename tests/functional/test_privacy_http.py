@@ -25,15 +25,19 @@ RAW = "alice@example.com"
 
 
 class RecordingProducer:
-    def __init__(self) -> None:
+    """Like the server's producer (``delivery.report.only.error``): delivery reports
+    for failures only; ``fail`` makes every record fail."""
+
+    def __init__(self, fail: bool = False) -> None:
         self.records: list[tuple[str, bytes | None, bytes]] = []
         self.lock = threading.Lock()
+        self.fail = fail
 
     def produce(self, topic, value=None, key=None, on_delivery=None, **_):
         with self.lock:
             self.records.append((topic, key.encode() if isinstance(key, str) else key, value))
-        if on_delivery is not None:
-            on_delivery(None, None)
+        if on_delivery is not None and self.fail:
+            on_delivery("_MSG_TIMED_OUT", None)
 
     def poll(self, timeout=0):
         return 0
@@ -99,6 +103,12 @@ def test_delete_writes_a_request_and_the_status_follows_it_to_completion(parts):
     status = client.get(f"/v1/users/{RAW}/deletion", headers={"X-API-Key": API}).json()
     assert status["status"] == "complete" and status["completed_at"] == status["requested_at"] + 2.5
     assert status["lines_reset"] == {"em3": 12} and status["erased"] == {"history_keys": 1}
+
+
+def test_a_request_the_broker_does_not_acknowledge_gets_503():
+    runtime = _runtime(RecordingProducer(fail=True), InMemoryTombstones(), user_id_key=KEY)
+    r = TestClient(create_app(runtime)).delete(f"/v1/users/{RAW}", headers={"X-API-Key": API})
+    assert r.status_code == 503 and "retrying is safe" in r.json()["detail"]
 
 
 def test_bad_ids_get_422_and_a_key_rotation_deletes_both_pseudonyms():
