@@ -302,27 +302,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             reset_checked: dict[str, bool] = {}
             t_after = time.monotonic()
             deadline = time.monotonic() + args.complete_timeout_s
+            states: dict[int, tuple[Any, dict] | None] = {}  # version -> (manifest, state), loaded once
+
+            def reset_at(version: int) -> tuple[Any, dict] | None:
+                if version not in states:
+                    try:
+                        states[version] = load_state(store, LINE, version)
+                    except Exception as exc:  # noqa: BLE001 - pruned already: that user stays unchecked
+                        log.warning("v%s not loadable for the reset check: %r", version, exc)
+                        states[version] = None
+                return states[version]
+
             while time.monotonic() < deadline and len(status) < len(requested):
                 for user in requested:
                     if user in status:
                         continue
                     r = http.get(f"/v1/users/{quote(user, safe='')}/deletion")
-                    if r.status_code == 200 and r.json()["status"] == "complete":
-                        status[user] = r.json()
-                        version = status[user]["lines_reset"].get(LINE)
-                        if version is not None:
-                            try:
-                                manifest, state = load_state(store, LINE, version)
-                            except Exception as exc:  # noqa: BLE001 - pruned already: counted as unchecked
-                                log.warning("v%s not loadable for the reset check: %r", version, exc)
-                                continue
-                            model_config = manifest.config
-                            row = user_rows(int(manifest.config["user_buckets"]), [pid_of[user]])[0]
-                            reset_checked[user] = all(bool((state[n][row] == 0).all())
-                                                      for n in USER_ROW_STATE if n in state)
+                    if r.status_code != 200 or r.json()["status"] != "complete":
+                        continue
+                    status[user] = r.json()
+                    version = status[user]["lines_reset"].get(LINE)
+                    loaded = reset_at(version) if version is not None else None
+                    if loaded is not None:
+                        manifest, state = loaded
+                        model_config = manifest.config
+                        row = user_rows(int(manifest.config["user_buckets"]), [pid_of[user]])[0]
+                        reset_checked[user] = all(bool((state[n][row] == 0).all())
+                                                  for n in USER_ROW_STATE if n in state)
                 if time.monotonic() - t_after > args.after_s and not traffic.stop.is_set():
                     traffic.join()
-                time.sleep(0.2)
+                time.sleep(0.1)
             if not traffic.stop.is_set():
                 remaining = args.after_s - (time.monotonic() - t_after)
                 if remaining > 0:
@@ -363,15 +372,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raw_in_topics = 0
             completed_at = {pid_of[u].encode(): s["completed_at"] for u, s in status.items()}
             requested_at = {pid_of[u].encode(): t for u, t in requested.items()}
-            for topic in [*settings.topics.all(), settings.topics.deletions]:
+            for topic in settings.topics.all():
                 records = read_topic(settings, topic, args.topic_sample)
                 found = {"records": len(records), "raw_ids": 0, "non_pseudonymous_keys": 0,
                          "deleted_pseudonyms": {"before_request": 0, "after_request": 0, "after_complete": 0}}
                 for m in records:
                     blob = (m.key() or b"") + (m.value() or b"") + b"".join(v or b"" for _, v in (m.headers() or []))
                     found["raw_ids"] += len(RAW.findall(blob))
-                    key = (m.key() or b"").decode("utf-8", "replace")
-                    if topic != settings.topics.deletions and m.key() and not is_pseudonym(key):
+                    if m.key() and not is_pseudonym(m.key().decode("utf-8", "replace")):
                         found["non_pseudonymous_keys"] += 1
                     t = m.timestamp()[1] / 1000.0
                     for h in set(HEX32.findall(blob)) & deleted_pids:
@@ -380,9 +388,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         found["deleted_pseudonyms"][bucket] += 1
                 raw_in_topics += found["raw_ids"]
                 topics[topic.removeprefix(settings.topics.prefix)] = found
+            # The deletions topic: a request names the pseudonym (the agent needs it); the
+            # completion record under the same key must not (compaction keeps only it).
             deletions = read_topic(settings, settings.topics.deletions, args.topic_sample)
-            compaction = {"records": len(deletions), "distinct_keys": len({m.key() for m in deletions}),
-                          "compacted": len(deletions) == len({m.key() for m in deletions})}
+            kinds = {"deletion": 0, "tombstone": 0}
+            naming = {"deletion": 0, "tombstone": 0}
+            for m in deletions:
+                blob = (m.key() or b"") + (m.value() or b"")
+                raw_in_topics += len(RAW.findall(blob))
+                kind = json.loads(m.value())["type"]
+                kinds[kind] += 1
+                naming[kind] += bool(set(HEX32.findall(blob)) & deleted_pids)
+            topics["deletions"] = {"records": len(deletions), "requests": kinds["deletion"],
+                                   "completions": kinds["tombstone"], "requests_naming_the_user": naming["deletion"],
+                                   "completions_naming_the_user": naming["tombstone"],
+                                   "distinct_keys": len({m.key() for m in deletions}),
+                                   "compacted": len(deletions) == len({m.key() for m in deletions})}
         finally:
             if traffic is not None and not traffic.stop.is_set():
                 traffic.join()
@@ -427,7 +448,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_ids": {"redis": sum(len(k) for k in redis_raw.values()), "snapshot": snap_raw, "topics": raw_in_topics},
         "redis_keys_scanned": redis_keys,
         "topics": topics,
-        "deletions_topic": compaction,
         "join": {k: join_metrics.get(k) for k in ("erased_dropped", "fenced", "recoveries", "events_in",
                                                    "deletions.requests", "deletions.erased",
                                                    "deletions.join_records", "deletions.history_keys")},
