@@ -35,6 +35,8 @@ CONFIG_CLASSES = [
     ("Simulated world (`simulators.world.WorldConfig`)", "simulators.world:WorldConfig"),
     ("A/B runner (`simulators.ab.ABConfig`)", "simulators.ab:ABConfig"),
     ("Demo (`em3.app.demo.DemoConfig`)", "em3.app.demo:DemoConfig"),
+    ("Retention (`em3.privacy.RetentionConfig`; environment `EM3_RETENTION_<FIELD>`, seconds)",
+     "em3.privacy:RetentionConfig"),
 ]
 
 
