@@ -56,8 +56,8 @@ import numpy as np
 
 from em3.app.services import LocalServices, free_port, wait_until
 from em3.model import USER_ROW_STATE, user_rows
-from em3.privacy import Pseudonymizer, is_pseudonym
-from em3.redis_stores import RedisContentStore, RedisSnapshotStore, connect, scan_values
+from em3.privacy import Pseudonymizer, is_pseudonym, tombstone_id
+from em3.redis_stores import RedisContentStore, RedisPrivacyStore, RedisSnapshotStore, connect, scan_values
 from em3.snapshot import load_state
 from em3.types import ItemContent
 from stream.kafka import TopicPartition, ensure_topics, make_consumer, partition_counts
@@ -313,15 +313,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         states[version] = None
                 return states[version]
 
-            while time.monotonic() < deadline and len(status) < len(requested):
+            # Completion is watched in Redis (fast enough to load the resetting version
+            # before the store prunes it); the answer users get is read from the API below.
+            privacy = RedisPrivacyStore(client, settings.redis_prefix)
+            tid_of = {u: tombstone_id(pid_of[u]) for u in requested}
+            done_at: dict[str, float] = {}
+            while time.monotonic() < deadline and len(done_at) < len(requested):
                 for user in requested:
-                    if user in status:
+                    if user in done_at:
                         continue
-                    r = http.get(f"/v1/users/{quote(user, safe='')}/deletion")
-                    if r.status_code != 200 or r.json()["status"] != "complete":
+                    tomb = privacy.status(tid_of[user])
+                    if tomb is None or tomb.status != "complete":
                         continue
-                    status[user] = r.json()
-                    version = status[user]["lines_reset"].get(LINE)
+                    done_at[user] = tomb.completed_at
+                    version = tomb.lines_reset.get(LINE)
                     loaded = reset_at(version) if version is not None else None
                     if loaded is not None:
                         manifest, state = loaded
@@ -331,7 +336,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   for n in USER_ROW_STATE if n in state)
                 if time.monotonic() - t_after > args.after_s and not traffic.stop.is_set():
                     traffic.join()
-                time.sleep(0.1)
+                time.sleep(0.05)
+            for user in requested:  # the acknowledgement users get
+                r = http.get(f"/v1/users/{quote(user, safe='')}/deletion")
+                if r.status_code == 200 and r.json()["status"] == "complete":
+                    status[user] = r.json()
+            api_matches_store = all(status[u]["completed_at"] == done_at.get(u) for u in status)
             if not traffic.stop.is_set():
                 remaining = args.after_s - (time.monotonic() - t_after)
                 if remaining > 0:
@@ -344,6 +354,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # -- the audit ---------------------------------------------------------------
             deleted_pids = {pid_of[u].encode() for u in requested}
             deleted_raw = {u.encode() for u in requested}
+            # The scanner can fail: a planted raw ID and a deleted pseudonym must be found.
+            canary = f"{settings.redis_prefix}audit-canary"
+            client.hset(canary, "x", f"{raw_id(999999)}\t{pid_of[next(iter(requested))]}")
+            planted = scan_values(client, RAW, match=canary), scan_values(client, HEX32, match=canary)
+            client.delete(canary)
+            if not planted[0] or not set(planted[1]) & deleted_pids:
+                raise RuntimeError(f"the audit missed a planted raw ID or pseudonym: {planted}")
             redis_raw = scan_values(client, RAW)
             redis_hex = scan_values(client, HEX32)
             residual = {k for pid, keys in redis_hex.items() if pid in deleted_pids for k in keys}
@@ -439,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rank_errors": traffic.rank_errors,
         "clicks_posted": traffic.clicks_posted,
         "clicks_of_deleted_users_after_their_request": traffic.late_clicks,
+        "api_completed_at_matches_store": api_matches_store,
         "resets_verified_at_their_version": sum(reset_checked.values()),
         "resets_not_reset_at_their_version": sum(not ok for ok in reset_checked.values()),
         "rows_shared_with_live_users": shared,
