@@ -172,6 +172,45 @@ class Traffic:
                     self.click_errors += 1
 
 
+class Follower(threading.Thread):
+    """Follows the line as a server does (each new version applied onto the last, delta
+    by delta) and notes, per version, whether each watched user's rows are all zero."""
+
+    def __init__(self, store: Any, users: list[str]) -> None:
+        super().__init__(daemon=True)
+        self.store, self.users = store, users
+        self.stop = threading.Event()
+        self.zero_at: dict[int, dict[str, bool]] = {}
+        self.errors = 0
+
+    def run(self) -> None:
+        from em3.errors import SnapshotError
+        from em3.snapshot import materialize
+
+        held_v: int | None = None
+        state: dict | None = None
+        while not self.stop.wait(0.05):
+            v = self.store.latest_version(LINE)
+            if v is None or v == held_v:
+                continue
+            try:
+                try:
+                    chain = self.store.get_chain(LINE, v, have=held_v)
+                except SnapshotError:  # fell behind a pruned link: start from the full snapshot
+                    chain, state = self.store.get_chain(LINE, v), None
+                for manifest, blob in chain:
+                    state = materialize([(manifest, blob)], base=state)
+                    rows = user_rows(int(manifest.config["user_buckets"]), self.users)
+                    self.zero_at[manifest.version] = {
+                        u: all(bool((state[n][r] == 0).all()) for n in USER_ROW_STATE if n in state)
+                        for u, r in zip(self.users, rows)}
+                held_v = v
+            except SnapshotError as exc:
+                self.errors += 1
+                log.warning("following v%s failed: %r", v, exc)
+                held_v, state = None, None
+
+
 def read_topic(settings: Any, topic: str, cap: int) -> list[Any]:
     """Up to ``cap`` records of ``topic`` from its beginning (every partition)."""
     n = partition_counts(settings.kafka, [topic]).get(topic, 0)
@@ -279,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if len(victims) < args.delete:  # fewer clickers than asked: take served users too
                 rest = sorted(set(traffic.served) - set(victims))
                 victims += rng.sample(rest, args.delete - len(victims))
+            pseudonymize = Pseudonymizer(info.user_id_key)
+            pid_of = {u: pseudonymize(u) for u in users}
+            follower = Follower(store, [pid_of[u] for u in victims])
+            follower.start()
             requested: dict[str, float] = {}
             delete_errors = 0
             for user in victims:
@@ -294,25 +337,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 time.sleep(1.0 / args.delete_rate)
             log.info("%d deletions requested while traffic flows", len(requested))
 
-            # Follow each deletion; when it completes, check the version that reset the rows.
-            pseudonymize = Pseudonymizer(info.user_id_key)
-            pid_of = {u: pseudonymize(u) for u in users}
-            model_config: dict[str, Any] = {}
+            # Follow each deletion to the time its erasure completed.
             status: dict[str, dict] = {}
-            reset_checked: dict[str, bool] = {}
+            reset_version: dict[str, int | None] = {}
             t_after = time.monotonic()
             deadline = time.monotonic() + args.complete_timeout_s
-            states: dict[int, tuple[Any, dict] | None] = {}  # version -> (manifest, state), loaded once
-
-            def reset_at(version: int) -> tuple[Any, dict] | None:
-                if version not in states:
-                    try:
-                        states[version] = load_state(store, LINE, version)
-                    except Exception as exc:  # noqa: BLE001 - pruned already: that user stays unchecked
-                        log.warning("v%s not loadable for the reset check: %r", version, exc)
-                        states[version] = None
-                return states[version]
-
             # Completion is watched in Redis (fast enough to load the resetting version
             # before the store prunes it); the answer users get is read from the API below.
             privacy = RedisPrivacyStore(client, settings.redis_prefix)
@@ -326,14 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if tomb is None or tomb.status != "complete":
                         continue
                     done_at[user] = tomb.completed_at
-                    version = tomb.lines_reset.get(LINE)
-                    loaded = reset_at(version) if version is not None else None
-                    if loaded is not None:
-                        manifest, state = loaded
-                        model_config = manifest.config
-                        row = user_rows(int(manifest.config["user_buckets"]), [pid_of[user]])[0]
-                        reset_checked[user] = all(bool((state[n][row] == 0).all())
-                                                  for n in USER_ROW_STATE if n in state)
+                    reset_version[user] = tomb.lines_reset.get(LINE)
                 if time.monotonic() - t_after > args.after_s and not traffic.stop.is_set():
                     traffic.join()
                 time.sleep(0.05)
@@ -348,6 +370,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     time.sleep(remaining)
                 traffic.join()
             time.sleep(3.0 + args.snapshot_interval_s)  # in-flight clicks joined, learned, snapshotted
+            follower.stop.set()
+            follower.join(60)
+            reset_checked = {u: follower.zero_at.get(v, {}).get(pid_of[u]) for u, v in reset_version.items()
+                             if v is not None}
             with httpx.Client(timeout=10) as c:
                 join_metrics = c.get(f"http://127.0.0.1:{join_port}/join/metrics").json()
 
@@ -404,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                   else "after_request" if t >= requested_at[h] else "before_request")
                         found["deleted_pseudonyms"][bucket] += 1
                 raw_in_topics += found["raw_ids"]
+                if topic == settings.topics.samples:  # re-emissions after a fenced batch (same ids)
+                    found["distinct_sample_ids"] = len({json.loads(m.value()).get("sample_id") for m in records})
                 topics[topic.removeprefix(settings.topics.prefix)] = found
             # The deletions topic: a request names the pseudonym (the agent needs it); the
             # completion record under the same key must not (compaction keeps only it).
@@ -457,8 +485,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "clicks_posted": traffic.clicks_posted,
         "clicks_of_deleted_users_after_their_request": traffic.late_clicks,
         "api_completed_at_matches_store": api_matches_store,
-        "resets_verified_at_their_version": sum(reset_checked.values()),
-        "resets_not_reset_at_their_version": sum(not ok for ok in reset_checked.values()),
+        "resets_verified_at_their_version": sum(ok is True for ok in reset_checked.values()),
+        "resets_not_reset_at_their_version": sum(ok is False for ok in reset_checked.values()),
+        "resets_unchecked": len(status) - sum(ok is not None for ok in reset_checked.values()),
+        "versions_followed": len(follower.zero_at),
         "rows_shared_with_live_users": shared,
         "snapshot_version": manifest.version,
         "snapshot_kind": manifest.kind,
@@ -473,7 +503,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "startup_s": round(startup_s, 1),
         "variant": args.variant + (" (tiny)" if args.tiny else ""),
         "runtime": args.runtime,
-        "model_user_buckets": int((model_config or manifest.config)["user_buckets"]),
+        "model_user_buckets": int(manifest.config["user_buckets"]),
         "snapshot_interval_s": args.snapshot_interval_s,
     }
 
