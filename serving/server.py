@@ -437,9 +437,23 @@ class ServingRuntime:
             self._thread_state.ready = True
         context = dict(context or {})
         k = len(item_ids) if k is None else min(k, len(item_ids))
-        if self.logger is not None and not self.logger.has_room(k):
+        if self.logger is not None and not self.logger.reserve(k):
             # Back-pressure: never serve impressions that cannot be logged.
             raise Unavailable("the impression log is full (Kafka away or slow); retry shortly")
+        try:
+            response, impressions = self._rank_unlogged(user_id, item_ids, context, k, served_at)
+        except BaseException:
+            if self.logger is not None:
+                self.logger.release(k)
+            raise
+        if self.logger is not None:
+            # Hand back the whole reservation and buffer: ``impressions`` may be fewer than k.
+            self.logger.log_many(impressions, reserved=k)
+        return response
+
+    def _rank_unlogged(self, user_id: str, item_ids: Sequence[str], context: dict, k: int,
+                       served_at: float | None) -> tuple[RankedResponse, list[Impression]]:
+        """:meth:`rank` without the logging: the response and the impressions to log."""
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         served_at = time.time() if served_at is None else served_at
@@ -456,15 +470,14 @@ class ServingRuntime:
             ranked, unknown = self._rank_baseline(arm, item_ids, k, request_id)
             line, version, timings = arm.logged_line, 0, {}
         items = [(item_id, score, f"{request_id}-{pos}", p) for pos, (item_id, score, p) in enumerate(ranked)]
-        if self.logger is not None:
-            self.logger.log_many([
-                Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
-                for pos, (item_id, _, imp_id, p) in enumerate(items)
-            ])
+        impressions = [
+            Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
+            for pos, (item_id, _, imp_id, p) in enumerate(items)
+        ] if self.logger is not None else []
         self.metrics.arm_requests.labels(arm.name).inc()
         if unknown:
             self.metrics.unknown_candidates.inc(len(unknown))
-        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings)
+        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings), impressions
 
     def _rank_baseline(
         self, arm: ArmConfig, item_ids: Sequence[str], k: int, request_id: str

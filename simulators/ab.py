@@ -89,7 +89,8 @@ class ABConfig:
     attribution_window_s : float
         Clicks later than this after their impression do not count.
     stop_early : bool
-        End when every treatment has a verdict.
+        End when every treatment has a verdict (the report's ``stop_reason`` is
+        then ``"evidence"``).
     training_data : {"split", "pooled", "weighted"}
         What learning rankers observe (:data:`em3.experiment.TRAINING_DATA`): only
         their own arm's events (``split``), every arm's (``pooled``), or every arm's
@@ -181,13 +182,18 @@ class ArmStats:
 
 @dataclass
 class ABReport:
-    """Everything an experiment produced; :meth:`to_json` is the JSON report."""
+    """Everything an experiment produced; :meth:`to_json` is the JSON report.
+
+    ``stop_reason`` says why it ended: ``"evidence"`` (every treatment reached a
+    verdict, with ``stop_early``), ``"time_budget"`` (``should_stop`` said so) or
+    ``"request_budget"`` (it ran its ``n_requests``).
+    """
 
     config: dict[str, Any]
     arms: list[str]
     control: str
     requests: int
-    stopped_early: bool
+    stop_reason: str
     final: dict[str, dict[str, float]]
     tests: dict[str, dict[str, Any]]
     timeline: list[dict[str, Any]] = field(default_factory=list)
@@ -264,8 +270,8 @@ class ABRunner:
     metrics : callable, optional
         ``metrics(t) -> {series: {arm: value}}`` at every look (see module docstring).
     should_stop : callable, optional
-        Checked before each request; True ends the experiment there (a wall-clock
-        budget, for example), as ``stop_early`` does.
+        Checked before each request; True ends the experiment there: a wall-clock
+        budget (the report's ``stop_reason`` is then ``"time_budget"``).
     """
 
     def __init__(self, world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, *,
@@ -309,7 +315,7 @@ class ABRunner:
         seq = 0
         timeline: list[dict[str, Any]] = []
         stopped_at: dict[str, tuple[int, float]] = {}
-        stopped_early = False
+        stop_reason = "request_budget"
         n_done = 0
 
         propensity = ArmPropensity()
@@ -378,7 +384,7 @@ class ABRunner:
 
         for i in range(cfg.n_requests):
             if self.should_stop is not None and self.should_stop():
-                stopped_early = True
+                stop_reason = "time_budget"
                 break
             t += float(rng.exponential(1.0 / cfg.request_rate_per_s))
             deliver(t)
@@ -420,7 +426,7 @@ class ABRunner:
             if n_done % cfg.check_every == 0:
                 look(t)
                 if cfg.stop_early and len(stopped_at) == len(self.treatments):
-                    stopped_early = n_done < cfg.n_requests
+                    stop_reason = "evidence"
                     break
         end = t + cfg.attribution_window_s
         deliver(end)
@@ -445,7 +451,7 @@ class ABRunner:
                 "stopped_at_time": stopped_at.get(a, (None, None))[1],
             }
         cfg_dict = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(cfg).items()}
-        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stopped_early, final, verdicts, timeline)
+        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stop_reason, final, verdicts, timeline)
 
 
 def run_ab(world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, **kwargs: Any) -> ABReport:

@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-raw-user-ids", action="store_true",
                    help="without EM3_USER_ID_KEY, produce raw user IDs (local demos only; same as "
                         "EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
-    p.add_argument("--out", default=None, help="write report.json, PNGs and report.html here")
+    p.add_argument("--out", default=None, help="write report.json and report.html here")
     add_connection_flags(p)
     p.set_defaults(func=ab_command)
 
@@ -217,7 +217,7 @@ def ab_command(args: argparse.Namespace) -> int:
                       arm_from_ranking=bool(args.server), unit=args.unit, min_samples=args.min_units)
     report = ABRunner(world, arms, config, event_sink=sink if sinks else None).run()
     summary: dict[str, object] = {
-        "control": report.control, "requests": report.requests, "stopped_early": report.stopped_early,
+        "control": report.control, "requests": report.requests, "stop_reason": report.stop_reason,
         "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
         "verdicts": {a: {"verdict": v["verdict"], "diff": v["diff"], "p_value": v["p_value"],

@@ -494,7 +494,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
     ab = ABConfig(n_requests=max(10, int(config.minutes * 60.0 * config.request_rate_per_s * 2)),
                   k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
                   assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
-                  unit="user", min_samples=50, check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
+                  unit="user", training_data=config.training_data, min_samples=50,
+                  check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
     runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
                       should_stop=lambda: time.time() >= deadline)
     with _Progress(progress, config, paced, snapshots, join_port, deadline):
@@ -536,8 +537,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         },
     }
     extra = {"headline": _headline(extra, config), **extra}
-    write_report(result, Path(config.out_dir), "em3 demo: EM3 online vs ID-only online",
-                 extra=extra, extra_html=_extra_html(extra))
+    write_report(result, Path(config.out_dir), f"em3 demo: {' vs '.join(config.lines)}, online A/B test",
+                 extra=extra)
     return {**result.to_dict(), **extra}
 
 
@@ -565,7 +566,7 @@ def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
     }
     return {"learning_shows": all(checks.values()), "checks": checks, "window_auc": aucs,
             "cold_ctr_ratio": ratio, "requests_per_s": rate,
-            "training_data": config.training_data, "unit_of_randomisation": "user"}
+            "training_data": config.training_data, "unit_of_randomisation": "user", "targets": dict(t)}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -575,22 +576,6 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
         return {"p50": None, "p99": None, "n": 0}
     arr = np.asarray(values, dtype=float)
     return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "n": int(arr.size)}
-
-
-def _extra_html(extra: Mapping[str, Any]) -> str:
-    import html
-
-    def table(title: str, rows: Mapping[str, Any]) -> str:
-        body = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
-                       for k, v in rows.items())
-        return f"<h2>{html.escape(title)}</h2><table>{body}</table>"
-
-    return (table("Did learning show?", extra["headline"]["checks"])
-            + table("CTR on cold-start items (arrived during the run)", extra["cold_start"])
-            + table("Freshness: age of the served snapshot (s)", extra["freshness_s"])
-            + table("Snapshot versions served", extra["versions_served"])
-            + table("Learners", extra["learners"])
-            + table("Throughput", extra["throughput"]))
 
 
 class _Progress:
