@@ -108,9 +108,19 @@ def _pseudonymizer(settings, args: argparse.Namespace):
 
 
 def replay_command(args: argparse.Namespace) -> int:
+    from em3.errors import ImproperlyConfigured
     from simulators.delays import make_delay
     from simulators.replay import LogReplayer, ReplayConfig
     from simulators.replay_sources import file_rows, movielens_rows, obd_rows
+
+    if not args.dry_run:  # the edge: refuse before reading anything without a user ID key
+        from em3.app.cli import settings_from_args
+
+        try:
+            _pseudonymizer(settings_from_args(args), args)
+        except ImproperlyConfigured as exc:
+            print(f"em3 replay: {exc}", file=sys.stderr)
+            return 2
 
     delay = make_delay(args.click_delay) if args.click_delay else None
     if args.obd:
@@ -201,11 +211,16 @@ def ab_command(args: argparse.Namespace) -> int:
     kafka_sink = None
     if args.kafka:
         from em3.app.cli import settings_from_args
+        from em3.errors import ImproperlyConfigured
         from simulators.kafka_sink import KafkaEventSink
 
         settings = settings_from_args(args)
-        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix,
-                                    pseudonymize=_pseudonymizer(settings, args))
+        try:
+            pseudonymize = _pseudonymizer(settings, args)
+        except ImproperlyConfigured as exc:
+            print(f"em3 ab: {exc}", file=sys.stderr)
+            return 2
+        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix, pseudonymize=pseudonymize)
         sinks.append(kafka_sink)
 
     def sink(event) -> None:

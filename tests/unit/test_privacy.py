@@ -189,3 +189,13 @@ def test_reset_user_rows_zeroes_every_row_of_the_user_and_nothing_else():
         others = [r for r in range(buckets) if r != row]
         assert torch.equal(state[name][others], before[name][others])
     assert torch.equal(state["item_emb.table.weight"], before["item_emb.table.weight"])
+
+
+def test_replay_refuses_to_produce_raw_user_ids_without_a_key(monkeypatch, capsys):
+    from em3.app.cli import main
+
+    monkeypatch.delenv("EM3_USER_ID_KEY", raising=False)
+    monkeypatch.delenv("EM3_ALLOW_RAW_USER_IDS", raising=False)
+    monkeypatch.setenv("EM3_RUN_DIR", "/nonexistent")
+    assert main(["replay", "--obd", "all", "--no-progress", "--bootstrap-servers", "127.0.0.1:1"]) == 2
+    assert "EM3_USER_ID_KEY" in capsys.readouterr().err
