@@ -102,6 +102,7 @@ def _server_status(client: httpx.Client) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     from em3.model import EM3Model, ModelConfig
+    from em3.privacy import Pseudonymizer
     from em3.redis_stores import RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect
     from stream.kafka import ensure_topics
 
@@ -120,9 +121,11 @@ def run(args: argparse.Namespace) -> dict:
         rnd = random.Random(args.seed)
         users = [f"user-{u}" for u in range(args.users)]
         history = RedisHistoryStore(redis, settings.redis_prefix)
+        pseudonymize = Pseudonymizer(info.user_id_key)  # the server looks histories up by pseudonym
         for user in users:
             clicked = rnd.sample(ids, args.history)
-            history.append_many([(user, item_id, 1.7e9 + t) for t, item_id in enumerate(reversed(clicked))])
+            history.append_many([(pseudonymize(user), item_id, 1.7e9 + t)
+                                 for t, item_id in enumerate(reversed(clicked))])
 
         log.info("building the publisher's model (%s config)", args.config)
         model = EM3Model(config).eval()
@@ -132,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         first = _publish(store, state, config, 0.0, noise)
 
         # The bare model on the same input: 100 candidate rows against 100 history rows.
-        user = users[0]
+        user = pseudonymize(users[0])
         hist_ids = history.get(user, args.history)
         cand_ids = rnd.sample(ids, args.candidates)
         by_id = {i.item_id: i for i in items}

@@ -13,6 +13,7 @@ Redis URL is masked.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import field, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,7 @@ from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSour
 
 from em3.constraints import Annotated, NonEmptyStr, StringConstraints, config_class, explain
 from em3.errors import ImproperlyConfigured
+from em3.privacy import RetentionConfig
 
 __all__ = [
     "KafkaSettings",
@@ -140,7 +142,13 @@ class TopicNames:
     def dead_letter(self) -> str:
         return f"{self.prefix}dead-letter"
 
+    @property
+    def deletions(self) -> str:
+        """The compacted topic of user deletion requests (keyed by tombstone id)."""
+        return f"{self.prefix}deletions"
+
     def all(self) -> list[str]:
+        """The event topics (co-partitioned by user); :attr:`deletions` is apart."""
         return [self.impressions, self.clicks, self.samples, self.dead_letter]
 
 
@@ -148,9 +156,12 @@ class TopicNames:
 class Settings:
     """Everything a process needs to find the shared infrastructure.
 
-    ``api_key`` is what the HTTP server's write endpoints require and
-    ``snapshot_key`` the HMAC key of snapshot manifests; both are left out of
-    ``repr``.
+    ``api_key`` is what the HTTP server's write endpoints require,
+    ``snapshot_key`` the HMAC key of snapshot manifests and ``user_id_key``
+    (and ``user_id_key_previous`` during a rotation) the HMAC key of user
+    pseudonyms (:class:`em3.privacy.Pseudonymizer`); all are left out of
+    ``repr``. ``allow_raw_user_ids`` lets raw IDs through an edge without a key
+    (local demos only). ``retention`` holds every store's retention period.
     """
 
     kafka: KafkaSettings
@@ -159,6 +170,10 @@ class Settings:
     redis_prefix: str = "em3:"
     api_key: str = field(default="", repr=False)
     snapshot_key: str = field(default="", repr=False)
+    user_id_key: str = field(default="", repr=False)
+    user_id_key_previous: str = field(default="", repr=False)
+    allow_raw_user_ids: bool = False
+    retention: RetentionConfig = RetentionConfig()
 
     def with_overrides(
         self,
@@ -202,6 +217,16 @@ class EnvSettings(BaseSettings):
     snapshot_key : str
         HMAC key of snapshot manifests, shared by learners and servers (default: the
         services file's).
+    user_id_key : str
+        HMAC key that turns raw user IDs into pseudonyms at the edge (servers, replay;
+        default: the services file's). Without one the edge refuses to start unless
+        ``allow_raw_user_ids``.
+    user_id_key_previous : str
+        The key before the last rotation (``em3 users rotate-key``).
+    allow_raw_user_ids : bool
+        Let raw user IDs through an edge without a key (``EM3_ALLOW_RAW_USER_IDS=1``;
+        local demos only). Retention periods come from ``EM3_RETENTION_<FIELD>``
+        (:class:`em3.privacy.RetentionConfig`).
     """
 
     model_config = SettingsConfigDict(env_prefix="EM3_", env_ignore_empty=True, extra="ignore", frozen=True)
@@ -216,6 +241,9 @@ class EnvSettings(BaseSettings):
     run_dir: str = "runs/services"
     api_key: str = _Field(default="", repr=False)
     snapshot_key: str = _Field(default="", repr=False)
+    user_id_key: str = _Field(default="", repr=False)
+    user_id_key_previous: str = _Field(default="", repr=False)
+    allow_raw_user_ids: bool = False
 
 
 class _Environment(EnvSettingsSource):
@@ -246,7 +274,7 @@ class _ServicesFile(PydanticBaseSettingsSource):
     """The addresses and keys in ``RUN_DIR/services.json`` (``RUN_DIR`` as the sources
     above it say); an unreadable file counts as absent."""
 
-    KEYS = ("bootstrap_servers", "redis_url", "api_key", "snapshot_key")
+    KEYS = ("bootstrap_servers", "redis_url", "api_key", "snapshot_key", "user_id_key", "user_id_key_previous")
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
@@ -301,4 +329,8 @@ def load_settings(
         topics=TopicNames(v.topic_prefix),
         api_key=v.api_key,
         snapshot_key=v.snapshot_key,
+        user_id_key=v.user_id_key,
+        user_id_key_previous=v.user_id_key_previous,
+        allow_raw_user_ids=v.allow_raw_user_ids,
+        retention=RetentionConfig.from_env(os.environ if env is None else env),
     )

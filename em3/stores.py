@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import defaultdict, deque
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
-from em3.types import ItemContent
+from em3.types import ItemContent, Tombstone
 
 __all__ = [
     "ContentSource",
     "HistorySource",
     "InMemoryContentStore",
     "InMemoryHistoryStore",
+    "InMemoryTombstones",
     "DEFAULT_HISTORY_LENGTH",
 ]
 
@@ -124,3 +125,23 @@ class InMemoryHistoryStore:
     ) -> list[list[str]]:
         befores = before if before is not None else [None] * len(user_ids)
         return [self.get(u, limit, b) for u, b in zip(user_ids, befores)]
+
+
+class InMemoryTombstones:
+    """The part of :class:`em3.redis_stores.RedisPrivacyStore` a server uses, in a dict
+    (tests): record a requested deletion, read and save a tombstone."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Tombstone] = {}
+
+    def requested(self, tomb: Tombstone) -> bool:
+        if tomb.tombstone_id in self.records:
+            return False
+        self.records[tomb.tombstone_id] = tomb
+        return True
+
+    def status(self, tid: str) -> Tombstone | None:
+        return self.records.get(tid)
+
+    def save(self, tomb: Tombstone) -> None:
+        self.records[tomb.tombstone_id] = tomb

@@ -51,6 +51,8 @@ __all__ = [
     "Sample",
     "ItemContent",
     "SnapshotManifest",
+    "DeletionRequest",
+    "Tombstone",
     "RankRequest",
     "ClickRequest",
     "ItemsRequest",
@@ -231,6 +233,47 @@ class SnapshotManifest(msgspec.Struct, frozen=True):
     #: and, for a delta, of the state it must be applied to.
     state_sha256: str = ""
     base_state_sha256: str = ""
+
+
+class DeletionRequest(msgspec.Struct, frozen=True, tag="deletion", tag_field="type"):
+    """A request to erase one user, on the compacted ``{prefix}deletions`` topic.
+
+    ``user_id`` is the user's *pseudonym* (:func:`em3.privacy.pseudonym`), never
+    the raw ID. The record's key is :func:`em3.privacy.tombstone_id` of it, so
+    the completion record that follows (:class:`Tombstone`, without the
+    pseudonym) replaces the request when the topic is compacted.
+    """
+
+    user_id: Id
+    requested_at: Timestamp
+    request_id: Label = ""
+    v: Version = SCHEMA_VERSION
+
+
+TombstoneStatus = Literal["requested", "erasing", "stores_erased", "complete"]
+
+
+class Tombstone(msgspec.Struct, frozen=True, tag="tombstone", tag_field="type"):
+    """What is known of one deletion, stored under its ``tombstone_id`` (a one-way
+    digest of the pseudonym: the record never names the user).
+
+    ``status`` moves ``requested`` (the server wrote the request) -> ``erasing``
+    (the agent took it) -> ``stores_erased`` (history, join state gone from
+    Redis; ``stores_erased_at``) -> ``complete`` (every model line in
+    ``lines_expected`` published a snapshot with the user's rows reset:
+    ``lines_reset`` maps line -> that version; ``completed_at`` is when the last
+    of these happened). ``erased`` counts what was removed.
+    """
+
+    tombstone_id: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+    requested_at: Timestamp
+    status: TombstoneStatus = "requested"
+    stores_erased_at: float | None = None
+    lines_expected: list[str] = msgspec.field(default_factory=list)
+    lines_reset: dict[str, int] = msgspec.field(default_factory=dict)
+    completed_at: float | None = None
+    erased: dict[str, int] = msgspec.field(default_factory=dict)
+    v: Version = SCHEMA_VERSION
 
 
 # --- HTTP request bodies (serving.app decodes them; /openapi.json shows them) --------

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from em3.config import Settings
-from em3.model.model import COUNTER_STATE
+from em3.model.model import COUNTER_STATE, reset_user_rows, user_rows
 from learners.loop import COUNTERS, CycleResult
+from learners.privacy import ErasureDuty
 from learners.publisher import LineMovedError, SnapshotPublisher
 from learners.worker import LearnConfig, PrequentialWindow, cycle_stats, training_data_stats
 
@@ -80,11 +81,16 @@ class Aggregator:
     config : LearnConfig
     world : int
         Number of learners (recorded in the manifest stats).
+    duty : ErasureDuty, optional
+        Deleted users whose rows the merged state must have reset before it is
+        published (a round is then published even if no learner read anything).
     """
 
-    def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int) -> None:
+    def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int,
+                 duty: ErasureDuty | None = None) -> None:
         self.config = config
         self.world = world
+        self.duty = duty
         self.publisher = publisher
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
@@ -111,6 +117,8 @@ class Aggregator:
                                           training_data=training_data_stats(self.config.loop),
                                                             initial=True))
         self.version = manifest.version
+        if self.duty is not None:
+            self.duty.done(self.version, {})
         return self.version
 
     def base(self) -> tuple[int | None, dict[str, int]]:
@@ -143,9 +151,15 @@ class Aggregator:
             seconds=max((r.seconds for r in results), default=0.0),
         )
         self.rounds += 1
-        if not combined.changed:
+        owed = self.duty.owed() if self.duty is not None else {}
+        if not combined.changed and not owed:
             return {"version": self.version, "published": False, "applied": 0}
         state = average_deltas(self.state, [r.state for r in results if r.state is not None])
+        rows: list[int] = []
+        if owed:
+            user_buckets = int(self.publisher.model_config.get("user_buckets", 0))
+            rows = user_rows(user_buckets, list(owed.values()))
+            reset_user_rows(state, rows)
         totals = {k: self.totals.get(k, 0) + merged_counters[k] for k in COUNTERS}
         self.window.update(combined.labels, combined.probs)
         stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds,
@@ -158,6 +172,8 @@ class Aggregator:
             self.start()
             return {"version": self.version, "published": False, "applied": 0}
         self.version, self.state, self.offsets, self.totals = manifest.version, state, dict(combined.offsets), totals
+        if self.duty is not None:
+            self.duty.done(manifest.version, owed, rows)
         return {"version": self.version, "published": True, "applied": combined.applied}
 
     def pid(self) -> int:
@@ -175,15 +191,19 @@ class RedisAggregator(Aggregator):
 
     def __init__(self, settings: Settings, config: LearnConfig, world: int) -> None:
         from em3.model import ModelConfig
-        from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore, connect
+        from em3.redis_stores import RedisAppliedLog, RedisPrivacyStore, RedisSnapshotStore, connect
 
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
+        retention = settings.retention
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix), config.model_line,
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key,
+                               max_age_s=retention.snapshot_max_age_s),
+            RedisAppliedLog(self.redis, prefix), config.model_line,
             ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
         )
-        super().__init__(publisher, config, world)
+        duty = ErasureDuty(RedisPrivacyStore(self.redis, prefix, retention.tombstone_ttl_s), config.model_line)
+        super().__init__(publisher, config, world, duty)
 
     def close(self) -> None:
         self.redis.close()

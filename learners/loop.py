@@ -15,7 +15,9 @@ Per micro-batch:
    the first one;
 2. decode them (undecodable records are counted, logged and skipped; their offsets
    still advance);
-3. drop samples whose ``sample_id`` is in the dedup window or repeated in the batch;
+3. drop samples of erased users (``tombstones``: deleted users' samples still in
+   flight, ``erased_dropped``) and samples whose ``sample_id`` is in the dedup
+   window or repeated in the batch;
 4. fetch each user's history as it was when the impression was served
    (``before=served_at``);
 5. score the batch with the current model (prequential: every prediction is made
@@ -63,7 +65,7 @@ log = logging.getLogger(__name__)
 
 # Cumulative counters a loop keeps (and a snapshot's stats carry).
 COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps",
-            "batch_retries", "quarantined", "other_arm_skipped")
+            "batch_retries", "quarantined", "other_arm_skipped", "erased_dropped")
 
 
 @config_class
@@ -246,6 +248,9 @@ class LearnerLoop:
         Fallback history length when ``config.history_len`` is None (the model's).
     clock : callable
         Monotonic seconds (tests inject a fake clock).
+    tombstones : TombstoneFilter, optional
+        Deleted users (:class:`em3.privacy.TombstoneFilter`), refreshed before each
+        micro-batch; their samples are dropped.
     """
 
     def __init__(
@@ -260,8 +265,10 @@ class LearnerLoop:
         transient: tuple[type[BaseException], ...] = (OSError,),
         on_quarantine: Callable[[Sequence[SourceRecord], str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        tombstones: Any = None,
     ) -> None:
         self.learner = learner
+        self.tombstones = tombstones
         self.transient = transient
         self.on_quarantine = on_quarantine
         self.sleep = sleep
@@ -389,6 +396,12 @@ class LearnerLoop:
             except DecodeError as exc:
                 undecodable += 1
                 log.warning("undecodable sample at %s@%d skipped: %s", rec.partition, rec.offset, exc)
+        erased = 0
+        if self.tombstones is not None:
+            self.tombstones.refresh()
+            if len(self.tombstones):
+                alive = [(p, s) for p, s in decoded if not self.tombstones.erased(s.impression.user_id)]
+                erased, decoded = len(decoded) - len(alive), alive
         excluded = self.config.exclude_lines
         skipped = 0
         if excluded:
@@ -419,6 +432,7 @@ class LearnerLoop:
         counters["records"] += len(records)
         counters["decode_errors"] += undecodable
         counters["other_arm_skipped"] += skipped
+        counters["erased_dropped"] += erased
         counters["duplicates_dropped"] += len(decoded) - len(keep)
         if not samples:
             return stats

@@ -361,3 +361,30 @@ class OnlineLearner:
 
     def num_trainable_params(self) -> int:
         return self.model.num_trainable_params()
+
+    @torch.no_grad()
+    def forget_users(self, user_ids: Sequence[str]) -> list[int]:
+        """Reset the rows of ``user_ids`` (pseudonyms) to nothing learned: their ID
+        embedding and bias rows and their impression and click counters are zeroed,
+        and so are the row-wise optimiser accumulators of those rows, so they start
+        over like new rows. Returns the rows reset.
+
+        A row is a hash bucket: a user that shares it loses what it learned too.
+        """
+        from em3.model import reset_user_rows, user_rows
+
+        rows = user_rows(self.config.user_buckets, list(user_ids))
+        if not rows:
+            return []
+        own = dict(self.model.named_parameters())
+        own.update(self.model.named_buffers())
+        names = reset_user_rows(own, rows)
+        index = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
+        for name in names:
+            param = own[name]
+            for opt in (self.sparse_optimizer, self.optimizer):
+                state = opt.state.get(param) if opt is not None else None
+                for value in (state or {}).values():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == param.shape[0]:
+                        value.index_fill_(0, index.to(value.device), 0.0)
+        return sorted(set(rows))

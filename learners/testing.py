@@ -9,6 +9,7 @@ the interfaces of :class:`em3.redis_stores.RedisSnapshotStore` and
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -17,7 +18,8 @@ from em3.errors import SnapshotError
 from em3.redis_stores import kept_versions, walk_chain
 from em3.types import Impression, ItemContent, Sample, SnapshotManifest
 
-__all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog"]
+__all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog",
+           "InMemoryPrivacyStore"]
 
 
 def synthetic_items(num_items: int = 30) -> list[ItemContent]:
@@ -117,3 +119,40 @@ class InMemoryAppliedLog:
     def delete(self, line: str, versions: Iterable[int]) -> None:
         for v in versions:
             self.records.pop((line, v), None)
+
+
+class InMemoryPrivacyStore:
+    """What learners use of :class:`em3.redis_stores.RedisPrivacyStore`, in dicts;
+    :meth:`delete` plays the deletion agent (tombstone the user, owe the reset)."""
+
+    def __init__(self) -> None:
+        self.owed: dict[str, str] = {}
+        self.resets: dict[str, dict[str, int]] = {}
+        self.lines: dict[str, float] = {}
+        self.tids: set[str] = set()
+        self.seq = 0
+
+    def delete(self, user_pseudonym: str) -> str:
+        from em3.privacy import tombstone_id
+
+        tid = tombstone_id(user_pseudonym)
+        self.owed[tid] = user_pseudonym
+        self.tids.add(tid)
+        self.seq += 1
+        return tid
+
+    def pending(self) -> dict[str, str]:
+        return dict(self.owed)
+
+    def owed_by(self, line: str, pending: Mapping[str, str]) -> dict[str, str]:
+        return {t: p for t, p in pending.items() if line not in self.resets.get(t, {})}
+
+    def reset_done(self, line: str, version: int, tids: Iterable[str], at: float | None = None) -> None:
+        for tid in tids:
+            self.resets.setdefault(tid, {})[line] = version
+
+    def heartbeat(self, line: str, at: float | None = None) -> None:
+        self.lines[line] = time.time() if at is None else at
+
+    def tombstoned(self, seq: int | None = None):
+        return None if seq == self.seq else (self.seq, set(self.tids))

@@ -26,6 +26,7 @@ from em3.retry import Backoff
 from stream.kafka import KafkaException, dead_letter_headers, make_producer
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
 from learners.online import LEARNER_DEFAULTS
+from learners.privacy import ErasureDuty
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
 
 __all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats", "training_data_stats"]
@@ -162,20 +163,27 @@ class LineTrainer:
     config : LearnConfig
     rank, world : int
         This learner's place in a fleet (``0, 1`` alone).
+    duty : ErasureDuty, optional
+        The deleted users whose rows this line must reset (single mode publishes them
+        reset; a fleet's aggregator does it for the fleet).
+    tombstones : TombstoneFilter, optional
+        Deleted users whose samples the loop drops.
     """
 
     def __init__(self, learner, source, history, publisher: SnapshotPublisher, config: LearnConfig,
                  rank: int = 0, world: int = 1, *, history_len: int = 100,
                  transient: tuple[type[BaseException], ...] = (OSError,),
-                 on_quarantine: Callable[..., None] | None = None) -> None:
+                 on_quarantine: Callable[..., None] | None = None,
+                 duty: ErasureDuty | None = None, tombstones: Any = None) -> None:
         self.config = config
         self.rank, self.world = rank, world
         self.learner = learner
         self.source = source
         self.publisher = publisher
         self.transient = transient
+        self.duty = duty
         self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len,
-                                transient=transient, on_quarantine=on_quarantine)
+                                transient=transient, on_quarantine=on_quarantine, tombstones=tombstones)
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
         self.published = 0
@@ -210,9 +218,20 @@ class LineTrainer:
             result = self.loop.run_cycle(self.config.policy, stop)
             cycles += 1
             self.window.update(result.labels, result.probs)
-            if result.changed:
+            if result.changed or self._owes_erasures():
                 self._retrying(lambda: self._publish(result), "publish", stop)
         return self.version
+
+    def _owes_erasures(self) -> bool:
+        """Whether deleted users wait for this line to reset their rows (a snapshot is
+        then published even without new samples)."""
+        if self.duty is None:
+            return False
+        try:
+            return bool(self.duty.owed())
+        except self.transient as exc:  # an outage: the next cycle asks again
+            log.warning("could not read owed erasures (%r)", exc)
+            return False
 
     def _retrying(self, action: Callable[[], Any], what: str, stop: Callable[[], bool]) -> bool:
         """Run ``action``, retrying an outage (Redis, the broker) with backoff until it
@@ -253,6 +272,14 @@ class LineTrainer:
                        stats: Mapping[str, Any]) -> bool:
         """Publish the learner's state on top of ``self.version``; False (and resumed from
         the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
+        owed: dict[str, str] = {}
+        rows: list[int] = []
+        if self.duty is not None:
+            owed = self.duty.owed()
+            if owed:  # reset before the state is taken; drop their samples from now on
+                rows = self.learner.forget_users(list(owed.values()))
+                if self.loop.tombstones is not None:
+                    self.loop.tombstones.add(owed.values())
         try:
             manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
                                               offsets=offsets, applied_ids=applied_ids, stats=stats)
@@ -262,6 +289,8 @@ class LineTrainer:
             return False
         self.version = manifest.version
         self.published += 1
+        if self.duty is not None:
+            self.duty.done(manifest.version, owed, rows)
         return True
 
     def stop(self) -> None:
@@ -326,8 +355,10 @@ class LearnerWorker(LineTrainer):
 
     def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
         from em3.model import ModelConfig
+        from em3.privacy import TombstoneFilter
         from em3.redis_stores import (
-            OUTAGE_ERRORS, RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
+            OUTAGE_ERRORS, RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisPrivacyStore,
+            RedisSnapshotStore, connect,
         )
         from learners.online import OnlineLearner
         from learners.sources import KafkaSampleSource
@@ -337,17 +368,22 @@ class LearnerWorker(LineTrainer):
         model_config = ModelConfig.from_dict(config.model_config)
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
+        retention = settings.retention
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix),
-            config.model_line, model_config.to_dict(), config.publisher,
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key,
+                               max_age_s=retention.snapshot_max_age_s),
+            RedisAppliedLog(self.redis, prefix), config.model_line, model_config.to_dict(), config.publisher,
         )
+        privacy = RedisPrivacyStore(self.redis, prefix, retention.tombstone_ttl_s)
         extra = {} if config.content_lr is None else {"content_lr": config.content_lr}
         learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
                                 lr=config.lr, device=config.device, seed=config.seed, **extra)
         source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
         super().__init__(learner, source, RedisHistoryStore(self.redis, prefix), publisher, config, rank, world,
                          history_len=model_config.history_len, transient=OUTAGE_ERRORS + (KafkaException,),
-                         on_quarantine=self._dead_letter)
+                         on_quarantine=self._dead_letter,
+                         duty=ErasureDuty(privacy, config.model_line) if world == 1 else None,
+                         tombstones=TombstoneFilter(privacy.tombstoned))
         log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
                  source.partitions(), learner.device)
 

@@ -24,8 +24,9 @@ import torch
 from em3 import codec
 from em3.config import Settings
 from em3.constraints import Annotated, Field, Int, Literal, PositiveFloat, PositiveInt, config_class
+from em3.privacy import Pseudonymizer, deletion_records, tombstone_id
 from em3.stores import ContentSource, HistorySource
-from em3.types import Click, Impression, ItemContent
+from em3.types import Click, Impression, ItemContent, Tombstone
 from em3.experiment import ArmConfig, ExperimentConfig
 from serving.ab import BaselineResult, PopularityRanker, RandomRanker
 from serving.logger import ImpressionLogger, ImpressionLoggerConfig
@@ -49,6 +50,7 @@ class Unavailable(RuntimeError):
 
 RankExecutor = Literal["loop", "threads"]
 RANK_EXECUTORS: tuple[str, ...] = get_args(RankExecutor)
+_STATUS_ORDER = ["requested", "erasing", "stores_erased", "complete"]
 
 
 @config_class
@@ -226,6 +228,13 @@ class ServingRuntime:
         Topic names; Redis prefix for item-update notices.
     redis_client : optional
         For item-update notices and the registered-items check.
+    pseudonymizer : Pseudonymizer, optional
+        Turns the raw user IDs of requests into pseudonyms before anything else
+        sees them (default: from ``settings``; refused without a key unless raw
+        IDs are explicitly allowed).
+    tombstones : RedisPrivacyStore-like, optional
+        Where deletion requests are recorded and their status read
+        (``DELETE /v1/users/{id}``, ``GET /v1/users/{id}/deletion``).
     """
 
     def __init__(
@@ -240,9 +249,15 @@ class ServingRuntime:
         producer: Any = None,
         settings: Settings | None = None,
         redis_client: Any = None,
+        pseudonymizer: Pseudonymizer | None = None,
+        tombstones: Any = None,
     ) -> None:
         self.config = config
         self.settings = settings
+        #: Raw user ID -> pseudonym, applied at the top of every request (the edge).
+        self.pseudonymize = pseudonymizer if pseudonymizer is not None else Pseudonymizer.from_settings(settings)
+        self.tombstones = tombstones
+        self._migrated: set[str] = set()
         #: The key writes must send (``ServerConfig.api_key``, else the settings').
         self.api_key = config.api_key or getattr(settings, "api_key", "") or ""
         self.content = content
@@ -289,11 +304,13 @@ class ServingRuntime:
     def from_settings(cls, settings: Settings, config: ServerConfig, loader: ModelLoader) -> "ServingRuntime":
         """Redis stores and a Kafka producer for ``settings``."""
         from em3.redis_stores import (
-            RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisSnapshotStore, connect,
+            RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisPrivacyStore, RedisSnapshotStore,
+            connect,
         )
         from serving.logger import PRODUCER_SETTINGS
         from stream.kafka import make_producer
 
+        pseudonymizer = Pseudonymizer.from_settings(settings)  # refuse before connecting anything
         # Two clients: the request path (history, counters) waits at most
         # store_timeout_s for Redis, so an outage costs a request milliseconds, not
         # seconds (and the breakers in RankingService skip Redis while it is down);
@@ -302,12 +319,15 @@ class ServingRuntime:
         fast = connect(settings.redis, socket_timeout=config.store_timeout_s,
                        socket_connect_timeout=config.store_timeout_s)
         prefix = settings.redis_prefix
+        retention = settings.retention
         runtime = cls(
             config, loader, RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
-            RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix),
-            popularity=RedisPopularityStore(fast, prefix),
+            RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix, ttl_s=retention.history_ttl_s),
+            popularity=RedisPopularityStore(fast, prefix, ttl_s=retention.counter_ttl_s,
+                                            buckets=retention.counter_buckets),
             producer=make_producer(settings.kafka, delivery_report_only_error=True, **PRODUCER_SETTINGS),
             settings=settings, redis_client=fast,
+            tombstones=RedisPrivacyStore(client, prefix, retention.tombstone_ttl_s), pseudonymizer=pseudonymizer,
         )
         runtime.owns_clients = True
         runtime._bulk_client = client
@@ -384,12 +404,14 @@ class ServingRuntime:
         self, user_id: str, item_ids: Sequence[str], context: Mapping[str, str] | None = None, k: int | None = None,
         *, served_at: float | None = None,
     ) -> RankedResponse:
-        """Rank for ``user_id`` with the arm it is bucketed into, and log impressions.
+        """Rank for ``user_id`` (the raw ID: it is pseudonymised first) with the arm its
+        pseudonym is bucketed into, and log impressions.
 
         ``served_at`` stamps the impressions (event time; default now). Raises
         :class:`NotReady` if the arm's snapshot is not loaded yet, and
         :class:`Unavailable` while the impression log is full.
         """
+        user_id = self._user(user_id)
         if not getattr(self._thread_state, "ready", False):
             # Torch reads its thread count per OS thread; a watcher thread that set
             # its own must not decide what request threads use.
@@ -470,10 +492,29 @@ class ServingRuntime:
             return []
         return [i for i, ok in zip(item_ids, mask) if not ok]
 
+    def _user(self, raw: str) -> str:
+        """The pseudonym of ``raw``; during a key rotation, the user's history moves to
+        the new pseudonym the first time this process sees the user."""
+        user = self.pseudonymize(raw)
+        if self.pseudonymize.rotating and user not in self._migrated:
+            migrate = getattr(self.ranking.history, "migrate", None)
+            if migrate is not None:
+                try:
+                    migrate(self.pseudonymize.previous(raw), user)
+                except Exception as exc:  # noqa: BLE001 - best effort: retried on the next request
+                    logger.warning("moving a history to its new pseudonym failed: %r", exc)
+                    return user
+            if len(self._migrated) > 1_000_000:
+                self._migrated.clear()
+            self._migrated.add(user)
+        return user
+
     def click(self, click: Click) -> None:
-        """Produce ``click`` to the clicks topic and count it for popularity."""
+        """Produce ``click`` (with the raw user ID, pseudonymised here) to the clicks topic
+        and count it for popularity."""
         if self.producer is None or self.settings is None:
             raise Unavailable("this server has no Kafka producer")
+        click = Click(click.impression_id, self._user(click.user_id), click.item_id, click.clicked_at)
         try:
             self.producer.produce(self.settings.topics.clicks, key=click.user_id.encode(), value=codec.encode(click))
         except BufferError as exc:
@@ -486,6 +527,64 @@ class ServingRuntime:
             except Exception as exc:  # noqa: BLE001 - the counter is best effort
                 self.baseline_errors += 1
                 logger.warning("click counter update failed: %r", exc)
+
+    def request_deletion(self, raw_user_id: str, request_id: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
+        """Write a deletion request for ``raw_user_id`` (each of its pseudonyms) to the
+        deletions topic and record it as ``requested``; returns what ``DELETE
+        /v1/users/{id}`` answers. Raises :class:`Unavailable` when the broker has not
+        acknowledged the request within ``timeout_s`` (it stays queued; retrying is safe)."""
+        if self.producer is None or self.settings is None:
+            raise Unavailable("this server has no Kafka producer")
+        requested_at = time.time()
+        records = deletion_records(self.pseudonymize.all(raw_user_id), requested_at, request_id)
+        errors: list[str] = []
+
+        def delivered(err: Any, msg: Any) -> None:  # the server's producer reports failures only
+            if err is not None:
+                errors.append(str(err))
+
+        try:
+            for key, value, _ in records:
+                self.producer.produce(self.settings.topics.deletions, key=key, value=value, on_delivery=delivered)
+        except BufferError as exc:
+            raise Unavailable(f"Kafka producer queue is full: {exc}") from None
+        remaining = self.producer.flush(timeout_s)
+        if errors or remaining:
+            raise Unavailable(f"the broker has not acknowledged the deletion request "
+                              f"({errors[:1] or f'{remaining} queued after {timeout_s} s'}); retrying is safe")
+        if self.tombstones is not None:
+            for _, _, tomb in records:
+                try:
+                    self.tombstones.requested(tomb)
+                except Exception as exc:  # noqa: BLE001 - the agent records it anyway
+                    logger.warning("recording a deletion request failed: %r", exc)
+        self.metrics.deletions.inc()
+        return {"status": "requested", "requested_at": requested_at}
+
+    def deletion_status(self, raw_user_id: str) -> dict[str, Any] | None:
+        """What is known of the deletion of ``raw_user_id`` (None: nothing). With a key
+        rotation under way both pseudonyms are looked up, and the deletion is complete
+        once both are."""
+        if self.tombstones is None:
+            raise Unavailable("this server has no tombstone store")
+        try:
+            tombs = [self.tombstones.status(tombstone_id(p)) for p in self.pseudonymize.all(raw_user_id)]
+        except Exception as exc:  # noqa: BLE001 - Redis away
+            raise Unavailable(f"tombstone store unavailable: {exc!r}") from None
+        known: list[Tombstone] = [t for t in tombs if t is not None]
+        if not known:
+            return None
+        done = all(t.status == "complete" for t in known)
+        first = known[0]
+        return {
+            "status": "complete" if done else min((t.status for t in known), key=_STATUS_ORDER.index),
+            "requested_at": min(t.requested_at for t in known),
+            "stores_erased_at": first.stores_erased_at,
+            "completed_at": max(t.completed_at or 0.0 for t in known) if done else None,
+            "lines_reset": first.lines_reset,
+            "lines_expected": first.lines_expected,
+            "erased": first.erased,
+        }
 
     def put_items(self, items: Sequence[ItemContent]) -> None:
         """Register or update content; drop cached rows here and tell other servers."""

@@ -108,7 +108,8 @@ def _topics(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if args.action == "create":
-        created = ensure_topics(settings.kafka, settings.topics, partitions=args.partitions)
+        created = ensure_topics(settings.kafka, settings.topics, partitions=args.partitions,
+                                retention_s=settings.retention.topic_retention_s)
         counts = partition_counts(settings.kafka, settings.topics.all())
         print(json.dumps({"created": created, "partitions": counts}))
         if len(set(counts.values())) > 1:

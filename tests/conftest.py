@@ -46,6 +46,7 @@ def settings(local_services) -> Settings:
         redis_prefix=f"t{tag}:",
         api_key=local_services.api_key,
         snapshot_key=local_services.snapshot_key,
+        user_id_key=local_services.user_id_key,
     )
 
 

@@ -20,7 +20,7 @@ from em3.errors import ImproperlyConfigured
 __all__ = ["main", "add_connection_flags", "settings_from_args"]
 
 # Packages whose ``cli.register`` adds subcommands; missing ones are skipped.
-_COMMAND_MODULES = ("stream.cli", "learners.cli", "serving.cli", "simulators.cli", "em3.app.demo")
+_COMMAND_MODULES = ("stream.cli", "learners.cli", "serving.cli", "simulators.cli", "em3.app.demo", "em3.app.users")
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:

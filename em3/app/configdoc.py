@@ -43,6 +43,8 @@ CONFIG_CLASSES = [
     ("Simulated world (`simulators.world.WorldConfig`)", "simulators.world:WorldConfig"),
     ("A/B runner (`simulators.ab.ABConfig`)", "simulators.ab:ABConfig"),
     ("Demo (`em3.app.demo.DemoConfig`)", "em3.app.demo:DemoConfig"),
+    ("Retention (`em3.privacy.RetentionConfig`; environment `EM3_RETENTION_<FIELD>`, seconds)",
+     "em3.privacy:RetentionConfig"),
 ]
 
 
@@ -147,5 +149,22 @@ def readme_section(readme_text: str) -> str:
     return readme_text[start:readme_text.index(END)].strip()
 
 
+def write_readme(path: str = "README.md") -> bool:
+    """Replace the reference between the markers in ``path``; True when it changed."""
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    new = f"{text[:start]}{BEGIN}\n{render()}\n{END}{text[end:]}"
+    if new != text:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(new)
+    return new != text
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(f"{BEGIN}\n{render()}\n{END}")
+    import sys
+
+    if sys.argv[1:] == ["--write"]:
+        print("README.md updated" if write_readme() else "README.md already up to date")
+    else:
+        print(f"{BEGIN}\n{render()}\n{END}")

@@ -33,15 +33,45 @@ from em3.model.config import ModelConfig
 from em3.model.encoders import ImageEncoder, PrefixCache, TextEncoder, content_digest, decode_image
 from em3.model.fusion import FusionQFormer, MeanFusion
 from em3.model.losses import content_id_infonce
-from em3.model.ranker import ClickHead, HashEmbedding, TargetAttention
+from em3.model.ranker import ClickHead, HashEmbedding, TargetAttention, stable_bucket
 from em3.types import ItemContent
 
-__all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE"]
+__all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "user_rows", "reset_user_rows"]
 
 # State learned from data but not by gradient: saved in snapshots with the trainable
 # tensors, and merged across data-parallel learners by summing changes.
 COUNTER_STATE = ("item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts")
 _STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",)
+#: The state tensors with one row per user bucket: what a user's deletion resets.
+USER_ROW_STATE = ("user_emb.table.weight", "user_bias.table.weight", "user_impressions", "user_clicks")
+
+
+def user_rows(user_buckets: int, user_ids: Sequence[str]) -> list[int]:
+    """The rows (buckets) of ``user_ids`` in every :data:`USER_ROW_STATE` tensor.
+
+    >>> user_rows(16, ["a", "a"]) == [user_rows(16, ["a"])[0]] * 2
+    True
+    """
+    return [stable_bucket(u, "user", user_buckets) for u in user_ids]
+
+
+@torch.no_grad()
+def reset_user_rows(state: Mapping[str, torch.Tensor], rows: Sequence[int]) -> list[str]:
+    """Zero ``rows`` of every :data:`USER_ROW_STATE` tensor of ``state`` in place (the
+    embedding row, the bias, the impression and click counters): nothing learned from
+    those users is left in them. Returns the names of the tensors reset.
+
+    >>> st = {"user_emb.table.weight": torch.ones(4, 2), "user_clicks": torch.ones(4), "w": torch.ones(4)}
+    >>> reset_user_rows(st, [1]), st["user_emb.table.weight"][1].tolist(), st["w"].tolist()
+    (['user_emb.table.weight', 'user_clicks'], [0.0, 0.0], [1.0, 1.0, 1.0, 1.0])
+    """
+    names = [n for n in USER_ROW_STATE if n in state]
+    if not rows:
+        return names
+    for name in names:
+        t = state[name]
+        t.index_fill_(0, torch.as_tensor(sorted(set(rows)), dtype=torch.long, device=t.device), 0.0)
+    return names
 
 logger = logging.getLogger(__name__)
 

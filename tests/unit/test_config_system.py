@@ -184,6 +184,6 @@ def test_a_bad_variable_or_an_unreadable_services_file(tmp_path):
 def test_the_cli_prints_a_bad_flag_as_one_line(capsys):
     from em3.app.cli import main
 
-    assert main(["replay", "--file", "x.jsonl", "--start-at", "-1"]) == 2
+    assert main(["replay", "--file", "x.jsonl", "--start-at", "-1", "--allow-raw-user-ids"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "em3 replay: ReplayConfig: start_at must be >= 0, but -1 is given"

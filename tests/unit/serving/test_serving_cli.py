@@ -17,9 +17,11 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
+def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path, monkeypatch):
     from serving.cli import build_runtime
 
+    monkeypatch.setenv("EM3_USER_ID_KEY", "k")
+    monkeypatch.setenv("EM3_RUN_DIR", str(tmp_path))
     exp = {"name": "e", "salt": "s", "arms": [
         {"name": "a", "fraction": 0.5, "kind": "line", "model_line": "main"},
         {"name": "b", "fraction": 0.3, "kind": "snapshot", "model_line": "main", "version": 4},
@@ -39,6 +41,23 @@ def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
         assert runtime.config.request_threads == 1 and runtime.config.precompute_threads == 1
         assert runtime.owns_clients
         assert {type(r.loader).__name__ for r in runtime.reloaders.values()} == {"EM3Loader"}
+    finally:
+        runtime.stop()
+
+
+def test_serve_refuses_raw_user_ids_unless_allowed(tmp_path, monkeypatch):
+    from em3.errors import ImproperlyConfigured
+    from serving.cli import build_runtime
+
+    monkeypatch.delenv("EM3_USER_ID_KEY", raising=False)
+    monkeypatch.delenv("EM3_ALLOW_RAW_USER_IDS", raising=False)
+    monkeypatch.setenv("EM3_RUN_DIR", str(tmp_path))  # no services.json with a key
+    argv = ["serve", "--model-line", "main", "--redis-url", "redis://127.0.0.1:1/0", "--bootstrap-servers", "127.0.0.1:1"]
+    with pytest.raises(ImproperlyConfigured, match="EM3_USER_ID_KEY"):
+        build_runtime(_parse(argv))
+    runtime = build_runtime(_parse(argv + ["--allow-raw-user-ids"]))
+    try:
+        assert not runtime.pseudonymize.keyed and runtime.pseudonymize("alice") == "alice"
     finally:
         runtime.stop()
 
