@@ -36,6 +36,7 @@ from em3.types import (
     Click,
     Impression,
     ItemContent,
+    CheckpointManifest,
     Sample,
     SnapshotManifest,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "decode_sample",
     "decode_item",
     "decode_manifest",
+    "decode_checkpoint_manifest",
     "manifest_to_json",
     "reason_of",
     "error_field",
@@ -200,8 +202,9 @@ def decode(data: bytes | str | Mapping[str, Any]) -> Record:
     return decode_as(data, Record)  # type: ignore[arg-type]
 
 
-def manifest_to_json(manifest: SnapshotManifest) -> str:
-    """A manifest as JSON text, keys sorted (equal manifests give equal text)."""
+def manifest_to_json(manifest: SnapshotManifest | CheckpointManifest) -> str:
+    """A snapshot or checkpoint manifest as JSON text, keys sorted (equal manifests
+    give equal text)."""
     return msgspec.json.encode(manifest, order="sorted").decode()
 
 
@@ -211,3 +214,11 @@ def decode_manifest(data: bytes | str) -> SnapshotManifest:
         return decode_as(data, SnapshotManifest)
     except DecodeError as exc:
         raise DecodeError("bad_value", f"malformed snapshot manifest: {exc.detail}") from None
+
+
+def decode_checkpoint_manifest(data: bytes | str) -> CheckpointManifest:
+    """Parse a learner checkpoint's manifest written by :func:`manifest_to_json`."""
+    try:
+        return decode_as(data, CheckpointManifest)
+    except DecodeError as exc:
+        raise DecodeError("bad_value", f"malformed checkpoint manifest: {exc.detail}") from None

@@ -51,6 +51,7 @@ __all__ = [
     "Sample",
     "ItemContent",
     "SnapshotManifest",
+    "CheckpointManifest",
     "RankRequest",
     "ClickRequest",
     "ItemsRequest",
@@ -231,6 +232,31 @@ class SnapshotManifest(msgspec.Struct, frozen=True):
     #: and, for a delta, of the state it must be applied to.
     state_sha256: str = ""
     base_state_sha256: str = ""
+
+
+class CheckpointManifest(msgspec.Struct, frozen=True):
+    """Describes a learner checkpoint: what a learner needs beyond the snapshot's
+    weights to continue training exactly (optimizer moments and step counts, its
+    step counter, RNG state, the cache of history items' content embeddings); saved
+    as JSON beside its safetensors blob, next to the snapshot it belongs to.
+
+    ``version`` and ``state_sha256`` name that snapshot (its version and the digest
+    of the whole state it stands for, full or delta); ``rank`` the learner of a fleet
+    (0 alone). ``sha256`` and ``num_bytes`` describe the blob; ``signature`` is the
+    HMAC-SHA256 of the other fields with the snapshot key (:mod:`em3.signing`).
+    Servers never read checkpoints.
+    """
+
+    model_line: Id
+    version: Annotated[int, Meta(ge=0)]
+    state_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    num_bytes: Annotated[int, Meta(ge=0)]
+    created_at: float
+    rank: Annotated[int, Meta(ge=0)] = 0
+    format: str = "safetensors"
+    signature: str = ""
+    v: Version = SCHEMA_VERSION
 
 
 # --- HTTP request bodies (serving.app decodes them; /openapi.json shows them) --------
