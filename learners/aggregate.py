@@ -97,7 +97,7 @@ class Aggregator:
     def start(self, initial_state: Mapping[str, torch.Tensor] | None = None) -> int:
         """Resume from the line's latest snapshot, or publish ``initial_state`` as its first
         version (so every round has a concrete base). Returns the base version."""
-        point = self.publisher.resume()
+        point = self.publisher.resume(rank=None)
         if point is not None:
             self.version, self.offsets, self.totals = point.version, dict(point.offsets), {
                 k: int(point.totals.get(k, 0)) for k in COUNTERS}

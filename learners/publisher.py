@@ -229,14 +229,15 @@ class SnapshotPublisher:
         self._base: _Base | None = None
 
     # ---------------------------------------------------------------- resume
-    def resume(self, partitions: Iterable[str] | None = None, rank: int = 0) -> ResumePoint | None:
+    def resume(self, partitions: Iterable[str] | None = None, rank: int | None = 0) -> ResumePoint | None:
         """The newest loadable snapshot of the line, or None if it has none.
 
         A corrupt newest version is skipped for the one before it (learning the
         records after the older one's offsets again); a config mismatch raises
         :class:`em3.errors.SnapshotError` rather than overwrite the line.
         ``partitions`` restricts the rebuilt dedup window to those partitions;
-        the point carries learner ``rank``'s checkpoint of the version.
+        the point carries learner ``rank``'s checkpoint of the version (none for
+        ``rank=None``: the aggregator, which trains nothing).
         """
         latest = self.snapshots.latest_version(self.model_line)
         if latest is None:
@@ -267,10 +268,10 @@ class SnapshotPublisher:
             digest = manifest.state_sha256 or _digest(state)
             self._base = _Base(version, _copy_state(state), digest, 0, -math.inf)
             totals = {k: int(v) for k, v in dict(manifest.stats.get("totals", {})).items()}
-            checkpoint = self.load_checkpoint(version, digest, rank)
+            checkpoint = None if rank is None else self.load_checkpoint(version, digest, rank)
             log.info("resuming %s from v%d (offsets %s, dedup window %d ids, %s)",
                      self.model_line, version, dict(manifest.offsets), len(window),
-                     "with its learner checkpoint" if checkpoint else "without a learner checkpoint")
+                     "without a learner checkpoint" if checkpoint is None else "with its learner checkpoint")
             return ResumePoint(version, manifest, state, dict(manifest.offsets), window, totals, checkpoint)
         raise SnapshotError(f"line {self.model_line!r} has versions but none is loadable")
 

@@ -89,15 +89,12 @@ def test_a_sigkilled_learner_ends_with_the_parameters_of_one_that_never_stopped(
     counts = Counter(i for _, ids in applied_log.chain(LINE, latest) for v in ids.values() for i in v)
     assert set(counts) == {s.sample_id for s in samples} and max(counts.values()) == 1
 
-    # Checkpoints: signed beside each kept version, gone with the pruned ones.
-    kept = store.versions(LINE)
+    # Checkpoints: signed, beside each kept version.
     manifest, _ = store.get_checkpoint(LINE, latest)
     assert manifest.state_sha256 == store.manifest(LINE, latest).state_sha256 and manifest.signature
     with pytest.raises(SnapshotError, match="wrong signature"):
         RedisSnapshotStore(redis_client, settings.redis_prefix, signing_key="another").get_checkpoint(LINE, latest)
-    pruned = set(range(1, latest + 1)) - set(kept)
-    assert pruned and not any(redis_client.exists(f"{settings.redis_prefix}snap:{LINE}:{v}:ckpt") for v in pruned)
-    assert all(redis_client.exists(f"{settings.redis_prefix}snap:{LINE}:{v}:ckpt") for v in kept)
+    assert all(redis_client.exists(f"{settings.redis_prefix}snap:{LINE}:{v}:ckpt") for v in store.versions(LINE))
 
     # A learner that never stopped, learning the final version's lineage batch for batch.
     config = ModelConfig.tiny("em3")
@@ -114,3 +111,23 @@ def test_a_sigkilled_learner_ends_with_the_parameters_of_one_that_never_stopped(
     _, final = snapshot.load_state(store, LINE, latest)
     diff, where = max_abs_difference(final, loop.learner.state_dict())
     assert diff <= 1e-6, f"{where} differs by {diff}"
+
+
+def test_checkpoints_are_written_with_their_snapshot_and_pruned_with_it(settings, redis_client):
+    from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore
+    from learners.publisher import PublisherConfig, SnapshotPublisher
+
+    store = RedisSnapshotStore(redis_client, settings.redis_prefix, keep=2, signing_key=settings.snapshot_key)
+    pub = SnapshotPublisher(store, RedisAppliedLog(redis_client, settings.redis_prefix), "prune", {"embed_dim": 4},
+                            PublisherConfig(full_every=0))
+    parent = None
+    for n in range(4):
+        state = {"w": torch.full((2,), float(n))}
+        ckpt = ({"adam/w/step": torch.tensor(float(n))}, {"steps": n})
+        parent = pub.publish(state, parent=parent, offsets={}, applied_ids={}, stats={}, batches=[],
+                             checkpoints={0: ckpt}).version
+    assert store.versions("prune") == [3, 4]
+    key = f"{settings.redis_prefix}snap:prune"
+    assert [bool(redis_client.exists(f"{key}:{v}:ckpt")) for v in (1, 2, 3, 4)] == [False, False, True, True]
+    point = pub.resume()
+    assert point.version == 4 and point.checkpoint[1] == {"steps": 3}
