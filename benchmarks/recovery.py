@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
                     if v is not None and v != seen:
                         seen = v
                         note = store.manifest(LINE, v).stats.get("resumed")
-                        if note is not None:
-                            resumes[v] = note
+                        if note is not None:  # and whether it resumed from a full snapshot or a delta
+                            resumes[v] = {**note, "from_kind": store.manifest(LINE, note["from"]).kind}
                 except Exception:  # noqa: BLE001 - a watcher must not stop the benchmark
                     pass
                 time.sleep(0.02)
