@@ -2,7 +2,8 @@
 snapshots and learner checkpoints ends with the parameters of a learner that learned
 the same batches without stopping (in-memory stores, the tiny content model with
 cached history content, so optimizer moments, step counter and history cache all
-matter). Without the checkpoints the same crashes leave it measurably elsewhere."""
+matter). Without the checkpoints the same crashes leave it measurably elsewhere. A fleet
+learner restarted mid-round ends where the fleet without the crash does."""
 from __future__ import annotations
 
 from collections import Counter
@@ -140,3 +141,37 @@ def test_a_checkpoint_of_another_state_or_with_a_bad_signature_is_not_used(model
     snaps.checkpoints[(LINE, version)] = {0: (manifest, blob[:-1] + bytes([blob[-1] ^ 1]))}
     resumed = trainer(model_config, world, snaps, applied)
     assert resumed.resume() == version and resumed.status()["resumed"] == {"from": version, "checkpoint": False}
+
+
+def test_a_fleet_learner_restarted_mid_round_ends_where_the_fleet_without_the_crash_does(model_config, world):
+    """Two learners averaged each round; in one run learner 1 dies in round 2 and a new
+    one re-runs that round from the base and its own checkpoint of it."""
+    from learners.aggregate import Aggregator
+
+    def fleet_run(crash: bool) -> dict[str, torch.Tensor]:
+        snaps, applied = InMemorySnapshotStore(keep=50, signing_key=KEY), InMemoryAppliedLog()
+        _, records, history = world
+        config = LearnConfig(LINE, model_config.to_dict(), lr=1e-2, device="cpu", seed=5, loop=LOOP,
+                             policy=SnapshotPolicy(interval_s=600.0, every_steps=3),
+                             publisher=PublisherConfig(retain_applied=True))
+
+        def member(rank: int) -> LineTrainer:
+            publisher = SnapshotPublisher(snaps, applied, LINE, model_config.to_dict(), config.publisher)
+            return LineTrainer(learner(model_config), MemorySampleSource({f"s:{rank}": records[f"s:{rank}"]}),
+                               history, publisher, config, rank, 2, history_len=model_config.history_len)
+
+        agg = Aggregator(SnapshotPublisher(snaps, applied, LINE, model_config.to_dict(), config.publisher),
+                         config, world=2)
+        members = [member(0), member(1)]
+        agg.start(members[0].learner.state_dict())
+        for round_ in range(4):
+            version, offsets = agg.base()
+            results = [m.train_round(version, agg.base_state(), offsets) for m in members]
+            if crash and round_ == 2:  # learner 1's round is lost with its process
+                members[1] = member(1)
+                results[1] = members[1].train_round(version, agg.base_state(), offsets)
+            agg.merge_and_publish(results)
+        return snapshot.load_state(snaps, LINE)[1]
+
+    diff, where = max_abs_difference(fleet_run(crash=False), fleet_run(crash=True))
+    assert diff <= 1e-6, f"{where} differs by {diff}"
