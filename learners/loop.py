@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from em3 import codec
+from em3.constraints import PositiveFloat, PositiveInt, config_class
 from em3.errors import DecodeError
 from em3.experiment import ArmPropensity
 from em3.retry import Backoff
@@ -65,7 +66,7 @@ COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors",
             "batch_retries", "quarantined", "other_arm_skipped")
 
 
-@dataclass(frozen=True)
+@config_class
 class LoopConfig:
     """Micro-batching and dedup settings of a :class:`LearnerLoop`.
 
@@ -101,28 +102,16 @@ class LoopConfig:
         everyone.
     """
 
-    batch_size: int = 256
-    max_batch_wait_s: float = 0.2
-    poll_timeout_s: float = 0.05
-    history_len: int | None = None
-    dedup_capacity: int = DEFAULT_DEDUP_CAPACITY
-    max_batch_attempts: int = 3
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
+    batch_size: PositiveInt = 256
+    max_batch_wait_s: PositiveFloat = 0.2
+    poll_timeout_s: PositiveFloat = 0.05
+    history_len: PositiveInt | None = None
+    dedup_capacity: PositiveInt = DEFAULT_DEDUP_CAPACITY
+    max_batch_attempts: PositiveInt = 3
+    retry_initial_s: PositiveFloat = 0.5
+    retry_max_s: PositiveFloat = 30.0
     exclude_lines: tuple[str, ...] = ()
     weight_as_line: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude_lines", tuple(self.exclude_lines))
-        for name in ("batch_size", "dedup_capacity", "max_batch_attempts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("max_batch_wait_s", "poll_timeout_s", "retry_initial_s", "retry_max_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        if self.history_len is not None and self.history_len <= 0:
-            raise ValueError(f"history_len must be > 0, but {self.history_len!r} is given")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from em3.constraints import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class
 from em3.errors import SignatureError, SnapshotError
 from em3.types import SnapshotManifest
 from stream.dedup import DedupWindow
@@ -55,7 +56,7 @@ class LineMovedError(SnapshotError):
     """The line's pointer no longer names the version this learner built on."""
 
 
-@dataclass(frozen=True)
+@config_class
 class SnapshotPolicy:
     """When a snapshot is due: every ``every_steps`` optimizer steps or every
     ``interval_s`` seconds, whichever comes first (None disables a criterion).
@@ -65,16 +66,12 @@ class SnapshotPolicy:
     (False, True)
     """
 
-    interval_s: float | None = 2.0
-    every_steps: int | None = None
+    interval_s: PositiveFloat | None = 2.0
+    every_steps: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if self.interval_s is None and self.every_steps is None:
             raise ValueError("interval_s and every_steps cannot both be None")
-        if self.interval_s is not None and self.interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0, but {self.interval_s!r} is given")
-        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps <= 0):
-            raise ValueError(f"every_steps must be > 0, but {self.every_steps!r} is given")
 
     def due(self, steps: int, elapsed_s: float) -> bool:
         if self.every_steps is not None and steps >= self.every_steps:
@@ -82,7 +79,7 @@ class SnapshotPolicy:
         return self.interval_s is not None and elapsed_s >= self.interval_s
 
 
-@dataclass(frozen=True)
+@config_class
 class PublisherConfig:
     """Settings of a :class:`SnapshotPublisher`.
 
@@ -105,19 +102,11 @@ class PublisherConfig:
         the store's ``keep`` so that a server which missed a delta finds the chain.
     """
 
-    dedup_capacity: int = 200_000
+    dedup_capacity: PositiveInt = 200_000
     retain_applied: bool = False
     check_pointer: bool = True
-    full_every: int = 10
-    full_every_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dedup_capacity, int) or self.dedup_capacity <= 0:
-            raise ValueError(f"dedup_capacity must be > 0, but {self.dedup_capacity!r} is given")
-        if not isinstance(self.full_every, int) or self.full_every < 0:
-            raise ValueError(f"full_every must be >= 0, but {self.full_every!r} is given")
-        if not self.full_every_s >= 0:
-            raise ValueError(f"full_every_s must be >= 0, but {self.full_every_s!r} is given")
+    full_every: NonNegInt = 10
+    full_every_s: NonNegFloat = 300.0
 
 
 @dataclass

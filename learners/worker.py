@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from em3.config import Settings
+from em3.constraints import Annotated, PositiveFloat, PositiveInt, StringConstraints, config_class
 from em3.retry import Backoff
 from stream.kafka import KafkaException, dead_letter_headers, make_producer
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
@@ -33,7 +33,7 @@ __all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class LearnConfig:
     """Everything that defines a learner of one model line (runtime choices included).
 
@@ -63,27 +63,19 @@ class LearnConfig:
         Samples in the sliding prequential window.
     """
 
-    model_line: str
+    model_line: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^:]+$")]
     model_config: Mapping[str, Any]
-    lr: float = LEARNER_DEFAULTS["lr"]
-    content_lr: float | None = None
+    lr: PositiveFloat = LEARNER_DEFAULTS["lr"]
+    content_lr: PositiveFloat | None = None
     device: str = "auto"
     seed: int = 0
     loop: LoopConfig = LoopConfig()
     policy: SnapshotPolicy = SnapshotPolicy()
     publisher: PublisherConfig = PublisherConfig()
     group_id: str | None = None
-    metrics_window: int = 10_000
+    metrics_window: PositiveInt = 10_000
 
     def __post_init__(self) -> None:
-        if not self.model_line or ":" in self.model_line:
-            raise ValueError(f"model_line must be a non-empty name without ':', but {self.model_line!r} is given")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, but {self.lr!r} is given")
-        if self.content_lr is not None and self.content_lr <= 0:
-            raise ValueError(f"content_lr must be > 0, but {self.content_lr!r} is given")
-        if self.metrics_window <= 0:
-            raise ValueError(f"metrics_window must be > 0, but {self.metrics_window!r} is given")
         if self.loop.dedup_capacity != self.publisher.dedup_capacity:
             raise ValueError(
                 f"loop.dedup_capacity and publisher.dedup_capacity must agree, but "

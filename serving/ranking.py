@@ -29,10 +29,11 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, get_args
 
 import torch
 
+from em3.constraints import Literal, NonNegFloat, NonNegInt, PositiveInt, config_class
 from em3.model.encoders import content_digest
 from em3.retry import Breaker
 from em3.stores import ContentSource, HistorySource
@@ -52,10 +53,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_POLICIES = ("score", "drop")
+UnknownPolicy = Literal["score", "drop"]
+UNKNOWN_POLICIES: tuple[str, ...] = get_args(UnknownPolicy)
 
 
-@dataclass(frozen=True)
+@config_class
 class RankingConfig:
     """Settings of the :class:`RankingService`.
 
@@ -85,30 +87,14 @@ class RankingConfig:
         Rank unregistered candidates by their ID part, or leave them out.
     """
 
-    history_len: int = 100
-    max_candidates: int = 1000
-    cache_max_items: int = 200_000
-    precompute_max_items: int = 50_000
-    content_refresh_s: float = 30.0
-    unknown_ttl_s: float = 2.0
-    rep_batch_size: int = 64
-    unknown_candidates: str = "score"
-
-    def __post_init__(self) -> None:
-        for name in ("history_len", "max_candidates", "cache_max_items", "rep_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        if not isinstance(self.precompute_max_items, int) or self.precompute_max_items < 0:
-            raise ValueError(f"precompute_max_items must be >= 0, but {self.precompute_max_items!r} is given")
-        if not self.content_refresh_s >= 0:
-            raise ValueError(f"content_refresh_s must be >= 0, but {self.content_refresh_s!r} is given")
-        if not self.unknown_ttl_s >= 0:
-            raise ValueError(f"unknown_ttl_s must be >= 0, but {self.unknown_ttl_s!r} is given")
-        if self.unknown_candidates not in UNKNOWN_POLICIES:
-            raise ValueError(
-                f"unknown_candidates must be one of {UNKNOWN_POLICIES}, but {self.unknown_candidates!r} is given"
-            )
+    history_len: PositiveInt = 100
+    max_candidates: PositiveInt = 1000
+    cache_max_items: PositiveInt = 200_000
+    precompute_max_items: NonNegInt = 50_000
+    content_refresh_s: NonNegFloat = 30.0
+    unknown_ttl_s: NonNegFloat = 2.0
+    rep_batch_size: PositiveInt = 64
+    unknown_candidates: UnknownPolicy = "score"
 
 
 @dataclass

@@ -105,6 +105,17 @@ def pinned_config_check(
         return pinned.setdefault(manifest.model_line, dict(manifest.config))
 
 
+def _model_config(manifest: SnapshotManifest) -> Any:
+    """The manifest's :class:`em3.model.ModelConfig`, checked against its declared
+    constraints; a config that breaks them is a :class:`SnapshotError`."""
+    from em3.model import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(manifest.config)
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"snapshot config is not a valid ModelConfig: {exc}") from None
+
+
 def _share_frozen_copy(model: Any) -> Any:
     """A copy of ``model`` that shares everything except trainable parameters and buffers.
 
@@ -216,14 +227,11 @@ class EM3Loader:
     ) -> RankingModel:
         # Heavy imports stay lazy: `em3 serve --help` must not load torch models.
         from em3 import snapshot
-        from em3.model import EM3Model, ModelConfig
+        from em3.model import EM3Model
 
+        config = _model_config(manifest)  # before pinning: a bad config never becomes the line's
         expected = pinned_config_check(self._pinned, self._lock, manifest, self.expected_config)
         state = snapshot.unpack(blob, manifest, expected)  # raises SnapshotError
-        try:
-            config = ModelConfig.from_dict(manifest.config)
-        except (TypeError, ValueError) as exc:
-            raise SnapshotError(f"snapshot config is not a ModelConfig: {exc}") from None
         if isinstance(previous, EM3RankingModel) and previous.model.config == config:
             model, rep_lock = _share_frozen_copy(previous.model), previous.rep_lock
         else:
@@ -239,11 +247,10 @@ class EM3Loader:
         base) with the delta applied (:func:`em3.snapshot.apply_delta` checks the base's
         digest and the result's). ``previous`` is not modified."""
         from em3 import snapshot
-        from em3.model import ModelConfig
 
+        config = _model_config(manifest)
         expected = pinned_config_check(self._pinned, self._lock, manifest, self.expected_config)
         delta = snapshot.unpack(blob, manifest, expected)  # raises SnapshotError
-        config = ModelConfig.from_dict(manifest.config)
         if not isinstance(previous, EM3RankingModel) or previous.model.config != config:
             raise SnapshotError(f"delta v{manifest.version} needs its base v{manifest.base_version} loaded")
         state = snapshot.apply_delta(previous.model.trainable_state_dict(), delta, manifest)

@@ -17,12 +17,13 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 
 from em3 import codec
 from em3.config import Settings
+from em3.constraints import Annotated, Field, Int, Literal, PositiveFloat, PositiveInt, config_class
 from em3.stores import ContentSource, HistorySource
 from em3.types import Click, Impression, ItemContent
 from em3.experiment import ArmConfig, ExperimentConfig
@@ -46,10 +47,11 @@ class Unavailable(RuntimeError):
     """A dependency (Redis, the Kafka producer) cannot take the request now (HTTP 503)."""
 
 
-RANK_EXECUTORS = ("loop", "threads")
+RankExecutor = Literal["loop", "threads"]
+RANK_EXECUTORS: tuple[str, ...] = get_args(RankExecutor)
 
 
-@dataclass(frozen=True)
+@config_class
 class ServerConfig:
     """Settings of one server process.
 
@@ -114,39 +116,19 @@ class ServerConfig:
 
     experiment: ExperimentConfig
     ranking: RankingConfig = field(default_factory=RankingConfig)
-    poll_interval_s: float = 1.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    impression_buffer: int = 100_000
+    poll_interval_s: PositiveFloat = 1.0
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    impression_buffer: PositiveInt = 100_000
     count_impressions: bool = True
     random_seed: int = 0
-    request_threads: int | None = 1
-    precompute_threads: int | None = 1
-    precompute_nice: int = 5
-    rank_executor: str = "loop"
-    max_future_s: float = 300.0
-    store_timeout_s: float = 0.3
+    request_threads: PositiveInt | None = 1
+    precompute_threads: PositiveInt | None = 1
+    precompute_nice: Annotated[Int, Field(ge=0, le=19)] = 5
+    rank_executor: RankExecutor = "loop"
+    max_future_s: PositiveFloat = 300.0
+    store_timeout_s: PositiveFloat = 0.3
     api_key: str = field(default="", repr=False)
     trusted_network: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.store_timeout_s > 0:
-            raise ValueError(f"store_timeout_s must be > 0, but {self.store_timeout_s!r} is given")
-        if not self.max_future_s > 0:
-            raise ValueError(f"max_future_s must be > 0, but {self.max_future_s!r} is given")
-        if self.rank_executor not in RANK_EXECUTORS:
-            raise ValueError(f"rank_executor must be one of {RANK_EXECUTORS}, but {self.rank_executor!r} is given")
-        if not isinstance(self.precompute_nice, int) or not 0 <= self.precompute_nice <= 19:
-            raise ValueError(f"precompute_nice must be in [0, 19], but {self.precompute_nice!r} is given")
-        for name in ("request_threads", "precompute_threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        if not self.poll_interval_s > 0:
-            raise ValueError(f"poll_interval_s must be > 0, but {self.poll_interval_s!r} is given")
-        for name in ("max_body_bytes", "impression_buffer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
 
     def sources(self) -> list[ReloaderConfig]:
         """One reloader per distinct model source among the arms."""
@@ -415,9 +397,23 @@ class ServingRuntime:
             self._thread_state.ready = True
         context = dict(context or {})
         k = len(item_ids) if k is None else min(k, len(item_ids))
-        if self.logger is not None and not self.logger.has_room(k):
+        if self.logger is not None and not self.logger.reserve(k):
             # Back-pressure: never serve impressions that cannot be logged.
             raise Unavailable("the impression log is full (Kafka away or slow); retry shortly")
+        try:
+            response, impressions = self._rank_unlogged(user_id, item_ids, context, k, served_at)
+        except BaseException:
+            if self.logger is not None:
+                self.logger.release(k)
+            raise
+        if self.logger is not None:
+            # Hand back the whole reservation and buffer: ``impressions`` may be fewer than k.
+            self.logger.log_many(impressions, reserved=k)
+        return response
+
+    def _rank_unlogged(self, user_id: str, item_ids: Sequence[str], context: dict, k: int,
+                       served_at: float | None) -> tuple[RankedResponse, list[Impression]]:
+        """:meth:`rank` without the logging: the response and the impressions to log."""
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         served_at = time.time() if served_at is None else served_at
@@ -434,15 +430,14 @@ class ServingRuntime:
             ranked, unknown = self._rank_baseline(arm, item_ids, k, request_id)
             line, version, timings = arm.logged_line, 0, {}
         items = [(item_id, score, f"{request_id}-{pos}", p) for pos, (item_id, score, p) in enumerate(ranked)]
-        if self.logger is not None:
-            self.logger.log_many([
-                Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
-                for pos, (item_id, _, imp_id, p) in enumerate(items)
-            ])
+        impressions = [
+            Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
+            for pos, (item_id, _, imp_id, p) in enumerate(items)
+        ] if self.logger is not None else []
         self.metrics.arm_requests.labels(arm.name).inc()
         if unknown:
             self.metrics.unknown_candidates.inc(len(unknown))
-        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings)
+        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings), impressions
 
     def _rank_baseline(
         self, arm: ArmConfig, item_ids: Sequence[str], k: int, request_id: str

@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from em3.errors import ImproperlyConfigured
+
 __all__ = ["register", "replay_command", "ab_command"]
 
 logger = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-users", type=int, default=1000)
     p.add_argument("--n-items", type=int, default=400)
     p.add_argument("--kafka", action="store_true", help="also produce impressions and clicks to Kafka")
-    p.add_argument("--out", default=None, help="write report.json, PNGs and report.html here")
+    p.add_argument("--out", default=None, help="write report.json and report.html here")
     add_connection_flags(p)
     p.set_defaults(func=ab_command)
 
@@ -156,7 +158,8 @@ def _builtin_arms(spec: str, world):
         elif name == "oracle-noisy":
             arms[name] = OracleRanker(world, name, noise=2.0, seed=i)
         else:
-            raise ValueError(f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
+            raise ImproperlyConfigured(
+                f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
     return arms
 
 
@@ -198,7 +201,7 @@ def ab_command(args: argparse.Namespace) -> int:
                       arm_from_ranking=bool(args.server), unit=args.unit, min_samples=args.min_units)
     report = ABRunner(world, arms, config, event_sink=sink if sinks else None).run()
     summary: dict[str, object] = {
-        "control": report.control, "requests": report.requests, "stopped_early": report.stopped_early,
+        "control": report.control, "requests": report.requests, "stop_reason": report.stop_reason,
         "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
         "verdicts": {a: {"verdict": v["verdict"], "diff": v["diff"], "p_value": v["p_value"],

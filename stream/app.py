@@ -17,10 +17,10 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from em3.config import KafkaSettings, Settings
+from em3.constraints import Port, PositiveFloat, config_class
 from stream.join import JoinConfig
 from stream.worker import JoinWorker, WorkerConfig
 
@@ -29,7 +29,7 @@ __all__ = ["AppConfig", "create_app", "run_worker"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class AppConfig:
     """faust-side settings of one join worker process.
 
@@ -37,18 +37,12 @@ class AppConfig:
     ----------
     web_port : port of the metrics web view; 0 disables the web server.
     web_host : interface the web view binds to.
-    metrics_interval_s : how often the timer logs the counters; > 0.
+    metrics_interval_s : how often the timer logs the counters.
     """
 
-    web_port: int = 6066
+    web_port: Port = 6066
     web_host: str = "127.0.0.1"
-    metrics_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.web_port < 65536:
-            raise ValueError(f"web_port must be in [0, 65535], but {self.web_port!r} is given")
-        if not self.metrics_interval_s > 0:
-            raise ValueError(f"metrics_interval_s must be > 0, but {self.metrics_interval_s!r} is given")
+    metrics_interval_s: PositiveFloat = 10.0
 
 
 def _faust_broker_options(kafka: KafkaSettings) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from em3.app.cli import add_connection_flags, settings_from_args
+from em3.errors import ImproperlyConfigured
 
 __all__ = ["register", "join_config_from_args", "worker_config_from_args", "join_command"]
 
@@ -223,7 +224,7 @@ def _spawn_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def join_command(args: argparse.Namespace) -> int:
     """``em3 join``: one worker in this process, or ``--workers N`` child processes."""
     if args.workers < 1:
-        raise ValueError(f"workers must be >= 1, but {args.workers} is given")
+        raise ImproperlyConfigured(f"workers must be >= 1, but {args.workers} is given")
     if args.workers > 1:
         argv = _strip_flags(sys.argv[1:], {"--workers", "--web-port"})
         return _spawn_workers(args, argv)

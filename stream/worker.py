@@ -29,11 +29,11 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from em3 import codec
 from em3.config import Settings
+from em3.constraints import PositiveFloat, PositiveInt, config_class
 from em3.errors import DecodeError, EM3Error, ImproperlyConfigured
 from em3.redis_stores import connect
 from em3.retry import Backoff
@@ -66,45 +66,35 @@ class DeliveryError(EM3Error):
     """The broker did not acknowledge produced samples; the batch is not checkpointed."""
 
 
-@dataclass(frozen=True)
+@config_class
 class WorkerConfig:
     """Runtime settings of one join worker.
 
     Parameters
     ----------
     group_id : consumer group and Redis state namespace; ``""`` means ``{topic prefix}join``.
-    batch_size : records per ``consume`` call (one micro-batch, one checkpoint); > 0.
-    poll_timeout_s : how long ``consume`` waits for a batch to fill; > 0.
-    history_length : entries kept per user's click history; > 0.
+    batch_size : records per ``consume`` call (one micro-batch, one checkpoint).
+    poll_timeout_s : how long ``consume`` waits for a batch to fill.
+    history_length : entries kept per user's click history.
     max_future_s : event times further than this ahead of the wall clock are
         dead-lettered as ``absurd_timestamp``, so they never reach a watermark
-        (one impression stamped 23 h ahead would close every window after it); > 0.
+        (one impression stamped 23 h ahead would close every window after it).
     max_dead_letter_bytes : a dead-lettered value longer than this is cut to it
         (header ``em3-truncated`` holds the original length), so a 1 MB poison
-        record cannot fail the dead-letter produce itself; > 0.
+        record cannot fail the dead-letter produce itself.
     retry_initial_s, retry_max_s : backoff between recoveries after a failed batch.
-    log_interval_s : how often the counters are logged; > 0.
+    log_interval_s : how often the counters are logged.
     """
 
     group_id: str = ""
-    batch_size: int = 5000
-    poll_timeout_s: float = 0.1
-    history_length: int = 256
-    max_future_s: float = 300.0
-    log_interval_s: float = 10.0
-    max_dead_letter_bytes: int = 64 * 1024
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "history_length", "max_dead_letter_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be an int > 0, but {value!r} is given")
-        for name in ("poll_timeout_s", "max_future_s", "log_interval_s", "retry_initial_s", "retry_max_s"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+    batch_size: PositiveInt = 5000
+    poll_timeout_s: PositiveFloat = 0.1
+    history_length: PositiveInt = 256
+    max_future_s: PositiveFloat = 300.0
+    log_interval_s: PositiveFloat = 10.0
+    max_dead_letter_bytes: PositiveInt = 64 * 1024
+    retry_initial_s: PositiveFloat = 0.5
+    retry_max_s: PositiveFloat = 30.0
 
 
 class JoinWorker:

@@ -15,6 +15,7 @@ import time
 from typing import Callable, Sequence
 
 from em3.config import default_run_dir, load_settings
+from em3.errors import ImproperlyConfigured
 
 __all__ = ["main", "add_connection_flags", "settings_from_args"]
 
@@ -131,7 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ImproperlyConfigured as exc:  # a bad flag, EM3_* variable or config file: say which, no traceback
+        print(f"em3 {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

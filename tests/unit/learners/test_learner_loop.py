@@ -146,7 +146,8 @@ def test_one_big_batch_and_many_small_ones_apply_the_same_samples(ids, batch_siz
     [
         ({"batch_size": 0}, "batch_size must be > 0, but 0 is given"),
         ({"max_batch_wait_s": -3}, "max_batch_wait_s must be > 0, but -3 is given"),
-        ({"history_len": 0}, "history_len must be > 0, but 0 is given"),
+        ({"history_len": 0}, "history_len must be > 0 or None, but 0 is given"),
+        ({"batch_size": True}, "batch_size must be an integer > 0, but True is given"),
     ],
 )
 def test_loop_config_validates(kwargs, message):

@@ -50,9 +50,12 @@ def test_model_line_and_experiment_are_exclusive():
         _parse(["serve"])
 
 
-@pytest.mark.parametrize("field, value", [("poll_interval_s", -3), ("max_body_bytes", 0), ("request_threads", -1)])
-def test_server_config_messages(field, value):
+@pytest.mark.parametrize("field, value, expected", [("poll_interval_s", -3, "> 0"), ("max_body_bytes", 0, "> 0"),
+                                                    ("request_threads", -1, "> 0 or None"),
+                                                    ("precompute_nice", 20, r"in \[0, 19\]"),
+                                                    ("rank_executor", "fork", "one of 'loop', 'threads'")])
+def test_server_config_messages(field, value, expected):
     from em3.experiment import ExperimentConfig
 
-    with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
+    with pytest.raises(ValueError, match=f"{field} must be {expected}, but {value!r} is given"):
         ServerConfig(ExperimentConfig.single_line("main"), **{field: value})
