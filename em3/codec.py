@@ -37,6 +37,7 @@ from em3.types import (
     DeletionRequest,
     Impression,
     ItemContent,
+    CheckpointManifest,
     Sample,
     SnapshotManifest,
     Tombstone,
@@ -58,6 +59,7 @@ __all__ = [
     "decode_deletion",
     "decode_tombstone",
     "decode_deletion_record",
+    "decode_checkpoint_manifest",
     "manifest_to_json",
     "reason_of",
     "error_field",
@@ -208,8 +210,9 @@ def decode(data: bytes | str | Mapping[str, Any]) -> Record:
     return decode_as(data, Record)  # type: ignore[arg-type]
 
 
-def manifest_to_json(manifest: SnapshotManifest) -> str:
-    """A manifest as JSON text, keys sorted (equal manifests give equal text)."""
+def manifest_to_json(manifest: SnapshotManifest | CheckpointManifest) -> str:
+    """A snapshot or checkpoint manifest as JSON text, keys sorted (equal manifests
+    give equal text)."""
     return msgspec.json.encode(manifest, order="sorted").decode()
 
 
@@ -234,3 +237,11 @@ def decode_tombstone(data: bytes | str | Mapping[str, Any]) -> Tombstone:
 def decode_deletion_record(data: bytes | str | Mapping[str, Any]) -> DeletionRequest | Tombstone:
     """Decode a record of the deletions topic: a request or a completion record."""
     return decode_as(data, DeletionRecord)  # type: ignore[arg-type]
+
+
+def decode_checkpoint_manifest(data: bytes | str) -> CheckpointManifest:
+    """Parse a learner checkpoint's manifest written by :func:`manifest_to_json`."""
+    try:
+        return decode_as(data, CheckpointManifest)
+    except DecodeError as exc:
+        raise DecodeError("bad_value", f"malformed checkpoint manifest: {exc.detail}") from None

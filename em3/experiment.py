@@ -145,6 +145,22 @@ class ArmPropensity:
         self._by_arm[arm] = self._by_arm.get(arm, 0) + 1
         self._total += 1
 
+    def state(self) -> dict:
+        """The counts as JSON-ready data (a learner checkpoint carries them).
+
+        >>> p = ArmPropensity(); p.observe("a", "i1")
+        >>> q = ArmPropensity(); q.load_state(p.state()); q.weight("a", "i1") == p.weight("a", "i1")
+        True
+        """
+        return {"by_item": {k: dict(v) for k, v in self._by_item.items()}, "by_arm": dict(self._by_arm),
+                "total": self._total}
+
+    def load_state(self, state: dict) -> None:
+        """Replace the counts with :meth:`state` output."""
+        self._by_item = {str(k): {str(a): int(n) for a, n in v.items()} for k, v in state["by_item"].items()}
+        self._by_arm = {str(a): int(n) for a, n in state["by_arm"].items()}
+        self._total = int(state["total"])
+
     def weight(self, arm: str, item_id: str) -> float:
         """The loss weight of a sample of ``item_id`` for ``arm``'s learner."""
         if not self._total or not self._by_arm.get(arm):

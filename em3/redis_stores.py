@@ -7,12 +7,14 @@ Key layout (prefix ``em3:`` by default; see ``docs/architecture.md``):
 ``{p}hist:{user_id}``              list, newest first, of ``item_id<TAB>clicked_at``, trimmed to N
 ``{p}snap:{line}:{version}:blob``  safetensors bytes of a snapshot
 ``{p}snap:{line}:{version}:manifest`` JSON manifest
+``{p}snap:{line}:{version}:ckpt``  hash: ``{rank}:manifest`` / ``{rank}:blob`` learner checkpoints of a version
 ``{p}snap:{line}:versions``        sorted set of kept versions (score = version)
 ``{p}snap:{line}:latest``          the version pointer (an int)
 ``{p}snapshots``                   pub/sub channel: ``{"line":..., "version":...}``
 ``{p}pop:{kind}[:{bucket}]``       sorted set: click / impression counts per item (popularity arm),
                                    one per time bucket when counters have a retention period
 ``{p}items-updated``               pub/sub channel: JSON list of item ids whose content changed
+``{p}learn:{line}:applied:{v}``    JSON: the sample ids (and micro-batches) version ``v`` applied
 ``{p}privacy:...``                 deletions: tombstones, pending erasures, line resets (:class:`RedisPrivacyStore`)
 
 Retention (:class:`em3.privacy.RetentionConfig`) is enforced here: histories
@@ -34,8 +36,8 @@ from em3 import codec
 from em3.config import RedisSettings
 from em3.errors import DecodeError, SnapshotError
 from em3.signing import sign_manifest, verify_manifest
-from em3.stores import DEFAULT_HISTORY_LENGTH
-from em3.types import ItemContent, SnapshotManifest, Tombstone, valid_id
+from em3.stores import DEFAULT_HISTORY_LENGTH, decode_batches
+from em3.types import CheckpointManifest, ItemContent, SnapshotManifest, Tombstone, valid_id
 
 __all__ = [
     "connect",
@@ -217,6 +219,19 @@ class RedisHistoryStore:
         return out
 
 
+def check_checkpoints(manifest: SnapshotManifest, checkpoints: Sequence[tuple[CheckpointManifest, bytes]]) -> None:
+    """Raise ``ValueError`` unless every checkpoint names ``manifest``'s line, version and
+    state digest, one per rank."""
+    ranks = [m.rank for m, _ in checkpoints]
+    if len(set(ranks)) != len(ranks):
+        raise ValueError(f"one checkpoint per learner rank, but ranks {sorted(ranks)} are given")
+    for m, _ in checkpoints:
+        if (m.model_line, m.version, m.state_sha256) != (manifest.model_line, manifest.version,
+                                                         manifest.state_sha256):
+            raise ValueError(f"a checkpoint of {m.model_line!r} v{m.version} cannot be published with snapshot "
+                             f"{manifest.model_line!r} v{manifest.version} (or its state digest differs)")
+
+
 def kept_versions(versions: list[int], keep: int, latest: int | None, bases: dict[int, int],
                   expired: Iterable[int] = ()) -> set[int]:
     """The versions a store keeps: the newest ``keep`` that are not ``expired`` (older
@@ -310,13 +325,24 @@ class RedisSnapshotStore:
         """A new, never reused version number for ``line`` (atomic INCR)."""
         return int(self.client.incr(self._k(line, "seq")))
 
-    def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
-        """Sign and store a snapshot, move the line's pointer to it, then notify."""
+    def publish(self, manifest: SnapshotManifest, blob: bytes,
+                checkpoints: Sequence[tuple[CheckpointManifest, bytes]] = ()) -> None:
+        """Sign and store a snapshot and its learners' ``checkpoints`` (each signed too),
+        move the line's pointer to it, then notify. The checkpoints are written in the
+        same transaction, so a version's snapshot never exists without them."""
+        check_checkpoints(manifest, checkpoints)
         manifest = sign_manifest(manifest, self._key)
+        signed = [(sign_manifest(m, self._key), b) for m, b in checkpoints]
         line, version = manifest.model_line, manifest.version
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self._k(line, f"{version}:blob"), blob)
         pipe.set(self._k(line, f"{version}:manifest"), codec.manifest_to_json(manifest))
+        if signed:
+            fields: dict[str, str | bytes] = {}
+            for m, b in signed:
+                fields[f"{m.rank}:manifest"] = codec.manifest_to_json(m)
+                fields[f"{m.rank}:blob"] = b
+            pipe.hset(self._k(line, f"{version}:ckpt"), mapping=fields)
         pipe.zadd(self._k(line, "versions"), {str(version): version})
         if manifest.kind == "delta":
             pipe.hset(self._k(line, "bases"), str(version), str(manifest.base_version))
@@ -346,7 +372,7 @@ class RedisSnapshotStore:
             return
         pipe = self.client.pipeline(transaction=True)
         for v in stale:
-            pipe.delete(self._k(line, f"{v}:blob"), self._k(line, f"{v}:manifest"))
+            pipe.delete(self._k(line, f"{v}:blob"), self._k(line, f"{v}:manifest"), self._k(line, f"{v}:ckpt"))
             pipe.zrem(self._k(line, "versions"), str(v))
             pipe.hdel(self._k(line, "bases"), str(v))
             pipe.hdel(self._k(line, "created"), str(v))
@@ -410,6 +436,21 @@ class RedisSnapshotStore:
     def get_chain(self, line: str, version: int, have: int | None = None) -> list[tuple[SnapshotManifest, bytes]]:
         """See :func:`walk_chain`."""
         return walk_chain(self.get, line, version, have)
+
+    def get_checkpoint(self, line: str, version: int, rank: int = 0) -> tuple[CheckpointManifest, bytes]:
+        """The signed manifest and blob of learner ``rank``'s checkpoint of ``version``;
+        :class:`SnapshotError` when there is none (published without, or pruned) or its
+        signature is missing or wrong. The blob is verified by
+        :func:`em3.checkpoint.unpack_checkpoint`."""
+        raw_manifest, blob = self.client.hmget(self._k(line, f"{version}:ckpt"), [f"{rank}:manifest", f"{rank}:blob"])
+        if raw_manifest is None or blob is None:
+            raise SnapshotError(f"line {line!r} v{version} has no checkpoint of learner {rank}")
+        manifest = codec.decode_checkpoint_manifest(raw_manifest)
+        verify_manifest(manifest, self._key)
+        if manifest.model_line != line or manifest.version != version or manifest.rank != rank:
+            raise SnapshotError(f"checkpoint stored as {line!r} v{version} rank {rank} names "
+                                f"{manifest.model_line!r} v{manifest.version} rank {manifest.rank}")
+        return manifest, blob
 
     def subscribe(self):
         """A pub/sub object subscribed to the notification channel (caller closes it)."""
@@ -517,10 +558,14 @@ class RedisAppliedLog:
     snapshot was never published is unreachable from the line's pointer and is
     ignored. Walking ``parent`` links from a published version back gives every
     sample id in that model state's lineage: the learner rebuilds its dedup
-    window from it, and ``benchmarks/recovery.py`` audits it.
+    window from it, and ``benchmarks/recovery.py`` audits it. ``batches`` records
+    how those ids were grouped into micro-batches, in order, so the lineage can be
+    learned again batch for batch (``benchmarks/recovery.py`` compares a restarted
+    learner with one that never stopped that way).
 
     Key: ``{p}learn:{line}:applied:{version}``, JSON
-    ``{"parent": int | null, "ids": {"topic:partition": [sample_id, ...]}}``.
+    ``{"parent": int | null, "ids": {"topic:partition": [sample_id, ...]},
+    "batches": [[partition index, ...], ...]}`` (:func:`em3.stores.encode_batches`).
     """
 
     def __init__(self, client: redis.Redis, prefix: str = "em3:") -> None:
@@ -537,9 +582,15 @@ class RedisAppliedLog:
         parent: int | None,
         ids: dict[str, list[str]],
         ttl_s: float | None = None,
+        batches: list[list[int]] | None = None,
     ) -> None:
-        """Record the ids applied by ``version`` since ``parent``; ``ttl_s`` expires the record."""
-        body = json.dumps({"parent": parent, "ids": ids}, separators=(",", ":"))
+        """Record the ids applied by ``version`` since ``parent`` and, given ``batches``
+        (:func:`em3.stores.encode_batches`), how they were grouped into micro-batches;
+        ``ttl_s`` expires the record."""
+        record: dict = {"parent": parent, "ids": ids}
+        if batches is not None:
+            record["batches"] = batches
+        body = json.dumps(record, separators=(",", ":"))
         if ttl_s is None:
             self.client.set(self._key(line, version), body)
         else:
@@ -555,6 +606,19 @@ class RedisAppliedLog:
         return (None if parent is None else int(parent)), {
             str(k): [str(i) for i in v] for k, v in dict(obj.get("ids", {})).items()
         }
+
+    def batches(self, line: str, version: int) -> list[list[tuple[str, str]]] | None:
+        """``version``'s micro-batches, each ``[(partition, sample_id), ...]`` in learned
+        order (:func:`em3.stores.decode_batches`); None when the record is unknown or
+        was written without them."""
+        raw = self.client.get(self._key(line, version))
+        if raw is None:
+            return None
+        obj = json.loads(raw)
+        if "batches" not in obj:
+            return None
+        return decode_batches({str(k): [str(i) for i in v] for k, v in dict(obj.get("ids", {})).items()},
+                              obj["batches"])
 
     def chain(self, line: str, version: int | None, max_versions: int | None = None):
         """Yield ``(version, ids)`` from ``version`` back through its parents, newest first.

@@ -53,6 +53,7 @@ __all__ = [
     "SnapshotManifest",
     "DeletionRequest",
     "Tombstone",
+    "CheckpointManifest",
     "RankRequest",
     "ClickRequest",
     "ItemsRequest",
@@ -273,6 +274,30 @@ class Tombstone(msgspec.Struct, frozen=True, tag="tombstone", tag_field="type"):
     lines_reset: dict[str, int] = msgspec.field(default_factory=dict)
     completed_at: float | None = None
     erased: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class CheckpointManifest(msgspec.Struct, frozen=True):
+    """Describes a learner checkpoint: what a learner needs beyond the snapshot's
+    weights to continue training exactly (optimizer moments and step counts, its
+    step counter, RNG state, the cache of history items' content embeddings); saved
+    as JSON beside its safetensors blob, next to the snapshot it belongs to.
+
+    ``version`` and ``state_sha256`` name that snapshot (its version and the digest
+    of the whole state it stands for, full or delta); ``rank`` the learner of a fleet
+    (0 alone). ``sha256`` and ``num_bytes`` describe the blob; ``signature`` is the
+    HMAC-SHA256 of the other fields with the snapshot key (:mod:`em3.signing`).
+    Servers never read checkpoints.
+    """
+
+    model_line: Id
+    version: Annotated[int, Meta(ge=0)]
+    state_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    num_bytes: Annotated[int, Meta(ge=0)]
+    created_at: float
+    rank: Annotated[int, Meta(ge=0)] = 0
+    format: str = "safetensors"
+    signature: str = ""
     v: Version = SCHEMA_VERSION
 
 

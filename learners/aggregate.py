@@ -10,15 +10,16 @@ Synchronisation scheme (periodic parameter averaging, "local SGD"):
   embedding row only one learner saw keeps that learner's full update while dense
   weights get the plain average; counters (``em3.model.COUNTER_STATE``, the items'
   trained-on impressions) add up -- and publishes the result as ``v + 1`` with the
-  union of the learners' offsets and applied ids (their partitions are disjoint);
+  union of the learners' offsets and applied ids (their partitions are disjoint)
+  and each learner's checkpoint (its optimizer state at the end of the round);
 * only then does every learner commit its offsets and start round ``r + 1`` from
   ``θ_{v+1}``.
 
 A learner that dies in a round is restarted and re-runs that round from ``θ_v``
-and ``v``'s offsets; the others' results wait. An aggregator that dies before
-publishing loses the round: every learner finds its positions differ from the
-snapshot's and seeks back. Either way each sample ends up in exactly one
-published version.
+and ``v``'s offsets (and its own checkpoint of ``v``); the others' results wait.
+An aggregator that dies before publishing loses the round: every learner finds its
+positions differ from the snapshot's, seeks back and reloads its checkpoint of
+``v``. Either way each sample ends up in exactly one published version.
 """
 from __future__ import annotations
 
@@ -102,7 +103,7 @@ class Aggregator:
     def start(self, initial_state: Mapping[str, torch.Tensor] | None = None) -> int:
         """Resume from the line's latest snapshot, or publish ``initial_state`` as its first
         version (so every round has a concrete base). Returns the base version."""
-        point = self.publisher.resume()
+        point = self.publisher.resume(rank=None)
         if point is not None:
             self.version, self.offsets, self.totals = point.version, dict(point.offsets), {
                 k: int(point.totals.get(k, 0)) for k in COUNTERS}
@@ -112,7 +113,7 @@ class Aggregator:
             raise ValueError("the line has no snapshot yet, so initial_state must be given")
         self.state = {k: v.detach().clone() for k, v in initial_state.items()}
         empty = CycleResult({}, {}, {k: 0 for k in COUNTERS}, np.zeros(0), np.zeros(0))
-        manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={},
+        manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={}, batches=[],
                                           stats=cycle_stats(self.totals, self.window, empty, learners=self.world,
                                           training_data=training_data_stats(self.config.loop),
                                                             initial=True))
@@ -165,8 +166,10 @@ class Aggregator:
         stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds,
                             training_data=training_data_stats(self.config.loop))
         try:
-            manifest = self.publisher.publish(state, parent=self.version, offsets=combined.offsets,
-                                              applied_ids=combined.applied_ids, stats=stats)
+            manifest = self.publisher.publish(
+                state, parent=self.version, offsets=combined.offsets, applied_ids=combined.applied_ids, stats=stats,
+                batches=[b for r in results for b in r.batches],
+                checkpoints={rank: r.checkpoint for rank, r in enumerate(results) if r.checkpoint is not None})
         except LineMovedError as exc:
             log.warning("%s; the fleet resumes from the line's pointer", exc)
             self.start()

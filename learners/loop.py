@@ -213,7 +213,11 @@ class CycleResult:
     ``offsets`` are the next offsets of every partition the loop has a position
     for (the snapshot holding this cycle includes every record below them);
     ``applied_ids`` the sample ids learned in this cycle, per partition, in order;
-    ``labels`` and ``probs`` the prequential pairs (non-correction samples).
+    ``batches`` the partition of each of them, batch by batch, in the order they were
+    learned (with ``applied_ids`` it rebuilds every micro-batch:
+    :func:`em3.stores.encode_batches`); ``labels`` and ``probs`` the prequential
+    pairs (non-correction samples); ``checkpoint`` what a learner needs beyond
+    ``state`` to continue exactly (fleet rounds).
     """
 
     offsets: dict[str, int]
@@ -224,6 +228,8 @@ class CycleResult:
     loss_sum: float = 0.0
     seconds: float = 0.0
     state: Mapping[str, object] | None = field(default=None, repr=False)
+    batches: list[list[str]] = field(default_factory=list, repr=False)
+    checkpoint: tuple[Mapping[str, object], Mapping[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -290,6 +296,7 @@ class LearnerLoop:
     def _new_cycle(self) -> None:
         self._cycle_counters = {name: 0 for name in COUNTERS}
         self._applied: dict[str, list[str]] = defaultdict(list)
+        self._batches: list[list[str]] = []
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
         self._loss_sum = 0.0
@@ -445,6 +452,7 @@ class LearnerLoop:
         self._loss_sum += float(stats.get("loss", 0.0)) * len(samples)
         for partition, sample in kept:
             self._applied[partition].append(sample.sample_id)
+        self._batches.append([partition for partition, _ in kept])
         self.window.add_many(s.sample_id for s in samples)
         return stats
 
@@ -473,6 +481,19 @@ class LearnerLoop:
             probs=np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float64),
             loss_sum=self._loss_sum,
             seconds=seconds,
+            batches=[list(b) for b in self._batches],
         )
         self._new_cycle()
         return result
+
+    # ----------------------------------------------------------- checkpoint
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The loop's own training state for a learner checkpoint: the arm propensities
+        of the ``weighted`` policy (empty otherwise)."""
+        return {"propensity": self._propensity.state()} if self.config.weight_as_line else {}
+
+    def load_checkpoint_meta(self, meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`checkpoint_meta` output (absent parts start empty)."""
+        self._propensity = ArmPropensity()
+        if "propensity" in meta:
+            self._propensity.load_state(dict(meta["propensity"]))

@@ -189,17 +189,46 @@ class LineTrainer:
         self.published = 0
         self._stop = threading.Event()
         self._base: tuple[int | None, dict[str, int]] | None = None
+        # Where the last resume started, reported in the next manifest's stats.
+        self._resumed: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The learner's checkpoint plus the loop's own state (None for a learner
+        without :meth:`learners.online.OnlineLearner.checkpoint`)."""
+        if not hasattr(self.learner, "checkpoint"):
+            return None
+        tensors, meta = self.learner.checkpoint()
+        return tensors, {**meta, "loop": self.loop.checkpoint_meta()}
+
+    def _restore(self, checkpoint: tuple[Any, Any] | None) -> bool:
+        """Load a checkpoint into the learner and the loop; False (and a warning) when
+        there is none or it does not fit, leaving the optimizer state as it was."""
+        if checkpoint is None or not hasattr(self.learner, "load_checkpoint"):
+            return False
+        tensors, meta = checkpoint
+        try:
+            self.learner.load_checkpoint(tensors, meta)
+        except ValueError as exc:
+            log.warning("learner checkpoint does not fit this learner (%s): optimizer state starts afresh", exc)
+            return False
+        self.loop.load_checkpoint_meta(dict(meta.get("loop", {})))
+        return True
 
     # ------------------------------------------------------------ single mode
     def resume(self) -> int | None:
-        """Load the line's latest snapshot and seek to its offsets; returns its version."""
-        point = self.publisher.resume(self.source.partitions())
+        """Load the line's latest snapshot and its learner checkpoint, and seek to its
+        offsets; returns its version."""
+        point = self.publisher.resume(self.source.partitions(), rank=self.rank)
         if point is None:
             self.loop.reset(None, {})
             self.version = None
+            self._resumed = None
         else:
             self.loop.reset(point.state, point.offsets, point.window, point.totals)
+            restored = self._restore(point.checkpoint)
             self.version = point.version
+            self._resumed = {"from": point.version, "checkpoint": restored}
         return self.version
 
     def run(self, should_stop: Callable[[], bool] | None = None, max_cycles: int | None = None) -> int | None:
@@ -252,10 +281,11 @@ class LineTrainer:
                 time.sleep(delay)
 
     def _publish(self, result: CycleResult) -> None:
+        extra = {} if self._resumed is None else {"resumed": dict(self._resumed)}
         stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
                             training_data=training_data_stats(self.config.loop),
-                            dedup_window=len(self.loop.window))
-        if self._publish_state(result.offsets, result.applied_ids, stats):
+                            dedup_window=len(self.loop.window), **extra)
+        if self._publish_state(result.offsets, result.applied_ids, stats, result.batches):
             self.source.commit(result.offsets)  # only after the snapshot holding them is published
             log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, self.version,
                      result.applied, result.offsets)
@@ -265,30 +295,34 @@ class LineTrainer:
         rank (new lines rank by content and hashed IDs from the start) before any
         sample arrives. It holds no offsets, so nothing is marked as consumed."""
         stats = {"totals": {k: 0 for k in COUNTERS}, "prequential": self.window.summary(), "initial": True}
-        if self._publish_state({}, {}, stats):
+        if self._publish_state({}, {}, stats, batches=[]):
             log.info("published %s v%d (initial weights)", self.config.model_line, self.version)
 
     def _publish_state(self, offsets: Mapping[str, int], applied_ids: Mapping[str, list[str]],
-                       stats: Mapping[str, Any]) -> bool:
-        """Publish the learner's state on top of ``self.version``; False (and resumed from
-        the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
+                       stats: Mapping[str, Any], batches: list[list[str]] | None = None) -> bool:
+        """Publish the learner's state and checkpoint on top of ``self.version``; False (and
+        resumed from the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
         owed: dict[str, str] = {}
         rows: list[int] = []
         if self.duty is not None:
             owed = self.duty.owed()
-            if owed:  # reset before the state is taken; drop their samples from now on
+            if owed:  # reset before the state (and checkpoint) is taken; drop their samples from now on
                 rows = self.learner.forget_users(list(owed.values()))
                 if self.loop.tombstones is not None:
                     self.loop.tombstones.add(owed.values())
+        checkpoint = self._checkpoint()
         try:
             manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
-                                              offsets=offsets, applied_ids=applied_ids, stats=stats)
+                                              offsets=offsets, applied_ids=applied_ids, stats=stats,
+                                              batches=batches,
+                                              checkpoints=None if checkpoint is None else {self.rank: checkpoint})
         except LineMovedError as exc:
             log.warning("%s; resuming from the line's pointer", exc)
             self.resume()
             return False
         self.version = manifest.version
         self.published += 1
+        self._resumed = None
         if self.duty is not None:
             self.duty.done(manifest.version, owed, rows)
         return True
@@ -303,29 +337,40 @@ class LineTrainer:
         """One data-parallel round: start from the aggregator's state, train one cycle.
 
         If this learner's positions are not those of ``base_offsets`` (it was
-        restarted, or its last round was never published), it seeks back to them
-        and rebuilds its dedup window from ``base_version``'s chain, so the
-        discarded work is learned again exactly once.
+        restarted, or its last round was never published), it seeks back to them,
+        rebuilds its dedup window from ``base_version``'s chain and loads its own
+        checkpoint of ``base_version`` (optimizer state as that round left it), so
+        the discarded work is learned again exactly once, and exactly as before.
+        The result carries this learner's checkpoint, which the aggregator
+        publishes with the merged state.
         """
         mine = {k: int(v) for k, v in base_offsets.items() if k in set(self.source.partitions())}
         if mine:
             self.source.commit(mine)  # the base is published, so its offsets may be committed
         if self._base is None or self.loop.positions != mine:
             window = self.publisher.window_for(base_version, self.source.partitions())
-            self.loop.reset(base_state, mine, window)
-            log.info("learner %d reset to v%s at %s", self.rank, base_version, mine)
-        elif base_state is not None:
+            self.loop.reset(None, mine, window)
+            digest = None
+            if base_state is not None:
+                from em3.snapshot import state_digest
+
+                digest = state_digest(base_state)
+            restored = self._restore(self.publisher.load_checkpoint(base_version, digest, self.rank))
+            log.info("learner %d reset to v%s at %s (%s checkpoint)", self.rank, base_version, mine,
+                     "its" if restored else "no")
+        if base_state is not None:
             self.learner.load_state_dict(base_state)
         self._base = (base_version, mine)
         result = self.loop.run_cycle(policy or self.config.policy, self._stop.is_set)
         result.state = self.learner.state_dict()
+        result.checkpoint = self._checkpoint()
         return result
 
     # ----------------------------------------------------------------- misc
     def status(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "version": self.version, "published": self.published,
                 "partitions": self.source.partitions(), "positions": dict(self.loop.positions),
-                "totals": dict(self.loop.totals), "device": str(self.learner.device)}
+                "totals": dict(self.loop.totals), "device": str(self.learner.device), "resumed": self._resumed}
 
     def state(self) -> dict[str, Any]:
         """The learner's current trainable state (CPU tensors)."""
