@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> dict:
                      **{k: fig[k] for k in (*QUALITY_KEYS, "logloss", "samples_per_s", "trainable_params",
                                             "snapshot_bytes", "core_s_per_1m", "wall_s")},
                      "core_h_per_1m": round(fig["core_s_per_1m"] / 3600.0, 4),
+                     "trainable_params": int(fig["trainable_params"]), "snapshot_bytes": int(fig["snapshot_bytes"]),
                      "gpu_core_s_per_1m": None,
                      "modality_attention": fig.get("modality_attention"),
                      "seeds": fig["seeds"]})
