@@ -117,6 +117,45 @@ def lift_per_cost(rows: list[dict], key: str = "auc") -> list[float | None]:
     return out
 
 
+def choose_stage(rows: list[dict], key: str, threshold: float, noise: float = 0.0) -> dict:
+    """The stage to adopt when a lift in ``key`` is worth ``threshold`` per added CPU
+    core-hour per million samples (incremental cost-effectiveness on the efficient
+    frontier).
+
+    Stages are taken in cost order. A stage is *dominated* when a cheaper one scores
+    at least as well (within ``noise``, the seed-to-seed spread: a smaller lift is not
+    a lift); dominated stages are never chosen. Along the rest, each stage's
+    incremental ratio is its gain over the last frontier stage per added core-hour;
+    the choice is the last stage whose ratio reaches ``threshold``, stopping at the
+    first that does not. Returns ``{"stage", "frontier": [names], "ratios":
+    {name: ratio}}``.
+
+    >>> rows = [{"name": "a", "auc": 0.70, "core_s_per_1m": 36.0},
+    ...         {"name": "b", "auc": 0.72, "core_s_per_1m": 3636.0},   # +0.02 for 1 core-hour
+    ...         {"name": "c", "auc": 0.719, "core_s_per_1m": 7236.0},  # costs more, no better
+    ...         {"name": "d", "auc": 0.725, "core_s_per_1m": 14436.0}] # +0.005 for 3 more core-hours
+    >>> choose_stage(rows, "auc", threshold=0.01)["stage"], choose_stage(rows, "auc", threshold=0.001)["stage"]
+    ('b', 'd')
+    >>> choose_stage(rows, "auc", threshold=0.001)["frontier"]
+    ['a', 'b', 'd']
+    """
+    ordered = sorted(rows, key=lambda r: r["core_s_per_1m"])
+    frontier = [ordered[0]]
+    for row in ordered[1:]:
+        if row[key] > frontier[-1][key] + noise:
+            frontier.append(row)
+    ratios: dict[str, float] = {}
+    chosen = frontier[0]
+    for prev, row in zip(frontier, frontier[1:]):
+        added_h = (row["core_s_per_1m"] - prev["core_s_per_1m"]) / 3600.0
+        ratio = (row[key] - prev[key]) / added_h if added_h > 0 else float("inf")
+        ratios[row["name"]] = round(ratio, 6)
+        if ratio < threshold:
+            break
+        chosen = row
+    return {"stage": chosen["name"], "frontier": [r["name"] for r in frontier], "ratios": ratios}
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
@@ -161,10 +200,14 @@ def run(args: argparse.Namespace) -> dict:
                      "modality_attention": fig.get("modality_attention"),
                      "seeds": fig["seeds"]})
     rows = with_lifts(rows)
-    for row, value in zip(rows, lift_per_cost(rows, "auc")):
-        row["auc_lift_per_core_h_per_1m"] = value
+    for key in QUALITY_KEYS:
+        for row, value in zip(rows, lift_per_cost(rows, key)):
+            row[f"{key}_lift_per_core_h_per_1m"] = value
+    choices = {key: {str(t): choose_stage(rows, key, t, args.noise) for t in args.thresholds}
+               for key in ("auc", "cold_auc")}
     return {
         "stages": rows,
+        "choice": {"noise": args.noise, "thresholds": args.thresholds, "by_metric": choices},
         "variant": "ladder: id_only, text_only, em3 (default ModelConfig per variant, em3.model.VARIANTS) "
                    "at the stated history_len",
         "runtime": f"in-process OnlineLearner, {args.device}, {args.threads} torch threads, no GPU run",
@@ -189,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
+    p.add_argument("--thresholds", type=lambda v: [float(x) for x in v.split(",")], default=[0.01, 0.001, 0.0001],
+                   help="lifts per added core-hour per 1M samples at which to report the stage to adopt")
+    p.add_argument("--noise", type=float, default=0.001,
+                   help="a lift at most this large counts as none when choosing (seed-to-seed spread of AUC)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     report = run(args)
