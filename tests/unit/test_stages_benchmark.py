@@ -38,7 +38,7 @@ def test_the_choice_skips_dominated_stages_and_stops_below_the_threshold():
     assert stages.choose_stage(rows, "auc", threshold=0.001, noise=0.001)["stage"] == "h50"
     assert stages.choose_stage(rows, "auc", threshold=0.002, noise=0.002)["frontier"] == ["id", "image"]
     assert stages.choose_stage(rows, "auc", threshold=1.0)["stage"] == "id"
-    assert stages.choose_stage(rows, "cold_auc", threshold=0.01, noise=0.001)["stage"] == "text"
+    assert stages.choose_stage(rows, "cold_auc", threshold=0.02, noise=0.001)["stage"] == "text"  # image: +0.01/h
 
 
 @pytest.mark.slow  # seconds: out of the fast lane (scripts/test.sh --fast), in the full suite
