@@ -23,12 +23,14 @@ requests is preceded by a burst of bare forwards (in the benchmark process, in a
 worker thread as the server runs them, clients paused), and both see the same
 background load and the same ongoing snapshot swaps.
 
-``--explain`` measures what explanations cost: rounds of load rotate between plain
-requests, requests with ``"explain": true`` to the same server, and plain requests to
-a second ``em3 serve`` running the code before explanations existed (``git archive``
-of ``--baseline-ref``, default :data:`PRE_EXPLAIN_REF`) on the same Redis, snapshots
-and swaps. It adds ``explain_p50_ms`` and ``baseline_p50_ms``, and
-``p50_vs_baseline``: the plain p50 over the baseline's, which must stay within 5%.
+``--explain`` measures what explanations cost: each client's requests rotate, one by
+one, between a plain request, a request with ``"explain": true`` to the same server,
+and a plain request to a second ``em3 serve`` running the code before explanations
+existed (``git archive`` of ``--baseline-ref``, default :data:`PRE_EXPLAIN_REF`) on
+the same Redis, snapshots and swaps, so the three see the same load. It adds
+``explain_p50_ms``, ``baseline_p50_ms`` and ``p50_vs_baseline`` (the plain p50 over
+the baseline's, which must stay within 5%), and ``p50_vs_baseline_paired``, the median
+over request cycles of plain / baseline latency.
 
 Usage::
 
@@ -238,23 +240,19 @@ def run(args: argparse.Namespace) -> dict:
                 lock = threading.Lock()
                 stop = threading.Event()
                 go = threading.Event()  # clients run only while set (the bare model runs while clear)
-                current = {"phase": phases[0]}
-                by_round: list[tuple[str, list[float]]] = [(phases[0], [])]  # (phase, latencies) per round
+                cycles: list[dict[str, float]] = []  # one latency per phase, consecutive requests of a client
 
                 def client_loop(seed: int) -> None:
                     crng = random.Random(seed)
                     conns = {p: http.client.HTTPConnection("127.0.0.1", phase_port[p], timeout=30) for p in phases}
-                    last = None
+                    count, cycle = 0, {}
                     while not stop.is_set():
                         if not go.wait(0.1):
                             continue
-                        phase = current["phase"]
-                        if phase != last and last is not None:
-                            # A fresh connection per round: the server closes keep-alive
-                            # connections left idle while other phases ran.
-                            conns[phase].close()
-                            conns[phase] = http.client.HTTPConnection("127.0.0.1", phase_port[phase], timeout=30)
-                        last = phase
+                        # Requests rotate through the phases one by one, so each phase's
+                        # requests see the same load as its neighbours'.
+                        phase = phases[count % len(phases)]
+                        count += 1
                         req = {"user_id": crng.choice(users), "item_ids": crng.sample(ids, args.candidates),
                                "context": {"device": "web"}, "k": 10}
                         if phase == "explain":
@@ -275,13 +273,17 @@ def run(args: argparse.Namespace) -> dict:
                         with lock:
                             if ok:
                                 latencies[phase].append(ms)
-                                by_round[-1][1].append(ms)
+                                cycle[phase] = ms
+                                if len(cycle) == len(phases):
+                                    cycles.append(cycle)
+                                    cycle = {}
                                 if phase == "plain":
                                     versions.append(json.loads(data)["model_version"])
                                 if phase == "explain" and not all("explanation" in i for i in json.loads(data)["items"]):
                                     failures.append(f"explain: no explanation in {data[:200]!r}")
                             else:
                                 failures.append(why)
+                                cycle = {}
                     for conn in conns.values():
                         conn.close()
 
@@ -299,21 +301,18 @@ def run(args: argparse.Namespace) -> dict:
                 pub.start()
                 # Interleave: a burst of bare-model forwards (clients paused), then a
                 # round of load, so both see the same background load on a shared CPU.
-                rounds = max(len(phases), round(args.duration / args.round_s))
+                rounds = max(1, round(args.duration / args.round_s))
                 per_round = max(1, args.forward_reps // rounds)
-                load_s = {phase: 0.0 for phase in phases}
-                for n in range(rounds):
+                load_s = 0.0
+                for _ in range(rounds):
                     go.clear()
                     time.sleep(0.05)  # let in-flight requests finish
                     bare_forward(per_round, args.server_torch_threads or default_threads, forward)
                     bare_forward(max(1, per_round // 3), default_threads, forward_default)
-                    current["phase"] = phases[n % len(phases)]
-                    with lock:
-                        by_round.append((current["phase"], []))
                     go.set()
                     t_round = time.perf_counter()
                     time.sleep(args.round_s)
-                    load_s[current["phase"]] += time.perf_counter() - t_round
+                    load_s += time.perf_counter() - t_round
                 stop.set()
                 go.set()
                 for t in threads:
@@ -366,8 +365,8 @@ def run(args: argparse.Namespace) -> dict:
         "duration_s": round(elapsed, 2),
         "forward_samples": len(forward) + len(forward_default),
         "requests": len(plain),
-        "load_s": round(load_s["plain"], 2),
-        "rps": round(len(plain) / load_s["plain"], 2),
+        "load_s": round(load_s, 2),
+        "rps": round(sum(len(v) for v in latencies.values()) / load_s, 2),
         "p50_ms": round(p50, 2),
         "p90_ms": round(_percentile(plain, 90), 2),
         "p99_ms": round(_percentile(plain, 99), 2),
@@ -390,9 +389,7 @@ def run(args: argparse.Namespace) -> dict:
         "impressions_dropped": float(drops[0].split()[-1]) if drops else None,
         "targets_met": len(failures) == 0 and p50 / model_forward_p50 <= 1.5 and swaps >= 10,
         "server_log": str(run_dir / "server.log"),
-        **_explain_figures(args, latencies, load_s, p50),
-        "rounds": [{"phase": phase, "requests": len(ms), "p50_ms": round(_percentile(ms, 50), 2)}
-                   for phase, ms in by_round if ms] if len(phases) > 1 else None,
+        **_explain_figures(args, latencies, cycles, p50),
     }
 
 
@@ -417,22 +414,30 @@ def _baseline_tree(args: argparse.Namespace, run_dir: Path) -> Path | None:
     return out
 
 
-def _explain_figures(args: argparse.Namespace, latencies: dict[str, list[float]], load_s: dict[str, float],
+def _explain_figures(args: argparse.Namespace, latencies: dict[str, list[float]], cycles: list[dict[str, float]],
                      p50: float) -> dict:
     """``--explain`` figures: explained requests' latency, and the plain requests' p50
-    against the baseline server's in the same run."""
+    against the baseline server's in the same run; also the median over request
+    cycles (consecutive requests, one per phase) of each cycle's latency ratio, which
+    cancels load that changes more slowly than a cycle."""
     if not args.explain:
         return {}
+
+    def paired(a: str, b: str) -> float | None:
+        ratios = [c[a] / c[b] for c in cycles if a in c and b in c and c[b] > 0]
+        return round(float(np.median(ratios)), 4) if ratios else None
+
     out = {"explain_requests": len(latencies["explain"]),
            "explain_p50_ms": round(_percentile(latencies["explain"], 50), 2),
            "explain_p99_ms": round(_percentile(latencies["explain"], 99), 2),
-           "explain_rps": round(len(latencies["explain"]) / load_s["explain"], 2) if load_s["explain"] else None}
+           "cycles": len(cycles), "explain_vs_plain_paired": paired("explain", "plain")}
     base = latencies.get("baseline")
     if base is not None:
         base_p50 = _percentile(base, 50)
         out.update({"baseline": args.baseline_code or args.baseline_ref, "baseline_requests": len(base),
                     "baseline_p50_ms": round(base_p50, 2), "baseline_p99_ms": round(_percentile(base, 99), 2),
                     "p50_vs_baseline": round(p50 / base_p50, 4),
+                    "p50_vs_baseline_paired": paired("plain", "baseline"),
                     "p50_within_5pct_of_baseline": p50 <= 1.05 * base_p50})
     return out
 
@@ -457,9 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server process")
     p.add_argument("--server-arg", action="append", default=[], help="extra em3 serve flag (repeat per token)")
     p.add_argument("--explain", action="store_true",
-                   help="rotate rounds of plain requests, requests with \"explain\": true, and plain requests to a "
-                        "baseline server running the code before explanations; report explain_p50_ms and the plain "
-                        "p50 against the baseline's")
+                   help="rotate plain requests, requests with \"explain\": true, and plain requests to a baseline "
+                        "server running the code before explanations; report explain_p50_ms and the plain p50 "
+                        "against the baseline's")
     p.add_argument("--baseline-ref", default=PRE_EXPLAIN_REF,
                    help=f"git ref whose code the baseline server runs with --explain (default {PRE_EXPLAIN_REF}, the "
                         "last commit before explanations; 'none' for no baseline)")
