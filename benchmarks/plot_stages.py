@@ -4,7 +4,8 @@
 
 Left: AUC, GAUC and cold AUC of each stage (lines) beside its compute cost (bars,
 CPU core-hours per million samples trained, log scale). Right: each stage's lift in AUC
-and cold AUC over the stage before, per added core-hour per million samples. The
+and cold AUC over the stage before, with the seed-to-seed noise band of each and the
+core-seconds per million samples the stage adds. The
 last line printed is one JSON object ``{"plot": PATH, "stages": N}``.
 """
 from __future__ import annotations
@@ -40,19 +41,22 @@ def plot(report: dict, out: Path) -> None:
     left.legend(fontsize=8, loc="upper left")
     left.grid(alpha=0.3)
     rest = stages[1:]
-    xs = range(len(rest))
-
-    def per_core_h(row: dict, key: str) -> float:
-        added = (row.get("added_core_s_per_1m") or 0.0) / 3600.0
-        return row[f"{key}_lift"] / added if added > 0 else 0.0
-
-    width = 0.4
-    right.bar([x - width / 2 for x in xs], [per_core_h(s, "auc") for s in rest], width, label="AUC lift")
-    right.bar([x + width / 2 for x in xs], [per_core_h(s, "cold_auc") for s in rest], width, label="cold AUC lift")
+    xs = list(range(len(rest)))
+    width = 0.38
+    choice = report.get("choice", {})
+    for offset, key, label in ((-width / 2, "auc", "AUC lift"), (width / 2, "cold_auc", "cold AUC lift")):
+        bars = right.bar([x + offset for x in xs], [s[f"{key}_lift"] for s in rest], width, label=label)
+        noise = choice.get(key, {}).get("noise")
+        if noise:  # lifts inside the band are within the seed-to-seed spread
+            right.axhspan(-noise, noise, color=bars.patches[0].get_facecolor(), alpha=0.12, lw=0)
+    for x, row in zip(xs, rest):
+        added = row.get("added_core_s_per_1m") or 0.0
+        right.annotate(f"{added:+.0f} core-s", (x, 0), textcoords="offset points", xytext=(0, -14),
+                       ha="center", fontsize=7, color="0.3")
     right.axhline(0.0, color="black", linewidth=0.8)
-    right.set_xticks(list(xs), [s["name"] for s in rest], rotation=20, fontsize=8)
-    right.set_ylabel("lift per added core-hour per 1M samples")
-    right.set_title("what each stage adds, per unit of added cost")
+    right.set_xticks(xs, [s["name"] for s in rest], rotation=20, fontsize=8)
+    right.set_ylabel("lift over the stage before")
+    right.set_title("what each stage adds (shaded: seed noise; added cost per 1M samples)", fontsize=9)
     right.legend(fontsize=8)
     right.grid(alpha=0.3, axis="y")
     settings = report.get("settings", {})

@@ -23,12 +23,17 @@ shared machine inflates it less than wall time). ``core_h_per_1m`` is the same i
 core-hours. No GPU run exists for these figures (the development machines have no
 GPU); ``gpu`` is null.
 
-The full stream with real encoders takes about 15 minutes of a quiet 2-core CPU
-for the ladder; ``--max-events`` takes its first N events (``docs/adoption.md`` says
-which was used)::
+``choice`` names the stage to adopt for each of ``--thresholds`` (a lift worth that
+much per added core-hour per million samples; :func:`choose_stage`), in AUC and in
+cold AUC; ``--from-json`` derives it again from a written report without training.
 
-    OMP_NUM_THREADS=1 python benchmarks/stages.py --max-events 30000 --threads 1 \\
+The full stream with real encoders takes about 15 minutes per seed of a quiet
+2-core CPU for the ladder (from ``quality.py``'s full-stream timings);
+``--max-events`` takes the first N events (``docs/adoption.md`` says which was used)::
+
+    OMP_NUM_THREADS=1 python benchmarks/stages.py --max-events 30000 --threads 1 --seeds 0,1 \\
         --json-out docs/results/stages.json
+    python benchmarks/stages.py --from-json docs/results/stages.json --thresholds 0.005
 
 The last line printed is one JSON object ``{"stages": [{"name", "auc", "gauc",
 "cold_auc", "auc_lift", "gauc_lift", "cold_auc_lift", "samples_per_s",
@@ -119,16 +124,17 @@ def lift_per_cost(rows: list[dict], key: str = "auc") -> list[float | None]:
 
 def choose_stage(rows: list[dict], key: str, threshold: float, noise: float = 0.0) -> dict:
     """The stage to adopt when a lift in ``key`` is worth ``threshold`` per added CPU
-    core-hour per million samples (incremental cost-effectiveness on the efficient
-    frontier).
+    core-hour per million samples (incremental cost-effectiveness along the ladder).
 
-    Stages are taken in cost order. A stage is *dominated* when a cheaper one scores
-    at least as well (within ``noise``, the seed-to-seed spread: a smaller lift is not
-    a lift); dominated stages are never chosen. Along the rest, each stage's
-    incremental ratio is its gain over the last frontier stage per added core-hour;
-    the choice is the last stage whose ratio reaches ``threshold``, stopping at the
-    first that does not. Returns ``{"stage", "frontier": [names], "ratios":
-    {name: ratio}}``.
+    Stages are taken in ladder order (each adds to the one before, so it cannot
+    really cost less; a measured cost at or below the last kept stage's is
+    measurement noise and counts as no added cost). A stage is *kept* when it beats
+    the last kept stage by more than ``noise`` (the seed-to-seed spread: a smaller
+    lift is not a lift); the others are never chosen. Each kept stage's ratio is its
+    gain over the last kept stage per added core-hour; the choice is the last kept
+    stage whose ratio reaches ``threshold``, stopping at the first that does not.
+    Returns ``{"stage", "kept": [names], "ratios": {name: ratio}}`` (a ratio is None
+    where the stage added no measurable cost).
 
     >>> rows = [{"name": "a", "auc": 0.70, "core_s_per_1m": 36.0},
     ...         {"name": "b", "auc": 0.72, "core_s_per_1m": 3636.0},   # +0.02 for 1 core-hour
@@ -136,24 +142,50 @@ def choose_stage(rows: list[dict], key: str, threshold: float, noise: float = 0.
     ...         {"name": "d", "auc": 0.725, "core_s_per_1m": 14436.0}] # +0.005 for 3 more core-hours
     >>> choose_stage(rows, "auc", threshold=0.01)["stage"], choose_stage(rows, "auc", threshold=0.001)["stage"]
     ('b', 'd')
-    >>> choose_stage(rows, "auc", threshold=0.001)["frontier"]
+    >>> choose_stage(rows, "auc", threshold=0.001)["kept"]
     ['a', 'b', 'd']
     """
-    ordered = sorted(rows, key=lambda r: r["core_s_per_1m"])
-    frontier = [ordered[0]]
-    for row in ordered[1:]:
-        if row[key] > frontier[-1][key] + noise:
-            frontier.append(row)
-    ratios: dict[str, float] = {}
-    chosen = frontier[0]
-    for prev, row in zip(frontier, frontier[1:]):
+    kept = [rows[0]]
+    for row in rows[1:]:
+        if row[key] > kept[-1][key] + noise:
+            kept.append(row)
+    ratios: dict[str, float | None] = {}
+    chosen = kept[0]
+    for prev, row in zip(kept, kept[1:]):
         added_h = (row["core_s_per_1m"] - prev["core_s_per_1m"]) / 3600.0
-        ratio = (row[key] - prev[key]) / added_h if added_h > 0 else float("inf")
-        ratios[row["name"]] = round(ratio, 6)
-        if ratio < threshold:
+        ratio = (row[key] - prev[key]) / added_h if added_h > 0 else None  # None: free
+        ratios[row["name"]] = None if ratio is None else round(ratio, 6)
+        if ratio is not None and ratio < threshold:
             break
         chosen = row
-    return {"stage": chosen["name"], "frontier": [r["name"] for r in frontier], "ratios": ratios}
+    return {"stage": chosen["name"], "kept": [r["name"] for r in kept], "ratios": ratios}
+
+
+def seed_noise(rows: list[dict], key: str, default: float) -> float:
+    """Half the largest seed-to-seed range of ``key`` over the stages (each row's
+    ``seeds``), or ``default`` with fewer than two seeds.
+
+    >>> seed_noise([{"seeds": {"0": {"auc": 0.70}, "1": {"auc": 0.704}}},
+    ...             {"seeds": {"0": {"auc": 0.71}, "1": {"auc": 0.711}}}], "auc", 0.001)
+    0.002
+    """
+    spans = [max(v[key] for v in r["seeds"].values()) - min(v[key] for v in r["seeds"].values())
+             for r in rows if len(r.get("seeds", {})) >= 2]
+    return round(max(spans) / 2, 6) if spans else default
+
+
+def derive(rows: list[dict], thresholds: list[float], noise: float | None) -> tuple[list[dict], dict]:
+    """Lifts, lift per added cost and the stage to adopt per metric and threshold, from
+    each stage's figures (``noise`` None: :func:`seed_noise`, default 0.001)."""
+    rows = with_lifts(rows)
+    for key in QUALITY_KEYS:
+        for row, value in zip(rows, lift_per_cost(rows, key)):
+            row[f"{key}_lift_per_core_h_per_1m"] = value
+    choice = {}
+    for key in ("auc", "cold_auc"):
+        n = seed_noise(rows, key, 0.001) if noise is None else noise
+        choice[key] = {"noise": n, "by_threshold": {str(t): choose_stage(rows, key, t, n) for t in thresholds}}
+    return rows, choice
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -199,15 +231,10 @@ def run(args: argparse.Namespace) -> dict:
                      "gpu_core_s_per_1m": None,
                      "modality_attention": fig.get("modality_attention"),
                      "seeds": fig["seeds"]})
-    rows = with_lifts(rows)
-    for key in QUALITY_KEYS:
-        for row, value in zip(rows, lift_per_cost(rows, key)):
-            row[f"{key}_lift_per_core_h_per_1m"] = value
-    choices = {key: {str(t): choose_stage(rows, key, t, args.noise) for t in args.thresholds}
-               for key in ("auc", "cold_auc")}
+    rows, choice = derive(rows, args.thresholds, args.noise)
     return {
         "stages": rows,
-        "choice": {"noise": args.noise, "thresholds": args.thresholds, "by_metric": choices},
+        "choice": choice,
         "variant": "ladder: id_only, text_only, em3 (default ModelConfig per variant, em3.model.VARIANTS) "
                    "at the stated history_len",
         "runtime": f"in-process OnlineLearner, {args.device}, {args.threads} torch threads, no GPU run",
@@ -234,11 +261,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", default=None, help="also write the JSON report to this file")
     p.add_argument("--thresholds", type=lambda v: [float(x) for x in v.split(",")], default=[0.01, 0.001, 0.0001],
                    help="lifts per added core-hour per 1M samples at which to report the stage to adopt")
-    p.add_argument("--noise", type=float, default=0.001,
-                   help="a lift at most this large counts as none when choosing (seed-to-seed spread of AUC)")
+    p.add_argument("--noise", type=float, default=None,
+                   help="a lift at most this large counts as none when choosing (default: half the largest "
+                        "seed-to-seed range of the metric over the stages; 0.001 with one seed)")
+    p.add_argument("--from-json", default=None,
+                   help="train nothing: take the stages' figures from a report this script wrote and derive the "
+                        "lifts and choices again (other --thresholds or --noise)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    report = run(args)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        base = [{k: v for k, v in row.items() if not k.endswith(("_lift", "_lift_per_core_h_per_1m"))
+                 and k != "added_core_s_per_1m"} for row in report["stages"]]
+        report["stages"], report["choice"] = derive(base, args.thresholds, args.noise)
+        report["settings"]["derived_from"] = args.from_json
+    else:
+        report = run(args)
     cols = ["auc", "auc_lift", "gauc", "cold_auc", "cold_auc_lift", "samples_per_s", "core_s_per_1m",
             "trainable_params", "snapshot_bytes"]
     print(f"{report['settings']['events']:,} events, seeds {report['settings']['seeds']}")
