@@ -7,7 +7,11 @@ the mean prediction against the click rate (calibration), and ``cold_auc`` (AUC 
 each item's first 5 impressions in the stream), plus a chronological 80/20 split
 figure for model variants: the model as trained (one prequential pass) on the first
 80% of events, frozen, scored on the last 20%. Model variants also report their
-Fusion-Q-Former's attention mass per modality (``modality_attention``).
+Fusion-Q-Former's attention mass per modality (``modality_attention``), training
+samples/s (wall clock of the prequential loop), ``core_s_per_1m`` (CPU core-seconds
+of the process over that loop per million samples) and ``snapshot_bytes`` (the full
+snapshot a learner of the variant publishes); ``benchmarks/stages.py`` builds the
+staged-adoption table from them.
 
 Variants are :data:`em3.model.VARIANTS` (the model, through the same
 ``OnlineLearner`` with the same defaults that ``em3 learn`` and the demo use) and the
