@@ -309,7 +309,8 @@ class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``served_at`` (event time, default now) stamps the impressions, for simulators
     on a virtual clock; it may not lie further ahead of the server's clock than
-    its ``max_future_s``.
+    its ``max_future_s``. ``explain`` (a JSON boolean; anything else is refused)
+    asks for an explanation of each ranked item.
     """
 
     user_id: Id
@@ -317,6 +318,7 @@ class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context: Context = msgspec.field(default_factory=dict)
     k: Annotated[int, Meta(ge=1)] | None = None
     served_at: Timestamp | None = None
+    explain: bool = False
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}

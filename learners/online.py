@@ -342,19 +342,19 @@ class OnlineLearner:
     @torch.no_grad()
     def modality_attention(self, item_ids: Sequence[str]) -> dict[str, float]:
         """Mean share of the Fusion-Q-Former's cross-attention per modality (``text``,
-        ``image``, ``none`` = the null token) over ``item_ids``; empty without a
-        Fusion-Q-Former. Tells which modality the content embedding is read from."""
-        model = self.model
-        if not hasattr(model.fusion, "attention_mass") or not item_ids:
+        ``image``, ``missing`` = the null token; :func:`em3.model.explain.modality_mass`)
+        over ``item_ids``; empty without a Fusion-Q-Former. Tells which modality the
+        content embedding is read from."""
+        from em3.model.explain import MODALITIES, modality_mass
+
+        if not item_ids or not hasattr(self.model.fusion, "attention_mass"):
             return {}
-        model.eval()
-        names = ["none"] + [n for n, enc in (("text", model.text), ("image", model.image)) if enc is not None]
-        total = torch.zeros(len(names))
+        self.model.eval()
+        total = torch.zeros(len(MODALITIES))
         for start in range(0, len(item_ids), 256):
             ids = list(item_ids[start:start + 256])
-            tokens, masks = model.modality_tokens(ids, self.content.get_many(ids))
-            total += model.fusion.attention_mass(tokens, masks).float().sum(0).cpu()
-        return {n: round(float(v) / len(item_ids), 4) for n, v in zip(names, total)}
+            total += modality_mass(self.model, ids, self.content.get_many(ids)).sum(0)
+        return {n: round(float(v) / len(item_ids), 4) for n, v in zip(MODALITIES, total)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors (LoRA, fusion, ranker, embeddings) and the learned counters

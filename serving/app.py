@@ -4,11 +4,13 @@ This is the only module of the project that imports ``fastapi`` or ``uvicorn``.
 
 Endpoints
 ---------
-``POST /v1/rank``   ``{user_id, item_ids, context?, k?, served_at?}`` -> ranked items with scores,
-                    impression ids and propensities; request id, arm, model line
-                    and version; ``unknown_item_ids`` (candidates without content).
+``POST /v1/rank``   ``{user_id, item_ids, context?, k?, served_at?, explain?}`` -> ranked items
+                    with scores, impression ids and propensities; request id, arm, model
+                    line and version; ``unknown_item_ids`` (candidates without content).
                     ``served_at`` (event time, default now) stamps the impressions, for
-                    simulators on a virtual clock.
+                    simulators on a virtual clock. ``explain: true`` adds an
+                    ``explanation`` to each item (modality mass, top history items,
+                    content / ID split of the logit).
 ``POST /v1/click``  ``{impression_id, user_id, item_id, clicked_at?}`` -> clicks topic.
 ``POST /v1/items``  one item ``{item_id, text?, image? (base64), image_ref?, attributes?}``
                     or ``{"items": [...]}``; stored in Redis, cached rows dropped.
@@ -102,12 +104,30 @@ def _request_body(kind: type) -> dict[str, Any]:
         "schema": _SCHEMAS[_REQUESTS.index(kind)]}}}}
 
 
+class HistoryWeightOut(BaseModel):
+    item_id: str
+    weight: float
+
+
+class ExplanationOut(BaseModel):
+    """Why the item scored as it did (``"explain": true`` only; :mod:`em3.model.explain`)."""
+
+    logit: float
+    baseline_logit: float
+    content: float
+    id: float
+    history: list[HistoryWeightOut]
+    modality: dict[str, float] | None
+    content_rows_current: bool
+
+
 class RankedItemOut(BaseModel):
     item_id: str
     score: float
     position: int
     impression_id: str
     propensity: float
+    explanation: ExplanationOut | None = None
 
 
 class RankOut(BaseModel):
@@ -157,7 +177,8 @@ def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
         reason = f"must not lie more than {runtime.config.max_future_s} s ahead of the server's clock"
         return 422, json.dumps(_errors_body([{"field": "served_at", "reason": reason}])).encode()
     try:
-        result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at)
+        result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at,
+                              explain=req.explain)
     except NotReady as exc:
         return 503, json.dumps({"error": "not_ready", "detail": str(exc)}).encode()
     except Unavailable as exc:

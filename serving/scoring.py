@@ -14,6 +14,9 @@ fast part (two-speed content):
 * ``score(user_id, context, history_reps, candidate_reps)``: one logit per
   candidate.
 
+A model may also explain its scores (:class:`ExplainingModel`, optional: the
+server answers ``"explain": true`` with ``null`` explanations for one that cannot).
+
 A :class:`ModelLoader` turns a verified snapshot (manifest and blob) into a
 :class:`RankingModel`. :class:`EM3Loader` is the production one (the EM3 model
 of :mod:`em3.model`, verified by :func:`em3.snapshot.unpack`);
@@ -31,7 +34,8 @@ import torch
 from em3.errors import SnapshotError
 from em3.types import ItemContent, SnapshotManifest
 
-__all__ = ["RankingModel", "ModelLoader", "EM3Loader", "EM3RankingModel", "pinned_config_check"]
+__all__ = ["RankingModel", "ExplainingModel", "ModelLoader", "EM3Loader", "EM3RankingModel",
+           "pinned_config_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,22 @@ class RankingModel(Protocol):
     ) -> torch.Tensor:
         """Logits ``(N,)`` for ``candidate_reps`` ``(N, D)`` given ``history_reps``
         ``(H, D)`` (newest first; ``H`` may be 0)."""
+        ...
+
+
+@runtime_checkable
+class ExplainingModel(Protocol):
+    """A :class:`RankingModel` that can say why it scores as it does
+    (:mod:`em3.model.explain`). Called only for requests that ask for it."""
+
+    def explain_scores(
+        self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+    ) -> Any:
+        """A :class:`em3.model.explain.ScoreExplanation` of ``candidate_reps`` ``(C, D)``."""
+        ...
+
+    def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
+        """``(N, 3)`` attention mass on text, image and missing content, or None."""
         ...
 
 
@@ -190,6 +210,23 @@ class EM3RankingModel:
         candidate_reps: torch.Tensor,
     ) -> torch.Tensor:
         return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps)  # (C,)
+
+    @torch.inference_mode()
+    def explain_scores(
+        self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+    ) -> Any:
+        from em3.model.explain import explain_candidates
+
+        return explain_candidates(self.model, user_id, dict(context), history_reps, candidate_reps)
+
+    @torch.inference_mode()
+    def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
+        from em3.model.explain import modality_mass
+
+        if not self.model.config.use_content:
+            return None
+        with self.rep_lock:  # the frozen-prefix cache is shared with the line's other versions
+            return modality_mass(self.model, item_ids, contents)  # (N, 3)
 
 
 #: Trainable tensors of the content towers (LoRA adapters, fusion, content norm).

@@ -195,17 +195,24 @@ class RankedResponse:
     items: list[tuple[str, float, str, float]]  # item_id, score, impression_id, propensity
     unknown_item_ids: list[str]
     timings: Mapping[str, float]
+    #: One per item when the request asked for explanations (None each for an arm
+    #: without a model that explains); None when it did not ask.
+    explanations: list[dict | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        items = [
+            {"item_id": i, "score": s, "position": pos, "impression_id": imp, "propensity": p}
+            for pos, (i, s, imp, p) in enumerate(self.items)
+        ]
+        if self.explanations is not None:
+            for item, explanation in zip(items, self.explanations):
+                item["explanation"] = explanation
         return {
             "request_id": self.request_id,
             "arm": self.arm,
             "model_line": self.model_line,
             "model_version": self.model_version,
-            "items": [
-                {"item_id": i, "score": s, "position": pos, "impression_id": imp, "propensity": p}
-                for pos, (i, s, imp, p) in enumerate(self.items)
-            ],
+            "items": items,
             "unknown_item_ids": self.unknown_item_ids,
         }
 
@@ -402,12 +409,15 @@ class ServingRuntime:
     # -- requests ------------------------------------------------------------------------
     def rank(
         self, user_id: str, item_ids: Sequence[str], context: Mapping[str, str] | None = None, k: int | None = None,
-        *, served_at: float | None = None,
+        *, served_at: float | None = None, explain: bool = False,
     ) -> RankedResponse:
         """Rank for ``user_id`` (the raw ID: it is pseudonymised first) with the arm its
         pseudonym is bucketed into, and log impressions.
 
-        ``served_at`` stamps the impressions (event time; default now). Raises
+        ``served_at`` stamps the impressions (event time; default now). ``explain``
+        adds an explanation per item (:meth:`serving.ranking.RankingService.explain`;
+        None each for a baseline arm); the impressions are logged as for any
+        request, since the items are served. Raises
         :class:`NotReady` if the arm's snapshot is not loaded yet, and
         :class:`Unavailable` while the impression log is full.
         """
@@ -423,7 +433,7 @@ class ServingRuntime:
             # Back-pressure: never serve impressions that cannot be logged.
             raise Unavailable("the impression log is full (Kafka away or slow); retry shortly")
         try:
-            response, impressions = self._rank_unlogged(user_id, item_ids, context, k, served_at)
+            response, impressions = self._rank_unlogged(user_id, item_ids, context, k, served_at, explain)
         except BaseException:
             if self.logger is not None:
                 self.logger.release(k)
@@ -434,7 +444,7 @@ class ServingRuntime:
         return response
 
     def _rank_unlogged(self, user_id: str, item_ids: Sequence[str], context: dict, k: int,
-                       served_at: float | None) -> tuple[RankedResponse, list[Impression]]:
+                       served_at: float | None, explain: bool) -> tuple[RankedResponse, list[Impression]]:
         """:meth:`rank` without the logging: the response and the impressions to log."""
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
@@ -443,14 +453,16 @@ class ServingRuntime:
             state = self.reloaders[arm.source_key].current
             if state is None:
                 raise NotReady(f"arm {arm.name!r}: no snapshot of {arm.source_key!r} loaded yet")
-            result = self.ranking.rank(state, user_id, item_ids, context, k)
+            result = self.ranking.rank(state, user_id, item_ids, context, k, explain=explain)
             ranked = [(r.item_id, r.score, 1.0) for r in result.items]
             unknown = result.unknown_item_ids
             line, version, timings = state.model_line, state.version, result.timings
+            explanations = result.explanations
             self.metrics.model_seconds.observe(timings["model_s"])
         else:
             ranked, unknown = self._rank_baseline(arm, item_ids, k, request_id)
             line, version, timings = arm.logged_line, 0, {}
+            explanations = [None] * len(ranked) if explain else None
         items = [(item_id, score, f"{request_id}-{pos}", p) for pos, (item_id, score, p) in enumerate(ranked)]
         impressions = [
             Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
@@ -459,7 +471,7 @@ class ServingRuntime:
         self.metrics.arm_requests.labels(arm.name).inc()
         if unknown:
             self.metrics.unknown_candidates.inc(len(unknown))
-        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings), impressions
+        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings, explanations), impressions
 
     def _rank_baseline(
         self, arm: ArmConfig, item_ids: Sequence[str], k: int, request_id: str

@@ -35,7 +35,7 @@ from em3.constraints import (Annotated, Field, Literal, NonNegFloat, OpenProbabi
                              config_class)
 from em3.experiment import TrainingData
 
-__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register"]
+__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality"]
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,16 @@ class _PacedServer:
     meanwhile (``POST /v1/items``), then asks the server (``POST /v1/rank``).
 
     It also records what the report needs: per-arm impressions and clicks of
-    cold-start items, the snapshot versions served and their age (freshness).
+    cold-start items, the snapshot versions served and their age (freshness), and
+    every ``explain_every_s`` seconds asks the server to explain one ranking
+    (``"explain": true``) and keeps the mean modality mass of its items for the
+    arm that served it (``modality``: ``{"t", "text", "image", "missing"}`` points;
+    none for a line without a Fusion-Q-Former). Those requests' latencies are kept
+    apart (``explain_latency_ms``), so ``latency_ms`` stays that of plain requests.
     """
 
     def __init__(self, http: Any, world: Any, t0: float, version_created: Callable[[str, int], float | None],
-                 check: Callable[[], None]) -> None:
+                 check: Callable[[], None], explain_every_s: float = 2.0) -> None:
         self.http = http
         self.world = world
         self.t0 = t0
@@ -245,6 +250,10 @@ class _PacedServer:
         self.latency_ms: list[float] = []
         self.new_items = 0
         self._last_freshness: dict[str, float] = {}
+        self.explain_every_s = explain_every_s
+        self._last_explain = -math.inf
+        self.modality: dict[str, list[dict[str, float]]] = {}
+        self.explain_latency_ms: list[float] = []
 
     def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Any:
         t = float(context["t"])
@@ -259,10 +268,16 @@ class _PacedServer:
             self.http.register_items([self.world.item_content(i) for i in arrived])
             self.new_items += len(arrived)
         self.last_arrival_check = t
+        explain = t - self._last_explain >= self.explain_every_s
         start = time.perf_counter()
-        ranking = self.http.rank(user_id, candidates, context, k)
-        self.latency_ms.append((time.perf_counter() - start) * 1000.0)
+        ranking = self.http.rank(user_id, candidates, context, k, explain=explain)
+        (self.explain_latency_ms if explain else self.latency_ms).append((time.perf_counter() - start) * 1000.0)
         self.requests += 1
+        if explain:
+            self._last_explain = t
+            point = mean_modality(ranking.explanations or ())
+            if point is not None:
+                self.modality.setdefault(ranking.arm, []).append({"t": round(t - self.t0, 3), **point})
         self.versions.setdefault(ranking.arm, set()).add(ranking.model_version)
         created = self.version_created(ranking.arm, ranking.model_version)
         if created is not None:
@@ -273,6 +288,22 @@ class _PacedServer:
 
     def last_freshness(self) -> dict[str, float]:
         return dict(self._last_freshness)
+
+
+def mean_modality(explanations: Sequence[Mapping[str, Any] | None]) -> dict[str, float] | None:
+    """The mean modality mass (``text``, ``image``, ``missing``) over the items of one
+    explained ranking, or None when no item has one (a line without a Fusion-Q-Former).
+
+    >>> mean_modality([{"modality": {"text": 0.6, "image": 0.3, "missing": 0.1}},
+    ...                {"modality": {"text": 0.4, "image": 0.5, "missing": 0.1}}, None])
+    {'text': 0.5, 'image': 0.4, 'missing': 0.1}
+    >>> mean_modality([{"modality": None}]) is None
+    True
+    """
+    masses = [e["modality"] for e in explanations if e and e.get("modality")]
+    if not masses:
+        return None
+    return {key: round(sum(m[key] for m in masses) / len(masses), 4) for key in ("text", "image", "missing")}
 
 
 class _ColdStartTracker:
@@ -510,12 +541,17 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         "cold_start": cold.summary(),
         "freshness_s": freshness,
         "versions_served": {arm: sorted(v) for arm, v in paced.versions.items()},
+        # Per line: the mean Fusion-Q-Former attention mass of an explained ranking's
+        # items every few seconds ({"t": s since start, "text", "image", "missing"});
+        # empty for a line without one (id_only).
+        "modality_contribution": {line: paced.modality.get(line, []) for line in config.lines},
         "learners": lines_summary,
         "learner_timeline": learner_history,
         "throughput": {
             "requests": paced.requests,
             "requests_per_s": paced.requests / wall if wall > 0 else 0.0,
             "rank_latency_ms": _percentiles(paced.latency_ms),
+            "explain_latency_ms": _percentiles(paced.explain_latency_ms),
             "clicks_posted": http.clicks_posted,
             "click_errors": http.click_errors,
             "new_items_registered": paced.new_items,

@@ -482,11 +482,14 @@ class EM3Model(nn.Module):
         return deep + self._wide(user_ids, None if bias is None else bias[target_idx])  # (B,)
 
     def score_candidates(self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
-                         candidate_reps: torch.Tensor) -> torch.Tensor:
+                         candidate_reps: torch.Tensor, return_weights: bool = False
+                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ``(C,)`` of ``C`` candidates for one request.
 
         Call Args: ``history_reps`` ``(L, R)`` (newest first, ``L`` may be 0);
         ``candidate_reps`` ``(C, R)``; both rows of :meth:`item_representations`.
+        With ``return_weights``, also the target-attention weights ``(C, L')`` over
+        the first ``L' = min(L, history_len)`` history rows.
         """
         candidate_reps, gate, bias = self._split(candidate_reps)
         history_reps = self._split(history_reps)[0]
@@ -495,12 +498,60 @@ class EM3Model(nn.Module):
         history = hist.unsqueeze(0).expand(c, -1, -1)  # (C, L, R)
         proj = self.attention.project_history(hist).unsqueeze(0).expand(c, -1, -1)  # (C, L, H)
         mask = torch.ones(c, hist.shape[0], dtype=torch.bool, device=candidate_reps.device)
-        interest = self.attention(candidate_reps, history, proj, mask)  # (C, R)
+        weights = self.attention.weights(candidate_reps, history, proj, mask)  # (C, L)
+        interest = torch.bmm(weights.unsqueeze(1), history).squeeze(1)  # (C, R)
         user = self.user_emb([user_id]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
         ctx = self.context_emb.bag([context]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
         has_history = torch.full((c,), hist.shape[0] > 0, dtype=torch.bool, device=candidate_reps.device)
         deep = self.head(user, ctx, candidate_reps, interest, gate, has_history)  # (C,)
-        return deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
+        logits = deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
+        return (logits, weights) if return_weights else logits
+
+    # ------------------------------------------------------------- explaining
+    def _unseen_item_wide(self) -> torch.Tensor | None:
+        """``(1,)`` the item wide logit of a never-seen row (bias 0, no impressions, no
+        clicks), or None when the config has no wide part."""
+        zero = torch.zeros(1, device=self.device)
+        parts = []
+        if self.config.bias_terms:
+            parts.append(zero)
+        if self.config.stat_features:
+            parts.append(self.stat_weights[0] * self._ctr_logits(zero, zero, self.config.item_pseudo_count))
+        if self.config.popularity_term:
+            counts = self.item_impressions
+            mean = counts.sum() / (counts > 0).sum().clamp(min=1)
+            parts.append(self.popularity_weight * (torch.log1p(zero) - torch.log1p(mean)))
+        return sum(parts) if parts else None
+
+    @torch.no_grad()
+    def baseline_rows(self, reps: torch.Tensor, content: bool = False, ids: bool = False) -> torch.Tensor:
+        """A copy of representations ``reps`` ``(..., R)`` with parts replaced by their
+        baselines (:mod:`em3.model.explain`).
+
+        ``content``: the content embedding becomes the running mean of item content
+        embeddings (``head.content_mean``; zeros without the content-match term).
+        ``ids``: the row's fast part becomes a never-seen item's: ID embedding 0,
+        cold-start gate 1, the item wide logit of an unseen row. No-op for parts the
+        config does not have (content of ``id_only``).
+        """
+        out = reps.clone()
+        d = self.config.embed_dim
+        id_col = 0
+        if self.config.use_content:
+            id_col = d
+            if content:
+                mean = self.head.content_mean if self.config.content_match else torch.zeros(d, device=reps.device)
+                out[..., :d] = mean.to(out.dtype)
+        if ids:
+            out[..., id_col: id_col + d] = 0.0
+            col = self.config.item_dim
+            if self.config.content_match:
+                out[..., col] = 1.0  # tau / (tau + 0)
+                col += 1
+            wide = self._unseen_item_wide()
+            if wide is not None:
+                out[..., col] = wide.to(out.dtype)
+        return out
 
     def cic_loss(self, enc: ItemEncoding, generator: torch.Generator | None = None) -> torch.Tensor:
         """Content-ID InfoNCE over the batch's unique items, plus sampled ID negatives."""

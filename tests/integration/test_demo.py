@@ -69,6 +69,15 @@ def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path
         assert report["learners"][line]["latest_version"] >= 3, line
         assert len(report["versions_served"][line]) >= 2, line
         assert report["freshness_s"][line]["p50"] is not None
+    # Every few seconds one ranking was explained: the em3 line's modality mass over time
+    # (each point a distribution), none for id_only, which has no Fusion-Q-Former.
+    series = report["modality_contribution"]
+    assert set(series) == {"em3", "id_only"} and series["id_only"] == [] and len(series["em3"]) >= 2
+    for point in series["em3"]:
+        assert set(point) == {"t", "text", "image", "missing"} and 0 <= point["t"] <= 60
+        assert abs(point["text"] + point["image"] + point["missing"] - 1.0) < 1e-3
+    assert [p["t"] for p in series["em3"]] == sorted(p["t"] for p in series["em3"])
+    assert report["throughput"]["explain_latency_ms"]["n"] >= 2
     # New items arrived during the run and were shown (cold start).
     assert report["throughput"]["new_items_registered"] > 0
     assert sum(s["impressions"] for s in report["cold_start"].values()) > 0
