@@ -49,6 +49,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from em3.constraints import FiniteNonNegFloat, FinitePositiveFloat, PositiveFloat, config_class
 from em3.types import Click, Impression, Sample
 
 __all__ = [
@@ -74,43 +75,29 @@ DONE = "D"
 _NEG_INF = -math.inf
 
 
-@dataclass(frozen=True)
+@config_class
 class JoinConfig:
     """Join semantics; all durations in seconds.
 
     Parameters
     ----------
-    window_s : attribution window ``W`` after ``served_at``; > 0.
+    window_s : attribution window ``W`` after ``served_at``.
     allowed_lateness_s : how far behind the newest event time a record may
-        arrive and still count as on time; >= 0.
+        arrive and still count as on time.
     max_correction_delay_s : how long after the window a click still yields a
-        correction sample; >= 0.
+        correction sample.
     idle_timeout_s : processing time without records after which an input stops
-        holding the watermark back; > 0, or ``None`` for never.
+        holding the watermark back; ``None`` for never.
     idle_advance_rate : event seconds the watermark advances per processing
-        second while both inputs are idle; > 0 (1.0 follows the wall clock; a
+        second while both inputs are idle (1.0 follows the wall clock; a
         large value closes a finite stream's windows quickly).
     """
 
-    window_s: float = 60.0
-    allowed_lateness_s: float = 5.0
-    max_correction_delay_s: float = 600.0
-    idle_timeout_s: float | None = 5.0
-    idle_advance_rate: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not (self.window_s > 0 and math.isfinite(self.window_s)):
-            raise ValueError(f"window_s must be > 0 and finite, but {self.window_s!r} is given")
-        if not (self.allowed_lateness_s >= 0 and math.isfinite(self.allowed_lateness_s)):
-            raise ValueError(f"allowed_lateness_s must be >= 0, but {self.allowed_lateness_s!r} is given")
-        if not (self.max_correction_delay_s >= 0 and math.isfinite(self.max_correction_delay_s)):
-            raise ValueError(
-                f"max_correction_delay_s must be >= 0, but {self.max_correction_delay_s!r} is given"
-            )
-        if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
-            raise ValueError(f"idle_timeout_s must be > 0 or None, but {self.idle_timeout_s!r} is given")
-        if not self.idle_advance_rate > 0:
-            raise ValueError(f"idle_advance_rate must be > 0, but {self.idle_advance_rate!r} is given")
+    window_s: FinitePositiveFloat = 60.0
+    allowed_lateness_s: FiniteNonNegFloat = 5.0
+    max_correction_delay_s: FiniteNonNegFloat = 600.0
+    idle_timeout_s: PositiveFloat | None = 5.0
+    idle_advance_rate: PositiveFloat = 1.0
 
 
 @dataclass(slots=True)

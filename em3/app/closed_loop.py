@@ -18,7 +18,7 @@ One run::
 
 What differs from production: Kafka and Redis are in-memory stand-ins with the
 same interfaces (``learners.testing``, ``em3.stores``; the integration tests
-cover the real ones), time is the simulation's event time (every
+cover the real ones), simulated user IDs are not pseudonymised, time is the simulation's event time (every
 ``learn_every_s`` event seconds each learner trains on the samples the join
 emitted and publishes, and the server reloads at once), and everything runs in
 one thread, so a run is a deterministic function of its seeds.
@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 from em3 import codec
 from em3.experiment import TRAINING_DATA, ArmConfig, ExperimentConfig
 from em3.model import ModelConfig
+from em3.privacy import Pseudonymizer
 from em3.stores import InMemoryContentStore, InMemoryHistoryStore
 from em3.types import Click, Impression
 from learners.loop import LoopConfig, MemorySampleSource
@@ -179,9 +180,11 @@ class ClosedLoop:
             trainer.start()  # publishes the initial weights as version 1
             self.trainers.append(trainer)
         ranking = RankingConfig(precompute_max_items=len(self.content))
+        # Simulated users carry no personal data and nothing leaves the process: raw IDs
+        # pass the edge unchanged, so the join's history and the server's lookups agree.
         self.runtime = ServingRuntime(
             ServerConfig(self.experiment, ranking, request_threads=None, precompute_threads=None, precompute_nice=0),
-            EM3Loader(), self.snapshots, self.content, self.history,
+            EM3Loader(), self.snapshots, self.content, self.history, pseudonymizer=Pseudonymizer(allow_raw=True),
         )
         self.reload()
         self.join = JoinCore(JoinConfig(window_s=config.join_window_s, allowed_lateness_s=0.0,

@@ -35,7 +35,7 @@ def test_producer_idempotence_comes_from_the_environment_then_the_services_file(
     env = _services_file(tmp_path, producer_idempotence=False)  # written by LocalServices (Tansu)
     assert load_settings(env).kafka.idempotence is False
     assert load_settings({**env, "EM3_PRODUCER_IDEMPOTENCE": "on"}).kafka.idempotence is True
-    with pytest.raises(ImproperlyConfigured, match="EM3_PRODUCER_IDEMPOTENCE must be on or off"):
+    with pytest.raises(ImproperlyConfigured, match="producer_idempotence must be true or false"):
         load_settings({**env, "EM3_PRODUCER_IDEMPOTENCE": "maybe"})
 
 
