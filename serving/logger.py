@@ -16,9 +16,9 @@ idempotent, so retries leave no duplicates; on the embedded Tansu 0.6 it is not
 (``em3.config.KafkaSettings.idempotence`` is off there): its idempotent path
 records a batch's sequence before the batch itself, so a crash between the two
 makes the retry look like a duplicate and the batch is acknowledged but lost
-(``benchmarks/tansu_idempotence.py`` on durable storage: 14 of 9,000 records lost
-over 3 SIGKILLs, 15 of 18,000 over 6 in an earlier run; none without idempotence,
-where a kill leaves a few duplicates instead). Without
+(``benchmarks/tansu_idempotence.py`` on durable storage: 29 of 36,000 records lost
+in 5 of 12 SIGKILLs; none without idempotence, where a kill leaves a few duplicates
+instead). Without
 idempotence one request is in flight at a time, so retries keep the order, and
 duplicates carry the same impression id: the join's dedup absorbs them.
 
