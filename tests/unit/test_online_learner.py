@@ -63,6 +63,7 @@ def test_loss_drops_on_a_learnable_stream(cfg):
     assert auc([s.label for s in test], learner.score(test, _with_histories(test, dict(liked)))) > 0.75
 
 
+@pytest.mark.slow  # trains the default-size towers; the full suite runs it
 def test_pairwise_loss_is_reported_and_changes_the_update_only_when_on(cfg):
     """With ``pairwise_weight`` the step adds the within-user BPR loss (reported as
     ``pair_loss``) and moves the weights differently; at 0 it is reported as 0."""
@@ -166,6 +167,7 @@ def test_learn_batch_probs_are_the_test_then_train_predictions(cfg):
     assert not np.allclose(learner.score(batch, [[]] * 20), before)  # the update happened
 
 
+@pytest.mark.slow  # trains the default-size towers; the full suite runs it
 def test_cached_history_content_gives_the_live_predictions_before_any_update(cfg):
     """On the first step the cache is filled from the same weights, so cached and live
     history content give the same test-then-train predictions; content_every skips
