@@ -39,8 +39,22 @@ Usage::
     python benchmarks/serving.py --config tiny --duration 20
     python benchmarks/serving.py --server-arg=--rank-executor --server-arg=threads   # thread-pool mode
 
+``--broker-outage-s S`` takes the broker away for ``S`` seconds, ``--outage-at-s``
+into the load: ``--outage-mode kill`` SIGKILLs it and starts it again on the same
+port after ``S`` seconds (on durable storage, ``em3 services up --durable``, since
+a memory broker forgets every topic), ``pause`` freezes it (SIGSTOP, then
+SIGCONT). Requests keep coming. Afterwards the benchmark waits until the server
+holds no impression in flight (``em3_serving_impressions_in_flight``, sampled
+every second during the run too), reads the impressions topic from the start and
+counts by impression id: every impression of every answered request must be
+there (``impressions_lost``); extra copies are ``impressions_duplicates``.
+
+    python benchmarks/serving.py --broker-outage-s 10                     # kill + restart
+    python benchmarks/serving.py --broker-outage-s 10 --outage-mode pause
+
 The last line printed is one JSON object: ``rps``, ``p50_ms``, ``p99_ms``,
-``model_forward_p50_ms``, ``overhead_ratio``, ``failed``, ``swaps_during_run``, ...
+``model_forward_p50_ms``, ``overhead_ratio``, ``failed``, ``swaps_during_run``,
+``impressions_lost``, ``impressions_duplicates``, ...
 """
 from __future__ import annotations
 
@@ -51,6 +65,7 @@ import json
 import logging
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,6 +85,7 @@ from em3 import snapshot  # noqa: E402
 from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames  # noqa: E402
 from em3.app.services import LocalServices, free_port  # noqa: E402
 from em3.types import ItemContent  # noqa: E402
+from stream.kafka import make_consumer  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving")
 LINE = "bench"
@@ -111,6 +127,58 @@ def _server_status(client: httpx.Client) -> dict:
     return client.get("/readyz").json()["sources"][LINE]
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of the unlabelled sample ``name`` in a Prometheus text page (NaN if absent)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return float("nan")
+
+
+def _broker_outage(services: LocalServices, mode: str, seconds: float) -> dict:
+    """Take the broker away for ``seconds`` (SIGKILL + restart, or SIGSTOP + SIGCONT)."""
+    t0 = time.monotonic()
+    if mode == "kill":
+        services.restart_kafka(kill=True, down_s=seconds, timeout_s=60.0)
+    else:
+        pid = services.pids()["kafka"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(seconds)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    log.warning("broker back after %.1f s (%s)", time.monotonic() - t0, mode)
+    return {"mode": mode, "down_s": round(time.monotonic() - t0, 2)}
+
+
+def _count_on_topic(kafka: KafkaSettings, topic: str, expected: set[str], idle_s: float,
+                    timeout_s: float) -> dict[str, int]:
+    """Read ``topic`` from the start; how many times each impression id occurs."""
+    from em3 import codec
+
+    # A long fetch wait: the durable broker reads one stored object per record batch,
+    # and a fetch it cannot fill within fetch.wait.max.ms (50 ms in CONSUMER_DEFAULTS)
+    # comes back empty, so a loaded broker returned nothing most of the time.
+    consumer = make_consumer(kafka, f"bench-audit-{time.monotonic_ns()}", fetch_wait_max_ms=10000)
+    consumer.subscribe([topic])
+    counts: dict[str, int] = {}
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            for msg in consumer.consume(5000, timeout=0.5):
+                if msg.error() is not None:
+                    continue
+                imp_id = codec.decode_impression(msg.value()).impression_id
+                counts[imp_id] = counts.get(imp_id, 0) + 1
+                last = time.monotonic()
+            if expected and expected <= counts.keys():
+                idle_s = min(idle_s, 3.0)  # all found: only wait briefly for stray duplicates
+    finally:
+        consumer.close()
+    return counts
+
+
 def run(args: argparse.Namespace) -> dict:
     from em3.model import EM3Model, ModelConfig
     from em3.privacy import Pseudonymizer
@@ -120,7 +188,12 @@ def run(args: argparse.Namespace) -> dict:
     config = ModelConfig() if args.config == "default" else ModelConfig.tiny()
     torch.manual_seed(args.seed)
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="em3-bench-serving-"))
-    with LocalServices(run_dir / "services") as services:
+    durable = args.broker_storage == "durable" or (
+        args.broker_storage == "auto" and args.broker_outage_s > 0 and args.outage_mode == "kill")
+    outage: dict = {}
+    in_flight: list[float] = []
+    answered: set[str] = set()
+    with LocalServices(run_dir / "services", durable=durable) as services:
         info = services.info
         settings = Settings(KafkaSettings(info.bootstrap_servers), RedisSettings(info.redis_url),
                             TopicNames("bench."), redis_prefix="bench:")
@@ -233,8 +306,11 @@ def run(args: argparse.Namespace) -> dict:
                 for phase in phases:
                     with httpx.Client(base_url=f"http://127.0.0.1:{phase_port[phase]}", timeout=30) as warm:
                         for _ in range(args.warmup):
-                            warm.post("/v1/rank", json={**body, **({"explain": True} if phase == "explain" else {})
-                                                        }).raise_for_status()
+                            answer = warm.post("/v1/rank", json={**body, **({"explain": True} if phase == "explain"
+                                                                              else {})})
+                            answer.raise_for_status()
+                            if phase != "baseline":
+                                answered.update(i["impression_id"] for i in answer.json()["items"])
                 swaps_before = _server_status(admin)["swaps"]
 
                 latencies: dict[str, list[float]] = {phase: [] for phase in phases}
@@ -275,6 +351,8 @@ def run(args: argparse.Namespace) -> dict:
                             conns[phase] = http.client.HTTPConnection("127.0.0.1", phase_port[phase], timeout=30)
                         with lock:
                             if ok:
+                                if phase != "baseline":  # the baseline server logs to the same topic too
+                                    answered.update(i["impression_id"] for i in json.loads(data)["items"])
                                 latencies[phase].append(ms)
                                 cycle[phase] = ms
                                 if len(cycle) == len(phases):
@@ -296,10 +374,26 @@ def run(args: argparse.Namespace) -> dict:
                     while not stop.wait(args.swap_interval):
                         published.append(_publish(store, state, config, 0.01, noise))
 
+                def monitor() -> None:
+                    # The in-flight gauge, once a second (it rises while the broker is away).
+                    with httpx.Client(base_url=url, timeout=10) as mon:
+                        while not stop.wait(1.0):
+                            try:
+                                in_flight.append(_metric(mon.get("/metrics").text, "em3_serving_impressions_in_flight"))
+                            except httpx.HTTPError:
+                                pass
+
+                def take_broker_away() -> None:
+                    if not stop.wait(args.outage_at_s):
+                        outage.update(_broker_outage(services, args.outage_mode, args.broker_outage_s))
+
                 threads = [threading.Thread(target=client_loop, args=(args.seed + c,)) for c in range(args.concurrency)]
                 pub = threading.Thread(target=publisher)
+                side = [threading.Thread(target=monitor)]
+                if args.broker_outage_s > 0:
+                    side.append(threading.Thread(target=take_broker_away))
                 t_start = time.perf_counter()
-                for t in threads:
+                for t in threads + side:
                     t.start()
                 pub.start()
                 # Interleave: a burst of bare-model forwards (clients paused), then a
@@ -322,8 +416,19 @@ def run(args: argparse.Namespace) -> dict:
                     t.join(60)
                 pub.join(60)
                 elapsed = time.perf_counter() - t_start
+                for t in side:
+                    t.join(120)  # an outage in progress ends first
                 status = _server_status(admin)
-                metrics = admin.get("/metrics").text
+                # Until the broker has acknowledged every impression the server holds.
+                drain_deadline = time.monotonic() + args.drain_timeout_s
+                t_drain = time.monotonic()
+                while True:
+                    metrics = admin.get("/metrics").text
+                    held = _metric(metrics, "em3_serving_impressions_in_flight")
+                    if held == 0 or time.monotonic() > drain_deadline:
+                        break
+                    time.sleep(0.5)
+                drain_s = time.monotonic() - t_drain
         finally:
             for proc, _, log_file in servers.values():
                 proc.terminate()
@@ -333,6 +438,10 @@ def run(args: argparse.Namespace) -> dict:
                     proc.kill()
                 log_file.close()
             redis.close()
+        t_audit = time.monotonic()
+        on_topic = _count_on_topic(settings.kafka, settings.topics.impressions, answered, args.audit_idle_s,
+                                   args.audit_timeout_s)
+        audit_s = time.monotonic() - t_audit
 
     swaps = status["swaps"] - swaps_before
     plain = latencies["plain"]
@@ -390,7 +499,22 @@ def run(args: argparse.Namespace) -> dict:
         "versions_served": len(set(versions)),
         "last_version_served": max(versions) if versions else None,
         "impressions_dropped": float(drops[0].split()[-1]) if drops else None,
-        "targets_met": len(failures) == 0 and p50 / model_forward_p50 <= 1.5 and swaps >= 10,
+        "broker_outage_s": args.broker_outage_s,
+        "outage": outage or None,
+        "broker_storage": "durable" if durable else "memory",
+        "producer_idempotence": dict(os.environ, **info.env(), **dict(kv.split("=", 1) for kv in args.server_env)
+                                     ).get("EM3_PRODUCER_IDEMPOTENCE", "on"),
+        "impressions_answered": len(answered),
+        "impressions_on_topic": sum(1 for i in answered if i in on_topic),
+        "impressions_lost": sum(1 for i in answered if i not in on_topic),
+        "impressions_duplicates": sum(on_topic[i] - 1 for i in answered if i in on_topic),
+        "impressions_not_answered_on_topic": sum(1 for i in on_topic if i not in answered),
+        "impressions_in_flight_max": max(in_flight) if in_flight else None,
+        "impressions_in_flight_at_end": held,
+        "drain_s": round(drain_s, 2),
+        "audit_read_s": round(audit_s, 2),
+        "targets_met": (len(failures) == 0 and p50 / model_forward_p50 <= 1.5 and swaps >= 10
+                        and all(i in on_topic for i in answered)),
         "server_log": str(run_dir / "server.log"),
         **_explain_figures(args, latencies, cycles, p50),
     }
@@ -472,10 +596,24 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"git ref whose code the baseline server runs with --explain (default {PRE_EXPLAIN_REF}, the "
                         "last commit before explanations; 'none' for no baseline)")
     p.add_argument("--baseline-code", default=None, help="a source tree for the baseline server instead of a ref")
+    p.add_argument("--broker-outage-s", type=float, default=0.0,
+                   help="take the broker away this long during the load (0: no outage)")
+    p.add_argument("--outage-mode", choices=["kill", "pause"], default="kill",
+                   help="kill: SIGKILL, then a restart on the same port; pause: SIGSTOP, then SIGCONT")
+    p.add_argument("--outage-at-s", type=float, default=15.0, help="seconds into the load when the outage starts")
+    p.add_argument("--broker-storage", choices=["auto", "memory", "durable"], default="auto",
+                   help="auto: durable for a kill outage (a memory broker forgets every topic), else memory")
+    p.add_argument("--drain-timeout-s", type=float, default=120.0,
+                   help="longest wait for the server to have no impression in flight after the load")
+    p.add_argument("--audit-idle-s", type=float, default=60.0, help="stop reading the topic after this long idle")
+    p.add_argument("--audit-timeout-s", type=float, default=600.0)
     p.add_argument("--run-dir", default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.broker_outage_s > 0 and args.outage_at_s + args.broker_outage_s >= args.duration:
+        p.error(f"the outage must end before the load does: --outage-at-s + --broker-outage-s < --duration "
+                f"({args.duration}), but {args.outage_at_s} + {args.broker_outage_s} are given")
     if args.catalog < args.candidates or args.catalog < args.history:
         p.error(f"--catalog must be >= --candidates and --history, but {args.catalog} is given")
     print(json.dumps(run(args)), flush=True)

@@ -79,14 +79,21 @@ class KafkaSettings:
 
     ``extra`` holds librdkafka properties passed through unchanged to every
     producer, consumer and admin client (SASL/SSL settings live there).
+    ``idempotence`` says whether the broker's idempotent producer is safe to use
+    (``EM3_PRODUCER_IDEMPOTENCE``): True for Apache Kafka; the embedded Tansu 0.6
+    broker is started with it off, because its idempotence loses acknowledged
+    records across a crash (``benchmarks/tansu_idempotence.py``). Producers that
+    need at-least-once delivery then rely on retries alone.
     """
 
     bootstrap_servers: NonEmptyStr  # host:port[,host:port]
     extra: Mapping[str, str] = field(default_factory=dict)
+    idempotence: bool = True
 
     def __repr__(self) -> str:
         extra = {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v for k, v in self.extra.items()}
-        return f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, extra={extra!r})"
+        return (f"KafkaSettings(bootstrap_servers={self.bootstrap_servers!r}, extra={extra!r}, "
+                f"idempotence={self.idempotence!r})")
 
     def client_config(self, **overrides: object) -> dict[str, object]:
         """A librdkafka config dict: bootstrap servers, pass-through extras, then overrides."""
@@ -227,6 +234,12 @@ class EnvSettings(BaseSettings):
         Let raw user IDs through an edge without a key (``EM3_ALLOW_RAW_USER_IDS=1``;
         local demos only). Retention periods come from ``EM3_RETENTION_<FIELD>``
         (:class:`em3.privacy.RetentionConfig`).
+    producer_idempotence : bool
+        Whether producers that must deliver at least once (the server's impressions and
+        clicks) use the broker's idempotent producer (``on``/``off``; default: the
+        services file's, else on). On for Apache Kafka; ``em3 services up`` records off
+        for the embedded Tansu, whose idempotence loses acknowledged records across a
+        crash.
     """
 
     model_config = SettingsConfigDict(env_prefix="EM3_", env_ignore_empty=True, extra="ignore", frozen=True)
@@ -244,6 +257,7 @@ class EnvSettings(BaseSettings):
     user_id_key: str = _Field(default="", repr=False)
     user_id_key_previous: str = _Field(default="", repr=False)
     allow_raw_user_ids: bool = False
+    producer_idempotence: bool = True
 
 
 class _Environment(EnvSettingsSource):
@@ -288,7 +302,10 @@ class _ServicesFile(PydanticBaseSettingsSource):
             return {}
         if not isinstance(doc, dict):
             return {}
-        return {k: doc[k] for k in self.KEYS if isinstance(doc.get(k), str) and doc[k]}
+        values: dict[str, Any] = {k: doc[k] for k in self.KEYS if isinstance(doc.get(k), str) and doc[k]}
+        if isinstance(doc.get("producer_idempotence"), bool):
+            values["producer_idempotence"] = doc["producer_idempotence"]
+        return values
 
 
 def _environment(env: Mapping[str, str] | None = None, **explicit: Any) -> EnvSettings:
@@ -323,7 +340,7 @@ def load_settings(
                                 "topic_prefix": topic_prefix, "kafka": dict(kafka_options or {}) or None}
     v = _environment(env, **{k: value for k, value in explicit.items() if value is not None})
     return Settings(
-        kafka=KafkaSettings(v.bootstrap_servers, v.kafka),
+        kafka=KafkaSettings(v.bootstrap_servers, v.kafka, v.producer_idempotence),
         redis=RedisSettings(v.redis_url, ssl_ca_certs=v.redis_ssl_ca_certs, ssl_certfile=v.redis_ssl_certfile,
                             ssl_keyfile=v.redis_ssl_keyfile),
         topics=TopicNames(v.topic_prefix),

@@ -238,18 +238,35 @@ class LineTrainer:
         graceful stop, so nothing learned is thrown away.
         """
         stop = should_stop or self._stop.is_set
-        if not self._retrying(self.resume, "resume", stop):
+        if not self.start(stop):
             return self.version
-        if self.version is None:
-            self._retrying(self._publish_initial, "initial publish", stop)
         cycles = 0
         while not stop() and (max_cycles is None or cycles < max_cycles):
-            result = self.loop.run_cycle(self.config.policy, stop)
+            self.cycle(stop)
             cycles += 1
-            self.window.update(result.labels, result.probs)
-            if result.changed or self._owes_erasures():
-                self._retrying(lambda: self._publish(result), "publish", stop)
         return self.version
+
+    def start(self, should_stop: Callable[[], bool] | None = None) -> bool:
+        """Resume from the line's latest snapshot, or publish the initial weights as its
+        first version; False if a stop was asked for during an outage."""
+        stop = should_stop or self._stop.is_set
+        if not self._retrying(self.resume, "resume", stop):
+            return False
+        if self.version is None:
+            self._retrying(self._publish_initial, "initial publish", stop)
+        return True
+
+    def cycle(self, should_stop: Callable[[], bool] | None = None) -> CycleResult:
+        """One cycle (until the policy says a snapshot is due, or ``should_stop()``),
+        published if it changed the model or deleted users wait for this line to reset
+        their rows. :meth:`run` repeats it; a caller that owns the schedule (an
+        in-process simulation) calls it after :meth:`start`."""
+        stop = should_stop or self._stop.is_set
+        result = self.loop.run_cycle(self.config.policy, stop)
+        self.window.update(result.labels, result.probs)
+        if result.changed or self._owes_erasures():
+            self._retrying(lambda: self._publish(result), "publish", stop)
+        return result
 
     def _owes_erasures(self) -> bool:
         """Whether deleted users wait for this line to reset their rows (a snapshot is

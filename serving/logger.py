@@ -8,20 +8,30 @@ requests for the interpreter), takes the whole buffer, encodes each
 impressions topic keyed by ``user_id`` (one user's events stay on one partition,
 which the join relies on).
 
-Guarantee: at least once while the process lives. The producer is idempotent
-(``enable.idempotence``, ``acks=all``) with no delivery timeout
-(``message.timeout.ms=0``, :data:`PRODUCER_SETTINGS`), so while the broker is
-away librdkafka keeps the impressions and retries until it is back; measured on
-Tansu (durable storage) across a broker restart: 2,000 of 2,000 delivered, no
-duplicate. When librdkafka's own queue is full the logger thread waits for room
-instead of dropping (back-pressure), so its buffer fills; once the buffer is full,
+Guarantee: at least once while the process lives. The producer never gives up on
+a record (``message.timeout.ms=0``, ``acks=all``; :func:`producer_settings`), so
+while the broker is away librdkafka keeps the impressions and retries until it is
+back. Where the broker's idempotence is crash-safe (Apache Kafka) the producer is
+idempotent, so retries leave no duplicates; on the embedded Tansu 0.6 it is not
+(``em3.config.KafkaSettings.idempotence`` is off there): its idempotent path
+records a batch's sequence before the batch itself, so a crash between the two
+makes the retry look like a duplicate and the batch is acknowledged but lost
+(``benchmarks/tansu_idempotence.py`` on durable storage: 14 of 9,000 records lost
+over 3 SIGKILLs, 15 of 18,000 over 6 in an earlier run; none without idempotence,
+where a kill leaves a few duplicates instead). Without
+idempotence one request is in flight at a time, so retries keep the order, and
+duplicates carry the same impression id: the join's dedup absorbs them.
+
+When librdkafka's own queue is full the logger thread waits for room instead of
+dropping (back-pressure), so its buffer fills; once the buffer is full,
 :meth:`ImpressionLogger.reserve` is False and the server answers 503 rather than
-serve impressions it could not log (``rejected`` counts those requests). Only
-impressions still held at a shutdown that does not drain are ``dropped``, and
-only a broker that refuses a record for good makes one ``failed``: both are
-counted. Duplicates from retries carry the same impression id and are absorbed by
-the join. A SIGKILL loses what the process held (at most the last
-``flush_interval_s`` plus the producer's linger of impressions, a few tens of ms).
+serve impressions it could not log (``rejected`` counts those requests).
+``in_flight`` (a gauge) counts what was accepted and is not yet acknowledged by
+the broker. Only impressions still held at a shutdown that does not drain are
+``dropped``, and only a broker that refuses a record for good makes one
+``failed``: both are counted. A SIGKILL of the server loses what the process held
+(at most the last ``flush_interval_s`` plus the producer's linger of impressions,
+a few tens of ms, plus whatever an absent broker had not acknowledged).
 """
 from __future__ import annotations
 
@@ -35,14 +45,29 @@ from em3 import codec
 from em3.constraints import NonEmptyStr, PositiveFloat, PositiveInt, config_class
 from em3.types import Impression
 
-__all__ = ["ImpressionLoggerConfig", "ImpressionLogger", "ImpressionLoggerStats"]
+__all__ = ["ImpressionLoggerConfig", "ImpressionLogger", "ImpressionLoggerStats", "PRODUCER_SETTINGS",
+           "RETRY_PRODUCER_SETTINGS", "producer_settings"]
 
 logger = logging.getLogger(__name__)
 
 BatchHook = Callable[[Sequence[Impression]], None]
 
-#: librdkafka settings of the impression producer (``stream.kafka.make_producer`` overrides).
+#: librdkafka settings of the impression producer where idempotence is safe
+#: (``stream.kafka.make_producer`` overrides).
 PRODUCER_SETTINGS = {"enable_idempotence": True, "acks": "all", "message_timeout_ms": 0, "linger_ms": 5}
+#: ... and where it is not (Tansu 0.6): retries alone, one request in flight to keep the order.
+RETRY_PRODUCER_SETTINGS = {**PRODUCER_SETTINGS, "enable_idempotence": False,
+                           "max_in_flight_requests_per_connection": 1}
+
+
+def producer_settings(idempotence: bool) -> dict[str, object]:
+    """The impression producer's librdkafka overrides for a broker whose idempotence
+    is (``True``) or is not crash-safe.
+
+    >>> producer_settings(False)["enable_idempotence"], producer_settings(True)["message_timeout_ms"]
+    (False, 0)
+    """
+    return dict(PRODUCER_SETTINGS if idempotence else RETRY_PRODUCER_SETTINGS)
 
 
 @config_class
@@ -76,6 +101,9 @@ class ImpressionLoggerStats:
     queued: int
     rejected: int = 0
     waits: int = 0
+    #: accepted, not yet acknowledged by the broker: buffered, being handed over, or
+    #: in the producer's queue (which the server's clicks share)
+    in_flight: int = 0
 
 
 class ImpressionLogger:
@@ -200,6 +228,7 @@ class ImpressionLogger:
     def _count_produced(self, n: int) -> None:
         with self._lock:
             self.produced += n
+            self._pending = max(0, self._pending - n)  # now in the producer's queue
         self.producer.poll(0)
 
     def _run(self) -> None:
@@ -253,8 +282,18 @@ class ImpressionLogger:
             time.sleep(0.01)
         return self.producer.flush(max(0.0, deadline - time.monotonic())) == 0 and not self._buffer
 
+    def in_producer(self) -> int:
+        """Records in the producer's queue, not yet acknowledged (0 if it cannot say)."""
+        try:
+            return len(self.producer)
+        except TypeError:  # a producer without __len__
+            return 0
+
     def stats(self) -> ImpressionLoggerStats:
+        queued_in_producer = self.in_producer()
         with self._lock:
+            held = len(self._buffer) + self._pending
             return ImpressionLoggerStats(
-                self.enqueued, self.produced, self.dropped, self.failed, len(self._buffer), self.rejected, self.waits
+                self.enqueued, self.produced, self.dropped, self.failed, len(self._buffer), self.rejected, self.waits,
+                held + queued_in_producer,
             )

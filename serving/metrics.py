@@ -44,6 +44,11 @@ class _ScrapeCollector:
             g = GaugeMetricFamily("em3_serving_impression_queue", "Impressions waiting in the buffer")
             g.add_metric([], float(log.queued))
             yield g
+            g = GaugeMetricFamily("em3_serving_impressions_in_flight",
+                                  "Impressions accepted and not yet acknowledged by the broker (buffer, hand-over "
+                                  "and the producer's queue, which clicks share)")
+            g.add_metric([], float(log.in_flight))
+            yield g
         version = GaugeMetricFamily("em3_serving_model_version", "Snapshot version served", labels=["source", "line"])
         pointer = GaugeMetricFamily("em3_serving_pointer_version", "Latest version seen in Redis", labels=["source", "line"])
         ready = GaugeMetricFamily("em3_serving_source_ready", "1 once a snapshot is loaded", labels=["source", "line"])

@@ -314,7 +314,7 @@ class ServingRuntime:
             RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisPrivacyStore, RedisSnapshotStore,
             connect,
         )
-        from serving.logger import PRODUCER_SETTINGS
+        from serving.logger import producer_settings
         from stream.kafka import make_producer
 
         pseudonymizer = Pseudonymizer.from_settings(settings)  # refuse before connecting anything
@@ -332,7 +332,8 @@ class ServingRuntime:
             RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix, ttl_s=retention.history_ttl_s),
             popularity=RedisPopularityStore(fast, prefix, ttl_s=retention.counter_ttl_s,
                                             buckets=retention.counter_buckets),
-            producer=make_producer(settings.kafka, delivery_report_only_error=True, **PRODUCER_SETTINGS),
+            producer=make_producer(settings.kafka, delivery_report_only_error=True,
+                                   **producer_settings(settings.kafka.idempotence)),
             settings=settings, redis_client=fast,
             tombstones=RedisPrivacyStore(client, prefix, retention.tombstone_ttl_s), pseudonymizer=pseudonymizer,
         )

@@ -79,6 +79,11 @@ class ABConfig:
         confident); ``min_samples`` then counts users. ``"request"``: each
         request's CTR is one i.i.d. observation (only right with request-level
         assignment; kept to show the difference).
+    shadow_unit : {"user", "request"}, optional
+        A second unit of analysis, for comparison only. Its sequential test runs
+        beside the main one on the same looks (``ABReport.shadow_tests``; the naive
+        per-request test beside the user-level one, say) and never stops the
+        experiment.
     alpha : float
         Family-wise significance level.
     tau2 : float
@@ -112,6 +117,7 @@ class ABConfig:
     control: str | None = None
     assignment: Literal["user", "request"] = "user"
     unit: Literal["user", "request"] = "user"
+    shadow_unit: Literal["user", "request"] | None = None
     alpha: OpenProbability = 0.05
     tau2: PositiveFloat = DEFAULT_TAU2
     min_samples: PositiveInt = 200
@@ -182,6 +188,8 @@ class ABReport:
     final: dict[str, dict[str, float]]
     tests: dict[str, dict[str, Any]]
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    #: the same comparisons under ``ABConfig.shadow_unit`` (empty without one)
+    shadow_tests: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -291,6 +299,8 @@ class ABRunner:
         t = cfg.start_time if cfg.start_time is not None else world.config.start_time
         per_test_alpha = cfg.alpha / len(self.treatments)
         tests = {a: SequentialTest(cfg.tau2, per_test_alpha, 0.0, cfg.min_samples) for a in self.treatments}
+        shadow = {a: SequentialTest(cfg.tau2, per_test_alpha, 0.0, cfg.min_samples)
+                  for a in self.treatments} if cfg.shadow_unit else {}
         stats = {a: ArmStats() for a in self.arm_names}
         pending_events: list[tuple[float, int, str, Impression | Click]] = []
         outcomes: list[tuple[float, str, int, int]] = []  # (served_at, arm, shown, clicks in window)
@@ -356,6 +366,10 @@ class ABRunner:
                                      "ci_high": r.ci_high, "reject": r.reject}
                 if r.reject and a not in stopped_at:
                     stopped_at[a] = (n_done, now)
+            if shadow:
+                n_sc, mean_sc, var_sc = c.estimate(cfg.shadow_unit)
+                for a, test in shadow.items():
+                    test.update_estimates(n_sc, mean_sc, var_sc, *stats[a].estimate(cfg.shadow_unit))
             metrics: dict[str, dict[str, float]] = {}
             aucs = {a: auc(sc, lb) for a, (sc, lb) in auc_data.items() if sc}
             if aucs:
@@ -435,8 +449,17 @@ class ABRunner:
                 "stopped_at_request": stopped_at.get(a, (None, None))[0],
                 "stopped_at_time": stopped_at.get(a, (None, None))[1],
             }
+        shadow_verdicts: dict[str, dict[str, Any]] = {}
+        if shadow:
+            n_sc, mean_sc, var_sc = stats[self.control].estimate(cfg.shadow_unit)
+            for a, test in shadow.items():
+                last = test.last
+                _, mean_t, var_t = stats[a].estimate(cfg.shadow_unit)
+                shadow_verdicts[a] = {**last.to_dict(), "unit": cfg.shadow_unit,
+                                      "fixed_horizon": fixed_horizon(mean_sc, var_sc, mean_t, var_t, per_test_alpha)}
         cfg_dict = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(cfg).items()}
-        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stop_reason, final, verdicts, timeline)
+        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stop_reason, final, verdicts, timeline,
+                        shadow_verdicts)
 
 
 def run_ab(world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, **kwargs: Any) -> ABReport:

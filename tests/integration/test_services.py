@@ -1,8 +1,10 @@
 """The embedded services are real: a Kafka-protocol broker and Redis over sockets."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -168,6 +170,23 @@ def test_in_memory_broker_loses_every_topic_on_restart(tmp_path):
         ensure_topics(kafka, ["volatile"], partitions=1)
         services.restart_kafka(kill=False)
         assert "volatile" not in AdminClient(kafka.client_config()).list_topics(timeout=10).topics
+
+
+def test_a_broker_restarted_from_a_short_lived_thread_outlives_that_thread(tmp_path):
+    # Linux sends PR_SET_PDEATHSIG when the forking *thread* ends: a restart from a
+    # worker thread (an outage script) used to leave a broker that died with it.
+    import threading
+
+    from em3.app.services import LocalServices, kafka_answers
+
+    with LocalServices(tmp_path / "run") as services:
+        worker = threading.Thread(target=services.restart_kafka, kwargs={"kill": True})
+        worker.start()
+        worker.join(30)
+        time.sleep(0.5)
+        assert kafka_answers(services.info.host, services.info.kafka_port)
+        pid = services.pids()["kafka"]
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # still running
 
 
 def test_the_file_object_store_honours_conditional_writes_ranges_and_listing(tmp_path):

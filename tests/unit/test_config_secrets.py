@@ -28,6 +28,17 @@ def test_environment_overrides_the_services_file(tmp_path):
     assert (s.api_key, s.snapshot_key) == ("env-api", "env-snap")
 
 
+def test_producer_idempotence_comes_from_the_environment_then_the_services_file(tmp_path):
+    from em3.errors import ImproperlyConfigured
+
+    assert load_settings({"EM3_RUN_DIR": str(tmp_path)}).kafka.idempotence is True  # Apache Kafka: safe
+    env = _services_file(tmp_path, producer_idempotence=False)  # written by LocalServices (Tansu)
+    assert load_settings(env).kafka.idempotence is False
+    assert load_settings({**env, "EM3_PRODUCER_IDEMPOTENCE": "on"}).kafka.idempotence is True
+    with pytest.raises(ImproperlyConfigured, match="producer_idempotence must be true or false"):
+        load_settings({**env, "EM3_PRODUCER_IDEMPOTENCE": "maybe"})
+
+
 def test_no_keys_anywhere_gives_empty_keys_and_the_old_defaults(tmp_path):
     s = load_settings({"EM3_RUN_DIR": str(tmp_path)})
     assert (s.api_key, s.snapshot_key) == ("", "")

@@ -153,6 +153,7 @@ def test_readyz_and_metrics_report_versions_and_failures(client, runtime, memory
     assert 'em3_serving_reload_failures_total{line="main",reason="snapshot",source="main"} 1.0' in text
     assert 'em3_serving_requests_total{endpoint="/v1/rank",status="200"}' in text
     assert "em3_serving_impressions_dropped_total 0.0" in text
+    assert "em3_serving_impressions_in_flight " in text
 
 
 def test_baseline_arms_log_their_propensities(make_runtime, fake_producer):

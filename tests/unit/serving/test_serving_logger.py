@@ -105,3 +105,57 @@ def test_broker_delivery_failures_are_counted(fake_producer):
     log.log_many(_imps(3))
     stats = log.close()
     assert stats.failed == 3 and stats.produced == 3
+
+
+class _HoldingProducer:
+    """A producer whose queue keeps records until the broker acknowledges them (``ack``)."""
+
+    def __init__(self) -> None:
+        self.queue: list[bytes] = []
+        self.delivered: list[bytes] = []
+
+    def produce(self, topic, key=None, value=None, on_delivery=None):
+        self.queue.append(value)
+
+    def ack(self) -> None:
+        self.delivered += self.queue
+        self.queue = []
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def poll(self, timeout=0):
+        return 0
+
+    def flush(self, timeout=0):
+        return len(self.queue)
+
+
+def test_in_flight_counts_what_the_broker_has_not_acknowledged():
+    producer = _HoldingProducer()
+    log = ImpressionLogger(producer, ImpressionLoggerConfig("t"))  # not started: the buffer holds them
+    log.log_many(_imps(7))
+    assert log.stats().in_flight == 7 and log.stats().queued == 7
+    log.start()
+    deadline = time.monotonic() + 5
+    while log.stats().queued and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = log.stats()
+    assert stats.queued == 0 and stats.produced == 7 and stats.in_flight == 7  # in the producer's queue
+    producer.ack()  # the broker acknowledges them
+    assert log.stats().in_flight == 0
+    log.log_many(_imps(3))
+    assert log.stats().in_flight == 3
+    log.close(timeout_s=0.5)
+
+
+def test_producer_settings_follow_the_brokers_idempotence():
+    from serving.logger import producer_settings
+
+    safe, unsafe = producer_settings(True), producer_settings(False)
+    assert safe["enable_idempotence"] is True and unsafe["enable_idempotence"] is False
+    # Both retry forever with acks from every replica; without idempotence one request
+    # in flight keeps retries in order.
+    for s in (safe, unsafe):
+        assert s["message_timeout_ms"] == 0 and s["acks"] == "all"
+    assert unsafe["max_in_flight_requests_per_connection"] == 1

@@ -200,3 +200,21 @@ def test_user_level_inference_keeps_alpha_where_request_level_does_not():
         rejections["request"] += naive["p_value"] <= 0.05
     assert rejections["user"] / runs <= 0.05 + 0.04
     assert rejections["request"] / runs >= 0.2
+
+
+def test_a_shadow_unit_runs_its_own_test_beside_the_main_one_and_never_stops_it():
+    from simulators.rankers import RandomRanker
+    from simulators.world import World, WorldConfig
+
+    world = World(WorldConfig(seed=3, n_users=80, n_items=60, calibration="synthetic"))
+    cfg = ABConfig(n_requests=600, seed=3, min_samples=10, check_every=100, unit="user", shadow_unit="request")
+    report = ABRunner(world, {"a": RandomRanker("a", 1), "b": RandomRanker("b", 2)}, cfg).run()
+    main, shadow = report.tests["b"], report.shadow_tests["b"]
+    assert main["unit"] == "user" and shadow["unit"] == "request"
+    # Both look at the same requests: the shadow test counts requests, the main one users.
+    assert shadow["n_a"] + shadow["n_b"] == report.requests
+    assert main["n_a"] + main["n_b"] <= 80
+    assert ABRunner(world, {"a": RandomRanker("a", 1), "b": RandomRanker("b", 2)},
+                    ABConfig(n_requests=100, seed=3)).run().shadow_tests == {}
+    with pytest.raises(ValueError, match="shadow_unit"):
+        ABConfig(shadow_unit="session")
