@@ -144,6 +144,11 @@ class TopicNames:
         return f"{self.prefix}clicks"
 
     @property
+    def conversions(self) -> str:
+        """Conversions (purchases after a click), co-partitioned with impressions and clicks."""
+        return f"{self.prefix}conversions"
+
+    @property
     def samples(self) -> str:
         return f"{self.prefix}samples"
 
@@ -152,7 +157,7 @@ class TopicNames:
         return f"{self.prefix}dead-letter"
 
     def all(self) -> list[str]:
-        return [self.impressions, self.clicks, self.samples, self.dead_letter]
+        return [self.impressions, self.clicks, self.conversions, self.samples, self.dead_letter]
 
 
 @dataclass(frozen=True)
