@@ -24,7 +24,10 @@ partition to another cannot overwrite the new owner's state (:class:`FencedError
 Blob format: entries separated by ``0x1e``, fields by ``0x1f`` (neither can occur
 in valid JSON): ``U iid record`` (upsert, :func:`encode_record`), ``D iid``
 (evicted), ``S iid status\\nclicks-json`` (status change of a stored record),
-``O iid clicks-json`` (held clicks), ``X iid`` (no held clicks).
+``O iid clicks-json`` (held clicks), ``X iid`` (no held clicks), ``C iid
+conversions-json`` (conversions waiting for their click), ``Y iid`` (none).
+A record's status line is ``status[ clicked_at[ v]]``: the click time of a
+positive, and ``v`` once a conversion was attributed to it.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ import redis
 
 from em3 import codec
 from em3.errors import DecodeError, EM3Error
-from em3.types import Click
+from em3.types import Click, Conversion
 from stream.join import ImpressionState, JoinChanges, JoinConfig, JoinCore
 from stream.wire import decode_impression_checked
 
@@ -61,25 +64,51 @@ def _clicks_from(data: bytes) -> list[tuple[Click, int]]:
     return [(Click(i, u, it, float(t)), int(off)) for i, u, it, t, off in json.loads(data)]
 
 
+def _conversion_json(held: Iterable[tuple[Conversion, int]]) -> bytes:
+    return json.dumps(
+        [[c.impression_id, c.user_id, c.item_id, c.converted_at, c.value, off] for c, off in held],
+        separators=(",", ":"),
+    ).encode()
+
+
+def _conversions_from(data: bytes) -> list[tuple[Conversion, int]]:
+    return [(Conversion(i, u, it, float(t), None if v is None else float(v)), int(off))
+            for i, u, it, t, v, off in json.loads(data)]
+
+
+def _status_line(rec: ImpressionState) -> bytes:
+    if rec.clicked_at is None:
+        return rec.status.encode()
+    return f"{rec.status} {rec.clicked_at!r}{' v' if rec.converted else ''}".encode()
+
+
+def _parse_status(line: bytes) -> tuple[str, float | None, bool]:
+    status, *rest = line.decode().split(" ")
+    return status, (float(rest[0]) if rest else None), rest[1:] == ["v"]
+
+
 def encode_record(rec: ImpressionState) -> bytes:
-    """``status \\n held-clicks-json \\n impression-json`` (the impression as received).
+    """``status-line \\n held-clicks-json \\n impression-json`` (the impression as received).
 
     >>> from em3.types import Impression
-    >>> rec = ImpressionState(Impression("a", "r", "u", "i", 0, 1.7e9), "N")
+    >>> rec = ImpressionState(Impression("a", "r", "u", "i", 0, 1.7e9), "D", clicked_at=1.7e9 + 3, converted=True)
     >>> back = decode_record(encode_record(rec))
-    >>> (back.impression, back.status, back.held) == (rec.impression, rec.status, rec.held)
+    >>> (back.impression, back.status, back.held, back.clicked_at, back.converted) == (
+    ...     rec.impression, rec.status, rec.held, rec.clicked_at, rec.converted)
     True
     """
     raw = rec.raw if rec.raw is not None else codec.encode(rec.impression)
     held = _click_json(rec.held) if rec.held else b""
-    return rec.status.encode() + b"\n" + held + b"\n" + raw
+    return _status_line(rec) + b"\n" + held + b"\n" + raw
 
 
 def decode_record(data: bytes) -> ImpressionState:
     """Inverse of :func:`encode_record`."""
-    status, held, raw = data.split(b"\n", 2)
+    line, held, raw = data.split(b"\n", 2)
+    status, clicked_at, converted = _parse_status(line)
     return ImpressionState(
-        decode_impression_checked(raw, math.inf), status.decode(), raw, _clicks_from(held) if held else []
+        decode_impression_checked(raw, math.inf), status, raw, _clicks_from(held) if held else [],
+        clicked_at, converted,
     )
 
 
@@ -95,13 +124,16 @@ def _delta_blob(changes: JoinChanges, full: bool = False) -> bytes:
             parts.append(b"D" + _US + key)
         elif rec.persisted and not full:  # status (and held clicks) only
             held = _click_json(rec.held) if rec.held else b""
-            parts.append(b"S" + _US + key + _US + rec.status.encode() + b"\n" + held)
+            parts.append(b"S" + _US + key + _US + _status_line(rec) + b"\n" + held)
         else:
             parts.append(b"U" + _US + key + _US + encode_record(rec))
             rec.persisted = True
     for iid, held in changes.orphans.items():
         key = iid.encode()
         parts.append(b"O" + _US + key + _US + _click_json(held) if held else b"X" + _US + key)
+    for iid, held in changes.conversions.items():
+        key = iid.encode()
+        parts.append(b"C" + _US + key + _US + _conversion_json(held) if held else b"Y" + _US + key)
     return _RS.join(parts)
 
 
@@ -110,11 +142,13 @@ def _full_blob(core: JoinCore) -> bytes:
     changes = JoinChanges(
         records={r.impression.impression_id: r for r in records},
         orphans={iid: held for iid, held in orphans.items()},
+        conversions=core.held_conversions(),
     )
     return _delta_blob(changes, full=True)
 
 
-def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, bytes]) -> None:
+def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, bytes],
+                conversions: dict[bytes, bytes]) -> None:
     if not blob:
         return
     for entry in blob.split(_RS):
@@ -129,8 +163,12 @@ def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, b
             records.pop(key, None)
         elif op == b"O":
             orphans[key] = rest[0]
-        else:
+        elif op == b"X":
             orphans.pop(key, None)
+        elif op == b"C":
+            conversions[key] = rest[0]
+        else:
+            conversions.pop(key, None)
 
 
 @dataclass
@@ -193,8 +231,9 @@ class RedisJoinStateStore:
         base, blobs, meta_raw = pipe.execute()
         raw_records: dict[bytes, bytes] = {}
         raw_orphans: dict[bytes, bytes] = {}
+        raw_conversions: dict[bytes, bytes] = {}
         for blob in [base or b"", *blobs]:
-            _apply_blob(blob, raw_records, raw_orphans)
+            _apply_blob(blob, raw_records, raw_orphans, raw_conversions)
         records = []
         for iid, data in raw_records.items():
             try:
@@ -204,6 +243,7 @@ class RedisJoinStateStore:
             except (DecodeError, ValueError) as exc:  # cannot happen unless someone edits Redis
                 log.error("dropping unreadable join record %r of partition %d: %s", iid, partition, exc)
         held = [h for data in raw_orphans.values() for h in _clicks_from(data)]
+        conversions = [h for data in raw_conversions.values() for h in _conversions_from(data)]
         meta: dict[str, float] = {}
         offsets: dict[str, int] = {}
         sizes = {}
@@ -216,10 +256,10 @@ class RedisJoinStateStore:
             else:
                 meta[key] = float(v)
         self._sizes[partition] = [sizes.get("base_bytes", 0), sizes.get("log_bytes", 0)]
-        core = JoinCore.restore(config, records, held, meta, now=now)
+        core = JoinCore.restore(config, records, held, meta, now=now, conversions=conversions)
         log.info(
-            "partition %d: loaded %d records, %d held clicks, offsets %s, watermark %s",
-            partition, len(records), len(held), offsets, meta.get("watermark"),
+            "partition %d: loaded %d records, %d held clicks, %d held conversions, offsets %s, watermark %s",
+            partition, len(records), len(held), len(conversions), offsets, meta.get("watermark"),
         )
         return core, offsets
 
