@@ -16,8 +16,12 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES"]
+__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES", "OBJECTIVES"]
 
+#: What a server may rank a model line by: the click probability, the probability of
+#: a click followed by a conversion (pCTR x pCVR), or the expected conversion value
+#: (pCTR x pCVR x the item's mean conversion value).
+OBJECTIVES = ("ctr", "ctcvr", "value")
 ENCODER_MODES = ("lora", "frozen", "full")
 FUSIONS = ("qformer", "mean")
 CORRECTION_MODES = ("cancel", "positive")
@@ -135,8 +139,22 @@ class ModelConfig:
         strongly a new item is scored by content similarity before any training (a
         prior; see ``docs/model.md``).
     correction_mode : {"cancel", "positive"}
-        How a late positive (``Sample.correction``) is learned; see
-        :func:`em3.model.losses.weighted_bce`.
+        How a late positive (``Sample.correction``: a late click, or a conversion)
+        is learned; see :func:`em3.model.losses.weighted_bce`.
+    ctr_weight, ctcvr_weight : float
+        Task weights of the multi-task loss ``ctr_weight * L_CTR + ctcvr_weight *
+        L_CTCVR`` (ESMM, Ma et al. 2018): the CVR head is trained over every
+        impression through ``pCTCVR = pCTR * pCVR`` (:func:`em3.model.losses.ctcvr_bce`),
+        so it sees no sample-selection bias. ``ctcvr_weight = 0`` builds no CVR head.
+        The CTCVR loss reaches only the CVR head (its inputs and pCTR are detached),
+        so the CTR part trains exactly as without it, with or without conversions.
+        A config saved before conversions existed (no ``ctcvr_weight`` key) loads
+        with ``ctcvr_weight = 0``.
+    cvr_hidden : tuple of int
+        Hidden widths of the CVR head's MLP.
+    cvr_pseudo_count : float
+        Prior strength (in clicks) of the item and user conversion-rate statistics
+        of the CVR head's wide part.
     seed : int
         Seed of every random initialisation, so a server rebuilds identical
         frozen weights for random-init encoders.
@@ -180,11 +198,15 @@ class ModelConfig:
     content_match_impressions: float = 10.0
     content_match_init: float = 2.0
     correction_mode: str = "cancel"
+    ctr_weight: float = 1.0
+    ctcvr_weight: float = 1.0
+    cvr_hidden: tuple[int, ...] = (64,)
+    cvr_pseudo_count: float = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         # Lists from JSON become tuples so equal configs compare equal.
-        for name in ("text_lora_targets", "image_lora_targets", "mlp_hidden"):
+        for name in ("text_lora_targets", "image_lora_targets", "mlp_hidden", "cvr_hidden"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         positive = (
             "embed_dim", "lora_rank", "max_text_tokens", "image_size", "query_num",
@@ -221,6 +243,16 @@ class ModelConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), but {self.lora_dropout} is given")
         if any(h <= 0 for h in self.mlp_hidden):
             raise ValueError(f"mlp_hidden must hold positive widths, but {self.mlp_hidden} is given")
+        if any(not isinstance(h, int) or h <= 0 for h in self.cvr_hidden):
+            raise ValueError(f"cvr_hidden must hold positive widths, but {self.cvr_hidden} is given")
+        for name in ("ctr_weight", "ctcvr_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite, but {value!r} is given")
+        if self.ctr_weight == 0 and self.ctcvr_weight == 0:
+            raise ValueError("ctr_weight and ctcvr_weight must not both be 0")
+        if not self.cvr_pseudo_count > 0:
+            raise ValueError(f"cvr_pseudo_count must be > 0, but {self.cvr_pseudo_count!r} is given")
         if self.encoder_mode not in ENCODER_MODES:
             raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, but {self.encoder_mode!r} is given")
         if self.fusion not in FUSIONS:
@@ -255,7 +287,7 @@ class ModelConfig:
             max_text_tokens=16, query_num=2, fusion_heads=2, history_len=20,
             user_buckets=512, item_buckets=512, context_buckets=64,
             attention_hidden=16, mlp_hidden=(32, 16), lora_rank=4, lora_alpha=8.0,
-            cic_neg_num=4,
+            cic_neg_num=4, cvr_hidden=(16,),
         )
         return cls.for_variant(variant, **{**small, **overrides})
 
@@ -266,6 +298,16 @@ class ModelConfig:
     @property
     def has_image(self) -> bool:
         return self.use_content and self.image_model != "none"
+
+    @property
+    def has_cvr(self) -> bool:
+        """Whether the model has the CVR head (``ctcvr_weight > 0``)."""
+        return self.ctcvr_weight > 0
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """Serving objectives this model can rank by (:data:`OBJECTIVES`)."""
+        return OBJECTIVES if self.has_cvr else ("ctr",)
 
     @property
     def content_match(self) -> bool:
@@ -280,9 +322,11 @@ class ModelConfig:
     @property
     def rep_dim(self) -> int:
         """Width of a serving representation: :attr:`item_dim` plus the cold-start gate
-        column (with the content match) and the item's wide-logit column (with click
-        statistics or bias terms)."""
-        return self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
+        column (with the content match), the item's wide-logit column (with click
+        statistics or bias terms), and with the CVR head its conversion-rate column
+        and its log expected conversion value."""
+        return (self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
+                + 2 * int(self.has_cvr))
 
     @property
     def item_dim(self) -> int:
@@ -303,9 +347,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are refused."""
+        """Rebuild from :meth:`to_dict`; unknown keys are refused. A config saved before
+        the CVR head existed (no ``ctcvr_weight``) means a model without one.
+
+        >>> ModelConfig.from_dict({"variant": "id_only", "use_content": False}).has_cvr
+        False
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return cls(**{"ctcvr_weight": 0.0, **dict(data)})
