@@ -31,9 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["ARM_KINDS", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
+__all__ = ["ARM_KINDS", "OBJECTIVES", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
 
 ARM_KINDS = ("line", "snapshot", "popularity", "random")
+#: What a model arm ranks by (:data:`em3.model.config.OBJECTIVES`, repeated here so the
+#: experiment needs no torch): the click probability, click-and-conversion, or the
+#: expected conversion value.
+OBJECTIVES = ("ctr", "ctcvr", "value")
 _TWO_64 = float(1 << 64)
 
 
@@ -67,6 +71,12 @@ class ArmConfig:
         The fixed snapshot version (``snapshot`` only).
     popularity : {"clicks", "impressions"}
         Which counter the popularity arm ranks by.
+    objective : {"ctr", "ctcvr", "value"}
+        What a model arm ranks by: ``ctr`` the click probability, ``ctcvr`` the
+        probability of a click followed by a conversion (pCTR x pCVR), ``value`` the
+        expected conversion value (pCTCVR x the item's mean value). ``ctcvr`` and
+        ``value`` need a line whose model has the CVR head; a server refuses its
+        snapshots otherwise (``/readyz`` says why).
     """
 
     name: str
@@ -75,6 +85,7 @@ class ArmConfig:
     model_line: str = ""
     version: int | None = None
     popularity: str = "clicks"
+    objective: str = "ctr"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -91,6 +102,11 @@ class ArmConfig:
             raise ValueError(f"version is only for 'snapshot' arms, but {self.version!r} is given for a {self.kind!r} arm")
         if self.popularity not in ("clicks", "impressions"):
             raise ValueError(f"popularity must be 'clicks' or 'impressions', but {self.popularity!r} is given")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, but {self.objective!r} is given")
+        if self.objective != "ctr" and not self.is_model:
+            raise ValueError(f"objective is only for model arms ('line', 'snapshot'), but {self.objective!r} "
+                             f"is given for a {self.kind!r} arm")
 
     @property
     def is_model(self) -> bool:
@@ -243,20 +259,21 @@ class ExperimentConfig:
                 "weight_as_line": model_line if self.training_data == "weighted" else ""}
 
     @classmethod
-    def single_line(cls, model_line: str) -> "ExperimentConfig":
-        """All traffic on the latest snapshot of one line (``em3 serve --model-line``)."""
-        return cls(name=model_line, arms=(ArmConfig(model_line, 1.0, "line", model_line),))
+    def single_line(cls, model_line: str, objective: str = "ctr") -> "ExperimentConfig":
+        """All traffic on the latest snapshot of one line, ranked by ``objective``
+        (``em3 serve --model-line [--objective]``)."""
+        return cls(name=model_line, arms=(ArmConfig(model_line, 1.0, "line", model_line, objective=objective),))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
         """From ``{"name", "salt"?, "training_data"?, "arms": [{"name", "fraction", "kind"?,
-        "model_line"?, "version"?, "popularity"?}, ...]}``."""
+        "model_line"?, "version"?, "popularity"?, "objective"?}, ...]}``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"an experiment must be a JSON object, but {type(data).__name__} is given")
         arms_raw = data.get("arms")
         if not isinstance(arms_raw, list):
             raise ValueError(f"arms must be a list, but {arms_raw!r} is given")
-        known = {"name", "fraction", "kind", "model_line", "version", "popularity"}
+        known = {"name", "fraction", "kind", "model_line", "version", "popularity", "objective"}
         arms = []
         for n, arm in enumerate(arms_raw):
             if not isinstance(arm, Mapping):

@@ -60,11 +60,15 @@ class ReloaderConfig:
         pinned to a fixed snapshot).
     max_bad_versions : int
         How many refused versions are remembered (not retried).
+    objectives : tuple of str
+        Serving objectives the arms of this source rank by; a snapshot whose model
+        cannot compute one of them is refused (:attr:`RankingModel.objectives`).
     """
 
     model_line: str
     version: int | None = None
     max_bad_versions: int = 100
+    objectives: tuple[str, ...] = ("ctr",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_line, str) or not self.model_line:
@@ -227,6 +231,11 @@ class SnapshotReloader:
                 model = load_delta(manifest, blob, model)
             else:
                 model = self.loader.load(manifest, blob, model)
+        can = tuple(getattr(model, "objectives", ("ctr",)))
+        missing = [o for o in self.config.objectives if o not in can]
+        if missing:
+            raise SnapshotError(f"arms of {self.key!r} rank by {missing}, which this snapshot's model cannot "
+                                f"compute (it offers {list(can)}; ctcvr and value need the CVR head)")
         return model
 
     def _load(self, version: int) -> bool:

@@ -10,6 +10,7 @@ or from parts (in-memory stores, a fake producer) with the constructor.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -24,7 +25,7 @@ import torch
 from em3 import codec
 from em3.config import Settings
 from em3.stores import ContentSource, HistorySource
-from em3.types import Click, Impression, ItemContent
+from em3.types import Click, Conversion, Impression, ItemContent
 from em3.experiment import ArmConfig, ExperimentConfig
 from serving.ab import BaselineResult, PopularityRanker, RandomRanker
 from serving.logger import ImpressionLogger, ImpressionLoggerConfig
@@ -151,10 +152,14 @@ class ServerConfig:
     def sources(self) -> list[ReloaderConfig]:
         """One reloader per distinct model source among the arms."""
         seen: dict[str, ReloaderConfig] = {}
+        objectives: dict[str, list[str]] = {}
         for arm in self.experiment.arms:
-            if arm.is_model and arm.source_key not in seen:
-                seen[arm.source_key] = ReloaderConfig(arm.model_line, arm.version)
-        return list(seen.values())
+            if arm.is_model:
+                objectives.setdefault(arm.source_key, [])
+                if arm.objective not in objectives[arm.source_key]:
+                    objectives[arm.source_key].append(arm.objective)
+                seen.setdefault(arm.source_key, ReloaderConfig(arm.model_line, arm.version))
+        return [dataclasses.replace(src, objectives=tuple(objectives[key])) for key, src in seen.items()]
 
 
 _DEFAULT_TORCH_THREADS = torch.get_num_threads()
@@ -425,7 +430,7 @@ class ServingRuntime:
             state = self.reloaders[arm.source_key].current
             if state is None:
                 raise NotReady(f"arm {arm.name!r}: no snapshot of {arm.source_key!r} loaded yet")
-            result = self.ranking.rank(state, user_id, item_ids, context, k)
+            result = self.ranking.rank(state, user_id, item_ids, context, k, objective=arm.objective)
             ranked = [(r.item_id, r.score, 1.0) for r in result.items]
             unknown = result.unknown_item_ids
             line, version, timings = state.model_line, state.version, result.timings
@@ -491,6 +496,18 @@ class ServingRuntime:
             except Exception as exc:  # noqa: BLE001 - the counter is best effort
                 self.baseline_errors += 1
                 logger.warning("click counter update failed: %r", exc)
+
+    def conversion(self, conversion: Conversion) -> None:
+        """Produce ``conversion`` to the conversions topic (the join attributes it)."""
+        if self.producer is None or self.settings is None:
+            raise Unavailable("this server has no Kafka producer")
+        try:
+            self.producer.produce(self.settings.topics.conversions, key=conversion.user_id.encode(),
+                                  value=codec.encode(conversion))
+        except BufferError as exc:
+            raise Unavailable(f"Kafka producer queue is full: {exc}") from None
+        self.producer.poll(0)
+        self.metrics.conversions.inc()
 
     def put_items(self, items: Sequence[ItemContent]) -> None:
         """Register or update content; drop cached rows here and tell other servers."""
