@@ -82,6 +82,12 @@ class DemoConfig:
         Median impression-to-click delay.
     window_s : float
         The join's attribution window.
+    conversion_rate : float
+        The simulated world's mean conversion probability of a click (its hidden
+        conversion model, :class:`simulators.world.WorldConfig`).
+    conversion_delay_median_s, conversion_window_s : float
+        Median click-to-conversion delay, and the join's (and the readout's)
+        conversion window: seconds, so that a few minutes show conversions.
     snapshot_interval_s : float
         Learners publish a snapshot this often.
     k, n_candidates : int
@@ -107,6 +113,9 @@ class DemoConfig:
     new_items_per_minute: float = 10.0
     click_delay_median_s: float = 1.5
     window_s: float = 10.0
+    conversion_rate: float = 0.2
+    conversion_delay_median_s: float = 5.0
+    conversion_window_s: float = 60.0
     snapshot_interval_s: float = 2.0
     k: int = 10
     n_candidates: int = 30
@@ -116,13 +125,15 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s", "quality_scale",
-                     "preference_scale",
+                     "preference_scale", "conversion_delay_median_s", "conversion_window_s",
                      "snapshot_interval_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
         for name in ("n_users", "n_items", "k", "n_candidates"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
+        if not 0 <= self.conversion_rate < 1:
+            raise ValueError(f"conversion_rate must be in [0, 1), but {self.conversion_rate!r} is given")
         if not 0 < self.base_attraction < 1:
             raise ValueError(f"base_attraction must be in (0, 1), but {self.base_attraction!r} is given")
         if self.new_items_per_minute < 0:
@@ -299,13 +310,13 @@ class _ColdStartTracker:
         self.clicked: dict[str, int] = {}
 
     def __call__(self, event: Any) -> None:
-        from em3.types import Impression
+        from em3.types import Click, Impression
 
         if isinstance(event, Impression):
             if self.world.arrival_time(event.item_id) > self.t0:
                 self.arm_of[event.impression_id] = event.arm
                 self.shown[event.arm] = self.shown.get(event.arm, 0) + 1
-        else:
+        elif isinstance(event, Click):
             arm = self.arm_of.get(event.impression_id)
             if arm is not None:
                 self.clicked[arm] = self.clicked.get(arm, 0) + 1
@@ -356,6 +367,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         env = {**os.environ, **info.env()}
         join_port = free_port()
         join = _Subprocess("join", ["join", "--window-s", str(config.window_s), "--allowed-lateness-s", "2",
+                                    "--conversion-window-s", str(config.conversion_window_s),
                                     "--idle-timeout-s", "2", "--web-port", str(join_port)],
                            logs / "join.log", env, module="stream")  # `python -m stream` skips torch imports
         components.append(join)
@@ -435,6 +447,9 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
         horizon_s=config.minutes * 60.0 + 600.0, new_items_per_hour=config.new_items_per_minute * 60.0,
         fresh_window_s=max(60.0, config.minutes * 60.0), drift_period_s=max(600.0, config.minutes * 120.0),
         delay=LogNormalDelay(median_s=config.click_delay_median_s, sigma=0.5, max_s=config.window_s * 3),
+        conversion_rate=config.conversion_rate,
+        conversion_delay=LogNormalDelay(median_s=config.conversion_delay_median_s, sigma=0.7,
+                                        max_s=config.conversion_window_s),
         base_attraction=config.base_attraction, quality_scale=config.quality_scale,
         preference_scale=config.preference_scale, seed=config.seed,
     ))
@@ -494,6 +509,7 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
     ab = ABConfig(n_requests=max(10, int(config.minutes * 60.0 * config.request_rate_per_s * 2)),
                   k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
                   assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
+                  conversion_window_s=config.conversion_window_s,
                   unit="user", min_samples=50, check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
     runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
                       should_stop=lambda: time.time() >= deadline)
@@ -529,6 +545,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
             "rank_latency_ms": _percentiles(paced.latency_ms),
             "clicks_posted": http.clicks_posted,
             "click_errors": http.click_errors,
+            "conversions_posted": http.conversions_posted,
+            "conversion_errors": http.conversion_errors,
             "new_items_registered": paced.new_items,
             "samples_applied_per_s": {line: (s["samples_applied"] or 0) / wall for line, s in lines_summary.items()},
             "join_events_in": join.get("events_in"),

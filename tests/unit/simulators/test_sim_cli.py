@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from em3.app.cli import main
 
 
@@ -38,3 +40,9 @@ def test_ab_writes_a_report(tmp_path, capsys):
     assert out["control"] == "random" and out["requests"] == 1500
     assert out["verdicts"]["oracle"]["verdict"] == "treatment_better"
     assert (tmp_path / "report.html").exists() and (tmp_path / "ctr.png").exists()
+    report = json.loads((tmp_path / "report.json").read_text())
+    for arm in ("random", "oracle"):  # conversions beside CTR, in the readout and in report.json
+        final = report["final"][arm]
+        assert final["conversions"] == out["conversions"][arm] > 0
+        assert final["cvr"] == pytest.approx(final["conversions"] / final["clicks"]) == out["cvr"][arm]
+        assert out["conversions_per_user"][arm] == pytest.approx(final["conversions"] / final["users"])
