@@ -18,7 +18,10 @@ histories from Redis and publishes snapshots to Redis; the final snapshot is rea
 back from Redis through its delta chain. It is then scored on held-out traffic from
 the same world (fresh requests after the stream, same logging policy):
 
-* ``ctr_auc``: pCTR on every held-out impression against its click;
+* ``ctr_auc``: pCTR on every held-out impression against its click
+  (``oracle_ctr_auc``: the world's attraction, the best a model that does not see
+  the position can do; the logging policy's random order makes position, which the
+  model is not given, a large part of who clicks);
 * ``cvr_auc``: pCVR on the held-out clicks against their conversion;
 * ``oracle_cvr_auc``: the world's hidden conversion probability on the same clicks
   (the best any model could do);
@@ -96,6 +99,8 @@ class Stream:
     conversions: list[Conversion] = field(default_factory=list)
     #: impression id -> the world's conversion probability at the click
     p_conversion: dict[str, float] = field(default_factory=dict)
+    #: per impression, the world's attraction (click probability before position bias)
+    attraction: list[float] = field(default_factory=list)
     end: float = 0.0
 
 
@@ -109,6 +114,7 @@ def simulate(world, n_requests: int, t0: float, seed: int, tag: str) -> Stream:
         req = world.next_request(t)
         shown = [req.candidates[i] for i in rng.permutation(len(req.candidates))[:K]]
         propensity = 1.0 / len(req.candidates)
+        out.attraction.extend(world.attraction(req.user_id, shown, t).tolist())
         for fb in world.respond(req.user_id, shown, t):
             imp = Impression(f"{tag}{r}-{fb.position}", f"{tag}{r}", req.user_id, fb.item_id, fb.position, t,
                              model_line="log", propensity=propensity, context=dict(req.context))
@@ -304,8 +310,13 @@ def evaluate(learner, history, heldout: Stream) -> dict:
     oracle = auc(y_conv[on_click], truth)
     cvr_auc = auc(y_conv[on_click], p_cvr[on_click])
     observed = float(y_conv[on_click].mean())
+    # Reliability: the held-out clicks in ten bins of pCVR, mean pCVR against observed CVR.
+    order = np.argsort(p_cvr[on_click], kind="stable")
+    bins = [(float(p_cvr[on_click][b].mean()), float(y_conv[on_click][b].mean()))
+            for b in np.array_split(order, 10) if len(b)]
     return {
         "ctr_auc": auc(y_click, p_ctr),
+        "oracle_ctr_auc": auc(y_click, np.array(heldout.attraction)),
         "cvr_auc": cvr_auc,
         "oracle_cvr_auc": oracle,
         "ctcvr_auc": auc(y_conv, p_ctr * p_cvr),
@@ -316,6 +327,7 @@ def evaluate(learner, history, heldout: Stream) -> dict:
         "heldout_impressions": len(imps),
         "heldout_clicks": int(len(on_click)),
         "heldout_conversions": int(y_conv.sum()),
+        "calibration_bins": [[round(a, 4), round(b, 4)] for a, b in bins],
     }
 
 
@@ -363,6 +375,31 @@ def run_seed(seed: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def plot(per_seed: list[dict], path: Path) -> Path:
+    """Reliability of pCVR on the held-out clicks (ten bins per seed), with the AUCs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    top = max(max(max(a, b) for a, b in r["calibration_bins"]) for r in per_seed) * 1.05
+    ax.plot([0, top], [0, top], color="grey", linewidth=0.8, linestyle="--", label="calibrated")
+    for r in per_seed:
+        xs, ys = zip(*r["calibration_bins"])
+        ax.plot(xs, ys, marker="o", label=f"seed {r['seed']}: AUC {r['cvr_auc']:.3f} (oracle {r['oracle_cvr_auc']:.3f}), "
+                                            f"calib. {r['cvr_calibration']:+.3f}")
+    ax.set_xlabel("mean pCVR (held-out clicks, 10 bins)")
+    ax.set_ylabel("observed CVR")
+    ax.set_title("CVR head after delayed conversions (benchmarks/cvr.py)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="1,2", help="world seeds to report (0 is the tuning seed)")
@@ -372,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--through", choices=["real", "pure"], default="real",
                         help="real: Tansu, the join, Redis and the learner worker; pure: in process (tuning only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--plot", default=None, help="write the reliability figure here (PNG)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("stream", "learners", "em3"):
@@ -381,7 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     per_seed = [run_seed(seed, args) for seed in seeds]
-    keys = ("ctr_auc", "cvr_auc", "oracle_cvr_auc", "ctcvr_auc", "cvr_calibration")
+    keys = ("ctr_auc", "cvr_auc", "oracle_cvr_auc", "ctcvr_auc", "cvr_calibration", "oracle_ctr_auc")
     summary = {k: round(float(np.mean([r[k] for r in per_seed])), 4) for k in keys}
     summary.update({
         "conversions": sum(r["conversions"] for r in per_seed),
@@ -402,6 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_requests": args.heldout_requests,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     })
+    if args.plot:
+        summary["plot"] = str(plot(per_seed, Path(args.plot)))
     print(json.dumps(summary))
     return summary
 

@@ -95,8 +95,8 @@ class ServerConfig:
         timeout the request ranks without history and a breaker skips Redis for
         a cool-down (``/readyz`` says ``degraded``).
     api_key : str
-        Key that ``POST /v1/click`` and ``/v1/items`` must send; empty: the
-        settings' ``api_key`` (``EM3_API_KEY``).
+        Key that ``POST /v1/click``, ``/v1/conversion`` and ``/v1/items`` must send;
+        empty: the settings' ``api_key`` (``EM3_API_KEY``).
     trusted_network : bool
         Without any API key, accept writes anyway (a server only reachable from a
         trusted network); otherwise keyless writes get 401.
