@@ -707,7 +707,9 @@ class JoinCore:
         wm = self.watermark
         # The conversion watermark: this one, held back by the conversions input
         # unless that input is idle; it never goes back.
-        cw = wm if self._conversions_idle else min(wm, self.max_conversion_time - self._lateness)
+        cw = wm if self._conversions_idle else self.max_conversion_time - self._lateness
+        if cw > wm:
+            cw = wm
         if cw > self.conversion_watermark:
             self.conversion_watermark = cw
         closes = self._closes
@@ -770,7 +772,8 @@ class JoinCore:
             rec = records.get(iid)
             if rec is not None and rec.impression.served_at + self._horizon <= wm:
                 del records[iid]  # not reported: restore() drops what is past its horizon
-                self._retire(iid, rec)
+                if rec.clicked_at is not None:
+                    self._retire(iid, rec)
         clicked_due, clicked = self._clicked_due, self._clicked
         cw, window = self.conversion_watermark, self._conv_window
         while clicked_due and clicked_due[0][0] <= cw:
