@@ -83,9 +83,11 @@ HOUR = 3600.0
 JOIN = dict(window_s=60.0, allowed_lateness_s=5.0, max_correction_delay_s=600.0, conversion_window_s=24 * HOUR)
 #: The model: id_only (hashed ID embeddings, target attention, click statistics, CVR
 #: head) at the default widths. The default em3 config trains its LoRA text tower at
-#: about 400 samples/s on this 2-core CPU (docs/results.md); the world's content is
-#: synthetic posters and MovieLens titles, so the content towers add time, not signal
-#: the CVR head needs (the item conversion quality is learned from conversion counts).
+#: about 400 samples/s on this 2-core CPU (docs/results.md, train_step.py), several
+#: times the time of this stream for one run. Half of an item's conversion quality
+#: follows its genres, which its text shows, so content could help items with few
+#: clicks; with about 140 clicks per item here the counts carry it. Not measured with
+#: the content towers.
 VARIANT = "id_only"
 MODEL = dict(history_len=50)
 TARGETS = {"oracle_cvr_auc_max": 0.9, "cvr_auc_share": 0.8, "cvr_calibration_abs": 0.1, "lost": 0}
