@@ -7,7 +7,11 @@ the mean prediction against the click rate (calibration), and ``cold_auc`` (AUC 
 each item's first 5 impressions in the stream), plus a chronological 80/20 split
 figure for model variants: the model as trained (one prequential pass) on the first
 80% of events, frozen, scored on the last 20%. Model variants also report their
-Fusion-Q-Former's attention mass per modality (``modality_attention``).
+Fusion-Q-Former's attention mass per modality (``modality_attention``), training
+samples/s (wall clock of the prequential loop), ``core_s_per_1m`` (CPU core-seconds
+of the process over that loop per million samples) and ``snapshot_bytes`` (the full
+snapshot a learner of the variant publishes); ``benchmarks/stages.py`` builds the
+staged-adoption table from them.
 
 Variants are :data:`em3.model.VARIANTS` (the model, through the same
 ``OnlineLearner`` with the same defaults that ``em3 learn`` and the demo use) and the
@@ -104,7 +108,7 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, device
     preds = np.zeros(n, dtype=np.float64)
     cut = int(n * split)
     split_preds = None
-    t_loop = time.perf_counter()
+    t_loop, cpu_loop = time.perf_counter(), time.process_time()
     step = 0
     for lo, hi in ((0, cut), (cut, n)):
         if lo == cut and cut < n:  # the frozen 80% model scores the last 20% first
@@ -120,8 +124,12 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, device
                             stats["rank_loss"], auc(labels[:stop], preds[:stop]),
                             stop / (time.perf_counter() - t_loop))
     loop_s = time.perf_counter() - t_loop
+    # CPU time of every thread of this process over the loop: core-seconds, which
+    # other processes on a shared machine inflate less than wall time.
+    loop_cpu_s = time.process_time() - cpu_loop
     out = _metrics(samples, preds)
     out.update({"samples_per_s": n / loop_s, "trainable_params": learner.num_trainable_params(),
+                "core_s_per_1m": loop_cpu_s / n * 1e6, "snapshot_bytes": _snapshot_bytes(learner, cfg),
                 "wall_s": time.perf_counter() - t_start})
     attention = learner.modality_attention(sorted({s.impression.item_id for s in samples}))
     if attention:
@@ -133,6 +141,14 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, device
                     "split_logloss": logloss(y, split_preds),
                     "split_cold_auc": auc(y[c], split_preds[c]) if c.any() else float("nan")})
     return _rounded(out)
+
+
+def _snapshot_bytes(learner, cfg) -> int:
+    """Bytes of the full snapshot a learner of ``cfg`` publishes (safetensors of its
+    trainable state and counters, :func:`em3.snapshot.pack`)."""
+    from em3.snapshot import pack
+
+    return pack(learner.state_dict(), model_line="quality", version=1, config=cfg)[1].num_bytes
 
 
 def _identical_variants(names: list[str], overrides: dict) -> dict[str, str]:

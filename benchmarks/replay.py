@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from em3.config import KafkaSettings  # noqa: E402
 from simulators.kafka_sink import produce_events  # noqa: E402
+from em3.privacy import Pseudonymizer, new_user_id_key  # noqa: E402
 from simulators.obd import load_obd  # noqa: E402
 from simulators.replay import LogReplayer, ReplayConfig  # noqa: E402
 from simulators.replay_sources import obd_rows  # noqa: E402
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
                           partitions=args.partitions)
             started = time.perf_counter()
             rows = obd_rows(args.campaign, args.policy, seed=args.seed)
-            sink = produce_events(replayer.run(rows), bootstrap, prefix=prefix, create_topics=False)
+            sink = produce_events(replayer.run(rows), bootstrap, prefix=prefix, create_topics=False,
+                                  pseudonymize=Pseudonymizer(new_user_id_key()))
             wall = time.perf_counter() - started
             if sink.delivered != sink.total or sink.failed:
                 raise RuntimeError(f"delivery incomplete: {sink.to_dict()}")

@@ -35,10 +35,13 @@ from em3.types import (
     SCHEMA_VERSION,
     Click,
     Conversion,
+    DeletionRequest,
     Impression,
     ItemContent,
+    CheckpointManifest,
     Sample,
     SnapshotManifest,
+    Tombstone,
 )
 
 __all__ = [
@@ -55,6 +58,10 @@ __all__ = [
     "decode_sample",
     "decode_item",
     "decode_manifest",
+    "decode_deletion",
+    "decode_tombstone",
+    "decode_deletion_record",
+    "decode_checkpoint_manifest",
     "manifest_to_json",
     "reason_of",
     "error_field",
@@ -65,14 +72,18 @@ Record = Union[Impression, Click, Conversion, Sample, ItemContent]
 
 _encoder = msgspec.json.Encoder()
 _DECODERS: dict[Any, msgspec.json.Decoder] = {
-    t: msgspec.json.Decoder(t) for t in (Impression, Click, Conversion, Sample, ItemContent, Record)
+    t: msgspec.json.Decoder(t) for t in (Impression, Click, Conversion, Sample, ItemContent, Record, DeletionRequest,
+                                         Tombstone)
 }
+#: What the deletions topic carries: requests, and the completion records that replace them.
+DeletionRecord = Union[DeletionRequest, Tombstone]
+_DECODERS[DeletionRecord] = msgspec.json.Decoder(DeletionRecord)
 _TIME_FIELDS = ("served_at", "clicked_at", "converted_at", "label_time")
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _VERSION_KEY = re.compile(rb'"v"\s*:')
 
 
-def encode(record: Record) -> bytes:
+def encode(record: Record | DeletionRequest | Tombstone) -> bytes:
     """Serialize a record to compact UTF-8 JSON bytes (``type`` first, ``v`` last)."""
     return _encoder.encode(record)
 
@@ -212,8 +223,9 @@ def decode(data: bytes | str | Mapping[str, Any]) -> Record:
     return decode_as(data, Record)  # type: ignore[arg-type]
 
 
-def manifest_to_json(manifest: SnapshotManifest) -> str:
-    """A manifest as JSON text, keys sorted (equal manifests give equal text)."""
+def manifest_to_json(manifest: SnapshotManifest | CheckpointManifest) -> str:
+    """A snapshot or checkpoint manifest as JSON text, keys sorted (equal manifests
+    give equal text)."""
     return msgspec.json.encode(manifest, order="sorted").decode()
 
 
@@ -223,3 +235,26 @@ def decode_manifest(data: bytes | str) -> SnapshotManifest:
         return decode_as(data, SnapshotManifest)
     except DecodeError as exc:
         raise DecodeError("bad_value", f"malformed snapshot manifest: {exc.detail}") from None
+
+
+def decode_deletion(data: bytes | str | Mapping[str, Any]) -> DeletionRequest:
+    """Decode a :class:`DeletionRequest` (the deletions topic)."""
+    return decode_as(data, DeletionRequest)
+
+
+def decode_tombstone(data: bytes | str | Mapping[str, Any]) -> Tombstone:
+    """Decode a :class:`Tombstone` (Redis, the deletions topic's completion records)."""
+    return decode_as(data, Tombstone)
+
+
+def decode_deletion_record(data: bytes | str | Mapping[str, Any]) -> DeletionRequest | Tombstone:
+    """Decode a record of the deletions topic: a request or a completion record."""
+    return decode_as(data, DeletionRecord)  # type: ignore[arg-type]
+
+
+def decode_checkpoint_manifest(data: bytes | str) -> CheckpointManifest:
+    """Parse a learner checkpoint's manifest written by :func:`manifest_to_json`."""
+    try:
+        return decode_as(data, CheckpointManifest)
+    except DecodeError as exc:
+        raise DecodeError("bad_value", f"malformed checkpoint manifest: {exc.detail}") from None

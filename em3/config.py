@@ -1,20 +1,11 @@
-"""Connection settings and topic names, one frozen dataclass per concern.
+"""Connection settings and topic names, and the one loader that fills them.
 
-The environment is read in exactly one place, :func:`load_settings`, never at
-import time. Command-line flags override the environment, which overrides the
-embedded defaults (local Tansu broker and Redis started by ``em3 services up``).
-
-Environment variables
----------------------
-``EM3_BOOTSTRAP_SERVERS``  Kafka bootstrap servers, e.g. ``broker:9092``.
-``EM3_REDIS_URL``          Redis URL, e.g. ``redis://:password@host:6379/0`` or ``rediss://`` for TLS.
-``EM3_TOPIC_PREFIX``       Prefix of every topic name (default ``em3.``).
-``EM3_KAFKA_<KEY>``        Any librdkafka property, ``_`` for ``.``: ``EM3_KAFKA_SECURITY_PROTOCOL=SASL_SSL``,
-                           ``EM3_KAFKA_SASL_MECHANISM=PLAIN``, ``EM3_KAFKA_SASL_USERNAME=...`` and so on.
-``EM3_RUN_DIR``            Where ``em3 services`` keeps pid files, logs and the services file.
-``EM3_API_KEY``            Key the HTTP server's write endpoints require (default: the services file's).
-``EM3_SNAPSHOT_KEY``       HMAC key of snapshot manifests, shared by learners and servers
-                           (default: the services file's).
+The environment is read in exactly one place, :func:`load_settings` (through
+pydantic-settings, never at import time): explicit arguments (the command-line
+flags) override the ``EM3_*`` environment, which overrides the services file that
+``em3 services up`` writes, which overrides loopback defaults. :class:`EnvSettings`
+declares every variable (the config reference in README.md lists them); an empty
+variable counts as unset.
 
 Secrets never show in a ``repr``: the keys are left out, and a password in a
 Redis URL is masked.
@@ -23,22 +14,33 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
+from pydantic import Field as _Field
+from pydantic import ValidationError
+from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict)
+
+from em3.constraints import Annotated, NonEmptyStr, StringConstraints, config_class, explain
 from em3.errors import ImproperlyConfigured
+from em3.privacy import RetentionConfig
 
 __all__ = [
     "KafkaSettings",
     "RedisSettings",
     "TopicNames",
     "Settings",
+    "EnvSettings",
     "load_settings",
     "default_run_dir",
     "redact_url",
 ]
+
+#: A Redis URL: ``redis://``, ``rediss://`` (TLS) or ``unix://``.
+RedisUrl = Annotated[str, StringConstraints(pattern=r"^(redis|rediss|unix)://")]
 
 
 def redact_url(url: str) -> str:
@@ -64,12 +66,14 @@ def redact_url(url: str) -> str:
 _SECRET_WORDS = ("password", "secret", "token", "key")
 
 
-def default_run_dir() -> Path:
-    """``$EM3_RUN_DIR`` if set, else ``./runs/services``."""
-    return Path(os.environ.get("EM3_RUN_DIR", "runs/services")).resolve()
+def default_run_dir(env: Mapping[str, str] | None = None) -> Path:
+    """``$EM3_RUN_DIR`` if set, else ``./runs/services`` (read by the same loader, without
+    checking the other variables)."""
+    run_dir = _Environment(EnvSettings, env)().get("run_dir") or EnvSettings.model_fields["run_dir"].default
+    return Path(run_dir).resolve()
 
 
-@dataclass(frozen=True)
+@config_class
 class KafkaSettings:
     """How to reach Kafka.
 
@@ -77,15 +81,8 @@ class KafkaSettings:
     producer, consumer and admin client (SASL/SSL settings live there).
     """
 
-    bootstrap_servers: str
+    bootstrap_servers: NonEmptyStr  # host:port[,host:port]
     extra: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.bootstrap_servers or not isinstance(self.bootstrap_servers, str):
-            raise ImproperlyConfigured(
-                f"bootstrap_servers must be a non-empty 'host:port[,host:port]' string, "
-                f"but {self.bootstrap_servers!r} is given"
-            )
 
     def __repr__(self) -> str:
         extra = {k: "***" if any(w in k.lower() for w in _SECRET_WORDS) else v for k, v in self.extra.items()}
@@ -99,21 +96,15 @@ class KafkaSettings:
         return config
 
 
-@dataclass(frozen=True)
+@config_class
 class RedisSettings:
     """How to reach Redis: a URL (``redis://`` or ``rediss://`` for TLS, auth in the URL)
     plus optional TLS files."""
 
-    url: str
+    url: RedisUrl
     ssl_ca_certs: str | None = None
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("redis://", "rediss://", "unix://")):
-            raise ImproperlyConfigured(
-                f"redis url must start with redis://, rediss:// or unix://, but {redact_url(self.url)!r} is given"
-            )
 
     def __repr__(self) -> str:
         """The URL with its password masked.
@@ -125,7 +116,7 @@ class RedisSettings:
                 f"ssl_certfile={self.ssl_certfile!r}, ssl_keyfile={self.ssl_keyfile!r})")
 
 
-@dataclass(frozen=True)
+@config_class
 class TopicNames:
     """Topic names, all sharing one prefix.
 
@@ -156,17 +147,26 @@ class TopicNames:
     def dead_letter(self) -> str:
         return f"{self.prefix}dead-letter"
 
+    @property
+    def deletions(self) -> str:
+        """The compacted topic of user deletion requests (keyed by tombstone id)."""
+        return f"{self.prefix}deletions"
+
     def all(self) -> list[str]:
+        """The event topics (co-partitioned by user); :attr:`deletions` is apart."""
         return [self.impressions, self.clicks, self.conversions, self.samples, self.dead_letter]
 
 
-@dataclass(frozen=True)
+@config_class
 class Settings:
     """Everything a process needs to find the shared infrastructure.
 
-    ``api_key`` is what the HTTP server's write endpoints require and
-    ``snapshot_key`` the HMAC key of snapshot manifests; both are left out of
-    ``repr``.
+    ``api_key`` is what the HTTP server's write endpoints require,
+    ``snapshot_key`` the HMAC key of snapshot manifests and ``user_id_key``
+    (and ``user_id_key_previous`` during a rotation) the HMAC key of user
+    pseudonyms (:class:`em3.privacy.Pseudonymizer`); all are left out of
+    ``repr``. ``allow_raw_user_ids`` lets raw IDs through an edge without a key
+    (local demos only). ``retention`` holds every store's retention period.
     """
 
     kafka: KafkaSettings
@@ -175,6 +175,10 @@ class Settings:
     redis_prefix: str = "em3:"
     api_key: str = field(default="", repr=False)
     snapshot_key: str = field(default="", repr=False)
+    user_id_key: str = field(default="", repr=False)
+    user_id_key_previous: str = field(default="", repr=False)
+    allow_raw_user_ids: bool = False
+    retention: RetentionConfig = RetentionConfig()
 
     def with_overrides(
         self,
@@ -192,14 +196,116 @@ class Settings:
         return s
 
 
-def _services_file(run_dir: Path) -> Mapping[str, str]:
-    path = run_dir / "services.json"
-    if path.exists():
+class EnvSettings(BaseSettings):
+    """The ``EM3_*`` environment: each field is read from ``EM3_`` + its name in upper
+    case (``redis_url`` from ``EM3_REDIS_URL``), and ``kafka`` from every
+    ``EM3_KAFKA_<KEY>``.
+
+    Parameters
+    ----------
+    bootstrap_servers : str
+        Kafka bootstrap servers, ``host:port[,host:port]`` (flag ``--bootstrap-servers``).
+    redis_url : str
+        Redis URL: ``redis://:password@host:6379/0``, ``rediss://`` for TLS (flag ``--redis-url``).
+    topic_prefix : str
+        Prefix of every topic name (flag ``--topic-prefix``).
+    kafka : mapping
+        librdkafka properties for every producer, consumer and admin client:
+        ``EM3_KAFKA_SECURITY_PROTOCOL=SASL_SSL`` gives ``security.protocol`` (``_`` for
+        ``.``; flag ``--kafka-option KEY=VALUE``).
+    redis_ssl_ca_certs, redis_ssl_certfile, redis_ssl_keyfile : str
+        TLS files for a ``rediss://`` URL.
+    run_dir : str
+        Where ``em3 services`` keeps pid files, logs and the services file.
+    api_key : str
+        Key the HTTP server's write endpoints require (default: the services file's).
+    snapshot_key : str
+        HMAC key of snapshot manifests, shared by learners and servers (default: the
+        services file's).
+    user_id_key : str
+        HMAC key that turns raw user IDs into pseudonyms at the edge (servers, replay;
+        default: the services file's). Without one the edge refuses to start unless
+        ``allow_raw_user_ids``.
+    user_id_key_previous : str
+        The key before the last rotation (``em3 users rotate-key``).
+    allow_raw_user_ids : bool
+        Let raw user IDs through an edge without a key (``EM3_ALLOW_RAW_USER_IDS=1``;
+        local demos only). Retention periods come from ``EM3_RETENTION_<FIELD>``
+        (:class:`em3.privacy.RetentionConfig`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EM3_", env_ignore_empty=True, extra="ignore", frozen=True)
+
+    bootstrap_servers: NonEmptyStr = "127.0.0.1:9092"
+    redis_url: RedisUrl = "redis://127.0.0.1:6379/0"
+    topic_prefix: str = "em3."
+    kafka: dict[str, str] = _Field(default_factory=dict)
+    redis_ssl_ca_certs: str | None = None
+    redis_ssl_certfile: str | None = None
+    redis_ssl_keyfile: str | None = None
+    run_dir: str = "runs/services"
+    api_key: str = _Field(default="", repr=False)
+    snapshot_key: str = _Field(default="", repr=False)
+    user_id_key: str = _Field(default="", repr=False)
+    user_id_key_previous: str = _Field(default="", repr=False)
+    allow_raw_user_ids: bool = False
+
+
+class _Environment(EnvSettingsSource):
+    """``EM3_*`` variables from a given mapping (``os.environ`` by default), plus the
+    ``EM3_KAFKA_<KEY>`` pass-through."""
+
+    _KAFKA = "EM3_KAFKA_"
+
+    def __init__(self, settings_cls: type[BaseSettings], env: Mapping[str, str] | None) -> None:
+        self._env = env
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self._env is None:
+            return super()._load_env_vars()
+        return {k.lower(): v for k, v in self._env.items() if v != ""}
+
+    def __call__(self) -> dict[str, Any]:
+        values = super().__call__()
+        kafka = {key[len(self._KAFKA):].lower().replace("_", "."): value
+                 for key, value in self.env_vars.items() if key.upper().startswith(self._KAFKA) and value}
+        if kafka:
+            values["kafka"] = kafka
+        return values
+
+
+class _ServicesFile(PydanticBaseSettingsSource):
+    """The addresses and keys in ``RUN_DIR/services.json`` (``RUN_DIR`` as the sources
+    above it say); an unreadable file counts as absent."""
+
+    KEYS = ("bootstrap_servers", "redis_url", "api_key", "snapshot_key", "user_id_key", "user_id_key_previous")
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        run_dir = self.current_state.get("run_dir") or self.settings_cls.model_fields["run_dir"].default
+        path = Path(run_dir).resolve() / "services.json"
         try:
-            return json.loads(path.read_text())
-        except ValueError:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
             return {}
-    return {}
+        if not isinstance(doc, dict):
+            return {}
+        return {k: doc[k] for k in self.KEYS if isinstance(doc.get(k), str) and doc[k]}
+
+
+def _environment(env: Mapping[str, str] | None = None, **explicit: Any) -> EnvSettings:
+    """:class:`EnvSettings` from ``explicit`` values, then ``env`` (``os.environ`` if
+    None), then the services file, then the defaults."""
+    sources = (InitSettingsSource(EnvSettings, explicit), _Environment(EnvSettings, env),
+               _ServicesFile(EnvSettings))
+    try:
+        return EnvSettings(_build_sources=(sources, explicit))
+    except ValidationError as exc:
+        text = explain(EnvSettings, exc).removeprefix("EnvSettings: ")
+        raise ImproperlyConfigured(f"settings (flags, then EM3_* environment, then services.json): {text}") from None
 
 
 def load_settings(
@@ -218,32 +324,18 @@ def load_settings(
     >>> s.kafka.client_config()["bootstrap.servers"], s.kafka.extra["sasl.mechanism"], s.kafka.extra["security.protocol"]
     ('b:9092', 'PLAIN', 'SASL_SSL')
     """
-    env = os.environ if env is None else env
-    run_dir = Path(env.get("EM3_RUN_DIR", "runs/services")).resolve()
-    local = _services_file(run_dir)
-    bootstrap = (
-        bootstrap_servers
-        or env.get("EM3_BOOTSTRAP_SERVERS")
-        or local.get("bootstrap_servers")
-        or "127.0.0.1:9092"
-    )
-    url = redis_url or env.get("EM3_REDIS_URL") or local.get("redis_url") or "redis://127.0.0.1:6379/0"
-    extra = {
-        key[len("EM3_KAFKA_"):].lower().replace("_", "."): value
-        for key, value in env.items()
-        if key.startswith("EM3_KAFKA_")
-    }
-    extra.update(kafka_options or {})
-    prefix = topic_prefix if topic_prefix is not None else env.get("EM3_TOPIC_PREFIX", "em3.")
+    explicit: dict[str, Any] = {"bootstrap_servers": bootstrap_servers or None, "redis_url": redis_url or None,
+                                "topic_prefix": topic_prefix, "kafka": dict(kafka_options or {}) or None}
+    v = _environment(env, **{k: value for k, value in explicit.items() if value is not None})
     return Settings(
-        kafka=KafkaSettings(bootstrap, extra),
-        redis=RedisSettings(
-            url,
-            ssl_ca_certs=env.get("EM3_REDIS_SSL_CA_CERTS"),
-            ssl_certfile=env.get("EM3_REDIS_SSL_CERTFILE"),
-            ssl_keyfile=env.get("EM3_REDIS_SSL_KEYFILE"),
-        ),
-        topics=TopicNames(prefix),
-        api_key=env.get("EM3_API_KEY") or str(local.get("api_key") or ""),
-        snapshot_key=env.get("EM3_SNAPSHOT_KEY") or str(local.get("snapshot_key") or ""),
+        kafka=KafkaSettings(v.bootstrap_servers, v.kafka),
+        redis=RedisSettings(v.redis_url, ssl_ca_certs=v.redis_ssl_ca_certs, ssl_certfile=v.redis_ssl_certfile,
+                            ssl_keyfile=v.redis_ssl_keyfile),
+        topics=TopicNames(v.topic_prefix),
+        api_key=v.api_key,
+        snapshot_key=v.snapshot_key,
+        user_id_key=v.user_id_key,
+        user_id_key_previous=v.user_id_key_previous,
+        allow_raw_user_ids=v.allow_raw_user_ids,
+        retention=RetentionConfig.from_env(os.environ if env is None else env),
     )

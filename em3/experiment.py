@@ -27,17 +27,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args
+
+from em3.constraints import Annotated, Field, Fraction, Literal, NonEmptyStr, PositiveInt, config_class
+from em3.errors import ImproperlyConfigured
 
 __all__ = ["ARM_KINDS", "OBJECTIVES", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
 
-ARM_KINDS = ("line", "snapshot", "popularity", "random")
+ArmKind = Literal["line", "snapshot", "popularity", "random"]
+ARM_KINDS: tuple[str, ...] = get_args(ArmKind)
 #: What a model arm ranks by (:data:`em3.model.config.OBJECTIVES`, repeated here so the
 #: experiment needs no torch): the click probability, click-and-conversion, or the
 #: expected conversion value.
-OBJECTIVES = ("ctr", "ctcvr", "value")
+Objective = Literal["ctr", "ctcvr", "value"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 _TWO_64 = float(1 << 64)
 
 
@@ -53,7 +58,7 @@ def bucket(user_id: str, salt: str) -> float:
     return int.from_bytes(digest, "big") / _TWO_64
 
 
-@dataclass(frozen=True)
+@config_class
 class ArmConfig:
     """One arm of an experiment.
 
@@ -79,31 +84,21 @@ class ArmConfig:
         snapshots otherwise (``/readyz`` says why).
     """
 
-    name: str
-    fraction: float
-    kind: str = "line"
+    name: NonEmptyStr
+    fraction: Fraction
+    kind: ArmKind = "line"
     model_line: str = ""
-    version: int | None = None
-    popularity: str = "clicks"
-    objective: str = "ctr"
+    version: PositiveInt | None = None
+    popularity: Literal["clicks", "impressions"] = "clicks"
+    objective: Objective = "ctr"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, but {self.name!r} is given")
-        if not isinstance(self.fraction, (int, float)) or not 0.0 < float(self.fraction) <= 1.0:
-            raise ValueError(f"fraction must be in (0, 1], but {self.fraction!r} is given")
-        if self.kind not in ARM_KINDS:
-            raise ValueError(f"kind must be one of {ARM_KINDS}, but {self.kind!r} is given")
         if self.kind in ("line", "snapshot") and not self.model_line:
             raise ValueError(f"model_line must be given for a {self.kind!r} arm, but {self.model_line!r} is given")
-        if self.kind == "snapshot" and (not isinstance(self.version, int) or self.version <= 0):
-            raise ValueError(f"version must be > 0 for a 'snapshot' arm, but {self.version!r} is given")
+        if self.kind == "snapshot" and self.version is None:
+            raise ValueError("version must be > 0 for a 'snapshot' arm, but None is given")
         if self.kind != "snapshot" and self.version is not None:
             raise ValueError(f"version is only for 'snapshot' arms, but {self.version!r} is given for a {self.kind!r} arm")
-        if self.popularity not in ("clicks", "impressions"):
-            raise ValueError(f"popularity must be 'clicks' or 'impressions', but {self.popularity!r} is given")
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, but {self.objective!r} is given")
         if self.objective != "ctr" and not self.is_model:
             raise ValueError(f"objective is only for model arms ('line', 'snapshot'), but {self.objective!r} "
                              f"is given for a {self.kind!r} arm")
@@ -124,7 +119,8 @@ class ArmConfig:
 
 #: What each arm's learner trains on (see :meth:`ExperimentConfig.excluded_lines`
 #: and :class:`ArmPropensity`).
-TRAINING_DATA = ("split", "pooled", "weighted")
+TrainingData = Literal["split", "pooled", "weighted"]
+TRAINING_DATA: tuple[str, ...] = get_args(TrainingData)
 
 
 class ArmPropensity:
@@ -164,6 +160,22 @@ class ArmPropensity:
         self._by_arm[arm] = self._by_arm.get(arm, 0) + 1
         self._total += 1
 
+    def state(self) -> dict:
+        """The counts as JSON-ready data (a learner checkpoint carries them).
+
+        >>> p = ArmPropensity(); p.observe("a", "i1")
+        >>> q = ArmPropensity(); q.load_state(p.state()); q.weight("a", "i1") == p.weight("a", "i1")
+        True
+        """
+        return {"by_item": {k: dict(v) for k, v in self._by_item.items()}, "by_arm": dict(self._by_arm),
+                "total": self._total}
+
+    def load_state(self, state: dict) -> None:
+        """Replace the counts with :meth:`state` output."""
+        self._by_item = {str(k): {str(a): int(n) for a, n in v.items()} for k, v in state["by_item"].items()}
+        self._by_arm = {str(a): int(n) for a, n in state["by_arm"].items()}
+        self._total = int(state["total"])
+
     def weight(self, arm: str, item_id: str) -> float:
         """The loss weight of a sample of ``item_id`` for ``arm``'s learner."""
         if not self._total or not self._by_arm.get(arm):
@@ -175,7 +187,7 @@ class ArmPropensity:
         return min(self.max_weight, p_arm / share)
 
 
-@dataclass(frozen=True)
+@config_class
 class ExperimentConfig:
     """Arms and the salt that buckets users; fractions must add up to 1.
 
@@ -192,20 +204,13 @@ class ExperimentConfig:
       everyone (Si's weighted training: all the data, without the shift).
     """
 
-    name: str
-    arms: tuple[ArmConfig, ...]
+    name: NonEmptyStr
+    arms: Annotated[tuple[ArmConfig, ...], Field(min_length=1)]
     salt: str = ""
-    training_data: str = "split"
+    training_data: TrainingData = "split"
     _edges: tuple[float, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "arms", tuple(self.arms))
-        if not self.name:
-            raise ValueError(f"name must be a non-empty string, but {self.name!r} is given")
-        if not self.arms:
-            raise ValueError("arms must hold at least one arm, but none is given")
-        if self.training_data not in TRAINING_DATA:
-            raise ValueError(f"training_data must be one of {TRAINING_DATA}, but {self.training_data!r} is given")
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, but {names} are given")
@@ -287,7 +292,14 @@ class ExperimentConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ExperimentConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ImproperlyConfigured(f"experiment file {str(path)!r} cannot be read as JSON: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"experiment file {str(path)!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -9,16 +9,19 @@ Key layout in Redis is documented in ``docs/architecture.md``.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Iterable, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
-from em3.types import ItemContent
+from em3.types import ItemContent, Tombstone
 
 __all__ = [
     "ContentSource",
     "HistorySource",
     "InMemoryContentStore",
     "InMemoryHistoryStore",
+    "InMemoryTombstones",
     "DEFAULT_HISTORY_LENGTH",
+    "encode_batches",
+    "decode_batches",
 ]
 
 DEFAULT_HISTORY_LENGTH = 256
@@ -124,3 +127,65 @@ class InMemoryHistoryStore:
     ) -> list[list[str]]:
         befores = before if before is not None else [None] * len(user_ids)
         return [self.get(u, limit, b) for u, b in zip(user_ids, befores)]
+
+
+class InMemoryTombstones:
+    """The part of :class:`em3.redis_stores.RedisPrivacyStore` a server uses, in a dict
+    (tests): record a requested deletion, read and save a tombstone."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, Tombstone] = {}
+
+    def requested(self, tomb: Tombstone) -> bool:
+        if tomb.tombstone_id in self.records:
+            return False
+        self.records[tomb.tombstone_id] = tomb
+        return True
+
+    def status(self, tid: str) -> Tombstone | None:
+        return self.records.get(tid)
+
+    def save(self, tomb: Tombstone) -> None:
+        self.records[tomb.tombstone_id] = tomb
+
+
+# --- batch order in the learners' applied-ids records ---------------------------------
+
+
+def encode_batches(ids: Mapping[str, Sequence[str]], batches: Sequence[Sequence[str]]) -> list[list[int]]:
+    """The micro-batches of an applied-ids record, compactly: ``batches`` gives, per
+    batch, the partition of each sample in the order it was learned; each partition
+    becomes its index in ``sorted(ids)``. With ``ids`` (each partition's sample ids in
+    learned order) this rebuilds every batch (:func:`decode_batches`).
+
+    >>> encode_batches({"t:0": ["a", "c"], "t:1": ["b"]}, [["t:0", "t:1"], ["t:0"]])
+    [[0, 1], [0]]
+    """
+    index = {key: n for n, key in enumerate(sorted(ids))}
+    out = [[index[key] for key in batch] for batch in batches]
+    if [sum(b.count(n) for b in out) for n in range(len(index))] != [len(ids[k]) for k in sorted(ids)]:
+        raise ValueError("batches must place every applied id exactly once")
+    return out
+
+
+def decode_batches(ids: Mapping[str, Sequence[str]], batches: Sequence[Sequence[int]]) -> list[list[tuple[str, str]]]:
+    """``[(partition, sample_id), ...]`` per batch, in learned order (see :func:`encode_batches`).
+
+    >>> decode_batches({"t:0": ["a", "c"], "t:1": ["b"]}, [[0, 1], [0]])
+    [[('t:0', 'a'), ('t:1', 'b')], [('t:0', 'c')]]
+    """
+    keys = sorted(ids)
+    next_of = dict.fromkeys(keys, 0)
+    out = []
+    for batch in batches:
+        rows = []
+        for n in batch:
+            if not 0 <= n < len(keys) or next_of[keys[n]] >= len(ids[keys[n]]):
+                raise ValueError(f"batch order names partition {n}, which has no id left")
+            key = keys[n]
+            rows.append((key, ids[key][next_of[key]]))
+            next_of[key] += 1
+        out.append(rows)
+    if any(next_of[k] != len(ids[k]) for k in keys):
+        raise ValueError("batch order leaves applied ids out")
+    return out

@@ -52,6 +52,9 @@ __all__ = [
     "Sample",
     "ItemContent",
     "SnapshotManifest",
+    "DeletionRequest",
+    "Tombstone",
+    "CheckpointManifest",
     "RankRequest",
     "ClickRequest",
     "ConversionRequest",
@@ -282,6 +285,71 @@ class SnapshotManifest(msgspec.Struct, frozen=True):
     base_state_sha256: str = ""
 
 
+class DeletionRequest(msgspec.Struct, frozen=True, tag="deletion", tag_field="type"):
+    """A request to erase one user, on the compacted ``{prefix}deletions`` topic.
+
+    ``user_id`` is the user's *pseudonym* (:func:`em3.privacy.pseudonym`), never
+    the raw ID. The record's key is :func:`em3.privacy.tombstone_id` of it, so
+    the completion record that follows (:class:`Tombstone`, without the
+    pseudonym) replaces the request when the topic is compacted.
+    """
+
+    user_id: Id
+    requested_at: Timestamp
+    request_id: Label = ""
+    v: Version = SCHEMA_VERSION
+
+
+TombstoneStatus = Literal["requested", "erasing", "stores_erased", "complete"]
+
+
+class Tombstone(msgspec.Struct, frozen=True, tag="tombstone", tag_field="type"):
+    """What is known of one deletion, stored under its ``tombstone_id`` (a one-way
+    digest of the pseudonym: the record never names the user).
+
+    ``status`` moves ``requested`` (the server wrote the request) -> ``erasing``
+    (the agent took it) -> ``stores_erased`` (history, join state gone from
+    Redis; ``stores_erased_at``) -> ``complete`` (every model line in
+    ``lines_expected`` published a snapshot with the user's rows reset:
+    ``lines_reset`` maps line -> that version; ``completed_at`` is when the last
+    of these happened). ``erased`` counts what was removed.
+    """
+
+    tombstone_id: Annotated[str, Meta(pattern=r"^[0-9a-f]{32}$")]
+    requested_at: Timestamp
+    status: TombstoneStatus = "requested"
+    stores_erased_at: float | None = None
+    lines_expected: list[str] = msgspec.field(default_factory=list)
+    lines_reset: dict[str, int] = msgspec.field(default_factory=dict)
+    completed_at: float | None = None
+    erased: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+class CheckpointManifest(msgspec.Struct, frozen=True):
+    """Describes a learner checkpoint: what a learner needs beyond the snapshot's
+    weights to continue training exactly (optimizer moments and step counts, its
+    step counter, RNG state, the cache of history items' content embeddings); saved
+    as JSON beside its safetensors blob, next to the snapshot it belongs to.
+
+    ``version`` and ``state_sha256`` name that snapshot (its version and the digest
+    of the whole state it stands for, full or delta); ``rank`` the learner of a fleet
+    (0 alone). ``sha256`` and ``num_bytes`` describe the blob; ``signature`` is the
+    HMAC-SHA256 of the other fields with the snapshot key (:mod:`em3.signing`).
+    Servers never read checkpoints.
+    """
+
+    model_line: Id
+    version: Annotated[int, Meta(ge=0)]
+    state_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+    num_bytes: Annotated[int, Meta(ge=0)]
+    created_at: float
+    rank: Annotated[int, Meta(ge=0)] = 0
+    format: str = "safetensors"
+    signature: str = ""
+    v: Version = SCHEMA_VERSION
+
+
 # --- HTTP request bodies (serving.app decodes them; /openapi.json shows them) --------
 
 
@@ -290,7 +358,8 @@ class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``served_at`` (event time, default now) stamps the impressions, for simulators
     on a virtual clock; it may not lie further ahead of the server's clock than
-    its ``max_future_s``.
+    its ``max_future_s``. ``explain`` (a JSON boolean; anything else is refused)
+    asks for an explanation of each ranked item.
     """
 
     user_id: Id
@@ -298,6 +367,7 @@ class RankRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     context: Context = msgspec.field(default_factory=dict)
     k: Annotated[int, Meta(ge=1)] | None = None
     served_at: Timestamp | None = None
+    explain: bool = False
 
     def __post_init__(self) -> None:
         seen: dict[str, int] = {}

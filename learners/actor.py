@@ -12,13 +12,13 @@ while ``run`` or ``train_round`` is busy. A learner asks for ``num_gpus`` GPUs;
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayError
 
 from em3.config import Settings
+from em3.constraints import NonNegFloat, config_class
 from learners.aggregate import RedisAggregator
 from learners.worker import LearnConfig, LearnerWorker
 
@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@config_class
 class ActorResources:
     """Ray resources of one learner actor.
 
@@ -40,14 +40,8 @@ class ActorResources:
         GPUs per learner (0: CPU only).
     """
 
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.num_cpus < 0:
-            raise ValueError(f"num_cpus must be >= 0, but {self.num_cpus} is given")
-        if self.num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, but {self.num_gpus} is given")
+    num_cpus: NonNegFloat = 1.0
+    num_gpus: NonNegFloat = 0.0
 
 
 def start_learner_actor(settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1,

@@ -10,15 +10,16 @@ Synchronisation scheme (periodic parameter averaging, "local SGD"):
   embedding row only one learner saw keeps that learner's full update while dense
   weights get the plain average; counters (``em3.model.COUNTER_STATE``, the items'
   trained-on impressions) add up -- and publishes the result as ``v + 1`` with the
-  union of the learners' offsets and applied ids (their partitions are disjoint);
+  union of the learners' offsets and applied ids (their partitions are disjoint)
+  and each learner's checkpoint (its optimizer state at the end of the round);
 * only then does every learner commit its offsets and start round ``r + 1`` from
   ``θ_{v+1}``.
 
 A learner that dies in a round is restarted and re-runs that round from ``θ_v``
-and ``v``'s offsets; the others' results wait. An aggregator that dies before
-publishing loses the round: every learner finds its positions differ from the
-snapshot's and seeks back. Either way each sample ends up in exactly one
-published version.
+and ``v``'s offsets (and its own checkpoint of ``v``); the others' results wait.
+An aggregator that dies before publishing loses the round: every learner finds its
+positions differ from the snapshot's, seeks back and reloads its checkpoint of
+``v``. Either way each sample ends up in exactly one published version.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from em3.config import Settings
-from em3.model.model import COUNTER_STATE
+from em3.model.model import COUNTER_STATE, reset_user_rows, user_rows
 from learners.loop import COUNTERS, CycleResult
+from learners.privacy import ErasureDuty
 from learners.publisher import LineMovedError, SnapshotPublisher
 from learners.worker import LearnConfig, PrequentialWindow, cycle_stats, training_data_stats
 
@@ -80,11 +82,16 @@ class Aggregator:
     config : LearnConfig
     world : int
         Number of learners (recorded in the manifest stats).
+    duty : ErasureDuty, optional
+        Deleted users whose rows the merged state must have reset before it is
+        published (a round is then published even if no learner read anything).
     """
 
-    def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int) -> None:
+    def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int,
+                 duty: ErasureDuty | None = None) -> None:
         self.config = config
         self.world = world
+        self.duty = duty
         self.publisher = publisher
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
@@ -96,7 +103,7 @@ class Aggregator:
     def start(self, initial_state: Mapping[str, torch.Tensor] | None = None) -> int:
         """Resume from the line's latest snapshot, or publish ``initial_state`` as its first
         version (so every round has a concrete base). Returns the base version."""
-        point = self.publisher.resume()
+        point = self.publisher.resume(rank=None)
         if point is not None:
             self.version, self.offsets, self.totals = point.version, dict(point.offsets), {
                 k: int(point.totals.get(k, 0)) for k in COUNTERS}
@@ -106,11 +113,13 @@ class Aggregator:
             raise ValueError("the line has no snapshot yet, so initial_state must be given")
         self.state = {k: v.detach().clone() for k, v in initial_state.items()}
         empty = CycleResult({}, {}, {k: 0 for k in COUNTERS}, np.zeros(0), np.zeros(0))
-        manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={},
+        manifest = self.publisher.publish(self.state, parent=None, offsets={}, applied_ids={}, batches=[],
                                           stats=cycle_stats(self.totals, self.window, empty, learners=self.world,
                                           training_data=training_data_stats(self.config.loop),
                                                             initial=True))
         self.version = manifest.version
+        if self.duty is not None:
+            self.duty.done(self.version, {})
         return self.version
 
     def base(self) -> tuple[int | None, dict[str, int]]:
@@ -143,21 +152,31 @@ class Aggregator:
             seconds=max((r.seconds for r in results), default=0.0),
         )
         self.rounds += 1
-        if not combined.changed:
+        owed = self.duty.owed() if self.duty is not None else {}
+        if not combined.changed and not owed:
             return {"version": self.version, "published": False, "applied": 0}
         state = average_deltas(self.state, [r.state for r in results if r.state is not None])
+        rows: list[int] = []
+        if owed:
+            user_buckets = int(self.publisher.model_config.get("user_buckets", 0))
+            rows = user_rows(user_buckets, list(owed.values()))
+            reset_user_rows(state, rows)
         totals = {k: self.totals.get(k, 0) + merged_counters[k] for k in COUNTERS}
         self.window.update(combined.labels, combined.probs)
         stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds,
                             training_data=training_data_stats(self.config.loop))
         try:
-            manifest = self.publisher.publish(state, parent=self.version, offsets=combined.offsets,
-                                              applied_ids=combined.applied_ids, stats=stats)
+            manifest = self.publisher.publish(
+                state, parent=self.version, offsets=combined.offsets, applied_ids=combined.applied_ids, stats=stats,
+                batches=[b for r in results for b in r.batches],
+                checkpoints={rank: r.checkpoint for rank, r in enumerate(results) if r.checkpoint is not None})
         except LineMovedError as exc:
             log.warning("%s; the fleet resumes from the line's pointer", exc)
             self.start()
             return {"version": self.version, "published": False, "applied": 0}
         self.version, self.state, self.offsets, self.totals = manifest.version, state, dict(combined.offsets), totals
+        if self.duty is not None:
+            self.duty.done(manifest.version, owed, rows)
         return {"version": self.version, "published": True, "applied": combined.applied}
 
     def pid(self) -> int:
@@ -175,15 +194,19 @@ class RedisAggregator(Aggregator):
 
     def __init__(self, settings: Settings, config: LearnConfig, world: int) -> None:
         from em3.model import ModelConfig
-        from em3.redis_stores import RedisAppliedLog, RedisSnapshotStore, connect
+        from em3.redis_stores import RedisAppliedLog, RedisPrivacyStore, RedisSnapshotStore, connect
 
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
+        retention = settings.retention
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix), config.model_line,
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key,
+                               max_age_s=retention.snapshot_max_age_s),
+            RedisAppliedLog(self.redis, prefix), config.model_line,
             ModelConfig.from_dict(config.model_config).to_dict(), config.publisher,
         )
-        super().__init__(publisher, config, world)
+        duty = ErasureDuty(RedisPrivacyStore(self.redis, prefix, retention.tombstone_ttl_s), config.model_line)
+        super().__init__(publisher, config, world, duty)
 
     def close(self) -> None:
         self.redis.close()

@@ -44,7 +44,8 @@ def _positive_float(text: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``learn`` and ``snapshots`` to the ``em3`` command line."""
+    """Add ``learn`` and ``snapshots`` to the ``em3`` command line. Flags that set a
+    config field are checked by the field's declaration (:class:`LearnConfig`)."""
     from em3.model.config import VARIANTS
 
     p = subparsers.add_parser("learn", help="train a model line online from the samples topic")
@@ -61,18 +62,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the A/B experiment file the servers run: its training_data policy decides what this "
                         "line learns from (split, the default: not from impressions other model arms served; "
                         "pooled: everything). Without it the line learns from every sample")
-    p.add_argument("--lr", type=_positive_float, default=LEARNER_DEFAULTS["lr"],
+    p.add_argument("--lr", type=float, default=LEARNER_DEFAULTS["lr"],
                    help="dense learning rate (the default is the one benchmarks/quality.py measures)")
-    p.add_argument("--content-lr", type=_positive_float, default=None,
+    p.add_argument("--content-lr", type=float, default=None,
                    help="learning rate of the content modules (default: --lr / 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--snapshot-interval-s", type=_positive_float, default=2.0,
+    p.add_argument("--snapshot-interval-s", type=float, default=2.0,
                    help="publish a snapshot (or average a round) every T seconds")
-    p.add_argument("--snapshot-every-steps", type=_positive_int, default=None,
+    p.add_argument("--snapshot-every-steps", type=int, default=None,
                    help="... or every N optimizer steps, whichever comes first")
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--max-batch-wait-s", type=_positive_float, default=0.2)
-    p.add_argument("--dedup-capacity", type=_positive_int, default=200_000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-batch-wait-s", type=float, default=0.2)
+    p.add_argument("--dedup-capacity", type=int, default=200_000)
     p.add_argument("--full-snapshot-every", type=int, default=10, metavar="N",
                    help="publish a full snapshot after N delta snapshots (0: only full snapshots)")
     p.add_argument("--retain-applied", action="store_true",

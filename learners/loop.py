@@ -15,7 +15,9 @@ Per micro-batch:
    the first one;
 2. decode them (undecodable records are counted, logged and skipped; their offsets
    still advance);
-3. drop samples whose ``sample_id`` is in the dedup window or repeated in the batch;
+3. drop samples of erased users (``tombstones``: deleted users' samples still in
+   flight, ``erased_dropped``) and samples whose ``sample_id`` is in the dedup
+   window or repeated in the batch;
 4. fetch each user's history as it was when the impression was served
    (``before=served_at``);
 5. score the batch with the current model (prequential: every prediction is made
@@ -40,6 +42,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 from em3 import codec
+from em3.constraints import PositiveFloat, PositiveInt, config_class
 from em3.errors import DecodeError
 from em3.experiment import ArmPropensity
 from em3.retry import Backoff
@@ -63,10 +66,10 @@ log = logging.getLogger(__name__)
 
 # Cumulative counters a loop keeps (and a snapshot's stats carry).
 COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps",
-            "batch_retries", "quarantined", "other_arm_skipped", "conversions_applied")
+            "batch_retries", "quarantined", "other_arm_skipped", "erased_dropped", "conversions_applied")
 
 
-@dataclass(frozen=True)
+@config_class
 class LoopConfig:
     """Micro-batching and dedup settings of a :class:`LearnerLoop`.
 
@@ -102,28 +105,16 @@ class LoopConfig:
         everyone.
     """
 
-    batch_size: int = 256
-    max_batch_wait_s: float = 0.2
-    poll_timeout_s: float = 0.05
-    history_len: int | None = None
-    dedup_capacity: int = DEFAULT_DEDUP_CAPACITY
-    max_batch_attempts: int = 3
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
+    batch_size: PositiveInt = 256
+    max_batch_wait_s: PositiveFloat = 0.2
+    poll_timeout_s: PositiveFloat = 0.05
+    history_len: PositiveInt | None = None
+    dedup_capacity: PositiveInt = DEFAULT_DEDUP_CAPACITY
+    max_batch_attempts: PositiveInt = 3
+    retry_initial_s: PositiveFloat = 0.5
+    retry_max_s: PositiveFloat = 30.0
     exclude_lines: tuple[str, ...] = ()
     weight_as_line: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude_lines", tuple(self.exclude_lines))
-        for name in ("batch_size", "dedup_capacity", "max_batch_attempts"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("max_batch_wait_s", "poll_timeout_s", "retry_initial_s", "retry_max_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        if self.history_len is not None and self.history_len <= 0:
-            raise ValueError(f"history_len must be > 0, but {self.history_len!r} is given")
 
 
 @dataclass(frozen=True)
@@ -223,7 +214,11 @@ class CycleResult:
     ``offsets`` are the next offsets of every partition the loop has a position
     for (the snapshot holding this cycle includes every record below them);
     ``applied_ids`` the sample ids learned in this cycle, per partition, in order;
-    ``labels`` and ``probs`` the prequential pairs (non-correction samples).
+    ``batches`` the partition of each of them, batch by batch, in the order they were
+    learned (with ``applied_ids`` it rebuilds every micro-batch:
+    :func:`em3.stores.encode_batches`); ``labels`` and ``probs`` the prequential
+    pairs (non-correction samples); ``checkpoint`` what a learner needs beyond
+    ``state`` to continue exactly (fleet rounds).
     """
 
     offsets: dict[str, int]
@@ -234,6 +229,8 @@ class CycleResult:
     loss_sum: float = 0.0
     seconds: float = 0.0
     state: Mapping[str, object] | None = field(default=None, repr=False)
+    batches: list[list[str]] = field(default_factory=list, repr=False)
+    checkpoint: tuple[Mapping[str, object], Mapping[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def changed(self) -> bool:
@@ -258,6 +255,9 @@ class LearnerLoop:
         Fallback history length when ``config.history_len`` is None (the model's).
     clock : callable
         Monotonic seconds (tests inject a fake clock).
+    tombstones : TombstoneFilter, optional
+        Deleted users (:class:`em3.privacy.TombstoneFilter`), refreshed before each
+        micro-batch; their samples are dropped.
     """
 
     def __init__(
@@ -272,8 +272,10 @@ class LearnerLoop:
         transient: tuple[type[BaseException], ...] = (OSError,),
         on_quarantine: Callable[[Sequence[SourceRecord], str], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        tombstones: Any = None,
     ) -> None:
         self.learner = learner
+        self.tombstones = tombstones
         self.transient = transient
         self.on_quarantine = on_quarantine
         self.sleep = sleep
@@ -295,6 +297,7 @@ class LearnerLoop:
     def _new_cycle(self) -> None:
         self._cycle_counters = {name: 0 for name in COUNTERS}
         self._applied: dict[str, list[str]] = defaultdict(list)
+        self._batches: list[list[str]] = []
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
         self._loss_sum = 0.0
@@ -401,6 +404,12 @@ class LearnerLoop:
             except DecodeError as exc:
                 undecodable += 1
                 log.warning("undecodable sample at %s@%d skipped: %s", rec.partition, rec.offset, exc)
+        erased = 0
+        if self.tombstones is not None:
+            self.tombstones.refresh()
+            if len(self.tombstones):
+                alive = [(p, s) for p, s in decoded if not self.tombstones.erased(s.impression.user_id)]
+                erased, decoded = len(decoded) - len(alive), alive
         excluded = self.config.exclude_lines
         skipped = 0
         if excluded:
@@ -431,6 +440,7 @@ class LearnerLoop:
         counters["records"] += len(records)
         counters["decode_errors"] += undecodable
         counters["other_arm_skipped"] += skipped
+        counters["erased_dropped"] += erased
         counters["duplicates_dropped"] += len(decoded) - len(keep)
         if not samples:
             return stats
@@ -444,6 +454,7 @@ class LearnerLoop:
         self._loss_sum += float(stats.get("loss", 0.0)) * len(samples)
         for partition, sample in kept:
             self._applied[partition].append(sample.sample_id)
+        self._batches.append([partition for partition, _ in kept])
         self.window.add_many(s.sample_id for s in samples)
         return stats
 
@@ -472,6 +483,19 @@ class LearnerLoop:
             probs=np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float64),
             loss_sum=self._loss_sum,
             seconds=seconds,
+            batches=[list(b) for b in self._batches],
         )
         self._new_cycle()
         return result
+
+    # ----------------------------------------------------------- checkpoint
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """The loop's own training state for a learner checkpoint: the arm propensities
+        of the ``weighted`` policy (empty otherwise)."""
+        return {"propensity": self._propensity.state()} if self.config.weight_as_line else {}
+
+    def load_checkpoint_meta(self, meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`checkpoint_meta` output (absent parts start empty)."""
+        self._propensity = ArmPropensity()
+        if "propensity" in meta:
+            self._propensity.load_state(dict(meta["propensity"]))

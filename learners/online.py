@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from em3.model.model import ItemEncoding
 from em3.model.losses import ctcvr_bce, weighted_bce, within_group_bpr
 from em3.stores import ContentSource
 from em3.types import Impression, Sample
-from learners.optim import RowWiseAdagrad
+from learners.optim import RowWiseAdagrad, load_optimizer_tensors, optimizer_tensors
 
 __all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE", "LEARNER_DEFAULTS", "SPARSE_OPTIMIZERS", "TASKS"]
 
@@ -116,6 +116,11 @@ class OnlineLearner:
         ``content_every``-th step only; the other steps read every item's cached
         content embedding (the ranker, ID tables and biases still learn). A
         cost knob: the towers dominate a step's time on CPU.
+    batch_invariant_prefix : bool
+        Compute each item's frozen encoder prefix on its own (see
+        :class:`em3.model.EM3Model`), so that what a step computes does not depend
+        on which items this process happened to encode before: a learner restarted
+        from a :meth:`checkpoint` then continues exactly.
     """
 
     def __init__(self, model_config: ModelConfig, content: ContentSource, *, lr: float = LEARNER_DEFAULTS["lr"],
@@ -125,7 +130,8 @@ class OnlineLearner:
                  device: str = "auto", seed: int = 0, cache_items: int = 20_000,
                  gradient_checkpointing: bool = False, max_grad_norm: float | None = 5.0,
                  history_content: str = LEARNER_DEFAULTS["history_content"],
-                 content_every: int = LEARNER_DEFAULTS["content_every"]) -> None:
+                 content_every: int = LEARNER_DEFAULTS["content_every"],
+                 batch_invariant_prefix: bool = True) -> None:
         if not (isinstance(content_every, int) and content_every >= 1):
             raise ValueError(f"content_every must be an int >= 1, but {content_every!r} is given")
         if history_content not in HISTORY_CONTENT:
@@ -141,8 +147,8 @@ class OnlineLearner:
         self.content = content
         self.device = resolve_device(device)
         self.amp = self.device.type == "cuda"
-        self.model = EM3Model(model_config, cache_items=cache_items,
-                              gradient_checkpointing=gradient_checkpointing).to(self.device)
+        self.model = EM3Model(model_config, cache_items=cache_items, gradient_checkpointing=gradient_checkpointing,
+                              batch_invariant_prefix=batch_invariant_prefix).to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         rowwise = _BIAS_PREFIXES + (_TABLE_PREFIXES if sparse_optimizer == "rowwise_adagrad" else ())
         dense = [(n, p) for n, p in named if not n.startswith(rowwise) and not n.startswith(_CVR_PREFIXES)]
@@ -158,6 +164,7 @@ class OnlineLearner:
             tables.append({"params": [p for n, p in named if n.startswith(_TABLE_PREFIXES)], "lr": sparse_lr})
         tables = [g for g in tables if g["params"]]
         self.sparse_optimizer = RowWiseAdagrad(tables) if tables else None
+        self._names = {id(p): n for n, p in named}
         self.generator = torch.Generator().manual_seed(seed)
         self.max_grad_norm = max_grad_norm
         self.history_content = history_content
@@ -400,19 +407,19 @@ class OnlineLearner:
     @torch.no_grad()
     def modality_attention(self, item_ids: Sequence[str]) -> dict[str, float]:
         """Mean share of the Fusion-Q-Former's cross-attention per modality (``text``,
-        ``image``, ``none`` = the null token) over ``item_ids``; empty without a
-        Fusion-Q-Former. Tells which modality the content embedding is read from."""
-        model = self.model
-        if not hasattr(model.fusion, "attention_mass") or not item_ids:
+        ``image``, ``missing`` = the null token; :func:`em3.model.explain.modality_mass`)
+        over ``item_ids``; empty without a Fusion-Q-Former. Tells which modality the
+        content embedding is read from."""
+        from em3.model.explain import MODALITIES, modality_mass
+
+        if not item_ids or not hasattr(self.model.fusion, "attention_mass"):
             return {}
-        model.eval()
-        names = ["none"] + [n for n, enc in (("text", model.text), ("image", model.image)) if enc is not None]
-        total = torch.zeros(len(names))
+        self.model.eval()
+        total = torch.zeros(len(MODALITIES))
         for start in range(0, len(item_ids), 256):
             ids = list(item_ids[start:start + 256])
-            tokens, masks = model.modality_tokens(ids, self.content.get_many(ids))
-            total += model.fusion.attention_mass(tokens, masks).float().sum(0).cpu()
-        return {n: round(float(v) / len(item_ids), 4) for n, v in zip(names, total)}
+            total += modality_mass(self.model, ids, self.content.get_many(ids)).sum(0)
+        return {n: round(float(v) / len(item_ids), 4) for n, v in zip(MODALITIES, total)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trainable tensors (LoRA, fusion, ranker, embeddings) and the learned counters
@@ -424,5 +431,81 @@ class OnlineLearner:
         self.model.load_trainable_state_dict(state)
         self._history_content.clear()
 
+    def checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What training needs beyond :meth:`state_dict` to continue exactly: ``(tensors,
+        meta)`` with the dense optimizer's moments and step counts (``adam/...``), the
+        row-wise Adagrad accumulators (``sparse/...``), the RNG states (``rng/...``),
+        the cached content embeddings of history items (``history/content``, ``(N, d)``,
+        least recently used first; their ids in ``meta["history_ids"]``) and the step
+        counter (``meta["steps"]``, which decides the steps that train the towers).
+        :func:`em3.checkpoint.pack_checkpoint` serialises it."""
+        tensors = optimizer_tensors(self.optimizer, self._names, "adam")
+        if self.sparse_optimizer is not None:
+            tensors.update(optimizer_tensors(self.sparse_optimizer, self._names, "sparse"))
+        tensors["rng/generator"] = self.generator.get_state()
+        tensors["rng/torch"] = torch.get_rng_state()
+        ids = list(self._history_content)
+        if ids:
+            tensors["history/content"] = torch.stack([self._history_content[i] for i in ids]).to("cpu")  # (N, d)
+        return tensors, {"steps": self.steps, "history_ids": ids}
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        """Restore :meth:`checkpoint` output (after :meth:`load_state_dict`, which empties
+        the history-content cache). Raises ``ValueError``, leaving the learner as it
+        was, when it does not fit this learner (other parameters or optimizers)."""
+        known = set(self._names.values())
+        prefixes = ("adam", "sparse") if self.sparse_optimizer is not None else ("adam",)
+        for name in tensors:
+            head, _, rest = name.partition("/")
+            if head in ("adam", "sparse") and (head not in prefixes or rest.rpartition("/")[0] not in known):
+                raise ValueError(f"checkpoint holds optimizer state {name!r}, which this learner does not have")
+        ids = [str(i) for i in meta.get("history_ids", [])]
+        content = tensors.get("history/content")
+        rows = 0 if content is None else int(content.shape[0])
+        if rows != len(ids) or (content is not None and content.shape[1:] != (self.config.embed_dim,)):
+            raise ValueError(f"checkpoint's history cache holds {rows} rows for {len(ids)} ids")
+        steps = meta.get("steps")
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"checkpoint's step counter must be an int >= 0, but {steps!r} is given")
+        load_optimizer_tensors(self.optimizer, self._names, "adam", tensors)
+        if self.sparse_optimizer is not None:
+            load_optimizer_tensors(self.sparse_optimizer, self._names, "sparse", tensors)
+        if "rng/generator" in tensors:
+            self.generator.set_state(tensors["rng/generator"])
+        if "rng/torch" in tensors:
+            torch.set_rng_state(tensors["rng/torch"])
+        self._history_content.clear()
+        if content is not None:
+            for iid, row in zip(ids, content.to(self.device).unbind(0)):
+                self._history_content[iid] = row.clone()
+        self.steps = steps
+
     def num_trainable_params(self) -> int:
         return self.model.num_trainable_params()
+
+    @torch.no_grad()
+    def forget_users(self, user_ids: Sequence[str]) -> list[int]:
+        """Reset the rows of ``user_ids`` (pseudonyms) to nothing learned: their ID
+        embedding and bias rows and their impression and click counters are zeroed,
+        and so are the row-wise optimiser accumulators of those rows, so they start
+        over like new rows. Returns the rows reset.
+
+        A row is a hash bucket: a user that shares it loses what it learned too.
+        """
+        from em3.model import reset_user_rows, user_rows
+
+        rows = user_rows(self.config.user_buckets, list(user_ids))
+        if not rows:
+            return []
+        own = dict(self.model.named_parameters())
+        own.update(self.model.named_buffers())
+        names = reset_user_rows(own, rows)
+        index = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
+        for name in names:
+            param = own[name]
+            for opt in (self.sparse_optimizer, self.optimizer):
+                state = opt.state.get(param) if opt is not None else None
+                for value in (state or {}).values():
+                    if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == param.shape[0]:
+                        value.index_fill_(0, index.to(value.device), 0.0)
+        return sorted(set(rows))

@@ -23,11 +23,11 @@ The optimizer treats every parameter as a table of rows along its first dimensio
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["RowWiseAdagrad"]
+__all__ = ["RowWiseAdagrad", "optimizer_tensors", "load_optimizer_tensors"]
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -83,3 +83,49 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 step = g / (acc.index_select(0, touched).sqrt() + group["eps"]).unsqueeze(1)  # (k, width)
                 rows_p.index_add_(0, touched, (-group["lr"] * step).to(p.dtype))
         return loss
+
+
+def _param_names(optimizer: torch.optim.Optimizer, names: Mapping[int, str]) -> list[str]:
+    """The name of each parameter in the order of ``optimizer.state_dict()``'s indices."""
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: Mapping[int, str], prefix: str) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as ``{"{prefix}/{param name}/{key}": tensor}``
+    (Adam: ``step``, ``exp_avg``, ``exp_avg_sq``; :class:`RowWiseAdagrad`: ``acc``),
+    keyed by parameter name rather than position; ``names`` maps ``id(param)`` to its
+    name. Hyper-parameters are not saved (they come from the learner's config).
+
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> opt = torch.optim.Adam([w], lr=0.1)
+    >>> w.grad = torch.ones(2); opt.step()
+    >>> sorted(optimizer_tensors(opt, {id(w): "w"}, "adam"))
+    ['adam/w/exp_avg', 'adam/w/exp_avg_sq', 'adam/w/step']
+    """
+    order = _param_names(optimizer, names)
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            out[f"{prefix}/{order[index]}/{key}"] = tensor.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: Mapping[int, str], prefix: str,
+                           tensors: Mapping[str, torch.Tensor]) -> None:
+    """Restore :func:`optimizer_tensors` output (the entries under ``prefix``); the
+    optimizer's hyper-parameters stay as they are. Parameters absent from ``tensors``
+    get no state (as before their first step); a name the optimizer does not hold
+    raises ``ValueError``."""
+    order: Sequence[str] = _param_names(optimizer, names)
+    index = {name: n for n, name in enumerate(order)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for full, value in tensors.items():
+        if not full.startswith(prefix + "/"):
+            continue
+        name, _, key = full[len(prefix) + 1 :].rpartition("/")
+        if name not in index:
+            raise ValueError(f"optimizer state for {name!r}, which this optimizer does not train")
+        state.setdefault(index[name], {})[key] = value
+    current = optimizer.state_dict()
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})

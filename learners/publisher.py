@@ -11,9 +11,16 @@ Order of one publish (:meth:`SnapshotPublisher.publish`):
 1. check the line's pointer still names our parent (else someone rolled the line
    back or another learner publishes to it: :class:`LineMovedError`, and the caller
    resumes from the pointer);
-2. draw a new version (``INCR``), pack;
-3. write the applied-ids record of that version;
-4. publish blob + manifest + pointer in one Redis transaction, then notify.
+2. draw a new version (``INCR``), pack the state and the learners' checkpoints
+   (:mod:`em3.checkpoint`: optimizer state, step counters, RNG, history-content
+   cache), each checkpoint naming the version and the digest of its state;
+3. write the applied-ids record of that version (with its micro-batches);
+4. publish blob + manifest + checkpoints + pointer in one Redis transaction, then notify.
+
+A learner resumes from a version's snapshot *and* its checkpoint, so it continues
+as if it had never stopped; without a usable checkpoint (a version published before
+checkpoints existed, or one that fails verification) it resumes with fresh
+optimizer state and says so.
 
 Only after :meth:`publish` returns does the caller commit the Kafka offsets. A
 crash before step 4 leaves the pointer on the parent: the restarted learner
@@ -28,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from em3.constraints import NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class
 from em3.errors import SignatureError, SnapshotError
 from em3.types import SnapshotManifest
 from stream.dedup import DedupWindow
@@ -38,6 +46,7 @@ __all__ = [
     "ResumePoint",
     "SnapshotPublisher",
     "LineMovedError",
+    "Checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +56,7 @@ class LineMovedError(SnapshotError):
     """The line's pointer no longer names the version this learner built on."""
 
 
-@dataclass(frozen=True)
+@config_class
 class SnapshotPolicy:
     """When a snapshot is due: every ``every_steps`` optimizer steps or every
     ``interval_s`` seconds, whichever comes first (None disables a criterion).
@@ -57,16 +66,12 @@ class SnapshotPolicy:
     (False, True)
     """
 
-    interval_s: float | None = 2.0
-    every_steps: int | None = None
+    interval_s: PositiveFloat | None = 2.0
+    every_steps: PositiveInt | None = None
 
     def __post_init__(self) -> None:
         if self.interval_s is None and self.every_steps is None:
             raise ValueError("interval_s and every_steps cannot both be None")
-        if self.interval_s is not None and self.interval_s <= 0:
-            raise ValueError(f"interval_s must be > 0, but {self.interval_s!r} is given")
-        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps <= 0):
-            raise ValueError(f"every_steps must be > 0, but {self.every_steps!r} is given")
 
     def due(self, steps: int, elapsed_s: float) -> bool:
         if self.every_steps is not None and steps >= self.every_steps:
@@ -74,7 +79,7 @@ class SnapshotPolicy:
         return self.interval_s is not None and elapsed_s >= self.interval_s
 
 
-@dataclass(frozen=True)
+@config_class
 class PublisherConfig:
     """Settings of a :class:`SnapshotPublisher`.
 
@@ -97,19 +102,11 @@ class PublisherConfig:
         the store's ``keep`` so that a server which missed a delta finds the chain.
     """
 
-    dedup_capacity: int = 200_000
+    dedup_capacity: PositiveInt = 200_000
     retain_applied: bool = False
     check_pointer: bool = True
-    full_every: int = 10
-    full_every_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dedup_capacity, int) or self.dedup_capacity <= 0:
-            raise ValueError(f"dedup_capacity must be > 0, but {self.dedup_capacity!r} is given")
-        if not isinstance(self.full_every, int) or self.full_every < 0:
-            raise ValueError(f"full_every must be >= 0, but {self.full_every!r} is given")
-        if not self.full_every_s >= 0:
-            raise ValueError(f"full_every_s must be >= 0, but {self.full_every_s!r} is given")
+    full_every: NonNegInt = 10
+    full_every_s: NonNegFloat = 300.0
 
 
 @dataclass
@@ -125,9 +122,15 @@ def _copy_state(state: Mapping[str, Any]) -> dict[str, Any]:
     return {name: t.detach().to("cpu").clone() for name, t in state.items()}
 
 
+#: A learner checkpoint as the learner gives and takes it: ``(tensors, meta)``
+#: (:meth:`learners.online.OnlineLearner.checkpoint`).
+Checkpoint = tuple[Mapping[str, Any], Mapping[str, Any]]
+
+
 @dataclass
 class ResumePoint:
-    """Where a line's latest loadable snapshot left off."""
+    """Where a line's latest loadable snapshot left off; ``checkpoint`` is the learner
+    checkpoint published with it (None when there is none or it is unusable)."""
 
     version: int
     manifest: SnapshotManifest
@@ -135,6 +138,7 @@ class ResumePoint:
     offsets: dict[str, int]
     window: DedupWindow
     totals: dict[str, int] = field(default_factory=dict)
+    checkpoint: Checkpoint | None = None
 
 
 def _pack(state: Mapping[str, Any], **manifest_fields: Any) -> tuple[bytes, SnapshotManifest]:
@@ -159,6 +163,24 @@ def _digest(state: Mapping[str, Any]) -> str:
     from em3 import snapshot
 
     return snapshot.state_digest(state)
+
+
+def _pack_checkpoint(tensors: Mapping[str, Any], meta: Mapping[str, Any], **fields: Any):
+    from em3.checkpoint import pack_checkpoint
+
+    return pack_checkpoint(tensors, meta, **fields)
+
+
+def _unpack_checkpoint(blob: bytes, manifest: Any, state_sha256: str) -> Checkpoint:
+    from em3.checkpoint import unpack_checkpoint
+
+    return unpack_checkpoint(blob, manifest, state_sha256)
+
+
+def _encode_batches(ids: Mapping[str, list[str]], batches: list[list[str]]) -> list[list[int]]:
+    from em3.stores import encode_batches
+
+    return encode_batches(ids, batches)
 
 
 def _config_dict(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -196,13 +218,15 @@ class SnapshotPublisher:
         self._base: _Base | None = None
 
     # ---------------------------------------------------------------- resume
-    def resume(self, partitions: Iterable[str] | None = None) -> ResumePoint | None:
+    def resume(self, partitions: Iterable[str] | None = None, rank: int | None = 0) -> ResumePoint | None:
         """The newest loadable snapshot of the line, or None if it has none.
 
         A corrupt newest version is skipped for the one before it (learning the
         records after the older one's offsets again); a config mismatch raises
         :class:`em3.errors.SnapshotError` rather than overwrite the line.
-        ``partitions`` restricts the rebuilt dedup window to those partitions.
+        ``partitions`` restricts the rebuilt dedup window to those partitions;
+        the point carries learner ``rank``'s checkpoint of the version (none for
+        ``rank=None``: the aggregator, which trains nothing).
         """
         latest = self.snapshots.latest_version(self.model_line)
         if latest is None:
@@ -230,11 +254,14 @@ class SnapshotPublisher:
                 continue
             window, applied_chain = self._window(version, None if partitions is None else set(partitions))
             self._chain = applied_chain
-            self._base = _Base(version, _copy_state(state), manifest.state_sha256 or _digest(state), 0, -math.inf)
+            digest = manifest.state_sha256 or _digest(state)
+            self._base = _Base(version, _copy_state(state), digest, 0, -math.inf)
             totals = {k: int(v) for k, v in dict(manifest.stats.get("totals", {})).items()}
-            log.info("resuming %s from v%d (offsets %s, dedup window %d ids)",
-                     self.model_line, version, dict(manifest.offsets), len(window))
-            return ResumePoint(version, manifest, state, dict(manifest.offsets), window, totals)
+            checkpoint = None if rank is None else self.load_checkpoint(version, digest, rank)
+            log.info("resuming %s from v%d (offsets %s, dedup window %d ids, %s)",
+                     self.model_line, version, dict(manifest.offsets), len(window),
+                     "without a learner checkpoint" if checkpoint is None else "with its learner checkpoint")
+            return ResumePoint(version, manifest, state, dict(manifest.offsets), window, totals, checkpoint)
         raise SnapshotError(f"line {self.model_line!r} has versions but none is loadable")
 
     def _window(self, version: int, partitions: set[str] | None) -> tuple[DedupWindow, list[tuple[int, int]]]:
@@ -249,6 +276,22 @@ class SnapshotPublisher:
 
         window = DedupWindow.from_newest_first(self.config.dedup_capacity, chunks())
         return window, list(reversed(chain))
+
+    def load_checkpoint(self, version: int | None, state_sha256: str | None = None, rank: int = 0) -> Checkpoint | None:
+        """Learner ``rank``'s checkpoint of ``version``, verified (signature, checksum, and
+        that it belongs to the state with digest ``state_sha256``, default the
+        version's manifest's); None, with a warning, when there is none or it fails."""
+        if version is None:
+            return None
+        try:
+            if state_sha256 is None:
+                state_sha256 = self.snapshots.get(self.model_line, version)[0].state_sha256
+            manifest, blob = self.snapshots.get_checkpoint(self.model_line, version, rank)
+            return _unpack_checkpoint(blob, manifest, state_sha256)
+        except SnapshotError as exc:
+            log.warning("no usable learner checkpoint for %s v%d (%s): optimizer state starts afresh",
+                        self.model_line, version, exc)
+            return None
 
     def window_for(self, version: int | None, partitions: Iterable[str] | None = None) -> DedupWindow:
         """The dedup window as of ``version`` (empty for None), for ``partitions``."""
@@ -265,8 +308,15 @@ class SnapshotPublisher:
         offsets: Mapping[str, int],
         applied_ids: Mapping[str, list[str]],
         stats: Mapping[str, Any],
+        batches: list[list[str]] | None = None,
+        checkpoints: Mapping[int, Checkpoint] | None = None,
     ) -> SnapshotManifest:
-        """Publish ``state`` as the line's next version; see the module docstring."""
+        """Publish ``state`` as the line's next version; see the module docstring.
+
+        ``batches`` (:attr:`learners.loop.CycleResult.batches`) records how
+        ``applied_ids`` were grouped into micro-batches; ``checkpoints`` maps each
+        learner's rank to its checkpoint taken with ``state``.
+        """
         line = self.model_line
         if self.config.check_pointer:
             current = self.snapshots.latest_version(line)
@@ -283,8 +333,18 @@ class SnapshotPublisher:
                                          **fields)
         else:
             blob, manifest = _pack(state, **fields)
-        self.applied.put(line, version, parent, {k: list(v) for k, v in applied_ids.items() if v})
-        self.snapshots.publish(manifest, blob)
+        packed = []
+        for rank, (tensors, meta) in sorted((checkpoints or {}).items()):
+            ckpt_blob, ckpt_manifest = _pack_checkpoint(tensors, meta, model_line=line, version=version,
+                                                        rank=int(rank), state_sha256=manifest.state_sha256)
+            packed.append((ckpt_manifest, ckpt_blob))
+        ids = {k: list(v) for k, v in applied_ids.items() if v}
+        order = None if batches is None else _encode_batches(ids, [b for b in batches if b])
+        self.applied.put(line, version, parent, ids, batches=order)
+        if packed:
+            self.snapshots.publish(manifest, blob, checkpoints=packed)
+        else:
+            self.snapshots.publish(manifest, blob)
         self._base = _Base(version, _copy_state(state), manifest.state_sha256,
                            base.deltas + 1 if delta else 0, base.full_at if delta else now)
         self._chain.append((version, sum(len(v) for v in applied_ids.values())))

@@ -9,15 +9,19 @@ the interfaces of :class:`em3.redis_stores.RedisSnapshotStore` and
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import time
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from em3.errors import SnapshotError
-from em3.redis_stores import kept_versions, walk_chain
-from em3.types import Impression, ItemContent, Sample, SnapshotManifest
+from em3.redis_stores import check_checkpoints, kept_versions, walk_chain
+from em3.signing import sign_manifest, verify_manifest
+from em3.stores import decode_batches
+from em3.types import CheckpointManifest, Impression, ItemContent, Sample, SnapshotManifest
 
-__all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog"]
+__all__ = ["synthetic_samples", "synthetic_items", "InMemorySnapshotStore", "InMemoryAppliedLog",
+           "InMemoryPrivacyStore"]
 
 
 def synthetic_items(num_items: int = 30) -> list[ItemContent]:
@@ -48,27 +52,46 @@ def synthetic_samples(n: int, *, seed: int = 0, num_users: int = 20, num_items: 
 
 
 class InMemorySnapshotStore:
-    """A dict-backed stand-in for :class:`em3.redis_stores.RedisSnapshotStore`."""
+    """A dict-backed stand-in for :class:`em3.redis_stores.RedisSnapshotStore`
+    (learner checkpoints included; without a ``signing_key`` nothing is signed)."""
 
-    def __init__(self, keep: int = 10) -> None:
+    def __init__(self, keep: int = 10, signing_key: str = "") -> None:
         self.keep = keep
+        self.signing_key = signing_key
         self.seq: dict[str, int] = {}
         self.snaps: dict[str, dict[int, tuple[SnapshotManifest, bytes]]] = {}
+        self.checkpoints: dict[tuple[str, int], dict[int, tuple[CheckpointManifest, bytes]]] = {}
         self.latest: dict[str, int] = {}
 
     def next_version(self, line: str) -> int:
         self.seq[line] = self.seq.get(line, 0) + 1
         return self.seq[line]
 
-    def publish(self, manifest: SnapshotManifest, blob: bytes) -> None:
+    def publish(self, manifest: SnapshotManifest, blob: bytes,
+                checkpoints: Sequence[tuple[CheckpointManifest, bytes]] = ()) -> None:
+        check_checkpoints(manifest, checkpoints)
+        if self.signing_key:
+            checkpoints = [(sign_manifest(m, self.signing_key), b) for m, b in checkpoints]
         line = manifest.model_line
         kept = self.snaps.setdefault(line, {})
         kept[manifest.version] = (manifest, blob)
+        if checkpoints:
+            self.checkpoints[(line, manifest.version)] = {m.rank: (m, b) for m, b in checkpoints}
         self.latest[line] = manifest.version
         bases = {v: m.base_version for v, (m, _) in kept.items() if m.kind == "delta"}
         needed = kept_versions(sorted(kept), self.keep, manifest.version, bases)
         for v in [v for v in kept if v not in needed]:
             del kept[v]
+            self.checkpoints.pop((line, v), None)
+
+    def get_checkpoint(self, line: str, version: int, rank: int = 0) -> tuple[CheckpointManifest, bytes]:
+        try:
+            manifest, blob = self.checkpoints[(line, version)][rank]
+        except KeyError:
+            raise SnapshotError(f"line {line!r} v{version} has no checkpoint of learner {rank}") from None
+        if self.signing_key:
+            verify_manifest(manifest, self.signing_key)
+        return manifest, blob
 
     def get_chain(self, line: str, version: int, have: int | None = None) -> list[tuple[SnapshotManifest, bytes]]:
         return walk_chain(self.get, line, version, have)
@@ -96,13 +119,20 @@ class InMemoryAppliedLog:
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, int], tuple[int | None, dict[str, list[str]]]] = {}
+        self.order: dict[tuple[str, int], list[list[int]]] = {}
 
     def put(self, line: str, version: int, parent: int | None, ids: Mapping[str, list[str]],
-            ttl_s: float | None = None) -> None:
+            ttl_s: float | None = None, batches: list[list[int]] | None = None) -> None:
         self.records[(line, version)] = (parent, {k: list(v) for k, v in ids.items()})
+        if batches is not None:
+            self.order[(line, version)] = [list(b) for b in batches]
 
     def get(self, line: str, version: int):
         return self.records.get((line, version))
+
+    def batches(self, line: str, version: int) -> list[list[tuple[str, str]]] | None:
+        record, order = self.records.get((line, version)), self.order.get((line, version))
+        return None if record is None or order is None else decode_batches(record[1], order)
 
     def chain(self, line: str, version: int | None, max_versions: int | None = None):
         seen = 0
@@ -117,3 +147,41 @@ class InMemoryAppliedLog:
     def delete(self, line: str, versions: Iterable[int]) -> None:
         for v in versions:
             self.records.pop((line, v), None)
+            self.order.pop((line, v), None)
+
+
+class InMemoryPrivacyStore:
+    """What learners use of :class:`em3.redis_stores.RedisPrivacyStore`, in dicts;
+    :meth:`delete` plays the deletion agent (tombstone the user, owe the reset)."""
+
+    def __init__(self) -> None:
+        self.owed: dict[str, str] = {}
+        self.resets: dict[str, dict[str, int]] = {}
+        self.lines: dict[str, float] = {}
+        self.tids: set[str] = set()
+        self.seq = 0
+
+    def delete(self, user_pseudonym: str) -> str:
+        from em3.privacy import tombstone_id
+
+        tid = tombstone_id(user_pseudonym)
+        self.owed[tid] = user_pseudonym
+        self.tids.add(tid)
+        self.seq += 1
+        return tid
+
+    def pending(self) -> dict[str, str]:
+        return dict(self.owed)
+
+    def owed_by(self, line: str, pending: Mapping[str, str]) -> dict[str, str]:
+        return {t: p for t, p in pending.items() if line not in self.resets.get(t, {})}
+
+    def reset_done(self, line: str, version: int, tids: Iterable[str], at: float | None = None) -> None:
+        for tid in tids:
+            self.resets.setdefault(tid, {})[line] = version
+
+    def heartbeat(self, line: str, at: float | None = None) -> None:
+        self.lines[line] = time.time() if at is None else at
+
+    def tombstoned(self, seq: int | None = None):
+        return None if seq == self.seq else (self.seq, set(self.tids))

@@ -16,16 +16,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from em3.config import Settings
+from em3.constraints import Annotated, PositiveFloat, PositiveInt, StringConstraints, config_class
 from em3.retry import Backoff
 from stream.kafka import KafkaException, dead_letter_headers, make_producer
 from learners.loop import COUNTERS, CycleResult, LearnerLoop, LoopConfig
 from learners.online import LEARNER_DEFAULTS
+from learners.privacy import ErasureDuty
 from learners.publisher import LineMovedError, PublisherConfig, SnapshotPolicy, SnapshotPublisher
 
 __all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "cycle_stats", "training_data_stats"]
@@ -33,7 +34,7 @@ __all__ = ["LearnConfig", "LineTrainer", "LearnerWorker", "PrequentialWindow", "
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class LearnConfig:
     """Everything that defines a learner of one model line (runtime choices included).
 
@@ -63,27 +64,19 @@ class LearnConfig:
         Samples in the sliding prequential window.
     """
 
-    model_line: str
+    model_line: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^:]+$")]
     model_config: Mapping[str, Any]
-    lr: float = LEARNER_DEFAULTS["lr"]
-    content_lr: float | None = None
+    lr: PositiveFloat = LEARNER_DEFAULTS["lr"]
+    content_lr: PositiveFloat | None = None
     device: str = "auto"
     seed: int = 0
     loop: LoopConfig = LoopConfig()
     policy: SnapshotPolicy = SnapshotPolicy()
     publisher: PublisherConfig = PublisherConfig()
     group_id: str | None = None
-    metrics_window: int = 10_000
+    metrics_window: PositiveInt = 10_000
 
     def __post_init__(self) -> None:
-        if not self.model_line or ":" in self.model_line:
-            raise ValueError(f"model_line must be a non-empty name without ':', but {self.model_line!r} is given")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, but {self.lr!r} is given")
-        if self.content_lr is not None and self.content_lr <= 0:
-            raise ValueError(f"content_lr must be > 0, but {self.content_lr!r} is given")
-        if self.metrics_window <= 0:
-            raise ValueError(f"metrics_window must be > 0, but {self.metrics_window!r} is given")
         if self.loop.dedup_capacity != self.publisher.dedup_capacity:
             raise ValueError(
                 f"loop.dedup_capacity and publisher.dedup_capacity must agree, but "
@@ -170,36 +163,72 @@ class LineTrainer:
     config : LearnConfig
     rank, world : int
         This learner's place in a fleet (``0, 1`` alone).
+    duty : ErasureDuty, optional
+        The deleted users whose rows this line must reset (single mode publishes them
+        reset; a fleet's aggregator does it for the fleet).
+    tombstones : TombstoneFilter, optional
+        Deleted users whose samples the loop drops.
     """
 
     def __init__(self, learner, source, history, publisher: SnapshotPublisher, config: LearnConfig,
                  rank: int = 0, world: int = 1, *, history_len: int = 100,
                  transient: tuple[type[BaseException], ...] = (OSError,),
-                 on_quarantine: Callable[..., None] | None = None) -> None:
+                 on_quarantine: Callable[..., None] | None = None,
+                 duty: ErasureDuty | None = None, tombstones: Any = None) -> None:
         self.config = config
         self.rank, self.world = rank, world
         self.learner = learner
         self.source = source
         self.publisher = publisher
         self.transient = transient
+        self.duty = duty
         self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len,
-                                transient=transient, on_quarantine=on_quarantine)
+                                transient=transient, on_quarantine=on_quarantine, tombstones=tombstones)
         self.window = PrequentialWindow(config.metrics_window)
         self.version: int | None = None
         self.published = 0
         self._stop = threading.Event()
         self._base: tuple[int | None, dict[str, int]] | None = None
+        # Where the last resume started, reported in the next manifest's stats.
+        self._resumed: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The learner's checkpoint plus the loop's own state (None for a learner
+        without :meth:`learners.online.OnlineLearner.checkpoint`)."""
+        if not hasattr(self.learner, "checkpoint"):
+            return None
+        tensors, meta = self.learner.checkpoint()
+        return tensors, {**meta, "loop": self.loop.checkpoint_meta()}
+
+    def _restore(self, checkpoint: tuple[Any, Any] | None) -> bool:
+        """Load a checkpoint into the learner and the loop; False (and a warning) when
+        there is none or it does not fit, leaving the optimizer state as it was."""
+        if checkpoint is None or not hasattr(self.learner, "load_checkpoint"):
+            return False
+        tensors, meta = checkpoint
+        try:
+            self.learner.load_checkpoint(tensors, meta)
+        except ValueError as exc:
+            log.warning("learner checkpoint does not fit this learner (%s): optimizer state starts afresh", exc)
+            return False
+        self.loop.load_checkpoint_meta(dict(meta.get("loop", {})))
+        return True
 
     # ------------------------------------------------------------ single mode
     def resume(self) -> int | None:
-        """Load the line's latest snapshot and seek to its offsets; returns its version."""
-        point = self.publisher.resume(self.source.partitions())
+        """Load the line's latest snapshot and its learner checkpoint, and seek to its
+        offsets; returns its version."""
+        point = self.publisher.resume(self.source.partitions(), rank=self.rank)
         if point is None:
             self.loop.reset(None, {})
             self.version = None
+            self._resumed = None
         else:
             self.loop.reset(point.state, point.offsets, point.window, point.totals)
+            restored = self._restore(point.checkpoint)
             self.version = point.version
+            self._resumed = {"from": point.version, "checkpoint": restored}
         return self.version
 
     def run(self, should_stop: Callable[[], bool] | None = None, max_cycles: int | None = None) -> int | None:
@@ -218,9 +247,20 @@ class LineTrainer:
             result = self.loop.run_cycle(self.config.policy, stop)
             cycles += 1
             self.window.update(result.labels, result.probs)
-            if result.changed:
+            if result.changed or self._owes_erasures():
                 self._retrying(lambda: self._publish(result), "publish", stop)
         return self.version
+
+    def _owes_erasures(self) -> bool:
+        """Whether deleted users wait for this line to reset their rows (a snapshot is
+        then published even without new samples)."""
+        if self.duty is None:
+            return False
+        try:
+            return bool(self.duty.owed())
+        except self.transient as exc:  # an outage: the next cycle asks again
+            log.warning("could not read owed erasures (%r)", exc)
+            return False
 
     def _retrying(self, action: Callable[[], Any], what: str, stop: Callable[[], bool]) -> bool:
         """Run ``action``, retrying an outage (Redis, the broker) with backoff until it
@@ -241,10 +281,11 @@ class LineTrainer:
                 time.sleep(delay)
 
     def _publish(self, result: CycleResult) -> None:
+        extra = {} if self._resumed is None else {"resumed": dict(self._resumed)}
         stats = cycle_stats(self.loop.totals, self.window, result, learners=1,
                             training_data=training_data_stats(self.config.loop),
-                            dedup_window=len(self.loop.window))
-        if self._publish_state(result.offsets, result.applied_ids, stats):
+                            dedup_window=len(self.loop.window), **extra)
+        if self._publish_state(result.offsets, result.applied_ids, stats, result.batches):
             self.source.commit(result.offsets)  # only after the snapshot holding them is published
             log.info("published %s v%d (%d applied, offsets %s)", self.config.model_line, self.version,
                      result.applied, result.offsets)
@@ -254,22 +295,36 @@ class LineTrainer:
         rank (new lines rank by content and hashed IDs from the start) before any
         sample arrives. It holds no offsets, so nothing is marked as consumed."""
         stats = {"totals": {k: 0 for k in COUNTERS}, "prequential": self.window.summary(), "initial": True}
-        if self._publish_state({}, {}, stats):
+        if self._publish_state({}, {}, stats, batches=[]):
             log.info("published %s v%d (initial weights)", self.config.model_line, self.version)
 
     def _publish_state(self, offsets: Mapping[str, int], applied_ids: Mapping[str, list[str]],
-                       stats: Mapping[str, Any]) -> bool:
-        """Publish the learner's state on top of ``self.version``; False (and resumed from
-        the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
+                       stats: Mapping[str, Any], batches: list[list[str]] | None = None) -> bool:
+        """Publish the learner's state and checkpoint on top of ``self.version``; False (and
+        resumed from the line's pointer) if the line moved meanwhile, e.g. after a rollback."""
+        owed: dict[str, str] = {}
+        rows: list[int] = []
+        if self.duty is not None:
+            owed = self.duty.owed()
+            if owed:  # reset before the state (and checkpoint) is taken; drop their samples from now on
+                rows = self.learner.forget_users(list(owed.values()))
+                if self.loop.tombstones is not None:
+                    self.loop.tombstones.add(owed.values())
+        checkpoint = self._checkpoint()
         try:
             manifest = self.publisher.publish(self.learner.state_dict(), parent=self.version,
-                                              offsets=offsets, applied_ids=applied_ids, stats=stats)
+                                              offsets=offsets, applied_ids=applied_ids, stats=stats,
+                                              batches=batches,
+                                              checkpoints=None if checkpoint is None else {self.rank: checkpoint})
         except LineMovedError as exc:
             log.warning("%s; resuming from the line's pointer", exc)
             self.resume()
             return False
         self.version = manifest.version
         self.published += 1
+        self._resumed = None
+        if self.duty is not None:
+            self.duty.done(manifest.version, owed, rows)
         return True
 
     def stop(self) -> None:
@@ -282,29 +337,40 @@ class LineTrainer:
         """One data-parallel round: start from the aggregator's state, train one cycle.
 
         If this learner's positions are not those of ``base_offsets`` (it was
-        restarted, or its last round was never published), it seeks back to them
-        and rebuilds its dedup window from ``base_version``'s chain, so the
-        discarded work is learned again exactly once.
+        restarted, or its last round was never published), it seeks back to them,
+        rebuilds its dedup window from ``base_version``'s chain and loads its own
+        checkpoint of ``base_version`` (optimizer state as that round left it), so
+        the discarded work is learned again exactly once, and exactly as before.
+        The result carries this learner's checkpoint, which the aggregator
+        publishes with the merged state.
         """
         mine = {k: int(v) for k, v in base_offsets.items() if k in set(self.source.partitions())}
         if mine:
             self.source.commit(mine)  # the base is published, so its offsets may be committed
         if self._base is None or self.loop.positions != mine:
             window = self.publisher.window_for(base_version, self.source.partitions())
-            self.loop.reset(base_state, mine, window)
-            log.info("learner %d reset to v%s at %s", self.rank, base_version, mine)
-        elif base_state is not None:
+            self.loop.reset(None, mine, window)
+            digest = None
+            if base_state is not None:
+                from em3.snapshot import state_digest
+
+                digest = state_digest(base_state)
+            restored = self._restore(self.publisher.load_checkpoint(base_version, digest, self.rank))
+            log.info("learner %d reset to v%s at %s (%s checkpoint)", self.rank, base_version, mine,
+                     "its" if restored else "no")
+        if base_state is not None:
             self.learner.load_state_dict(base_state)
         self._base = (base_version, mine)
         result = self.loop.run_cycle(policy or self.config.policy, self._stop.is_set)
         result.state = self.learner.state_dict()
+        result.checkpoint = self._checkpoint()
         return result
 
     # ----------------------------------------------------------------- misc
     def status(self) -> dict[str, Any]:
         return {"rank": self.rank, "world": self.world, "version": self.version, "published": self.published,
                 "partitions": self.source.partitions(), "positions": dict(self.loop.positions),
-                "totals": dict(self.loop.totals), "device": str(self.learner.device)}
+                "totals": dict(self.loop.totals), "device": str(self.learner.device), "resumed": self._resumed}
 
     def state(self) -> dict[str, Any]:
         """The learner's current trainable state (CPU tensors)."""
@@ -334,8 +400,10 @@ class LearnerWorker(LineTrainer):
 
     def __init__(self, settings: Settings, config: LearnConfig, rank: int = 0, world: int = 1) -> None:
         from em3.model import ModelConfig
+        from em3.privacy import TombstoneFilter
         from em3.redis_stores import (
-            OUTAGE_ERRORS, RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisSnapshotStore, connect,
+            OUTAGE_ERRORS, RedisAppliedLog, RedisContentStore, RedisHistoryStore, RedisPrivacyStore,
+            RedisSnapshotStore, connect,
         )
         from learners.online import OnlineLearner
         from learners.sources import KafkaSampleSource
@@ -345,17 +413,22 @@ class LearnerWorker(LineTrainer):
         model_config = ModelConfig.from_dict(config.model_config)
         self.redis = connect(settings.redis)
         prefix = settings.redis_prefix
+        retention = settings.retention
         publisher = SnapshotPublisher(
-            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key), RedisAppliedLog(self.redis, prefix),
-            config.model_line, model_config.to_dict(), config.publisher,
+            RedisSnapshotStore(self.redis, prefix, signing_key=settings.snapshot_key,
+                               max_age_s=retention.snapshot_max_age_s),
+            RedisAppliedLog(self.redis, prefix), config.model_line, model_config.to_dict(), config.publisher,
         )
+        privacy = RedisPrivacyStore(self.redis, prefix, retention.tombstone_ttl_s)
         extra = {} if config.content_lr is None else {"content_lr": config.content_lr}
         learner = OnlineLearner(model_config, RedisContentStore(self.redis, prefix),
                                 lr=config.lr, device=config.device, seed=config.seed, **extra)
         source = KafkaSampleSource(settings.kafka, settings.topics.samples, config.group, rank=rank, world=world)
         super().__init__(learner, source, RedisHistoryStore(self.redis, prefix), publisher, config, rank, world,
                          history_len=model_config.history_len, transient=OUTAGE_ERRORS + (KafkaException,),
-                         on_quarantine=self._dead_letter)
+                         on_quarantine=self._dead_letter,
+                         duty=ErasureDuty(privacy, config.model_line) if world == 1 else None,
+                         tombstones=TombstoneFilter(privacy.tombstoned))
         log.info("learner %d/%d on %s, partitions %s, device %s", rank, world, config.model_line,
                  source.partitions(), learner.device)
 

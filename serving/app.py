@@ -4,16 +4,22 @@ This is the only module of the project that imports ``fastapi`` or ``uvicorn``.
 
 Endpoints
 ---------
-``POST /v1/rank``   ``{user_id, item_ids, context?, k?, served_at?}`` -> ranked items with scores,
-                    impression ids and propensities; request id, arm, model line
-                    and version; ``unknown_item_ids`` (candidates without content).
+``POST /v1/rank``   ``{user_id, item_ids, context?, k?, served_at?, explain?}`` -> ranked items
+                    with scores, impression ids and propensities; request id, arm, model
+                    line and version; ``unknown_item_ids`` (candidates without content).
                     ``served_at`` (event time, default now) stamps the impressions, for
-                    simulators on a virtual clock.
+                    simulators on a virtual clock. ``explain: true`` adds an
+                    ``explanation`` to each item (modality mass, top history items,
+                    content / ID split of the logit).
 ``POST /v1/click``  ``{impression_id, user_id, item_id, clicked_at?}`` -> clicks topic.
 ``POST /v1/conversion``  ``{impression_id, user_id, item_id, converted_at?, value?}`` ->
                     conversions topic (a conversion after the click on that impression).
 ``POST /v1/items``  one item ``{item_id, text?, image? (base64), image_ref?, attributes?}``
                     or ``{"items": [...]}``; stored in Redis, cached rows dropped.
+``DELETE /v1/users/{id}``          erase a user everywhere: a deletion request goes to the compacted
+                    deletions topic (202 once the broker acknowledged it). Needs the API key.
+``GET /v1/users/{id}/deletion``    the deletion's status: ``requested``, ``erasing``,
+                    ``stores_erased``, ``complete`` with ``completed_at`` (404: none). Needs the API key.
 ``GET /healthz``    the process is up.
 ``GET /readyz``     200 once every arm's snapshot is loaded (503 before), with
                     per-source version, pointer, Redis state and last error.
@@ -36,6 +42,8 @@ import threading
 import time
 from typing import Any, Callable, TypeVar
 
+from urllib.parse import quote
+
 import anyio
 import uvicorn
 from fastapi import FastAPI, Request
@@ -45,7 +53,8 @@ import msgspec
 from pydantic import BaseModel
 
 from em3.codec import error_field
-from em3.types import Click, ClickRequest, Conversion, ConversionRequest, ItemRequest, ItemsRequest, RankRequest
+from em3.types import (Click, ClickRequest, Conversion, ConversionRequest, ItemRequest, ItemsRequest, RankRequest,
+                       valid_id)
 from serving.metrics import CONTENT_TYPE
 from serving.server import NotReady, ServingRuntime, Unavailable
 
@@ -98,12 +107,30 @@ def _request_body(kind: type) -> dict[str, Any]:
         "schema": _SCHEMAS[_REQUESTS.index(kind)]}}}}
 
 
+class HistoryWeightOut(BaseModel):
+    item_id: str
+    weight: float
+
+
+class ExplanationOut(BaseModel):
+    """Why the item scored as it did (``"explain": true`` only; :mod:`em3.model.explain`)."""
+
+    logit: float
+    baseline_logit: float
+    content: float
+    id: float
+    history: list[HistoryWeightOut]
+    modality: dict[str, float] | None
+    content_rows_current: bool
+
+
 class RankedItemOut(BaseModel):
     item_id: str
     score: float
     position: int
     impression_id: str
     propensity: float
+    explanation: ExplanationOut | None = None
 
 
 class RankOut(BaseModel):
@@ -153,7 +180,8 @@ def _rank_bytes(runtime: ServingRuntime, body: bytes) -> tuple[int, bytes]:
         reason = f"must not lie more than {runtime.config.max_future_s} s ahead of the server's clock"
         return 422, json.dumps(_errors_body([{"field": "served_at", "reason": reason}])).encode()
     try:
-        result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at)
+        result = runtime.rank(req.user_id, req.item_ids, req.context, req.k, served_at=req.served_at,
+                              explain=req.explain)
     except NotReady as exc:
         return 503, json.dumps({"error": "not_ready", "detail": str(exc)}).encode()
     except Unavailable as exc:
@@ -184,7 +212,7 @@ class _Edge:
             return
         t0 = time.perf_counter()
         path = scope.get("path", "")
-        endpoint = path if path in _KNOWN else "other"
+        endpoint = path if path in _KNOWN else "/v1/users" if path.startswith("/v1/users/") else "other"
         status = 500
 
         async def observed_send(message: dict) -> None:
@@ -397,6 +425,45 @@ def create_app(runtime: ServingRuntime) -> Any:
         except Unavailable as exc:
             return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
         return {"registered": [c.item_id for c in contents]}
+
+    def user_path(user_id: str) -> str:
+        if not valid_id(user_id):
+            raise _Invalid([{"field": "user_id", "reason": "must be 1-256 characters without control characters"}])
+        return user_id
+
+    @app.delete("/v1/users/{user_id:path}", status_code=202,
+                responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    async def delete_user(user_id: str, request: Request) -> Any:
+        """Erase a user everywhere: the request (under the user's pseudonym) goes to the
+        compacted deletions topic; the join's deletion agent erases the user's history
+        and pending join state, the learners reset the user's rows in their next
+        snapshot. Answers 202 once the broker acknowledged the request; follow
+        ``status_url`` for the time erasure completed. Needs the API key."""
+        authorize(request)
+        raw = user_path(user_id)
+        try:
+            out = await anyio.to_thread.run_sync(runtime.request_deletion, raw)
+        except Unavailable as exc:
+            return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
+        out["status_url"] = f"/v1/users/{quote(raw, safe='')}/deletion"
+        return JSONResponse(out, status_code=202)
+
+    @app.get("/v1/users/{user_id:path}/deletion",
+             responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    async def deletion_status(user_id: str, request: Request) -> Any:
+        """The status of a user's deletion: ``requested`` -> ``erasing`` ->
+        ``stores_erased`` -> ``complete``, with ``completed_at`` (when the last store
+        and model line was erased) and what was erased. Needs the API key."""
+        authorize(request)
+        raw = user_path(user_id)
+        try:
+            status = await anyio.to_thread.run_sync(runtime.deletion_status, raw)
+        except Unavailable as exc:
+            return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
+        if status is None:
+            return JSONResponse({"error": "not_found", "detail": "no deletion of this user is known"},
+                                status_code=404)
+        return status
 
     @app.get("/healthz")
     def healthz() -> Any:

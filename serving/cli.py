@@ -60,6 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "starts when a new version changed the content towers)")
     p.add_argument("--max-future", type=float, default=300.0,
                    help="served_at/clicked_at further ahead of this server's clock than this many seconds get 422")
+    p.add_argument("--allow-raw-user-ids", action="store_true",
+                   help="without EM3_USER_ID_KEY, let raw user IDs through to Kafka and Redis (local demos only; "
+                        "same as EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
     p.add_argument("--trusted-network", action="store_true",
                    help="accept writes (/v1/click, /v1/items) without an API key: only for a server that only "
                         "a trusted network can reach (default: writes need EM3_API_KEY)")
@@ -89,6 +92,8 @@ def build_runtime(args: argparse.Namespace):
     settings = settings_from_args(args)
     if args.redis_prefix is not None:
         settings = dataclasses.replace(settings, redis_prefix=args.redis_prefix)
+    if getattr(args, "allow_raw_user_ids", False):
+        settings = dataclasses.replace(settings, allow_raw_user_ids=True)
     if args.experiment:
         experiment = ExperimentConfig.from_file(args.experiment)
     else:
@@ -106,9 +111,14 @@ def build_runtime(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from em3.errors import ImproperlyConfigured
     from serving.app import serve_forever
 
-    runtime = build_runtime(args)
+    try:
+        runtime = build_runtime(args)
+    except ImproperlyConfigured as exc:
+        print(f"em3 serve: {exc}", file=sys.stderr)
+        return 2
     if not runtime.settings.snapshot_key:
         print("em3 serve: no snapshot key; set EM3_SNAPSHOT_KEY (the key learners sign snapshots with; "
               "`em3 services up` generates one)", file=sys.stderr)

@@ -15,7 +15,7 @@ away librdkafka keeps the impressions and retries until it is back; measured on
 Tansu (durable storage) across a broker restart: 2,000 of 2,000 delivered, no
 duplicate. When librdkafka's own queue is full the logger thread waits for room
 instead of dropping (back-pressure), so its buffer fills; once the buffer is full,
-:meth:`ImpressionLogger.has_room` is False and the server answers 503 rather than
+:meth:`ImpressionLogger.reserve` is False and the server answers 503 rather than
 serve impressions it could not log (``rejected`` counts those requests). Only
 impressions still held at a shutdown that does not drain are ``dropped``, and
 only a broker that refuses a record for good makes one ``failed``: both are
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from em3 import codec
+from em3.constraints import NonEmptyStr, PositiveFloat, PositiveInt, config_class
 from em3.types import Impression
 
 __all__ = ["ImpressionLoggerConfig", "ImpressionLogger", "ImpressionLoggerStats"]
@@ -44,7 +45,7 @@ BatchHook = Callable[[Sequence[Impression]], None]
 PRODUCER_SETTINGS = {"enable_idempotence": True, "acks": "all", "message_timeout_ms": 0, "linger_ms": 5}
 
 
-@dataclass(frozen=True)
+@config_class
 class ImpressionLoggerConfig:
     """Settings of an :class:`ImpressionLogger`.
 
@@ -60,22 +61,10 @@ class ImpressionLoggerConfig:
         How often the background thread drains the buffer.
     """
 
-    topic: str
-    buffer_size: int = 100_000
-    batch_size: int = 2000
-    flush_interval_s: float = 0.02
-
-    def __post_init__(self) -> None:
-        if not self.topic:
-            raise ValueError(f"topic must be a non-empty string, but {self.topic!r} is given")
-        for name in ("buffer_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("flush_interval_s",):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+    topic: NonEmptyStr
+    buffer_size: PositiveInt = 100_000
+    batch_size: PositiveInt = 2000
+    flush_interval_s: PositiveFloat = 0.02
 
 
 @dataclass(frozen=True)
@@ -119,21 +108,37 @@ class ImpressionLogger:
         self.waits = 0  # times the logger waited on a full producer queue
         self.hook_errors = 0
         self._pending = 0  # taken from the buffer, not yet handed to the producer
+        self._reserved = 0  # slots held by requests between reserve() and log_many()
         self._deadline: float | None = None  # set by close(): when to stop waiting on the broker
 
     # -- request side ---------------------------------------------------------------
-    def has_room(self, n: int) -> bool:
-        """True when ``n`` more impressions fit the buffer; False counts a rejection."""
+    def reserve(self, n: int) -> bool:
+        """Hold ``n`` buffer slots for a request about to serve ``n`` impressions.
+
+        False (counted as a rejection) when they do not fit: the server answers 503
+        rather than serve what it cannot log. Holding the slots, not only checking
+        for them, keeps concurrent requests (``rank_executor="threads"``) from both
+        passing the check and the second one's impressions being dropped. The
+        request hands them back with ``log_many(..., reserved=n)`` or :meth:`release`.
+        """
         with self._lock:
-            if len(self._buffer) + self._pending + n <= self.config.buffer_size:
+            if len(self._buffer) + self._pending + self._reserved + n <= self.config.buffer_size:
+                self._reserved += n
                 return True
             self.rejected += 1
             return False
 
-    def log_many(self, impressions: Sequence[Impression]) -> int:
-        """Buffer ``impressions`` without blocking; returns how many were dropped."""
+    def release(self, n: int) -> None:
+        """Give back slots a request reserved and will not log (it failed)."""
         with self._lock:
-            room = self.config.buffer_size - len(self._buffer) - self._pending
+            self._reserved = max(0, self._reserved - n)
+
+    def log_many(self, impressions: Sequence[Impression], reserved: int = 0) -> int:
+        """Buffer ``impressions`` without blocking, first releasing the ``reserved``
+        slots held for them; returns how many were dropped (none when reserved)."""
+        with self._lock:
+            self._reserved = max(0, self._reserved - reserved)
+            room = self.config.buffer_size - len(self._buffer) - self._pending - self._reserved
             taken = impressions if len(impressions) <= room else impressions[: max(0, room)]
             self._buffer.extend(taken)
             dropped = len(impressions) - len(taken)

@@ -89,6 +89,7 @@ class ServingMetrics:
         self.redis_up.set(1)
         self.clicks = Counter("em3_serving_clicks", "Clicks produced to Kafka", registry=r)
         self.conversions = Counter("em3_serving_conversions", "Conversions produced to Kafka", registry=r)
+        self.deletions = Counter("em3_serving_deletions", "User deletion requests written to Kafka", registry=r)
         self.items_registered = Counter("em3_serving_items_registered", "Items registered or updated", registry=r)
 
     def attach(self, read: Callable[[], dict[str, Any]]) -> None:

@@ -29,15 +29,16 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, get_args
 
 import torch
 
+from em3.constraints import Literal, NonNegFloat, NonNegInt, PositiveInt, config_class
 from em3.model.encoders import content_digest
 from em3.retry import Breaker
 from em3.stores import ContentSource, HistorySource
 from em3.types import ItemContent, SnapshotManifest
-from serving.scoring import RankingModel
+from serving.scoring import ExplainingModel, RankingModel
 
 __all__ = [
     "RankingConfig",
@@ -47,15 +48,17 @@ __all__ = [
     "RankedItem",
     "RankResult",
     "RankingService",
+    "EXPLAIN_TOP_HISTORY",
     "UNKNOWN_POLICIES",
 ]
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_POLICIES = ("score", "drop")
+UnknownPolicy = Literal["score", "drop"]
+UNKNOWN_POLICIES: tuple[str, ...] = get_args(UnknownPolicy)
 
 
-@dataclass(frozen=True)
+@config_class
 class RankingConfig:
     """Settings of the :class:`RankingService`.
 
@@ -85,30 +88,14 @@ class RankingConfig:
         Rank unregistered candidates by their ID part, or leave them out.
     """
 
-    history_len: int = 100
-    max_candidates: int = 1000
-    cache_max_items: int = 200_000
-    precompute_max_items: int = 50_000
-    content_refresh_s: float = 30.0
-    unknown_ttl_s: float = 2.0
-    rep_batch_size: int = 64
-    unknown_candidates: str = "score"
-
-    def __post_init__(self) -> None:
-        for name in ("history_len", "max_candidates", "cache_max_items", "rep_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        if not isinstance(self.precompute_max_items, int) or self.precompute_max_items < 0:
-            raise ValueError(f"precompute_max_items must be >= 0, but {self.precompute_max_items!r} is given")
-        if not self.content_refresh_s >= 0:
-            raise ValueError(f"content_refresh_s must be >= 0, but {self.content_refresh_s!r} is given")
-        if not self.unknown_ttl_s >= 0:
-            raise ValueError(f"unknown_ttl_s must be >= 0, but {self.unknown_ttl_s!r} is given")
-        if self.unknown_candidates not in UNKNOWN_POLICIES:
-            raise ValueError(
-                f"unknown_candidates must be one of {UNKNOWN_POLICIES}, but {self.unknown_candidates!r} is given"
-            )
+    history_len: PositiveInt = 100
+    max_candidates: PositiveInt = 1000
+    cache_max_items: PositiveInt = 200_000
+    precompute_max_items: NonNegInt = 50_000
+    content_refresh_s: NonNegFloat = 30.0
+    unknown_ttl_s: NonNegFloat = 2.0
+    rep_batch_size: PositiveInt = 64
+    unknown_candidates: UnknownPolicy = "score"
 
 
 @dataclass
@@ -271,12 +258,18 @@ class RankedItem:
 
 @dataclass(frozen=True)
 class RankResult:
-    """Top items, unregistered candidates, and where the time went (seconds)."""
+    """Top items, unregistered candidates, and where the time went (seconds);
+    with ``explain``, one explanation per item (:meth:`RankingService.explain`)."""
 
     items: list[RankedItem]
     unknown_item_ids: list[str]
     history_len: int
     timings: Mapping[str, float]
+    explanations: list[dict | None] | None = None
+
+
+#: History items listed per explained item, by target-attention weight.
+EXPLAIN_TOP_HISTORY = 5
 
 
 class RankingService:
@@ -472,12 +465,15 @@ class RankingService:
 
     def rank(
         self, state: ServingState, user_id: str, item_ids: Sequence[str],
-        context: Mapping[str, str] | None = None, k: int | None = None, objective: str = "ctr",
+        context: Mapping[str, str] | None = None, k: int | None = None, explain: bool = False,
+        objective: str = "ctr",
     ) -> RankResult:
         """The top ``k`` of ``item_ids`` for ``user_id``, best first by ``objective``
         (``ctr``, ``ctcvr`` or ``value``; see :class:`em3.experiment.ArmConfig`).
 
-        ``item_ids`` must be unique and at most ``max_candidates`` long.
+        ``item_ids`` must be unique and at most ``max_candidates`` long. With
+        ``explain``, each ranked item also gets its explanation (:meth:`explain`);
+        without, nothing of it runs.
         """
         if len(item_ids) > self.config.max_candidates:
             raise ValueError(
@@ -514,4 +510,51 @@ class RankingService:
         t3 = time.perf_counter()
         items = [RankedItem(item_ids[keep[j]], float(values[j]), pos) for pos, j in enumerate(top)]
         timings = {"history_s": t1 - t0, "reps_s": t2 - t1, "model_s": t3 - t2, "total_s": t3 - t0}
-        return RankResult(items, unknown, len(history_ids), timings)
+        if not explain:
+            return RankResult(items, unknown, len(history_ids), timings)
+        explanations = self.explain(state, user_id, context or {}, history_ids, hist_reps, cand_reps[top],
+                                    [item.item_id for item in items])
+        timings["explain_s"] = time.perf_counter() - t3
+        return RankResult(items, unknown, len(history_ids), timings, explanations)
+
+    def explain(
+        self, state: ServingState, user_id: str, context: Mapping[str, str], history_ids: Sequence[str],
+        history_reps: torch.Tensor, reps: torch.Tensor, item_ids: Sequence[str],
+    ) -> list[dict | None]:
+        """One explanation per item of ``item_ids`` (rows ``reps`` ``(N, D)``, as scored
+        against ``history_reps`` of ``history_ids``), or None for each with a model that
+        cannot explain (:class:`serving.scoring.ExplainingModel`).
+
+        Each is ``{"logit", "baseline_logit", "content", "id"}`` (the Shapley split,
+        ``content + id = logit - baseline_logit``), ``"history"`` (the
+        :data:`EXPLAIN_TOP_HISTORY` history items with the largest target-attention
+        weight, ``[{"item_id", "weight"}]``), ``"modality"`` (``{"text", "image",
+        "missing"}``, the Fusion-Q-Former's attention mass; None without one, or while
+        the content store is unreachable) and ``"content_rows_current"`` (whether the
+        content row scored came from this version's content towers, rather than an
+        earlier version's while a refresh is due or running; the attention mass is
+        always this version's). Costs four forward passes over ``N`` items and one
+        fusion pass over their content; nothing when not called.
+        """
+        from em3.model.explain import MODALITIES
+
+        model = state.model
+        if not isinstance(model, ExplainingModel) or not item_ids:
+            return [None] * len(item_ids)
+        with torch.inference_mode():
+            rows = model.explain_scores(user_id, context, history_reps, reps).rows(history_ids, EXPLAIN_TOP_HISTORY)
+        contents = None
+        if self.content_breaker.allow():
+            try:
+                contents = list(self.content.get_many(item_ids))
+                self.content_breaker.success()
+            except Exception as exc:  # noqa: BLE001 - explain what can be explained
+                self.content_errors += 1
+                self.content_breaker.failure()
+                logger.warning("content lookup for an explanation failed: %r", exc)
+        mass = None if contents is None else model.modality_mass(item_ids, contents)  # (N, 3) or None
+        current = state.content.key == model.content_key
+        for n, row in enumerate(rows):
+            row["modality"] = None if mass is None else dict(zip(MODALITIES, mass[n].tolist()))
+            row["content_rows_current"] = current
+        return rows

@@ -28,6 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
+from em3.constraints import NonEmptyStr, PositiveInt, config_class
 from em3.errors import SignatureError, SnapshotError
 from em3.redis_stores import RedisError
 from em3.types import SnapshotManifest
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 PrepareFn = Callable[[str, SnapshotManifest, RankingModel, "ServingState | None"], ServingState]
 
 
-@dataclass(frozen=True)
+@config_class
 class ReloaderConfig:
     """Which snapshots one :class:`SnapshotReloader` serves.
 
@@ -65,18 +66,10 @@ class ReloaderConfig:
         cannot compute one of them is refused (:attr:`RankingModel.objectives`).
     """
 
-    model_line: str
-    version: int | None = None
-    max_bad_versions: int = 100
-    objectives: tuple[str, ...] = ("ctr",)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model_line, str) or not self.model_line:
-            raise ValueError(f"model_line must be a non-empty string, but {self.model_line!r} is given")
-        if self.version is not None and (not isinstance(self.version, int) or self.version <= 0):
-            raise ValueError(f"version must be > 0, but {self.version!r} is given")
-        if self.max_bad_versions <= 0:
-            raise ValueError(f"max_bad_versions must be > 0, but {self.max_bad_versions} is given")
+    model_line: NonEmptyStr
+    version: PositiveInt | None = None
+    max_bad_versions: PositiveInt = 100
+    objectives: tuple[NonEmptyStr, ...] = ("ctr",)
 
     @property
     def key(self) -> str:

@@ -14,6 +14,9 @@ fast part (two-speed content):
 * ``score(user_id, context, history_reps, candidate_reps)``: one logit per
   candidate.
 
+A model may also explain its scores (:class:`ExplainingModel`, optional: the
+server answers ``"explain": true`` with ``null`` explanations for one that cannot).
+
 A :class:`ModelLoader` turns a verified snapshot (manifest and blob) into a
 :class:`RankingModel`. :class:`EM3Loader` is the production one (the EM3 model
 of :mod:`em3.model`, verified by :func:`em3.snapshot.unpack`);
@@ -31,7 +34,8 @@ import torch
 from em3.errors import SnapshotError
 from em3.types import ItemContent, SnapshotManifest
 
-__all__ = ["RankingModel", "ModelLoader", "EM3Loader", "EM3RankingModel", "pinned_config_check"]
+__all__ = ["RankingModel", "ExplainingModel", "ModelLoader", "EM3Loader", "EM3RankingModel",
+           "pinned_config_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,22 @@ class RankingModel(Protocol):
 
 
 @runtime_checkable
+class ExplainingModel(Protocol):
+    """A :class:`RankingModel` that can say why it scores as it does
+    (:mod:`em3.model.explain`). Called only for requests that ask for it."""
+
+    def explain_scores(
+        self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+    ) -> Any:
+        """A :class:`em3.model.explain.ScoreExplanation` of ``candidate_reps`` ``(C, D)``."""
+        ...
+
+    def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
+        """``(N, 3)`` attention mass on text, image and missing content, or None."""
+        ...
+
+
+@runtime_checkable
 class ModelLoader(Protocol):
     """Builds a :class:`RankingModel` from a published snapshot.
 
@@ -109,6 +129,17 @@ def pinned_config_check(
         return expected
     with lock:
         return pinned.setdefault(manifest.model_line, dict(manifest.config))
+
+
+def _model_config(manifest: SnapshotManifest) -> Any:
+    """The manifest's :class:`em3.model.ModelConfig`, checked against its declared
+    constraints; a config that breaks them is a :class:`SnapshotError`."""
+    from em3.model import ModelConfig
+
+    try:
+        return ModelConfig.from_dict(manifest.config)
+    except (TypeError, ValueError) as exc:
+        raise SnapshotError(f"snapshot config is not a valid ModelConfig: {exc}") from None
 
 
 def _share_frozen_copy(model: Any) -> Any:
@@ -188,6 +219,23 @@ class EM3RankingModel:
     ) -> torch.Tensor:
         return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps, objective)  # (C,)
 
+    @torch.inference_mode()
+    def explain_scores(
+        self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+    ) -> Any:
+        from em3.model.explain import explain_candidates
+
+        return explain_candidates(self.model, user_id, dict(context), history_reps, candidate_reps)
+
+    @torch.inference_mode()
+    def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
+        from em3.model.explain import modality_mass
+
+        if not self.model.config.use_content:
+            return None
+        with self.rep_lock:  # the frozen-prefix cache is shared with the line's other versions
+            return modality_mass(self.model, item_ids, contents)  # (N, 3)
+
 
 #: Trainable tensors of the content towers (LoRA adapters, fusion, content norm).
 CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
@@ -224,14 +272,11 @@ class EM3Loader:
     ) -> RankingModel:
         # Heavy imports stay lazy: `em3 serve --help` must not load torch models.
         from em3 import snapshot
-        from em3.model import EM3Model, ModelConfig
+        from em3.model import EM3Model
 
+        config = _model_config(manifest)  # before pinning: a bad config never becomes the line's
         expected = pinned_config_check(self._pinned, self._lock, manifest, self.expected_config)
         state = snapshot.unpack(blob, manifest, expected)  # raises SnapshotError
-        try:
-            config = ModelConfig.from_dict(manifest.config)
-        except (TypeError, ValueError) as exc:
-            raise SnapshotError(f"snapshot config is not a ModelConfig: {exc}") from None
         if isinstance(previous, EM3RankingModel) and previous.model.config == config:
             model, rep_lock = _share_frozen_copy(previous.model), previous.rep_lock
         else:
@@ -247,11 +292,10 @@ class EM3Loader:
         base) with the delta applied (:func:`em3.snapshot.apply_delta` checks the base's
         digest and the result's). ``previous`` is not modified."""
         from em3 import snapshot
-        from em3.model import ModelConfig
 
+        config = _model_config(manifest)
         expected = pinned_config_check(self._pinned, self._lock, manifest, self.expected_config)
         delta = snapshot.unpack(blob, manifest, expected)  # raises SnapshotError
-        config = ModelConfig.from_dict(manifest.config)
         if not isinstance(previous, EM3RankingModel) or previous.model.config != config:
             raise SnapshotError(f"delta v{manifest.version} needs its base v{manifest.base_version} loaded")
         state = snapshot.apply_delta(previous.model.trainable_state_dict(), delta, manifest)

@@ -18,14 +18,16 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_args
 
 import torch
 
 from em3 import codec
 from em3.config import Settings
+from em3.constraints import Annotated, Field, Int, Literal, PositiveFloat, PositiveInt, config_class
+from em3.privacy import Pseudonymizer, deletion_records, tombstone_id
 from em3.stores import ContentSource, HistorySource
-from em3.types import Click, Conversion, Impression, ItemContent
+from em3.types import Click, Conversion, Impression, ItemContent, Tombstone
 from em3.experiment import ArmConfig, ExperimentConfig
 from serving.ab import BaselineResult, PopularityRanker, RandomRanker
 from serving.logger import ImpressionLogger, ImpressionLoggerConfig
@@ -47,10 +49,12 @@ class Unavailable(RuntimeError):
     """A dependency (Redis, the Kafka producer) cannot take the request now (HTTP 503)."""
 
 
-RANK_EXECUTORS = ("loop", "threads")
+RankExecutor = Literal["loop", "threads"]
+RANK_EXECUTORS: tuple[str, ...] = get_args(RankExecutor)
+_STATUS_ORDER = ["requested", "erasing", "stores_erased", "complete"]
 
 
-@dataclass(frozen=True)
+@config_class
 class ServerConfig:
     """Settings of one server process.
 
@@ -115,39 +119,19 @@ class ServerConfig:
 
     experiment: ExperimentConfig
     ranking: RankingConfig = field(default_factory=RankingConfig)
-    poll_interval_s: float = 1.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    impression_buffer: int = 100_000
+    poll_interval_s: PositiveFloat = 1.0
+    max_body_bytes: PositiveInt = 4 * 1024 * 1024
+    impression_buffer: PositiveInt = 100_000
     count_impressions: bool = True
     random_seed: int = 0
-    request_threads: int | None = 1
-    precompute_threads: int | None = 1
-    precompute_nice: int = 5
-    rank_executor: str = "loop"
-    max_future_s: float = 300.0
-    store_timeout_s: float = 0.3
+    request_threads: PositiveInt | None = 1
+    precompute_threads: PositiveInt | None = 1
+    precompute_nice: Annotated[Int, Field(ge=0, le=19)] = 5
+    rank_executor: RankExecutor = "loop"
+    max_future_s: PositiveFloat = 300.0
+    store_timeout_s: PositiveFloat = 0.3
     api_key: str = field(default="", repr=False)
     trusted_network: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.store_timeout_s > 0:
-            raise ValueError(f"store_timeout_s must be > 0, but {self.store_timeout_s!r} is given")
-        if not self.max_future_s > 0:
-            raise ValueError(f"max_future_s must be > 0, but {self.max_future_s!r} is given")
-        if self.rank_executor not in RANK_EXECUTORS:
-            raise ValueError(f"rank_executor must be one of {RANK_EXECUTORS}, but {self.rank_executor!r} is given")
-        if not isinstance(self.precompute_nice, int) or not 0 <= self.precompute_nice <= 19:
-            raise ValueError(f"precompute_nice must be in [0, 19], but {self.precompute_nice!r} is given")
-        for name in ("request_threads", "precompute_threads"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        if not self.poll_interval_s > 0:
-            raise ValueError(f"poll_interval_s must be > 0, but {self.poll_interval_s!r} is given")
-        for name in ("max_body_bytes", "impression_buffer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
 
     def sources(self) -> list[ReloaderConfig]:
         """One reloader per distinct model source among the arms."""
@@ -216,17 +200,24 @@ class RankedResponse:
     items: list[tuple[str, float, str, float]]  # item_id, score, impression_id, propensity
     unknown_item_ids: list[str]
     timings: Mapping[str, float]
+    #: One per item when the request asked for explanations (None each for an arm
+    #: without a model that explains); None when it did not ask.
+    explanations: list[dict | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        items = [
+            {"item_id": i, "score": s, "position": pos, "impression_id": imp, "propensity": p}
+            for pos, (i, s, imp, p) in enumerate(self.items)
+        ]
+        if self.explanations is not None:
+            for item, explanation in zip(items, self.explanations):
+                item["explanation"] = explanation
         return {
             "request_id": self.request_id,
             "arm": self.arm,
             "model_line": self.model_line,
             "model_version": self.model_version,
-            "items": [
-                {"item_id": i, "score": s, "position": pos, "impression_id": imp, "propensity": p}
-                for pos, (i, s, imp, p) in enumerate(self.items)
-            ],
+            "items": items,
             "unknown_item_ids": self.unknown_item_ids,
         }
 
@@ -249,6 +240,13 @@ class ServingRuntime:
         Topic names; Redis prefix for item-update notices.
     redis_client : optional
         For item-update notices and the registered-items check.
+    pseudonymizer : Pseudonymizer, optional
+        Turns the raw user IDs of requests into pseudonyms before anything else
+        sees them (default: from ``settings``; refused without a key unless raw
+        IDs are explicitly allowed).
+    tombstones : RedisPrivacyStore-like, optional
+        Where deletion requests are recorded and their status read
+        (``DELETE /v1/users/{id}``, ``GET /v1/users/{id}/deletion``).
     """
 
     def __init__(
@@ -263,9 +261,15 @@ class ServingRuntime:
         producer: Any = None,
         settings: Settings | None = None,
         redis_client: Any = None,
+        pseudonymizer: Pseudonymizer | None = None,
+        tombstones: Any = None,
     ) -> None:
         self.config = config
         self.settings = settings
+        #: Raw user ID -> pseudonym, applied at the top of every request (the edge).
+        self.pseudonymize = pseudonymizer if pseudonymizer is not None else Pseudonymizer.from_settings(settings)
+        self.tombstones = tombstones
+        self._migrated: set[str] = set()
         #: The key writes must send (``ServerConfig.api_key``, else the settings').
         self.api_key = config.api_key or getattr(settings, "api_key", "") or ""
         self.content = content
@@ -312,11 +316,13 @@ class ServingRuntime:
     def from_settings(cls, settings: Settings, config: ServerConfig, loader: ModelLoader) -> "ServingRuntime":
         """Redis stores and a Kafka producer for ``settings``."""
         from em3.redis_stores import (
-            RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisSnapshotStore, connect,
+            RedisContentStore, RedisHistoryStore, RedisPopularityStore, RedisPrivacyStore, RedisSnapshotStore,
+            connect,
         )
         from serving.logger import PRODUCER_SETTINGS
         from stream.kafka import make_producer
 
+        pseudonymizer = Pseudonymizer.from_settings(settings)  # refuse before connecting anything
         # Two clients: the request path (history, counters) waits at most
         # store_timeout_s for Redis, so an outage costs a request milliseconds, not
         # seconds (and the breakers in RankingService skip Redis while it is down);
@@ -325,12 +331,15 @@ class ServingRuntime:
         fast = connect(settings.redis, socket_timeout=config.store_timeout_s,
                        socket_connect_timeout=config.store_timeout_s)
         prefix = settings.redis_prefix
+        retention = settings.retention
         runtime = cls(
             config, loader, RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
-            RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix),
-            popularity=RedisPopularityStore(fast, prefix),
+            RedisContentStore(client, prefix), RedisHistoryStore(fast, prefix, ttl_s=retention.history_ttl_s),
+            popularity=RedisPopularityStore(fast, prefix, ttl_s=retention.counter_ttl_s,
+                                            buckets=retention.counter_buckets),
             producer=make_producer(settings.kafka, delivery_report_only_error=True, **PRODUCER_SETTINGS),
             settings=settings, redis_client=fast,
+            tombstones=RedisPrivacyStore(client, prefix, retention.tombstone_ttl_s), pseudonymizer=pseudonymizer,
         )
         runtime.owns_clients = True
         runtime._bulk_client = client
@@ -405,14 +414,19 @@ class ServingRuntime:
     # -- requests ------------------------------------------------------------------------
     def rank(
         self, user_id: str, item_ids: Sequence[str], context: Mapping[str, str] | None = None, k: int | None = None,
-        *, served_at: float | None = None,
+        *, served_at: float | None = None, explain: bool = False,
     ) -> RankedResponse:
-        """Rank for ``user_id`` with the arm it is bucketed into, and log impressions.
+        """Rank for ``user_id`` (the raw ID: it is pseudonymised first) with the arm its
+        pseudonym is bucketed into, and log impressions.
 
-        ``served_at`` stamps the impressions (event time; default now). Raises
+        ``served_at`` stamps the impressions (event time; default now). ``explain``
+        adds an explanation per item (:meth:`serving.ranking.RankingService.explain`;
+        None each for a baseline arm); the impressions are logged as for any
+        request, since the items are served. Raises
         :class:`NotReady` if the arm's snapshot is not loaded yet, and
         :class:`Unavailable` while the impression log is full.
         """
+        user_id = self._user(user_id)
         if not getattr(self._thread_state, "ready", False):
             # Torch reads its thread count per OS thread; a watcher thread that set
             # its own must not decide what request threads use.
@@ -420,9 +434,23 @@ class ServingRuntime:
             self._thread_state.ready = True
         context = dict(context or {})
         k = len(item_ids) if k is None else min(k, len(item_ids))
-        if self.logger is not None and not self.logger.has_room(k):
+        if self.logger is not None and not self.logger.reserve(k):
             # Back-pressure: never serve impressions that cannot be logged.
             raise Unavailable("the impression log is full (Kafka away or slow); retry shortly")
+        try:
+            response, impressions = self._rank_unlogged(user_id, item_ids, context, k, served_at, explain)
+        except BaseException:
+            if self.logger is not None:
+                self.logger.release(k)
+            raise
+        if self.logger is not None:
+            # Hand back the whole reservation and buffer: ``impressions`` may be fewer than k.
+            self.logger.log_many(impressions, reserved=k)
+        return response
+
+    def _rank_unlogged(self, user_id: str, item_ids: Sequence[str], context: dict, k: int,
+                       served_at: float | None, explain: bool) -> tuple[RankedResponse, list[Impression]]:
+        """:meth:`rank` without the logging: the response and the impressions to log."""
         arm = self.config.experiment.arm_for(user_id)
         request_id = f"{self._id_prefix}{next(self._ids):08x}"
         served_at = time.time() if served_at is None else served_at
@@ -430,24 +458,25 @@ class ServingRuntime:
             state = self.reloaders[arm.source_key].current
             if state is None:
                 raise NotReady(f"arm {arm.name!r}: no snapshot of {arm.source_key!r} loaded yet")
-            result = self.ranking.rank(state, user_id, item_ids, context, k, objective=arm.objective)
+            result = self.ranking.rank(state, user_id, item_ids, context, k, explain=explain, objective=arm.objective)
             ranked = [(r.item_id, r.score, 1.0) for r in result.items]
             unknown = result.unknown_item_ids
             line, version, timings = state.model_line, state.version, result.timings
+            explanations = result.explanations
             self.metrics.model_seconds.observe(timings["model_s"])
         else:
             ranked, unknown = self._rank_baseline(arm, item_ids, k, request_id)
             line, version, timings = arm.logged_line, 0, {}
+            explanations = [None] * len(ranked) if explain else None
         items = [(item_id, score, f"{request_id}-{pos}", p) for pos, (item_id, score, p) in enumerate(ranked)]
-        if self.logger is not None:
-            self.logger.log_many([
-                Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
-                for pos, (item_id, _, imp_id, p) in enumerate(items)
-            ])
+        impressions = [
+            Impression(imp_id, request_id, user_id, item_id, pos, served_at, line, version, arm.name, p, context)
+            for pos, (item_id, _, imp_id, p) in enumerate(items)
+        ] if self.logger is not None else []
         self.metrics.arm_requests.labels(arm.name).inc()
         if unknown:
             self.metrics.unknown_candidates.inc(len(unknown))
-        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings)
+        return RankedResponse(request_id, arm.name, line, version, items, unknown, timings, explanations), impressions
 
     def _rank_baseline(
         self, arm: ArmConfig, item_ids: Sequence[str], k: int, request_id: str
@@ -480,10 +509,29 @@ class ServingRuntime:
             return []
         return [i for i, ok in zip(item_ids, mask) if not ok]
 
+    def _user(self, raw: str) -> str:
+        """The pseudonym of ``raw``; during a key rotation, the user's history moves to
+        the new pseudonym the first time this process sees the user."""
+        user = self.pseudonymize(raw)
+        if self.pseudonymize.rotating and user not in self._migrated:
+            migrate = getattr(self.ranking.history, "migrate", None)
+            if migrate is not None:
+                try:
+                    migrate(self.pseudonymize.previous(raw), user)
+                except Exception as exc:  # noqa: BLE001 - best effort: retried on the next request
+                    logger.warning("moving a history to its new pseudonym failed: %r", exc)
+                    return user
+            if len(self._migrated) > 1_000_000:
+                self._migrated.clear()
+            self._migrated.add(user)
+        return user
+
     def click(self, click: Click) -> None:
-        """Produce ``click`` to the clicks topic and count it for popularity."""
+        """Produce ``click`` (with the raw user ID, pseudonymised here) to the clicks topic
+        and count it for popularity."""
         if self.producer is None or self.settings is None:
             raise Unavailable("this server has no Kafka producer")
+        click = Click(click.impression_id, self._user(click.user_id), click.item_id, click.clicked_at)
         try:
             self.producer.produce(self.settings.topics.clicks, key=click.user_id.encode(), value=codec.encode(click))
         except BufferError as exc:
@@ -498,9 +546,12 @@ class ServingRuntime:
                 logger.warning("click counter update failed: %r", exc)
 
     def conversion(self, conversion: Conversion) -> None:
-        """Produce ``conversion`` to the conversions topic (the join attributes it)."""
+        """Produce ``conversion`` (with the raw user ID, pseudonymised here, as clicks are)
+        to the conversions topic (the join attributes it)."""
         if self.producer is None or self.settings is None:
             raise Unavailable("this server has no Kafka producer")
+        conversion = Conversion(conversion.impression_id, self._user(conversion.user_id), conversion.item_id,
+                                conversion.converted_at, conversion.value)
         try:
             self.producer.produce(self.settings.topics.conversions, key=conversion.user_id.encode(),
                                   value=codec.encode(conversion))
@@ -508,6 +559,64 @@ class ServingRuntime:
             raise Unavailable(f"Kafka producer queue is full: {exc}") from None
         self.producer.poll(0)
         self.metrics.conversions.inc()
+
+    def request_deletion(self, raw_user_id: str, request_id: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
+        """Write a deletion request for ``raw_user_id`` (each of its pseudonyms) to the
+        deletions topic and record it as ``requested``; returns what ``DELETE
+        /v1/users/{id}`` answers. Raises :class:`Unavailable` when the broker has not
+        acknowledged the request within ``timeout_s`` (it stays queued; retrying is safe)."""
+        if self.producer is None or self.settings is None:
+            raise Unavailable("this server has no Kafka producer")
+        requested_at = time.time()
+        records = deletion_records(self.pseudonymize.all(raw_user_id), requested_at, request_id)
+        errors: list[str] = []
+
+        def delivered(err: Any, msg: Any) -> None:  # the server's producer reports failures only
+            if err is not None:
+                errors.append(str(err))
+
+        try:
+            for key, value, _ in records:
+                self.producer.produce(self.settings.topics.deletions, key=key, value=value, on_delivery=delivered)
+        except BufferError as exc:
+            raise Unavailable(f"Kafka producer queue is full: {exc}") from None
+        remaining = self.producer.flush(timeout_s)
+        if errors or remaining:
+            raise Unavailable(f"the broker has not acknowledged the deletion request "
+                              f"({errors[:1] or f'{remaining} queued after {timeout_s} s'}); retrying is safe")
+        if self.tombstones is not None:
+            for _, _, tomb in records:
+                try:
+                    self.tombstones.requested(tomb)
+                except Exception as exc:  # noqa: BLE001 - the agent records it anyway
+                    logger.warning("recording a deletion request failed: %r", exc)
+        self.metrics.deletions.inc()
+        return {"status": "requested", "requested_at": requested_at}
+
+    def deletion_status(self, raw_user_id: str) -> dict[str, Any] | None:
+        """What is known of the deletion of ``raw_user_id`` (None: nothing). With a key
+        rotation under way both pseudonyms are looked up, and the deletion is complete
+        once both are."""
+        if self.tombstones is None:
+            raise Unavailable("this server has no tombstone store")
+        try:
+            tombs = [self.tombstones.status(tombstone_id(p)) for p in self.pseudonymize.all(raw_user_id)]
+        except Exception as exc:  # noqa: BLE001 - Redis away
+            raise Unavailable(f"tombstone store unavailable: {exc!r}") from None
+        known: list[Tombstone] = [t for t in tombs if t is not None]
+        if not known:
+            return None
+        done = all(t.status == "complete" for t in known)
+        first = known[0]
+        return {
+            "status": "complete" if done else min((t.status for t in known), key=_STATUS_ORDER.index),
+            "requested_at": min(t.requested_at for t in known),
+            "stores_erased_at": first.stores_erased_at,
+            "completed_at": max(t.completed_at or 0.0 for t in known) if done else None,
+            "lines_reset": first.lines_reset,
+            "lines_expected": first.lines_expected,
+            "erased": first.erased,
+        }
 
     def put_items(self, items: Sequence[ItemContent]) -> None:
         """Register or update content; drop cached rows here and tell other servers."""

@@ -19,13 +19,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from em3.constraints import PositiveInt, config_class
 from em3.errors import SnapshotError
 from em3.types import ItemContent, SnapshotManifest
 from serving.scoring import pinned_config_check
@@ -38,19 +39,13 @@ def _bucket(text: str, buckets: int) -> int:
     return int.from_bytes(digest, "little") % buckets
 
 
-@dataclass(frozen=True)
+@config_class
 class ToyConfig:
     """Saved config of a :class:`ToyModel`."""
 
-    dim: int = 8
-    buckets: int = 1024
-    history_len: int = 20
-
-    def __post_init__(self) -> None:
-        for name in ("dim", "buckets", "history_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+    dim: PositiveInt = 8
+    buckets: PositiveInt = 1024
+    history_len: PositiveInt = 20
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "toy", **asdict(self)}

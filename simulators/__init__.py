@@ -2,8 +2,8 @@
 
 Pure cores (arrays and iterables in, numbers and events out) with I/O at the
 edges: Kafka only in :mod:`simulators.kafka_sink` (through :mod:`stream.kafka`),
-plotting only in :mod:`simulators.report`. Both are imported lazily, on first
-use of :func:`produce_events` or :func:`write_report`.
+the report page (Jinja2, inline SVG) only in :mod:`simulators.report`. Both are
+imported lazily, on first use of :func:`produce_events` or :func:`write_report`.
 
 Modules
 -------
@@ -15,7 +15,7 @@ replay_sources  OBD and JSONL/CSV/Parquet adapters
 world        simulated users and items with hidden ground truth
 rankers      the Ranker protocol and baseline rankers
 ab           the online A/B runner and its JSON report
-report       PNG plots and a self-contained HTML report
+report       the HTML report page: verdict first, SVG plots, tables, raw JSON
 """
 from __future__ import annotations
 

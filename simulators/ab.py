@@ -47,7 +47,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from em3.experiment import TRAINING_DATA, ArmPropensity
+from em3.constraints import Literal, OpenProbability, PositiveFloat, PositiveInt, config_class
+from em3.experiment import ArmPropensity, TrainingData
 from em3.types import Click, Conversion, Impression
 from simulators.rankers import Ranker
 from simulators.sequential import DEFAULT_TAU2, RatioStats, SequentialTest, fixed_horizon
@@ -58,7 +59,7 @@ __all__ = ["ABConfig", "ArmStats", "ABReport", "ABRunner", "run_ab", "assign_arm
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class ABConfig:
     """Settings of one experiment.
 
@@ -100,7 +101,8 @@ class ABConfig:
         Conversions later than this after their click do not count (the join's
         ``--conversion-window-s``).
     stop_early : bool
-        End when every treatment has a verdict.
+        End when every treatment has a verdict (the report's ``stop_reason`` is
+        then ``"evidence"``).
     training_data : {"split", "pooled", "weighted"}
         What learning rankers observe (:data:`em3.experiment.TRAINING_DATA`): only
         their own arm's events (``split``), every arm's (``pooled``), or every arm's
@@ -113,40 +115,24 @@ class ABConfig:
         Seed of arrivals and assignment.
     """
 
-    n_requests: int = 20_000
-    k: int = 10
-    request_rate_per_s: float = 2.0
+    n_requests: PositiveInt = 20_000
+    k: PositiveInt = 10
+    request_rate_per_s: PositiveFloat = 2.0
     start_time: float | None = None
     split: Mapping[str, float] | None = None
     control: str | None = None
-    assignment: str = "user"
-    unit: str = "user"
-    alpha: float = 0.05
-    tau2: float = DEFAULT_TAU2
-    min_samples: int = 200
-    check_every: int = 500
-    attribution_window_s: float = 600.0
-    conversion_window_s: float = 86_400.0
+    assignment: Literal["user", "request"] = "user"
+    unit: Literal["user", "request"] = "user"
+    alpha: OpenProbability = 0.05
+    tau2: PositiveFloat = DEFAULT_TAU2
+    min_samples: PositiveInt = 200
+    check_every: PositiveInt = 500
+    attribution_window_s: PositiveFloat = 600.0
+    conversion_window_s: PositiveFloat = 86_400.0
     stop_early: bool = False
-    training_data: str = "split"
+    training_data: TrainingData = "split"
     arm_from_ranking: bool = False
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.training_data not in TRAINING_DATA:
-            raise ValueError(f"training_data must be one of {TRAINING_DATA}, but {self.training_data!r} is given")
-        for name in ("n_requests", "k", "check_every", "min_samples"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
-        for name in ("request_rate_per_s", "tau2", "attribution_window_s", "conversion_window_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)} is given")
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), but {self.alpha} is given")
-        if self.assignment not in ("request", "user"):
-            raise ValueError(f"assignment must be 'request' or 'user', but {self.assignment!r} is given")
-        if self.unit not in ("request", "user"):
-            raise ValueError(f"unit must be 'request' or 'user', but {self.unit!r} is given")
 
 
 @dataclass
@@ -207,13 +193,18 @@ class ArmStats:
 
 @dataclass
 class ABReport:
-    """Everything an experiment produced; :meth:`to_json` is the JSON report."""
+    """Everything an experiment produced; :meth:`to_json` is the JSON report.
+
+    ``stop_reason`` says why it ended: ``"evidence"`` (every treatment reached a
+    verdict, with ``stop_early``), ``"time_budget"`` (``should_stop`` said so) or
+    ``"request_budget"`` (it ran its ``n_requests``).
+    """
 
     config: dict[str, Any]
     arms: list[str]
     control: str
     requests: int
-    stopped_early: bool
+    stop_reason: str
     final: dict[str, dict[str, float]]
     tests: dict[str, dict[str, Any]]
     timeline: list[dict[str, Any]] = field(default_factory=list)
@@ -290,8 +281,8 @@ class ABRunner:
     metrics : callable, optional
         ``metrics(t) -> {series: {arm: value}}`` at every look (see module docstring).
     should_stop : callable, optional
-        Checked before each request; True ends the experiment there (a wall-clock
-        budget, for example), as ``stop_early`` does.
+        Checked before each request; True ends the experiment there: a wall-clock
+        budget (the report's ``stop_reason`` is then ``"time_budget"``).
     """
 
     def __init__(self, world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, *,
@@ -338,7 +329,7 @@ class ABRunner:
         seq = 0
         timeline: list[dict[str, Any]] = []
         stopped_at: dict[str, tuple[int, float]] = {}
-        stopped_early = False
+        stop_reason = "request_budget"
         n_done = 0
 
         propensity = ArmPropensity()
@@ -412,7 +403,7 @@ class ABRunner:
 
         for i in range(cfg.n_requests):
             if self.should_stop is not None and self.should_stop():
-                stopped_early = True
+                stop_reason = "time_budget"
                 break
             t += float(rng.exponential(1.0 / cfg.request_rate_per_s))
             deliver(t)
@@ -463,7 +454,7 @@ class ABRunner:
             if n_done % cfg.check_every == 0:
                 look(t)
                 if cfg.stop_early and len(stopped_at) == len(self.treatments):
-                    stopped_early = n_done < cfg.n_requests
+                    stop_reason = "evidence"
                     break
         end = t + cfg.attribution_window_s
         last_conversion = max((vt for vt, *_ in conversions_due), default=end)
@@ -489,7 +480,7 @@ class ABRunner:
                 "stopped_at_time": stopped_at.get(a, (None, None))[1],
             }
         cfg_dict = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(cfg).items()}
-        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stopped_early, final, verdicts, timeline)
+        return ABReport(cfg_dict, self.arm_names, self.control, n_done, stop_reason, final, verdicts, timeline)
 
 
 def run_ab(world: World, arms: Mapping[str, Ranker], config: ABConfig | None = None, **kwargs: Any) -> ABReport:

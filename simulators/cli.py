@@ -19,6 +19,8 @@ import logging
 import sys
 from pathlib import Path
 
+from em3.errors import ImproperlyConfigured
+
 __all__ = ["register", "replay_command", "ab_command"]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of drawn click delays")
     p.add_argument("--partitions", type=int, default=1, help="partitions of topics created here")
     p.add_argument("--dry-run", action="store_true", help="replay without Kafka: only count")
+    p.add_argument("--allow-raw-user-ids", action="store_true",
+                   help="without EM3_USER_ID_KEY, produce raw user IDs (local demos only; same as "
+                        "EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
     p.add_argument("--no-progress", action="store_true")
     add_connection_flags(p)
     p.set_defaults(func=replay_command)
@@ -73,7 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-users", type=int, default=1000)
     p.add_argument("--n-items", type=int, default=400)
     p.add_argument("--kafka", action="store_true", help="also produce impressions and clicks to Kafka")
-    p.add_argument("--out", default=None, help="write report.json, PNGs and report.html here")
+    p.add_argument("--allow-raw-user-ids", action="store_true",
+                   help="without EM3_USER_ID_KEY, produce raw user IDs (local demos only; same as "
+                        "EM3_ALLOW_RAW_USER_IDS=1); with a key, IDs are pseudonymised either way")
+    p.add_argument("--out", default=None, help="write report.json and report.html here")
     add_connection_flags(p)
     p.set_defaults(func=ab_command)
 
@@ -89,10 +97,32 @@ def _progress():
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=Console(stderr=True))
 
 
+def _pseudonymizer(settings, args: argparse.Namespace):
+    """The edge's :class:`em3.privacy.Pseudonymizer` (raises ImproperlyConfigured without a key,
+    unless ``--allow-raw-user-ids`` or ``EM3_ALLOW_RAW_USER_IDS=1``)."""
+    import dataclasses
+
+    from em3.privacy import Pseudonymizer
+
+    if getattr(args, "allow_raw_user_ids", False):
+        settings = dataclasses.replace(settings, allow_raw_user_ids=True)
+    return Pseudonymizer.from_settings(settings)
+
+
 def replay_command(args: argparse.Namespace) -> int:
+    from em3.errors import ImproperlyConfigured
     from simulators.delays import make_delay
     from simulators.replay import LogReplayer, ReplayConfig
     from simulators.replay_sources import file_rows, movielens_rows, obd_rows
+
+    if not args.dry_run:  # the edge: refuse before reading anything without a user ID key
+        from em3.app.cli import settings_from_args
+
+        try:
+            _pseudonymizer(settings_from_args(args), args)
+        except ImproperlyConfigured as exc:
+            print(f"em3 replay: {exc}", file=sys.stderr)
+            return 2
 
     delay = make_delay(args.click_delay) if args.click_delay else None
     if args.obd:
@@ -129,7 +159,7 @@ def replay_command(args: argparse.Namespace) -> int:
 
             settings = settings_from_args(args)
             sink = produce_events(replayer.run(rows), settings.kafka, prefix=settings.topics.prefix,
-                                  partitions=args.partitions)
+                                  partitions=args.partitions, pseudonymize=_pseudonymizer(settings, args))
             out["kafka"] = sink.to_dict()
     except KeyboardInterrupt:
         out["interrupted"] = True
@@ -156,7 +186,8 @@ def _builtin_arms(spec: str, world):
         elif name == "oracle-noisy":
             arms[name] = OracleRanker(world, name, noise=2.0, seed=i)
         else:
-            raise ValueError(f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
+            raise ImproperlyConfigured(
+                f"arm must be one of random, popularity, oracle, oracle-noisy, but {name!r} is given")
     return arms
 
 
@@ -183,10 +214,16 @@ def ab_command(args: argparse.Namespace) -> int:
     kafka_sink = None
     if args.kafka:
         from em3.app.cli import settings_from_args
+        from em3.errors import ImproperlyConfigured
         from simulators.kafka_sink import KafkaEventSink
 
         settings = settings_from_args(args)
-        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix)
+        try:
+            pseudonymize = _pseudonymizer(settings, args)
+        except ImproperlyConfigured as exc:
+            print(f"em3 ab: {exc}", file=sys.stderr)
+            return 2
+        kafka_sink = KafkaEventSink(settings.kafka, prefix=settings.topics.prefix, pseudonymize=pseudonymize)
         sinks.append(kafka_sink)
 
     def sink(event) -> None:
@@ -198,7 +235,7 @@ def ab_command(args: argparse.Namespace) -> int:
                       arm_from_ranking=bool(args.server), unit=args.unit, min_samples=args.min_units)
     report = ABRunner(world, arms, config, event_sink=sink if sinks else None).run()
     summary: dict[str, object] = {
-        "control": report.control, "requests": report.requests, "stopped_early": report.stopped_early,
+        "control": report.control, "requests": report.requests, "stop_reason": report.stop_reason,
         "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
         "cvr": {a: s["cvr"] for a, s in report.final.items()},

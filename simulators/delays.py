@@ -13,10 +13,11 @@ True
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from em3.constraints import NonNegFloat, PositiveFloat, config_class
 
 __all__ = ["DelayDistribution", "FixedDelay", "ExponentialDelay", "LogNormalDelay", "make_delay"]
 
@@ -28,38 +29,28 @@ class DelayDistribution(Protocol):
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray: ...
 
 
-@dataclass(frozen=True)
+@config_class
 class FixedDelay:
     """Every click ``delay_s`` seconds after its impression."""
 
-    delay_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.delay_s >= 0:
-            raise ValueError(f"delay_s must be >= 0, but {self.delay_s} is given")
+    delay_s: NonNegFloat = 0.0
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.full(n, float(self.delay_s))
 
 
-@dataclass(frozen=True)
+@config_class
 class ExponentialDelay:
     """Exponential delays with mean ``mean_s``, shifted by ``min_s``."""
 
-    mean_s: float = 60.0
-    min_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.mean_s > 0:
-            raise ValueError(f"mean_s must be > 0, but {self.mean_s} is given")
-        if not self.min_s >= 0:
-            raise ValueError(f"min_s must be >= 0, but {self.min_s} is given")
+    mean_s: PositiveFloat = 60.0
+    min_s: NonNegFloat = 0.0
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return self.min_s + rng.exponential(self.mean_s, size=n)
 
 
-@dataclass(frozen=True)
+@config_class
 class LogNormalDelay:
     """Log-normal delays: ``median_s * exp(sigma * N(0, 1))``, capped at ``max_s``.
 
@@ -67,17 +58,9 @@ class LogNormalDelay:
     hours later (Chapelle 2014 reports such tails for display ads).
     """
 
-    median_s: float = 20.0
-    sigma: float = 1.2
-    max_s: float = 6 * 3600.0
-
-    def __post_init__(self) -> None:
-        if not self.median_s > 0:
-            raise ValueError(f"median_s must be > 0, but {self.median_s} is given")
-        if not self.sigma >= 0:
-            raise ValueError(f"sigma must be >= 0, but {self.sigma} is given")
-        if not self.max_s > 0:
-            raise ValueError(f"max_s must be > 0, but {self.max_s} is given")
+    median_s: PositiveFloat = 20.0
+    sigma: NonNegFloat = 1.2
+    max_s: PositiveFloat = 6 * 3600.0
 
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.minimum(self.median_s * np.exp(self.sigma * rng.standard_normal(n)), self.max_s)

@@ -63,12 +63,16 @@ class HTTPRanker:
         self.conversions_posted = 0
         self.conversion_errors = 0
 
-    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Ranking:
-        """``POST /v1/rank``; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
+    def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int,
+             explain: bool = False) -> Ranking:
+        """``POST /v1/rank``; raises ``httpx.HTTPStatusError`` on a non-2xx answer.
+        ``explain`` asks the server to explain each item (``Ranking.explanations``)."""
         if k <= 0:
             raise ValueError(f"k must be > 0, but {k} is given")
         body = {"user_id": user_id, "item_ids": list(candidates),
                 "context": {key: v for key, v in context.items() if key not in self._drop}, "k": k}
+        if explain:
+            body["explain"] = True
         response = self._client.post("/v1/rank", json=body)
         response.raise_for_status()
         data = response.json()
@@ -81,6 +85,7 @@ class HTTPRanker:
             impression_ids=tuple(i["impression_id"] for i in items),
             request_id=data.get("request_id"),
             scores=tuple(float(i["score"]) for i in items) if all("score" in i for i in items) else None,
+            explanations=tuple(i.get("explanation") for i in items) if explain else None,
         )
 
     def post_click(self, click: Click) -> bool:

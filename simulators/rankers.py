@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class Ranking:
         The server's request id.
     scores : tuple of float, optional
         The score of each item (higher is better), for the prequential AUC.
+    explanations : tuple of (dict or None), optional
+        Why each item scored as it did, when the ranker was asked to explain
+        (``POST /v1/rank`` with ``"explain": true``, see :mod:`em3.model.explain`).
     """
 
     item_ids: tuple[str, ...]
@@ -64,9 +67,10 @@ class Ranking:
     impression_ids: tuple[str, ...] | None = None
     request_id: str | None = None
     scores: tuple[float, ...] | None = None
+    explanations: tuple[Mapping[str, Any] | None, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("propensities", "impression_ids", "scores"):
+        for name in ("propensities", "impression_ids", "scores", "explanations"):
             value = getattr(self, name)
             if value is not None and len(value) != len(self.item_ids):
                 raise ValueError(

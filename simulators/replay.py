@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from em3.codec import MAX_TIMESTAMP, MIN_TIMESTAMP
+from em3.constraints import FiniteNonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class
 from em3.types import Click, Impression
 
 __all__ = [
@@ -78,7 +79,7 @@ class Malformed:
     line: int | None = None
 
 
-@dataclass(frozen=True)
+@config_class
 class ReplayConfig:
     """How to replay.
 
@@ -101,24 +102,12 @@ class ReplayConfig:
         Call the progress callback every this many emitted events.
     """
 
-    speed: float = 0.0
-    max_events_per_s: float | None = None
-    start_at: int = 0
-    max_events: int | None = None
+    speed: FiniteNonNegFloat = 0.0
+    max_events_per_s: PositiveFloat | None = None
+    start_at: NonNegInt = 0
+    max_events: NonNegInt | None = None
     presorted: bool = False
-    progress_every: int = 10_000
-
-    def __post_init__(self) -> None:
-        if not (self.speed >= 0 and math.isfinite(self.speed)):
-            raise ValueError(f"speed must be >= 0 (0 = as fast as possible), but {self.speed} is given")
-        if self.max_events_per_s is not None and not self.max_events_per_s > 0:
-            raise ValueError(f"max_events_per_s must be > 0, but {self.max_events_per_s} is given")
-        if self.start_at < 0:
-            raise ValueError(f"start_at must be >= 0, but {self.start_at} is given")
-        if self.max_events is not None and self.max_events < 0:
-            raise ValueError(f"max_events must be >= 0, but {self.max_events} is given")
-        if self.progress_every <= 0:
-            raise ValueError(f"progress_every must be > 0, but {self.progress_every} is given")
+    progress_every: PositiveInt = 10_000
 
 
 @dataclass

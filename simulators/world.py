@@ -64,6 +64,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
+                             PositiveInt, Probability, config_class)
 from em3.types import ItemContent
 from simulators._movielens import GENRES, fit_factors, movielens_stats
 from simulators.delays import DelayDistribution, LogNormalDelay
@@ -77,7 +79,7 @@ _WORDS = ("Night", "River", "Secret", "Last", "Summer", "City", "Dark", "Golden"
           "Silent", "Broken", "Blue", "Iron", "Paper", "Winter", "Hidden", "Glass", "Red", "Distant")
 
 
-@dataclass(frozen=True)
+@config_class
 class WorldConfig:
     """Settings of a simulated world; every field is checked at construction.
 
@@ -134,56 +136,32 @@ class WorldConfig:
         Seed of everything.
     """
 
-    n_users: int = 1000
-    n_items: int = 400
-    dim: int = 16
-    n_candidates: int = 50
+    n_users: PositiveInt = 1000
+    n_items: PositiveInt = 400
+    dim: PositiveInt = 16
+    n_candidates: PositiveInt = 50
     start_time: float = 1_700_000_000.0
-    horizon_s: float = 7 * 86_400.0
-    new_items_per_hour: float = 4.0
-    content_weight: float = 0.8
-    preference_scale: float = 3.0
-    quality_scale: float = 0.5
-    base_attraction: float = 0.08
-    position_bias_eta: float = 1.0
-    click_noise: float = 0.05
-    drift_scale: float = 0.3
-    drift_period_s: float = 86_400.0
-    fresh_share: float = 0.2
-    fresh_window_s: float = 6 * 3600.0
+    horizon_s: PositiveFloat = 7 * 86_400.0
+    new_items_per_hour: NonNegFloat = 4.0
+    content_weight: Probability = 0.8
+    preference_scale: PositiveFloat = 3.0
+    quality_scale: NonNegFloat = 0.5
+    base_attraction: OpenProbability = 0.08
+    position_bias_eta: NonNegFloat = 1.0
+    click_noise: Probability = 0.05
+    drift_scale: NonNegFloat = 0.3
+    drift_period_s: PositiveFloat = 86_400.0
+    fresh_share: Probability = 0.2
+    fresh_window_s: PositiveFloat = 6 * 3600.0
     delay: DelayDistribution = field(default_factory=LogNormalDelay)
-    conversion_rate: float = 0.1
-    conversion_quality_scale: float = 1.0
-    conversion_user_scale: float = 0.5
-    conversion_preference_scale: float = 1.0
+    conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    conversion_quality_scale: NonNegFloat = 1.0
+    conversion_user_scale: NonNegFloat = 0.5
+    conversion_preference_scale: NonNegFloat = 1.0
     conversion_delay: DelayDistribution = field(
         default_factory=lambda: LogNormalDelay(median_s=3600.0, sigma=1.0, max_s=3 * 86_400.0))
-    calibration: str = "auto"
+    calibration: Literal["auto", "movielens", "synthetic"] = "auto"
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("n_users", "n_items", "dim", "n_candidates"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("horizon_s", "drift_period_s", "fresh_window_s", "preference_scale"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        for name in ("new_items_per_hour", "quality_scale", "position_bias_eta", "drift_scale",
-                     "conversion_quality_scale", "conversion_user_scale", "conversion_preference_scale"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, but {getattr(self, name)!r} is given")
-        for name in ("content_weight", "click_noise", "fresh_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], but {getattr(self, name)!r} is given")
-        if not 0.0 <= self.conversion_rate < 1.0:
-            raise ValueError(f"conversion_rate must be in [0, 1), but {self.conversion_rate!r} is given")
-        if not 0.0 < self.base_attraction < 1.0:
-            raise ValueError(f"base_attraction must be in (0, 1), but {self.base_attraction!r} is given")
-        if self.calibration not in ("auto", "movielens", "synthetic"):
-            raise ValueError(
-                f"calibration must be 'auto', 'movielens' or 'synthetic', but {self.calibration!r} is given"
-            )
 
 
 @dataclass(frozen=True)

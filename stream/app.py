@@ -8,6 +8,19 @@ per-event stream machinery tops out near 8k events/s on these machines
 loop of :class:`stream.worker.JoinWorker` on a dedicated thread, one micro-batch
 per call, so the event loop stays free for the timer and the web view.
 
+The same app runs the *deletion agent*: a real faust agent over the compacted
+``{prefix}deletions`` topic, with a faust Table of tombstones (``tombstones``,
+changelogged to ``{app id}-tombstones-changelog``). It erases each requested
+user's history and pending join state from Redis (:class:`stream.erasure.Eraser`,
+in a thread off the event loop, retrying an outage until it passes), records the
+tombstone in the table, and a timer completes tombstones once every active model
+line has reset the user's rows, writing the completion record (no pseudonym, same
+key) to the topic, which the agent records in turn. Redis holds the durable copy
+of each tombstone (``GET /v1/users/{id}/deletion`` on the server reads it): on
+Tansu, faust's table recovery from the changelog loses entries (measured: 13 of
+20 after a restart; ``docs/architecture.md``). ``GET /privacy/tombstones/{tid}``
+on the web view answers from the table.
+
 This is the only stream module that imports faust, and it does so lazily.
 """
 from __future__ import annotations
@@ -17,10 +30,14 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+from em3 import codec
 from em3.config import KafkaSettings, Settings
+from em3.constraints import Port, PositiveFloat, config_class
+from em3.errors import DecodeError
+from em3.retry import Backoff
+from em3.types import DeletionRequest, Tombstone
 from stream.join import JoinConfig
 from stream.worker import JoinWorker, WorkerConfig
 
@@ -29,7 +46,7 @@ __all__ = ["AppConfig", "create_app", "run_worker"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@config_class
 class AppConfig:
     """faust-side settings of one join worker process.
 
@@ -37,18 +54,16 @@ class AppConfig:
     ----------
     web_port : port of the metrics web view; 0 disables the web server.
     web_host : interface the web view binds to.
-    metrics_interval_s : how often the timer logs the counters; > 0.
+    metrics_interval_s : how often the timer logs the counters.
+    deletions : run the deletion agent (and its table) in this app.
+    settle_interval_s : how often the agent's timer completes tombstones.
     """
 
-    web_port: int = 6066
+    web_port: Port = 6066
     web_host: str = "127.0.0.1"
-    metrics_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.web_port < 65536:
-            raise ValueError(f"web_port must be in [0, 65535], but {self.web_port!r} is given")
-        if not self.metrics_interval_s > 0:
-            raise ValueError(f"metrics_interval_s must be > 0, but {self.metrics_interval_s!r} is given")
+    metrics_interval_s: PositiveFloat = 10.0
+    deletions: bool = True
+    settle_interval_s: PositiveFloat = 0.5
 
 
 def _faust_broker_options(kafka: KafkaSettings) -> dict[str, Any]:
@@ -151,6 +166,8 @@ def create_app(
             self._executor.shutdown(wait=True)
 
     app.service(JoinService)
+    if app_config.deletions:
+        _add_deletion_agent(app, settings, app_config)
 
     @app.timer(interval=app_config.metrics_interval_s)
     async def _log_metrics() -> None:
@@ -158,7 +175,11 @@ def create_app(
 
     @app.page("/join/metrics")
     async def _metrics(web: Any, request: Any) -> Any:
-        return web.json(worker.metrics())
+        metrics = worker.metrics()
+        eraser = getattr(app, "eraser", None)
+        if eraser is not None:
+            metrics.update({f"deletions.{k}": v for k, v in eraser.counters.items()})
+        return web.json(metrics)
 
     @app.page("/metrics")
     async def _prometheus(web: Any, request: Any) -> Any:
@@ -166,6 +187,88 @@ def create_app(
                         content_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+def _add_deletion_agent(app: Any, settings: Settings, app_config: AppConfig) -> None:
+    """The deletion agent, its tombstone table, the settling timer and the table's
+    web view (see the module docstring)."""
+    from stream.erasure import Eraser
+    from stream.kafka import dead_letter_headers
+
+    eraser = Eraser(settings)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="em3-erase")
+    eraser.counters.update(bad_records=0, erase_failures=0)
+    topic = app.topic(settings.topics.deletions, key_type=bytes, value_type=bytes, key_serializer="raw",
+                      value_serializer="raw", partitions=1, compacting=True)
+    dead_letter = app.topic(settings.topics.dead_letter, key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw")
+    # use_partitioner: written from a batch (stream.take), outside one event's context.
+    tombstones = app.Table("tombstones", default=None, partitions=1, use_partitioner=True)
+    app.eraser, app.tombstones = eraser, tombstones
+
+    async def off_loop(fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    async def until_done(fn: Any, *args: Any) -> Any:
+        # A Redis outage must not lose a request: the batch is acknowledged (its
+        # offset committed) only once erased, so retry until it is.
+        backoff = Backoff(0.5, 30.0)
+        while True:
+            try:
+                return await off_loop(fn, *args)
+            except Exception as exc:  # noqa: BLE001 - an outage: wait and retry
+                eraser.counters["erase_failures"] += 1
+                delay = backoff.next()
+                log.warning("erasure failed (%r); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+
+    @app.agent(topic, name=f"{app.conf.id}-erase-users")
+    async def erase_users(stream: Any) -> None:
+        async for values in stream.take(100, within=0.2):
+            requests: list[DeletionRequest] = []
+            for value in values:
+                if not value:
+                    continue  # a Kafka null record (compaction tombstone): nothing to do
+                try:
+                    record = codec.decode_deletion_record(value)
+                except DecodeError as exc:
+                    eraser.counters["bad_records"] += 1
+                    log.warning("undecodable deletion record dead-lettered: %s", exc)
+                    await dead_letter.send(value=bytes(value[:65536]), headers=dead_letter_headers(
+                        exc.reason, exc.detail, settings.topics.deletions, -1, -1))
+                    continue
+                if isinstance(record, Tombstone):
+                    tombstones[record.tombstone_id] = codec.to_dict(record)
+                else:
+                    requests.append(record)
+            if requests:
+                for tomb in await until_done(eraser.erase, requests):
+                    tombstones[tomb.tombstone_id] = codec.to_dict(tomb)
+
+    def owns_topic() -> bool:
+        try:
+            return any(tp.topic == settings.topics.deletions for tp in app.consumer.assignment())
+        except Exception:  # noqa: BLE001 - not started yet
+            return False
+
+    @app.timer(interval=app_config.settle_interval_s)
+    async def _settle() -> None:
+        if not owns_topic():  # one worker of the group settles: the one that owns the requests
+            return
+        try:
+            completed = await off_loop(eraser.settle)
+        except Exception as exc:  # noqa: BLE001 - Redis away: the next tick tries again
+            log.warning("settling tombstones failed: %r", exc)
+            return
+        for tomb in completed:
+            await topic.send(key=tomb.tombstone_id.encode(), value=codec.encode(tomb))
+
+    @app.page("/privacy/tombstones/{tid}")
+    async def _tombstone(web: Any, request: Any, tid: str) -> Any:
+        value = tombstones.get(tid)
+        if value is None:
+            return web.json({"error": "not_found"}, status=404)
+        return web.json(value)
 
 
 #: Join counters that only grow (Prometheus counters); every other number is a gauge.

@@ -19,6 +19,7 @@ import time
 from typing import Sequence
 
 from em3.app.cli import add_connection_flags, settings_from_args
+from em3.errors import ImproperlyConfigured
 
 __all__ = ["register", "join_config_from_args", "worker_config_from_args", "join_command"]
 
@@ -114,7 +115,8 @@ def _topics(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     if args.action == "create":
-        created = ensure_topics(settings.kafka, settings.topics, partitions=args.partitions)
+        created = ensure_topics(settings.kafka, settings.topics, partitions=args.partitions,
+                                retention_s=settings.retention.topic_retention_s)
         counts = partition_counts(settings.kafka, settings.topics.all())
         print(json.dumps({"created": created, "partitions": counts}))
         if len(set(counts.values())) > 1:
@@ -233,7 +235,7 @@ def _spawn_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def join_command(args: argparse.Namespace) -> int:
     """``em3 join``: one worker in this process, or ``--workers N`` child processes."""
     if args.workers < 1:
-        raise ValueError(f"workers must be >= 1, but {args.workers} is given")
+        raise ImproperlyConfigured(f"workers must be >= 1, but {args.workers} is given")
     if args.workers > 1:
         argv = _strip_flags(sys.argv[1:], {"--workers", "--web-port"})
         return _spawn_workers(args, argv)

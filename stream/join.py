@@ -77,6 +77,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from em3.constraints import FiniteNonNegFloat, FinitePositiveFloat, PositiveFloat, PositiveInt, config_class
 from em3.types import Click, Conversion, Impression, Sample
 
 __all__ = [
@@ -102,58 +103,38 @@ DONE = "D"
 _NEG_INF = -math.inf
 
 
-@dataclass(frozen=True)
+@config_class
 class JoinConfig:
     """Join semantics; all durations in seconds.
 
     Parameters
     ----------
-    window_s : attribution window ``W`` after ``served_at``; > 0.
+    window_s : attribution window ``W`` after ``served_at``.
     allowed_lateness_s : how far behind the newest event time a record may
-        arrive and still count as on time; >= 0.
+        arrive and still count as on time.
     max_correction_delay_s : how long after the window a click still yields a
-        correction sample; >= 0.
+        correction sample.
     idle_timeout_s : processing time without records after which an input stops
-        holding the watermark back; > 0, or ``None`` for never.
+        holding the watermark back; ``None`` for never.
     idle_advance_rate : event seconds the watermark advances per processing
-        second while both inputs are idle; > 0 (1.0 follows the wall clock; a
+        second while both inputs are idle (1.0 follows the wall clock; a
         large value closes a finite stream's windows quickly).
     conversion_window_s : a conversion counts for a click if it comes at most
-        this long after it (event time); >= 0 (0: conversions are not attributed
-        and clicked impressions are not kept for them).
+        this long after it (event time); 0: conversions are not attributed and
+        clicked impressions are not kept for them.
     max_conversion_records : clicked impressions kept per partition for their
-        conversion window once past the correction horizon; > 0. Beyond it the
-        ones whose window ends first are dropped (counted), which bounds memory
+        conversion window once past the correction horizon. Beyond it the ones
+        whose window ends first are dropped (counted), which bounds memory
         whatever the window and the click rate.
     """
 
-    window_s: float = 60.0
-    allowed_lateness_s: float = 5.0
-    max_correction_delay_s: float = 600.0
-    idle_timeout_s: float | None = 5.0
-    idle_advance_rate: float = 1.0
-    conversion_window_s: float = 86_400.0
-    max_conversion_records: int = 100_000
-
-    def __post_init__(self) -> None:
-        if not (self.window_s > 0 and math.isfinite(self.window_s)):
-            raise ValueError(f"window_s must be > 0 and finite, but {self.window_s!r} is given")
-        if not (self.allowed_lateness_s >= 0 and math.isfinite(self.allowed_lateness_s)):
-            raise ValueError(f"allowed_lateness_s must be >= 0, but {self.allowed_lateness_s!r} is given")
-        if not (self.max_correction_delay_s >= 0 and math.isfinite(self.max_correction_delay_s)):
-            raise ValueError(
-                f"max_correction_delay_s must be >= 0, but {self.max_correction_delay_s!r} is given"
-            )
-        if self.idle_timeout_s is not None and not self.idle_timeout_s > 0:
-            raise ValueError(f"idle_timeout_s must be > 0 or None, but {self.idle_timeout_s!r} is given")
-        if not self.idle_advance_rate > 0:
-            raise ValueError(f"idle_advance_rate must be > 0, but {self.idle_advance_rate!r} is given")
-        if not (self.conversion_window_s >= 0 and math.isfinite(self.conversion_window_s)):
-            raise ValueError(f"conversion_window_s must be >= 0 and finite, but {self.conversion_window_s!r} is given")
-        if not isinstance(self.max_conversion_records, int) or self.max_conversion_records <= 0:
-            raise ValueError(
-                f"max_conversion_records must be an int > 0, but {self.max_conversion_records!r} is given"
-            )
+    window_s: FinitePositiveFloat = 60.0
+    allowed_lateness_s: FiniteNonNegFloat = 5.0
+    max_correction_delay_s: FiniteNonNegFloat = 600.0
+    idle_timeout_s: PositiveFloat | None = 5.0
+    idle_advance_rate: PositiveFloat = 1.0
+    conversion_window_s: FiniteNonNegFloat = 86_400.0
+    max_conversion_records: PositiveInt = 100_000
 
 
 @dataclass(slots=True)

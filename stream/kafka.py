@@ -92,14 +92,26 @@ def ensure_topics(
     topics: TopicNames | Iterable[str],
     partitions: int | Mapping[str, int] = 1,
     timeout_s: float = 15.0,
+    retention_s: float | None = None,
 ) -> list[str]:
     """Create missing topics idempotently; returns the names created now.
 
     ``partitions`` is one count for all or a mapping per topic name. Keying
     every record by user id keeps one user's events on one partition.
+    Given :class:`TopicNames`, the deletions topic is created too, with one
+    partition and ``cleanup.policy=compact``; ``retention_s`` sets ``retention.ms``
+    of the event topics (:attr:`em3.privacy.RetentionConfig.topic_retention_s`).
+    Apache Kafka enforces both; Tansu 0.6 stores them and enforces neither.
     """
     names = topics.all() if isinstance(topics, TopicNames) else list(topics)
     counts = {n: (partitions[n] if isinstance(partitions, Mapping) else partitions) for n in names}
+    configs: dict[str, dict[str, str]] = {}
+    if retention_s is not None:
+        configs = {n: {"retention.ms": str(int(retention_s * 1000))} for n in names}
+    if isinstance(topics, TopicNames):
+        names = names + [topics.deletions]
+        counts[topics.deletions] = 1
+        configs[topics.deletions] = {"cleanup.policy": "compact"}
     for name, count in counts.items():
         if count < 1:
             raise ValueError(f"partitions for {name!r} must be >= 1, but {count} is given")
@@ -109,7 +121,7 @@ def ensure_topics(
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(n, num_partitions=counts[n], replication_factor=1) for n in missing],
+        [NewTopic(n, num_partitions=counts[n], replication_factor=1, config=configs.get(n, {})) for n in missing],
         operation_timeout=timeout_s,
     )
     created = []

@@ -9,6 +9,16 @@ Per join group ``g`` and input partition ``n`` (prefix ``p``, default ``em3:``):
                            time per input, the watermark, base and log sizes
 ``{p}join:{g}:{n}:epoch``  int: owner fencing token, INCR'd by each new owner
 
+Retention: with ``state_ttl_s`` every checkpoint renews an expiry on the
+partition's keys, so the state of an abandoned join group disappears; with
+``history_ttl_s`` each history append renews the user's history expiry.
+
+Erasure (:func:`erase_users`): a user's impressions (clicked ones kept for their
+conversion window included), held clicks and held conversions are removed from
+every partition's state by rewriting its base without them, in a
+transaction that also bumps the partition's epoch, so the worker that owns it is
+fenced and reloads the erased state rather than writing back what it holds.
+
 A checkpoint writes, in ONE ``MULTI/EXEC`` transaction, each partition's delta
 blob (RPUSH), its meta hash with the input offsets consumed, and the history
 appends of the batch's positives (``{p}hist:{user}``, the layout of
@@ -34,9 +44,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
+import msgspec
 import redis
 
 from em3 import codec
@@ -45,7 +57,8 @@ from em3.types import Click, Conversion
 from stream.join import ImpressionState, JoinChanges, JoinConfig, JoinCore
 from stream.wire import decode_impression_checked
 
-__all__ = ["FencedError", "PartitionCheckpoint", "RedisJoinStateStore", "encode_record", "decode_record"]
+__all__ = ["FencedError", "PartitionCheckpoint", "RedisJoinStateStore", "encode_record", "decode_record",
+           "erase_users", "erase_from_state"]
 
 log = logging.getLogger(__name__)
 
@@ -191,15 +204,23 @@ class RedisJoinStateStore:
     prefix : Redis key prefix (``Settings.redis_prefix``).
     group : the join group id; separates independent joins on one Redis.
     history_length : each user's history list is trimmed to this many entries.
+    history_ttl_s : a user's history expires this long after its last append (None: never).
+    state_ttl_s : a partition's keys expire this long after its last checkpoint (None: never).
     """
 
-    def __init__(self, client: redis.Redis, prefix: str, group: str, history_length: int = 256) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, group: str, history_length: int = 256,
+                 history_ttl_s: float | None = None, state_ttl_s: float | None = None) -> None:
         if history_length <= 0:
             raise ValueError(f"history_length must be > 0, but {history_length} is given")
+        for name, value in (("history_ttl_s", history_ttl_s), ("state_ttl_s", state_ttl_s)):
+            if value is not None and not value >= 1:
+                raise ValueError(f"{name} must be >= 1 or None, but {value!r} is given")
         self.client = client
         self.prefix = prefix
         self.group = group
         self.history_length = history_length
+        self.history_ttl = None if history_ttl_s is None else int(math.ceil(history_ttl_s))
+        self.state_ttl = None if state_ttl_s is None else int(math.ceil(state_ttl_s))
         self._epochs: dict[int, int] = {}
         self._sizes: dict[int, list[int]] = {}  # partition -> [base bytes, log bytes]
         self.compactions = 0
@@ -289,6 +310,12 @@ class RedisJoinStateStore:
                     self._write(pipe, p, touched)
                 for user_id in touched:
                     pipe.ltrim(self.history_key(user_id), 0, self.history_length - 1)
+                    if self.history_ttl is not None:
+                        pipe.expire(self.history_key(user_id), self.history_ttl)
+                if self.state_ttl is not None:
+                    for p in parts:
+                        for what in ("base", "log", "meta", "epoch"):
+                            pipe.expire(self._key(p.partition, what), self.state_ttl)
                 pipe.execute()
             except redis.WatchError:
                 raise FencedError(f"an epoch of partitions {[p.partition for p in parts]} changed") from None
@@ -320,3 +347,110 @@ class RedisJoinStateStore:
         keys = [self._key(n, w) for n in partitions for w in ("base", "log", "meta", "epoch")]
         if keys:
             self.client.delete(*keys)
+
+
+# -- erasure ---------------------------------------------------------------------------
+
+class _UserOnly(msgspec.Struct):
+    user_id: str = ""
+
+
+_user_decoder = msgspec.json.Decoder(_UserOnly)
+
+
+def _record_user(record: bytes) -> str | None:
+    """The user id of a stored record (``status\\nheld\\nimpression-json``)."""
+    try:
+        return _user_decoder.decode(record.split(b"\n", 2)[-1]).user_id
+    except msgspec.MsgspecError:
+        return None
+
+
+def erase_from_state(blobs: Iterable[bytes], user_ids: Collection[str]) -> tuple[bytes, dict[str, Counter]]:
+    """A partition's state (its base and log blobs, oldest first) without the records
+    and held clicks of ``user_ids``: one new base blob, and per user what was removed.
+
+    >>> from em3.types import Impression
+    >>> from stream.join import ImpressionState, JoinChanges
+    >>> recs = {f"i{n}": ImpressionState(Impression(f"i{n}", "r", u, "x", 0, 1.7e9), "N")
+    ...         for n, u in enumerate(["alice", "bob", "alice"])}
+    >>> base, removed = erase_from_state([_delta_blob(JoinChanges(records=recs), full=True)], {"alice"})
+    >>> removed["records"]["alice"], b"alice" in base, b"bob" in base
+    (2, False, True)
+    """
+    records: dict[bytes, bytes] = {}
+    orphans: dict[bytes, bytes] = {}
+    conversions: dict[bytes, bytes] = {}
+    for blob in blobs:
+        _apply_blob(blob, records, orphans, conversions)
+    wanted = set(user_ids)
+    removed: dict[str, Counter] = {"records": Counter(), "held_clicks": Counter(), "held_conversions": Counter()}
+    parts = []
+    for key, record in records.items():
+        user = _record_user(record)
+        if user in wanted:
+            removed["records"][user] += 1
+            continue
+        parts.append(b"U" + _US + key + _US + record)
+    for key, data in orphans.items():
+        held = json.loads(data) if data else []
+        kept = [h for h in held if h[1] not in wanted]
+        for h in held:
+            if h[1] in wanted:
+                removed["held_clicks"][h[1]] += 1
+        if kept:
+            parts.append(b"O" + _US + key + _US + json.dumps(kept, separators=(",", ":")).encode())
+    for key, data in conversions.items():
+        held = json.loads(data) if data else []
+        kept = [h for h in held if h[1] not in wanted]
+        for h in held:
+            if h[1] in wanted:
+                removed["held_conversions"][h[1]] += 1
+        if kept:
+            parts.append(b"C" + _US + key + _US + json.dumps(kept, separators=(",", ":")).encode())
+    return _RS.join(parts), removed
+
+
+def erase_users(client: redis.Redis, prefix: str, user_ids: Collection[str],
+                max_attempts: int = 50) -> dict[str, Counter]:
+    """Remove every impression, held click and held conversion of ``user_ids`` from the
+    state of every partition of every join group under ``prefix``; returns, per user,
+    what was removed (``records``, ``held_clicks``, ``held_conversions``) and the
+    partitions rewritten (``partitions[""]``).
+
+    Each partition is rewritten in one transaction that WATCHes its base, log and
+    epoch and bumps the epoch: the worker that owns the partition is fenced at its
+    next checkpoint and reloads the erased state, so what it holds in memory (and
+    whatever of the user's it read in the batch under way) is never written back.
+    A partition that changed while it was read is tried again.
+    """
+    totals: dict[str, Counter] = {"partitions": Counter(), "records": Counter(), "held_clicks": Counter(),
+                                  "held_conversions": Counter()}
+    if not user_ids:
+        return totals
+    for meta_key in client.scan_iter(match=f"{prefix}join:*:meta", count=1000):
+        stem = meta_key[: -len(b"meta")] if isinstance(meta_key, bytes) else meta_key.encode()[: -len(b"meta")]
+        base_key, log_key, epoch_key = stem + b"base", stem + b"log", stem + b"epoch"
+        for attempt in range(max_attempts):
+            with client.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(base_key, log_key, epoch_key)
+                    base = pipe.get(base_key)
+                    blobs = pipe.lrange(log_key, 0, -1)
+                    new_base, removed = erase_from_state([base or b"", *blobs], user_ids)
+                    pipe.multi()
+                    pipe.incr(epoch_key)  # fence the owner: it reloads the erased state
+                    pipe.set(base_key, new_base)
+                    pipe.delete(log_key)
+                    pipe.hset(meta_key, mapping={"base_bytes": str(len(new_base)), "log_bytes": "0"})
+                    pipe.execute()
+                except redis.WatchError:
+                    continue
+            totals["partitions"][""] += 1
+            totals["records"].update(removed["records"])
+            totals["held_clicks"].update(removed["held_clicks"])
+            totals["held_conversions"].update(removed["held_conversions"])
+            break
+        else:
+            raise FencedError(f"join state {stem!r} kept changing; erasure not done after {max_attempts} tries")
+    return totals

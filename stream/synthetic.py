@@ -14,59 +14,45 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 from typing import Iterator
 
 from em3 import codec
 from em3.config import KafkaSettings, TopicNames
+from em3.constraints import NonNegFloat, PositiveFloat, PositiveInt, Probability, config_class
 from em3.types import Click, Conversion, Impression
 
 __all__ = ["StreamSpec", "generate_stream", "generate_conversions", "arrival_order", "produce_stream"]
 
 
-@dataclass(frozen=True)
+@config_class
 class StreamSpec:
     """Shape of the synthetic stream.
 
     Parameters
     ----------
-    impressions : how many impressions; > 0.
-    click_rate : probability that an impression is clicked; in [0, 1].
-    users, items : population sizes; > 0.
-    rate_per_s : impressions per event-time second; > 0.
-    median_click_delay_s : median of the log-normal click delay; > 0.
-    click_delay_sigma : log-normal sigma of the click delay; >= 0.
-    repeat_click_rate : probability that a click is sent twice; in [0, 1].
-    jitter_s : arrival jitter (keep below the join's allowed lateness); >= 0.
+    impressions : how many impressions.
+    click_rate : probability that an impression is clicked.
+    users, items : population sizes.
+    rate_per_s : impressions per event-time second.
+    median_click_delay_s : median of the log-normal click delay.
+    click_delay_sigma : log-normal sigma of the click delay.
+    repeat_click_rate : probability that a click is sent twice.
+    jitter_s : arrival jitter (keep below the join's allowed lateness).
     start : event time of the first impression (seconds since the epoch).
     seed : random seed.
     """
 
-    impressions: int = 200_000
-    click_rate: float = 0.1
-    users: int = 20_000
-    items: int = 5_000
-    rate_per_s: float = 1000.0
-    median_click_delay_s: float = 8.0
-    click_delay_sigma: float = 1.2
-    repeat_click_rate: float = 0.02
-    jitter_s: float = 1.0
+    impressions: PositiveInt = 200_000
+    click_rate: Probability = 0.1
+    users: PositiveInt = 20_000
+    items: PositiveInt = 5_000
+    rate_per_s: PositiveFloat = 1000.0
+    median_click_delay_s: PositiveFloat = 8.0
+    click_delay_sigma: NonNegFloat = 1.2
+    repeat_click_rate: Probability = 0.02
+    jitter_s: NonNegFloat = 1.0
     start: float = 1_767_225_600.0  # 2026-01-01
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("impressions", "users", "items"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        for name in ("rate_per_s", "median_click_delay_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        for name in ("click_rate", "repeat_click_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], but {getattr(self, name)!r} is given")
-        for name in ("click_delay_sigma", "jitter_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, but {getattr(self, name)!r} is given")
 
 
 def generate_stream(spec: StreamSpec) -> tuple[list[Impression], list[Click]]:

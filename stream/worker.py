@@ -18,6 +18,13 @@ in its log. Each micro-batch:
 4. only then, one Redis ``MULTI/EXEC`` writes the changed join records, the
    offsets consumed and the history appends (:class:`stream.state.RedisJoinStateStore`).
 
+Deleted users: before each batch the worker refreshes the tombstones
+(:class:`em3.privacy.TombstoneFilter`, one Redis read when nothing changed) and
+drops the records of erased users as they are read, and their samples, history
+appends and dead letters before they are emitted (``erased_dropped``). The
+erasure itself fences the partitions it rewrites (:func:`stream.state.erase_users`),
+so whatever of theirs a batch already held is reloaded away, never checkpointed.
+
 On assignment a partition's state and offsets are loaded from Redis and the
 consumer seeks there; Kafka's committed offsets are not used for recovery
 (they are committed too, only as a progress figure for operators). A crash
@@ -30,13 +37,14 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from em3 import codec
 from em3.config import Settings
+from em3.constraints import PositiveFloat, PositiveInt, config_class
 from em3.errors import DecodeError, EM3Error, ImproperlyConfigured
-from em3.redis_stores import connect
+from em3.privacy import TombstoneFilter
+from em3.redis_stores import RedisPrivacyStore, connect
 from em3.retry import Backoff
 from em3.types import Click, Conversion
 from stream import kafka
@@ -72,45 +80,35 @@ class DeliveryError(EM3Error):
     """The broker did not acknowledge produced samples; the batch is not checkpointed."""
 
 
-@dataclass(frozen=True)
+@config_class
 class WorkerConfig:
     """Runtime settings of one join worker.
 
     Parameters
     ----------
     group_id : consumer group and Redis state namespace; ``""`` means ``{topic prefix}join``.
-    batch_size : records per ``consume`` call (one micro-batch, one checkpoint); > 0.
-    poll_timeout_s : how long ``consume`` waits for a batch to fill; > 0.
-    history_length : entries kept per user's click history; > 0.
+    batch_size : records per ``consume`` call (one micro-batch, one checkpoint).
+    poll_timeout_s : how long ``consume`` waits for a batch to fill.
+    history_length : entries kept per user's click history.
     max_future_s : event times further than this ahead of the wall clock are
         dead-lettered as ``absurd_timestamp``, so they never reach a watermark
-        (one impression stamped 23 h ahead would close every window after it); > 0.
+        (one impression stamped 23 h ahead would close every window after it).
     max_dead_letter_bytes : a dead-lettered value longer than this is cut to it
         (header ``em3-truncated`` holds the original length), so a 1 MB poison
-        record cannot fail the dead-letter produce itself; > 0.
+        record cannot fail the dead-letter produce itself.
     retry_initial_s, retry_max_s : backoff between recoveries after a failed batch.
-    log_interval_s : how often the counters are logged; > 0.
+    log_interval_s : how often the counters are logged.
     """
 
     group_id: str = ""
-    batch_size: int = 5000
-    poll_timeout_s: float = 0.1
-    history_length: int = 256
-    max_future_s: float = 300.0
-    log_interval_s: float = 10.0
-    max_dead_letter_bytes: int = 64 * 1024
-    retry_initial_s: float = 0.5
-    retry_max_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "history_length", "max_dead_letter_bytes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be an int > 0, but {value!r} is given")
-        for name in ("poll_timeout_s", "max_future_s", "log_interval_s", "retry_initial_s", "retry_max_s"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
+    batch_size: PositiveInt = 5000
+    poll_timeout_s: PositiveFloat = 0.1
+    history_length: PositiveInt = 256
+    max_future_s: PositiveFloat = 300.0
+    log_interval_s: PositiveFloat = 10.0
+    max_dead_letter_bytes: PositiveInt = 64 * 1024
+    retry_initial_s: PositiveFloat = 0.5
+    retry_max_s: PositiveFloat = 30.0
 
 
 class JoinWorker:
@@ -156,7 +154,9 @@ class JoinWorker:
             "positive": 0, "negative": 0, "correction": 0, "conversion": 0, "late_conversion": 0,
             "dead_letters": 0, "batches": 0, "checkpoints": 0,
             "fenced": 0, "batch_failures": 0, "recoveries": 0, "offset_resets": 0, "quarantined": 0,
+            "erased_dropped": 0,
         }
+        self._tombstones: TombstoneFilter | None = None
         self._backoff = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
         self._retry_at: float | None = None  # set while recovering from a failed batch
         self.last_failure = ""
@@ -193,9 +193,14 @@ class JoinWorker:
             self.inputs = (imps, clicks)
             log.warning("topic %s does not exist: conversions are not joined (create it with `em3 topics "
                         "create`)", conversions)
+        retention = self.settings.retention
+        client = connect(self.settings.redis)
         self._store = RedisJoinStateStore(
-            connect(self.settings.redis), self.settings.redis_prefix, self.group_id, self.config.history_length
+            client, self.settings.redis_prefix, self.group_id, self.config.history_length,
+            history_ttl_s=retention.history_ttl_s, state_ttl_s=retention.join_state_ttl_s,
         )
+        privacy = RedisPrivacyStore(client, self.settings.redis_prefix, retention.tombstone_ttl_s)
+        self._tombstones = TombstoneFilter(privacy.tombstoned)
         self._producer = kafka.make_producer(self.settings.kafka, on_delivery=self._on_delivery, linger_ms=5)
         self._consumer = kafka.make_consumer(
             self.settings.kafka, self.group_id, partition_assignment_strategy="range",
@@ -355,6 +360,8 @@ class JoinWorker:
     # -- the batch ----------------------------------------------------------------------
     def run_once(self) -> int:
         """Read, join, produce, flush and checkpoint one micro-batch; returns records read."""
+        if self._tombstones is not None:
+            self._tombstones.refresh()  # before reading: see the module docstring
         messages = self._consumer.consume(num_messages=self.config.batch_size, timeout=self.config.poll_timeout_s)
         started = time.perf_counter()
         phases = self.phase_s
@@ -407,7 +414,8 @@ class JoinWorker:
         latest = self.clock() + self.config.max_future_s
         now = time.monotonic()
         cores, nxt, dirty, caught_up = self._cores, self._next, self._dirty, self._caught_up
-        read = n_imp = n_click = n_conv = 0
+        erased = self._tombstones.erased if self._tombstones is not None and len(self._tombstones) else None
+        read = n_imp = n_click = n_conv = dropped = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -442,13 +450,25 @@ class JoinWorker:
             value = msg.value()
             try:
                 if topic == imp_topic:
-                    core.add_impression(decode_impression_checked(value, latest), value, now)
+                    imp = decode_impression_checked(value, latest)
+                    if erased is not None and erased(imp.user_id):
+                        dropped += 1
+                        continue
+                    core.add_impression(imp, value, now)
                     n_imp += 1
                 elif topic == click_topic:
-                    core.add_click(decode_click_checked(value, latest), off, now)
+                    click = decode_click_checked(value, latest)
+                    if erased is not None and erased(click.user_id):
+                        dropped += 1
+                        continue
+                    core.add_click(click, off, now)
                     n_click += 1
                 else:
-                    core.add_conversion(decode_conversion_checked(value, latest), off, now)
+                    conversion = decode_conversion_checked(value, latest)
+                    if erased is not None and erased(conversion.user_id):
+                        dropped += 1
+                        continue
+                    core.add_conversion(conversion, off, now)
                     n_conv += 1
             except DecodeError as exc:
                 self._dead_letter(exc.reason, exc.detail, topic, n, off, value, msg.key())
@@ -461,6 +481,7 @@ class JoinWorker:
         counters["impressions_in"] += n_imp
         counters["clicks_in"] += n_click
         counters["conversions_in"] += n_conv
+        counters["erased_dropped"] += dropped
         return read
 
     def _dead_letter(self, reason: str, detail: str, topic: str, n: int, off: int, value: bytes | None,
@@ -486,8 +507,11 @@ class JoinWorker:
         samples_topic = self.topics.samples
         parts = []
         counters = self.counters
+        erased = self._tombstones.erased if self._tombstones is not None and len(self._tombstones) else None
         for n, core in self._cores.items():
             out = core.take_output()
+            if erased is not None:
+                self._drop_erased(out, erased)
             for sample, raw in zip(out.samples, out.raws):
                 value = encode_sample(sample, raw)
                 try:
@@ -520,6 +544,24 @@ class JoinWorker:
                 self._saved_watermark[n] = watermark
         self._dirty.clear()
         return parts
+
+    def _drop_erased(self, out, erased) -> None:
+        """Take the samples, history appends and dead letters of erased users out of ``out``."""
+        keep = [i for i, s in enumerate(out.samples) if not erased(s.impression.user_id)]
+        dropped = len(out.samples) - len(keep)
+        if dropped:
+            for s in out.samples:
+                if erased(s.impression.user_id):
+                    kind = ("conversion" if s.conversion else "correction" if s.correction
+                            else "positive" if s.label else "negative")
+                    out.counts[kind] = out.counts.get(kind, 0) - 1
+            out.samples = [out.samples[i] for i in keep]
+            out.raws = [out.raws[i] for i in keep]
+        history = [h for h in out.history if not erased(h[0])]
+        letters = [d for d in out.dead_letters if not erased(d.record.user_id)]
+        dropped += len(out.dead_letters) - len(letters)
+        out.history, out.dead_letters = history, letters
+        self.counters["erased_dropped"] += dropped
 
     def _on_delivery(self, err: object, msg: kafka.Message) -> None:
         if err is not None:

@@ -27,16 +27,21 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register"]
+from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
+                             PositiveInt, config_class)
+from em3.experiment import TrainingData
+
+__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality"]
 
 log = logging.getLogger(__name__)
 
 # Model lines the demo can run; each is trained by its own learner from the same samples.
 LINE_VARIANTS = {"em3": "em3", "id_only": "id_only", "content_frozen": "content_frozen", "no_cic": "no_cic"}
+DemoLine = Literal[tuple(LINE_VARIANTS)]  # one of the names above
 
 
 class ComponentFailed(RuntimeError):
@@ -48,7 +53,7 @@ class ComponentFailed(RuntimeError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
+@config_class
 class DemoConfig:
     """Settings of one demo run; checked at construction.
 
@@ -60,7 +65,7 @@ class DemoConfig:
         Where the reports, logs and service files go.
     lines : tuple of str
         Model lines, one A/B arm each, equal traffic; the first is the control.
-    training_data : {"split", "pooled"}
+    training_data : {"split", "pooled", "weighted"}
         The experiment's training-data policy (:class:`em3.experiment.ExperimentConfig`):
         ``split`` (default) trains each line only on its own arm's impressions.
     model_scale : {"default", "tiny"}
@@ -99,52 +104,33 @@ class DemoConfig:
     seed : int
     """
 
-    minutes: float = 3.0
+    minutes: PositiveFloat = 3.0
     out_dir: str = "out/demo"
-    lines: tuple[str, ...] = ("em3", "id_only")
-    training_data: str = "split"
-    model_scale: str = "default"
-    request_rate_per_s: float = 12.0
-    base_attraction: float = 0.2
-    quality_scale: float = 1.0
-    preference_scale: float = 4.0
-    n_users: int = 200
-    n_items: int = 150
-    new_items_per_minute: float = 10.0
-    click_delay_median_s: float = 1.5
-    window_s: float = 10.0
-    conversion_rate: float = 0.2
-    conversion_delay_median_s: float = 5.0
-    conversion_window_s: float = 60.0
-    snapshot_interval_s: float = 2.0
-    k: int = 10
-    n_candidates: int = 30
+    lines: Annotated[tuple[DemoLine, ...], Field(min_length=2)] = ("em3", "id_only")
+    training_data: TrainingData = "split"
+    model_scale: Literal["default", "tiny"] = "default"
+    request_rate_per_s: PositiveFloat = 12.0
+    base_attraction: OpenProbability = 0.2
+    quality_scale: PositiveFloat = 1.0
+    preference_scale: PositiveFloat = 4.0
+    n_users: PositiveInt = 200
+    n_items: PositiveInt = 150
+    new_items_per_minute: NonNegFloat = 10.0
+    click_delay_median_s: PositiveFloat = 1.5
+    window_s: PositiveFloat = 10.0
+    conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.2
+    conversion_delay_median_s: PositiveFloat = 5.0
+    conversion_window_s: PositiveFloat = 60.0
+    snapshot_interval_s: PositiveFloat = 2.0
+    k: PositiveInt = 10
+    n_candidates: PositiveInt = 30
     gpu: bool = False
-    startup_timeout_s: float = 600.0
+    startup_timeout_s: PositiveFloat = 600.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("minutes", "request_rate_per_s", "click_delay_median_s", "window_s", "quality_scale",
-                     "preference_scale", "conversion_delay_median_s", "conversion_window_s",
-                     "snapshot_interval_s", "startup_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        for name in ("n_users", "n_items", "k", "n_candidates"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, but {getattr(self, name)!r} is given")
-        if not 0 <= self.conversion_rate < 1:
-            raise ValueError(f"conversion_rate must be in [0, 1), but {self.conversion_rate!r} is given")
-        if not 0 < self.base_attraction < 1:
-            raise ValueError(f"base_attraction must be in (0, 1), but {self.base_attraction!r} is given")
-        if self.new_items_per_minute < 0:
-            raise ValueError(f"new_items_per_minute must be >= 0, but {self.new_items_per_minute!r} is given")
-        if len(self.lines) < 2 or len(set(self.lines)) != len(self.lines):
-            raise ValueError(f"lines must name at least two distinct model lines, but {self.lines!r} is given")
-        unknown = [line for line in self.lines if line not in LINE_VARIANTS]
-        if unknown:
-            raise ValueError(f"lines must be among {sorted(LINE_VARIANTS)}, but {unknown} are given")
-        if self.model_scale not in ("default", "tiny"):
-            raise ValueError(f"model_scale must be 'default' or 'tiny', but {self.model_scale!r} is given")
+        if len(set(self.lines)) != len(self.lines):
+            raise ValueError(f"lines must name distinct model lines, but {self.lines!r} is given")
         if self.k > self.n_candidates:
             raise ValueError(f"k must be <= n_candidates ({self.n_candidates}), but {self.k} is given")
 
@@ -250,11 +236,16 @@ class _PacedServer:
     meanwhile (``POST /v1/items``), then asks the server (``POST /v1/rank``).
 
     It also records what the report needs: per-arm impressions and clicks of
-    cold-start items, the snapshot versions served and their age (freshness).
+    cold-start items, the snapshot versions served and their age (freshness), and
+    every ``explain_every_s`` seconds asks the server to explain one ranking
+    (``"explain": true``) and keeps the mean modality mass of its items for the
+    arm that served it (``modality``: ``{"t", "text", "image", "missing"}`` points;
+    none for a line without a Fusion-Q-Former). Those requests' latencies are kept
+    apart (``explain_latency_ms``), so ``latency_ms`` stays that of plain requests.
     """
 
     def __init__(self, http: Any, world: Any, t0: float, version_created: Callable[[str, int], float | None],
-                 check: Callable[[], None]) -> None:
+                 check: Callable[[], None], explain_every_s: float = 2.0) -> None:
         self.http = http
         self.world = world
         self.t0 = t0
@@ -268,6 +259,10 @@ class _PacedServer:
         self.latency_ms: list[float] = []
         self.new_items = 0
         self._last_freshness: dict[str, float] = {}
+        self.explain_every_s = explain_every_s
+        self._last_explain = -math.inf
+        self.modality: dict[str, list[dict[str, float]]] = {}
+        self.explain_latency_ms: list[float] = []
 
     def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int) -> Any:
         t = float(context["t"])
@@ -282,10 +277,16 @@ class _PacedServer:
             self.http.register_items([self.world.item_content(i) for i in arrived])
             self.new_items += len(arrived)
         self.last_arrival_check = t
+        explain = t - self._last_explain >= self.explain_every_s
         start = time.perf_counter()
-        ranking = self.http.rank(user_id, candidates, context, k)
-        self.latency_ms.append((time.perf_counter() - start) * 1000.0)
+        ranking = self.http.rank(user_id, candidates, context, k, explain=explain)
+        (self.explain_latency_ms if explain else self.latency_ms).append((time.perf_counter() - start) * 1000.0)
         self.requests += 1
+        if explain:
+            self._last_explain = t
+            point = mean_modality(ranking.explanations or ())
+            if point is not None:
+                self.modality.setdefault(ranking.arm, []).append({"t": round(t - self.t0, 3), **point})
         self.versions.setdefault(ranking.arm, set()).add(ranking.model_version)
         created = self.version_created(ranking.arm, ranking.model_version)
         if created is not None:
@@ -296,6 +297,22 @@ class _PacedServer:
 
     def last_freshness(self) -> dict[str, float]:
         return dict(self._last_freshness)
+
+
+def mean_modality(explanations: Sequence[Mapping[str, Any] | None]) -> dict[str, float] | None:
+    """The mean modality mass (``text``, ``image``, ``missing``) over the items of one
+    explained ranking, or None when no item has one (a line without a Fusion-Q-Former).
+
+    >>> mean_modality([{"modality": {"text": 0.6, "image": 0.3, "missing": 0.1}},
+    ...                {"modality": {"text": 0.4, "image": 0.5, "missing": 0.1}}, None])
+    {'text': 0.5, 'image': 0.4, 'missing': 0.1}
+    >>> mean_modality([{"modality": None}]) is None
+    True
+    """
+    masses = [e["modality"] for e in explanations if e and e.get("modality")]
+    if not masses:
+        return None
+    return {key: round(sum(m[key] for m in masses) / len(masses), 4) for key in ("text", "image", "missing")}
 
 
 class _ColdStartTracker:
@@ -510,7 +527,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
                   k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
                   assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
                   conversion_window_s=config.conversion_window_s,
-                  unit="user", min_samples=50, check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
+                  unit="user", training_data=config.training_data, min_samples=50,
+                  check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
     runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
                       should_stop=lambda: time.time() >= deadline)
     with _Progress(progress, config, paced, snapshots, join_port, deadline):
@@ -537,12 +555,17 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         "cold_start": cold.summary(),
         "freshness_s": freshness,
         "versions_served": {arm: sorted(v) for arm, v in paced.versions.items()},
+        # Per line: the mean Fusion-Q-Former attention mass of an explained ranking's
+        # items every few seconds ({"t": s since start, "text", "image", "missing"});
+        # empty for a line without one (id_only).
+        "modality_contribution": {line: paced.modality.get(line, []) for line in config.lines},
         "learners": lines_summary,
         "learner_timeline": learner_history,
         "throughput": {
             "requests": paced.requests,
             "requests_per_s": paced.requests / wall if wall > 0 else 0.0,
             "rank_latency_ms": _percentiles(paced.latency_ms),
+            "explain_latency_ms": _percentiles(paced.explain_latency_ms),
             "clicks_posted": http.clicks_posted,
             "click_errors": http.click_errors,
             "conversions_posted": http.conversions_posted,
@@ -554,8 +577,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         },
     }
     extra = {"headline": _headline(extra, config), **extra}
-    write_report(result, Path(config.out_dir), "em3 demo: EM3 online vs ID-only online",
-                 extra=extra, extra_html=_extra_html(extra))
+    write_report(result, Path(config.out_dir), f"em3 demo: {' vs '.join(config.lines)}, online A/B test",
+                 extra=extra)
     return {**result.to_dict(), **extra}
 
 
@@ -583,7 +606,7 @@ def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
     }
     return {"learning_shows": all(checks.values()), "checks": checks, "window_auc": aucs,
             "cold_ctr_ratio": ratio, "requests_per_s": rate,
-            "training_data": config.training_data, "unit_of_randomisation": "user"}
+            "training_data": config.training_data, "unit_of_randomisation": "user", "targets": dict(t)}
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
@@ -593,22 +616,6 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
         return {"p50": None, "p99": None, "n": 0}
     arr = np.asarray(values, dtype=float)
     return {"p50": float(np.percentile(arr, 50)), "p99": float(np.percentile(arr, 99)), "n": int(arr.size)}
-
-
-def _extra_html(extra: Mapping[str, Any]) -> str:
-    import html
-
-    def table(title: str, rows: Mapping[str, Any]) -> str:
-        body = "".join(f"<tr><td>{html.escape(str(k))}</td><td><code>{html.escape(json.dumps(v))}</code></td></tr>"
-                       for k, v in rows.items())
-        return f"<h2>{html.escape(title)}</h2><table>{body}</table>"
-
-    return (table("Did learning show?", extra["headline"]["checks"])
-            + table("CTR on cold-start items (arrived during the run)", extra["cold_start"])
-            + table("Freshness: age of the served snapshot (s)", extra["freshness_s"])
-            + table("Snapshot versions served", extra["versions_served"])
-            + table("Learners", extra["learners"])
-            + table("Throughput", extra["throughput"]))
 
 
 class _Progress:

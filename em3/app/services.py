@@ -15,7 +15,8 @@ well-formed answer, Redis must answer ``AUTH`` and ``PING`` with ``PONG``.
 
 Credentials by default: every start generates a Redis password (given to Redis in
 a 0600 config file, not on the command line, where ``ps`` would show it), an API
-key for the HTTP server's write endpoints and an HMAC key for snapshot manifests.
+key for the HTTP server's write endpoints, an HMAC key for snapshot manifests and
+an HMAC key for user pseudonyms.
 
 Storage: by default the broker keeps topics in memory, so a broker restart loses
 every topic, record and committed offset. ``durable=True`` (``em3 services up
@@ -214,6 +215,7 @@ class ServiceInfo:
     redis_password: str = field(default="", repr=False)
     api_key: str = field(default="", repr=False)
     snapshot_key: str = field(default="", repr=False)
+    user_id_key: str = field(default="", repr=False)
     durable: bool = False
 
     @property
@@ -234,14 +236,15 @@ class ServiceInfo:
         """The ``EM3_*`` environment that points a child process (``em3 join``,
         ``em3 learn``, ``em3 serve``) at these services, credentials included."""
         return {"EM3_BOOTSTRAP_SERVERS": self.bootstrap_servers, "EM3_REDIS_URL": self.redis_url,
-                "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key}
+                "EM3_API_KEY": self.api_key, "EM3_SNAPSHOT_KEY": self.snapshot_key,
+                "EM3_USER_ID_KEY": self.user_id_key}
 
     def settings(self) -> Any:
         """:class:`em3.config.Settings` for these services (default topics and prefix)."""
         from em3.config import KafkaSettings, RedisSettings, Settings
 
         return Settings(KafkaSettings(self.bootstrap_servers), RedisSettings(self.redis_url),
-                        api_key=self.api_key, snapshot_key=self.snapshot_key)
+                        api_key=self.api_key, snapshot_key=self.snapshot_key, user_id_key=self.user_id_key)
 
 
 def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, *,
@@ -309,6 +312,7 @@ class LocalServices:
             redis_password=secrets.token_urlsafe(32),
             api_key=secrets.token_urlsafe(32),
             snapshot_key=secrets.token_urlsafe(32),
+            user_id_key=secrets.token_urlsafe(32),
             durable=durable,
         )
         self.detached = detached
@@ -345,6 +349,7 @@ class LocalServices:
             "redis_address": self.info.redis_address,
             "api_key": self.info.api_key,
             "snapshot_key": self.info.snapshot_key,
+            "user_id_key": self.info.user_id_key,
             "storage": self.storage,
             "pids": {name: p.pid for name, p in self._procs.items()},
         }

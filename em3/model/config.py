@@ -12,9 +12,11 @@ True
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Mapping
+from dataclasses import asdict, fields, replace
+from typing import Any, Mapping, get_args
+
+from em3.constraints import (Annotated, Field, FiniteFloat, FiniteNonNegFloat, Float, Literal, NonEmptyStr,
+                             NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class)
 
 __all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES", "OBJECTIVES"]
 
@@ -22,9 +24,12 @@ __all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MO
 #: a click followed by a conversion (pCTR x pCVR), or the expected conversion value
 #: (pCTR x pCVR x the item's mean conversion value).
 OBJECTIVES = ("ctr", "ctcvr", "value")
-ENCODER_MODES = ("lora", "frozen", "full")
-FUSIONS = ("qformer", "mean")
-CORRECTION_MODES = ("cancel", "positive")
+EncoderMode = Literal["lora", "frozen", "full"]
+Fusion = Literal["qformer", "mean"]
+CorrectionMode = Literal["cancel", "positive"]
+ENCODER_MODES: tuple[str, ...] = get_args(EncoderMode)
+FUSIONS: tuple[str, ...] = get_args(Fusion)
+CORRECTION_MODES: tuple[str, ...] = get_args(CorrectionMode)
 
 # Overrides that turn the default config into each named variant.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -39,7 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(frozen=True)
+@config_class
 class ModelConfig:
     """Everything that determines the parameters of an :class:`em3.model.EM3Model`.
 
@@ -161,106 +166,53 @@ class ModelConfig:
     """
 
     variant: str = "em3"
-    embed_dim: int = 64
+    embed_dim: PositiveInt = 64
     use_content: bool = True
-    text_model: str = "minilm"
-    image_model: str = "efficientnet-lite0"
-    encoder_mode: str = "lora"
-    text_trainable_layers: int = 1
-    image_trainable_blocks: int = 0
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
+    text_model: NonEmptyStr = "minilm"
+    image_model: NonEmptyStr = "efficientnet-lite0"
+    encoder_mode: EncoderMode = "lora"
+    text_trainable_layers: NonNegInt = 1
+    image_trainable_blocks: NonNegInt = 0
+    lora_rank: PositiveInt = 8
+    lora_alpha: PositiveFloat = 16.0
+    lora_dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.0
     text_lora_targets: tuple[str, ...] = ("query", "value")
     image_lora_targets: tuple[str, ...] = ("_expand_conv", "_project_conv", "_conv_head")
-    max_text_tokens: int = 32
-    image_size: int = 64
-    fusion: str = "qformer"
-    query_num: int = 4
-    fusion_layers: int = 1
-    fusion_heads: int = 4
-    history_len: int = 100
-    user_buckets: int = 1 << 15
-    item_buckets: int = 1 << 15
-    context_buckets: int = 1 << 10
-    attention_hidden: int = 64
-    mlp_hidden: tuple[int, ...] = (128, 64)
-    cic_weight: float = 0.0
-    cic_temperature: float = 0.2
-    cic_neg_num: int = 16
-    pairwise_weight: float = 0.0
+    max_text_tokens: PositiveInt = 32
+    image_size: PositiveInt = 64
+    fusion: Fusion = "qformer"
+    query_num: PositiveInt = 4
+    fusion_layers: PositiveInt = 1
+    fusion_heads: PositiveInt = 4
+    history_len: PositiveInt = 100
+    user_buckets: PositiveInt = 1 << 15
+    item_buckets: PositiveInt = 1 << 15
+    context_buckets: PositiveInt = 1 << 10
+    attention_hidden: PositiveInt = 64
+    mlp_hidden: tuple[PositiveInt, ...] = (128, 64)
+    cic_weight: NonNegFloat = 0.0
+    cic_temperature: PositiveFloat = 0.2
+    cic_neg_num: NonNegInt = 16
+    pairwise_weight: NonNegFloat = 0.0
     bias_terms: bool = False
     stat_features: bool = True
-    item_pseudo_count: float = 2.0
-    user_pseudo_count: float = 20.0
-    user_stat_weight_init: float = 0.25
-    popularity_weight_init: float = 0.4
-    content_match_impressions: float = 10.0
-    content_match_init: float = 2.0
-    correction_mode: str = "cancel"
-    ctr_weight: float = 1.0
-    ctcvr_weight: float = 1.0
-    cvr_hidden: tuple[int, ...] = (64,)
-    cvr_pseudo_count: float = 10.0
+    item_pseudo_count: PositiveFloat = 2.0
+    user_pseudo_count: PositiveFloat = 20.0
+    user_stat_weight_init: FiniteFloat = 0.25
+    popularity_weight_init: FiniteFloat = 0.4
+    content_match_impressions: NonNegFloat = 10.0
+    content_match_init: FiniteFloat = 2.0
+    correction_mode: CorrectionMode = "cancel"
+    ctr_weight: FiniteNonNegFloat = 1.0
+    ctcvr_weight: FiniteNonNegFloat = 1.0
+    cvr_hidden: tuple[PositiveInt, ...] = (64,)
+    cvr_pseudo_count: PositiveFloat = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # Lists from JSON become tuples so equal configs compare equal.
-        for name in ("text_lora_targets", "image_lora_targets", "mlp_hidden", "cvr_hidden"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        positive = (
-            "embed_dim", "lora_rank", "max_text_tokens", "image_size", "query_num",
-            "fusion_layers", "fusion_heads", "history_len", "user_buckets",
-            "item_buckets", "context_buckets", "attention_hidden",
-        )
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be > 0, but {value!r} is given")
-        for name in ("text_trainable_layers", "image_trainable_blocks", "cic_neg_num"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be >= 0, but {value!r} is given")
-        if self.cic_weight < 0:
-            raise ValueError(f"cic_weight must be >= 0, but {self.cic_weight} is given")
-        if not self.pairwise_weight >= 0:
-            raise ValueError(f"pairwise_weight must be >= 0, but {self.pairwise_weight} is given")
-        if not math.isfinite(self.content_match_init):
-            raise ValueError(f"content_match_init must be finite, but {self.content_match_init} is given")
-        if self.content_match_impressions < 0:
-            raise ValueError(f"content_match_impressions must be >= 0, but {self.content_match_impressions} is given")
-        if not (self.item_pseudo_count > 0 and self.user_pseudo_count > 0):
-            raise ValueError(f"item_pseudo_count and user_pseudo_count must be > 0, but "
-                             f"{self.item_pseudo_count} and {self.user_pseudo_count} are given")
-        for name in ("user_stat_weight_init", "popularity_weight_init"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite, but {getattr(self, name)} is given")
-        if self.cic_temperature <= 0:
-            raise ValueError(f"cic_temperature must be > 0, but {self.cic_temperature} is given")
-        if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, but {self.lora_alpha} is given")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), but {self.lora_dropout} is given")
-        if any(h <= 0 for h in self.mlp_hidden):
-            raise ValueError(f"mlp_hidden must hold positive widths, but {self.mlp_hidden} is given")
-        if any(not isinstance(h, int) or h <= 0 for h in self.cvr_hidden):
-            raise ValueError(f"cvr_hidden must hold positive widths, but {self.cvr_hidden} is given")
-        for name in ("ctr_weight", "ctcvr_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be >= 0 and finite, but {value!r} is given")
+        # Field constraints are declared above; only rules between fields are code.
         if self.ctr_weight == 0 and self.ctcvr_weight == 0:
             raise ValueError("ctr_weight and ctcvr_weight must not both be 0")
-        if not self.cvr_pseudo_count > 0:
-            raise ValueError(f"cvr_pseudo_count must be > 0, but {self.cvr_pseudo_count!r} is given")
-        if self.encoder_mode not in ENCODER_MODES:
-            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, but {self.encoder_mode!r} is given")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, but {self.fusion!r} is given")
-        if self.correction_mode not in CORRECTION_MODES:
-            raise ValueError(
-                f"correction_mode must be one of {CORRECTION_MODES}, but {self.correction_mode!r} is given"
-            )
         if self.embed_dim % self.fusion_heads:
             raise ValueError(
                 f"embed_dim must be divisible by fusion_heads, but {self.embed_dim} and "
@@ -268,8 +220,6 @@ class ModelConfig:
             )
         if self.use_content and self.text_model == "none" and self.image_model == "none":
             raise ValueError("use_content needs a text or an image model, but both are 'none'")
-        if not self.text_model or not self.image_model:
-            raise ValueError("text_model and image_model must be non-empty (use 'none' to disable)")
 
     # ------------------------------------------------------------------ helpers
     @classmethod

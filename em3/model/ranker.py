@@ -92,15 +92,21 @@ class TargetAttention(nn.Module):
         """``A h`` for item reps ``(..., R)`` -> ``(..., H)``."""
         return self.a(reps)
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, hist_proj: torch.Tensor,
+    def weights(self, target: torch.Tensor, history: torch.Tensor, hist_proj: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
+        """``(B, L)`` attention weights of each history position for each target: a
+        softmax over the unmasked positions (rows sum to 1; all 0 without history)."""
         # C (h * t) = (h * t) @ C^T, computed as h @ (C diag t)^T without (B, L, R) products.
         ct = self.c.weight.unsqueeze(0) * target.unsqueeze(1)  # (B, H, R)
         pre = hist_proj + self.b(target).unsqueeze(1) + torch.bmm(history, ct.transpose(1, 2))  # (B, L, H)
         logits = self.score(self.act(pre.transpose(1, 2)).transpose(1, 2)).squeeze(-1)  # (B, L)
         logits = logits.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(logits, dim=-1)
-        weights = torch.nan_to_num(weights, nan=0.0)  # rows with no history
+        return torch.nan_to_num(weights, nan=0.0)  # (B, L); rows with no history are 0
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, hist_proj: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(target, history, hist_proj, mask)  # (B, L)
         return torch.bmm(weights.unsqueeze(1), history).squeeze(1)  # (B, R)
 
 

@@ -30,7 +30,7 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path):
+def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path, report_problems):
     out = tmp_path / "demo-out"
     proc = subprocess.run(
         [sys.executable, "-m", "em3", "demo", "--minutes", "0.4", "--tiny", "--out", str(out), "--no-progress",
@@ -48,10 +48,12 @@ def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path
     assert summary["learning_shows"] == report["headline"]["learning_shows"] == all(
         report["headline"]["checks"].values())
     assert set(report["headline"]["window_auc"]) == {"em3", "id_only"}
-    assert proc.stdout.splitlines()[0].startswith(("PASS", "MISS")) and "Did learning show?" in html
+    assert proc.stdout.splitlines()[0].startswith(("PASS", "MISS")) and "Did learning work?" in html
+    assert report["headline"]["targets"] == {"window_auc": 0.65, "cold_ctr_ratio": 1.2, "requests_per_s": 10.0}
     assert set(report["arms"]) == {"em3", "id_only"} and report["control"] == "em3"
     # Traffic really flowed through the server: ~5 req/s for 24 s.
     assert report["requests"] >= 40
+    assert report["stop_reason"] == "time_budget" and "Stopped on its time budget" in html
     assert report["throughput"]["requests"] == report["requests"]
     for arm, stats in report["final"].items():
         assert stats["requests"] > 0, arm
@@ -73,12 +75,21 @@ def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path
         assert report["learners"][line]["latest_version"] >= 3, line
         assert len(report["versions_served"][line]) >= 2, line
         assert report["freshness_s"][line]["p50"] is not None
+    # Every few seconds one ranking was explained: the em3 line's modality mass over time
+    # (each point a distribution), none for id_only, which has no Fusion-Q-Former.
+    series = report["modality_contribution"]
+    assert set(series) == {"em3", "id_only"} and series["id_only"] == [] and len(series["em3"]) >= 2
+    for point in series["em3"]:
+        assert set(point) == {"t", "text", "image", "missing"} and 0 <= point["t"] <= 60
+        assert abs(point["text"] + point["image"] + point["missing"] - 1.0) < 1e-3
+    assert [p["t"] for p in series["em3"]] == sorted(p["t"] for p in series["em3"])
+    assert report["throughput"]["explain_latency_ms"]["n"] >= 2
     # New items arrived during the run and were shown (cold start).
     assert report["throughput"]["new_items_registered"] > 0
     assert sum(s["impressions"] for s in report["cold_start"].values()) > 0
-    # The HTML has the verdict table and embedded plots.
-    assert "Sequential test" in html and html.count("data:image/png;base64,") >= 3
-    assert "cold-start" in html
+    # The page: verdict and learning first, then plots, tables with units, the raw JSON appendix.
+    assert report_problems(html) == []
+    assert "mSPRT" in html and html.count('<svg id="chart-') >= 5 and "cold-start" in html
     # Nothing left behind: no broker, Redis, server or join of this run, no Ray of this run.
     processes = report["demo"]["processes"]
     for name in ("kafka", "redis", "join", "server"):

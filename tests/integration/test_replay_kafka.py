@@ -7,7 +7,8 @@ import pytest
 
 from em3 import codec
 from em3.types import Click, Impression
-from simulators.kafka_sink import produce_events
+from em3.privacy import Pseudonymizer, is_pseudonym
+from simulators.kafka_sink import produce_events, with_pseudonym
 from simulators.delays import ExponentialDelay
 from simulators.replay import LogReplayer, event_time
 from simulators.replay_sources import obd_rows
@@ -20,9 +21,12 @@ def test_obd_replay_round_trips_through_the_broker(settings):
 
     prefix = settings.topics.prefix
     rows = list(obd_rows("men", "random", click_delay=ExponentialDelay(45.0), seed=1))
-    expected = list(LogReplayer().run(rows))
+    expected = [with_pseudonym(e, Pseudonymizer(settings.user_id_key)) for e in LogReplayer().run(rows)]
+    assert not {e.user_id for e in expected} & {r.impression.user_id for r in rows if hasattr(r, "impression")}
     replayer = LogReplayer()
-    stats = produce_events(replayer.run(rows), settings.kafka, prefix=prefix, partitions=3)
+    pseudonymize = Pseudonymizer(settings.user_id_key)
+    stats = produce_events(replayer.run(rows), settings.kafka, prefix=prefix, partitions=3,
+                           pseudonymize=pseudonymize)
     n_imp = sum(isinstance(e, Impression) for e in expected)
     n_click = len(expected) - n_imp
     assert stats.produced == {f"{prefix}impressions": n_imp, f"{prefix}clicks": n_click}
@@ -53,7 +57,7 @@ def test_obd_replay_round_trips_through_the_broker(settings):
         partitions_of_key: dict[str, set[int]] = defaultdict(set)
         per_key_times: dict[str, list[float]] = defaultdict(list)
         for partition, key, ts_ms, event in topic_records:
-            assert key == event.user_id  # keyed by user
+            assert key == event.user_id and is_pseudonym(key)  # keyed by the user's pseudonym
             assert ts_ms == int(event_time(event) * 1000)  # Kafka timestamp = event time
             partitions_of_key[key].add(partition)
             per_key_times[key].append(event_time(event))
@@ -72,9 +76,10 @@ def test_ab_runner_events_reach_kafka(settings):
 
     world = World(WorldConfig(seed=0, n_users=100, n_items=100))
     seen: list = []
-    with KafkaEventSink(settings.kafka, prefix=settings.topics.prefix) as kafka:
+    pseudonymize = Pseudonymizer(settings.user_id_key)
+    with KafkaEventSink(settings.kafka, prefix=settings.topics.prefix, pseudonymize=pseudonymize) as kafka:
         def sink(event):
-            seen.append(event)
+            seen.append(with_pseudonym(event, pseudonymize))
             kafka(event)
 
         ABRunner(world, {"a": RandomRanker("a"), "b": RandomRanker("b", 1)},

@@ -11,6 +11,7 @@ import pytest
 
 from em3 import codec
 from em3.types import ItemContent
+from em3.privacy import Pseudonymizer
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +62,8 @@ def catalog(settings, redis_client):
 
     items = [ItemContent(f"i{n}", text=f"movie {n} about genre {n % 4}") for n in range(40)]
     RedisContentStore(redis_client, settings.redis_prefix).put_many(items)
-    RedisHistoryStore(redis_client, settings.redis_prefix).append_many(
-        [("u1", f"i{n}", 1.7e9 + n) for n in range(8)]
+    RedisHistoryStore(redis_client, settings.redis_prefix).append_many(  # under u1's pseudonym, as the join writes
+        [(Pseudonymizer(settings.user_id_key)("u1"), f"i{n}", 1.7e9 + n) for n in range(8)]
     )
     return [i.item_id for i in items]
 
@@ -188,7 +189,8 @@ def test_impressions_reach_kafka_with_arm_version_and_propensity(serve, publishe
         for n in range(20):
             out = _rank(client, user=f"user{n}", items=catalog[:8], k=3).json()
             for item in out["items"]:
-                served[item["impression_id"]] = (out["arm"], out["model_version"], item["propensity"], f"user{n}")
+                served[item["impression_id"]] = (out["arm"], out["model_version"], item["propensity"],
+                                                 Pseudonymizer(settings.user_id_key)(f"user{n}"))
     consumer = make_consumer(settings.kafka, "g-imp-test")
     consumer.subscribe([settings.topics.impressions])
     wait_for_assignment(consumer)

@@ -109,7 +109,7 @@ def test_only_the_ranking_server_is_published_and_internal_services_need_credent
     assert "--requirepass ${EM3_REDIS_PASSWORD:?" in redis_command
     env = doc["x-em3-env"]
     assert env["EM3_REDIS_URL"].startswith("redis://:${EM3_REDIS_PASSWORD:?")
-    for key in ("EM3_API_KEY", "EM3_SNAPSHOT_KEY"):
+    for key in ("EM3_API_KEY", "EM3_SNAPSHOT_KEY", "EM3_USER_ID_KEY"):  # refused when unset
         assert env[key].startswith("${" + key + ":?"), key
     for name in ("join", "learner-em3", "learner-id-only", "server", "topics", "simulator"):
         assert services[name]["environment"] is env, name

@@ -147,6 +147,23 @@ def test_a_server_refuses_a_delta_whose_result_does_not_verify_and_keeps_serving
     assert reloader.current.version == v1 and m2.version in reloader.status().bad_versions
 
 
+def test_a_server_refuses_a_snapshot_whose_config_breaks_its_declaration_and_loads_the_next(tiny_line, caplog):
+    config, content, states = tiny_line
+    snaps, applied = InMemorySnapshotStore(), InMemoryAppliedLog()
+    reloader = SnapshotReloader(snaps, EM3Loader(), RankingService(content, _NoHistory()).prepare,
+                                ReloaderConfig("main"))
+    bad = SnapshotPublisher(snaps, applied, "main", {**config.to_dict(), "embed_dim": 0, "fusion": "concat"})
+    v1 = _publish(bad, states[0], None).version
+    with caplog.at_level("ERROR", logger="serving.reloader"):
+        assert reloader.check() is False and reloader.current is None and reloader.status().bad_versions == [v1]
+    assert "ModelConfig: embed_dim must be > 0, but 0 is given; fusion must be one of 'qformer', 'mean', " \
+           "but 'concat' is given" in caplog.text
+    # The refused config was not pinned as the line's: the next good snapshot is served.
+    good = SnapshotPublisher(snaps, applied, "main", config.to_dict(), PublisherConfig(check_pointer=False))
+    v2 = _publish(good, states[1], v1).version
+    assert reloader.check() and reloader.current.version == v2
+
+
 class _NoHistory:
     def get(self, user_id, limit):
         return []

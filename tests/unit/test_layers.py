@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("em3", "stream", "learners", "serving", "simulators")
 #: The composition roots: the app package (em3/app/) and each package's command-line
 #: entry points; the top layer, so the core below them stays clean.
-APP = {"em3.app", "em3.app.cli", "em3.app.demo", "em3.app.services", "em3.app.configdoc", "em3.__main__",
+APP = {"em3.app", "em3.app.cli", "em3.app.demo", "em3.app.services", "em3.app.configdoc", "em3.app.users",
+       "em3.__main__",
        "stream.__main__", "stream.cli", "learners.cli", "serving.cli", "simulators.cli"}
 RANK = {"em3": 0, "stream": 1, "learners": 2, "serving": 2, "simulators": 2, "app": 3}
 #: package -> client -> the one module of that package allowed to import it

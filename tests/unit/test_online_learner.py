@@ -185,3 +185,13 @@ def test_cached_history_content_gives_the_live_predictions_before_any_update(cfg
     assert not torch.equal(head, cached_learner.model.head.mlp[0].weight)
     with pytest.raises(ValueError, match="content_every"):
         OnlineLearner(cfg, store, device="cpu", content_every=0)
+
+
+def test_modality_attention_is_the_mean_mass_per_modality(cfg):
+    store, _ = _world()
+    learner = OnlineLearner(cfg, store, device="cpu", seed=0)
+    mass = learner.modality_attention(["it0", "it1", "ghost"])  # ghost: no content, all on the null token
+    assert set(mass) == {"text", "image", "missing"} and mass["image"] == 0.0  # this config has no image tower
+    assert sum(mass.values()) == pytest.approx(1.0, abs=1e-3)
+    assert mass["missing"] > 1 / 3 and mass["text"] > 0
+    assert OnlineLearner(ModelConfig.tiny("id_only"), store, device="cpu").modality_attention(["it0"]) == {}

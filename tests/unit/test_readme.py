@@ -26,6 +26,18 @@ def test_every_config_field_is_documented_in_the_readme():
             assert f"| `{field.name}` |" in section, f"{path}.{field.name}"
 
 
+def test_every_environment_variable_is_documented_with_its_constraint():
+    from em3.config import EnvSettings
+
+    section = configdoc.readme_section(README)
+    for name in EnvSettings.model_fields:
+        variable = "EM3_KAFKA_<KEY>" if name == "kafka" else f"EM3_{name.upper()}"
+        assert f"| `{variable}` |" in section, variable
+    # Constraints come from the declarations, not from prose.
+    assert "| `lora_dropout` | `0.0` | in [0, 1) |" in section
+    assert "| `rank_executor` | `'loop'` | one of 'loop', 'threads' |" in section
+
+
 def test_the_two_commands_and_ci_agree():
     assert "bash scripts/setup.sh && python3 -m em3 demo" in README
     assert "bash scripts/test.sh" in README

@@ -146,7 +146,8 @@ def test_one_big_batch_and_many_small_ones_apply_the_same_samples(ids, batch_siz
     [
         ({"batch_size": 0}, "batch_size must be > 0, but 0 is given"),
         ({"max_batch_wait_s": -3}, "max_batch_wait_s must be > 0, but -3 is given"),
-        ({"history_len": 0}, "history_len must be > 0, but 0 is given"),
+        ({"history_len": 0}, "history_len must be > 0 or None, but 0 is given"),
+        ({"batch_size": True}, "batch_size must be an integer > 0, but True is given"),
     ],
 )
 def test_loop_config_validates(kwargs, message):
@@ -261,3 +262,29 @@ def test_weighted_training_data_learns_everything_weighted_by_how_this_arm_serve
         by_item.setdefault(s.impression.item_id, set()).add(round(w, 6))
     (shared,), (theirs,) = by_item["shared"], by_item["theirs"]
     assert theirs < 0.2 < 1.0 < shared  # em3 alone would never have shown "theirs"
+
+
+def test_the_weighted_policy_propensities_travel_in_the_loop_checkpoint():
+    from em3.experiment import ArmConfig, ExperimentConfig
+
+    def served_by(k, line, item):
+        imp = Impression(f"imp-{k}", f"r{k}", "u1", item, 0, 1.7e9 + k, model_line=line)
+        return Sample(imp, k % 2, 1.7e9 + k + 1)
+
+    first = [served_by(k, line, "theirs" if line == "id_only" else "mine") for k, line in
+             enumerate(["em3", "id_only"] * 10)]
+    later = [served_by(100 + k, "id_only", "theirs") for k in range(4)]
+    experiment = ExperimentConfig("x", (ArmConfig("a", 0.5, "line", "em3"), ArmConfig("b", 0.5, "line", "id_only")),
+                                  training_data="weighted")
+    settings = experiment.loop_settings("em3")
+    learner, src, loop = make_loop({"t:0": encoded(first + later)}, batch_size=20, **settings)
+    loop.process(src.poll(20, 0.01))
+    meta = loop.checkpoint_meta()
+    loop.process(src.poll(4, 0.01))
+    restarted, src2, loop2 = make_loop({"t:0": encoded(later)}, batch_size=4, **settings)
+    loop2.load_checkpoint_meta(meta)
+    loop2.process(src2.poll(4, 0.01))
+    assert restarted.sample_weights == learner.sample_weights and max(learner.sample_weights) < 0.2
+    fresh, src3, loop3 = make_loop({"t:0": encoded(later)}, batch_size=4, **settings)
+    loop3.process(src3.poll(4, 0.01))
+    assert fresh.sample_weights != learner.sample_weights  # without it the weights start near 1

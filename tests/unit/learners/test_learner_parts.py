@@ -32,7 +32,7 @@ def test_dedup_window_rebuilds_newest_first_up_to_capacity():
 def test_snapshot_policy_steps_or_seconds():
     p = SnapshotPolicy(interval_s=2.0, every_steps=5)
     assert not p.due(4, 1.9) and p.due(5, 0.0) and p.due(0, 2.0)
-    with pytest.raises(ValueError, match="interval_s must be > 0, but -3 is given"):
+    with pytest.raises(ValueError, match="interval_s must be > 0 or None, but -3 is given"):
         SnapshotPolicy(interval_s=-3)
     with pytest.raises(ValueError, match="cannot both be None"):
         SnapshotPolicy(interval_s=None, every_steps=None)

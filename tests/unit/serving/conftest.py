@@ -166,7 +166,10 @@ def make_runtime(memory_store, content, history, fake_producer):
     made = []
 
     def _make(experiment=None, **kwargs):
-        settings = Settings(KafkaSettings("127.0.0.1:1"), RedisSettings("redis://127.0.0.1:1/0"), TopicNames("t."))
+        # Raw user IDs explicitly allowed: these tests look at ranking, not at the edge
+        # (tests/functional/test_privacy_http.py runs the server with a key).
+        settings = Settings(KafkaSettings("127.0.0.1:1"), RedisSettings("redis://127.0.0.1:1/0"), TopicNames("t."),
+                            allow_raw_user_ids=True)
         kwargs.setdefault("trusted_network", True)
         config = ServerConfig(experiment or ExperimentConfig.single_line("main"), **kwargs)
         runtime = ServingRuntime(config, ToyLoader(), memory_store, content, history,

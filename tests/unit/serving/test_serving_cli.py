@@ -17,9 +17,11 @@ def _parse(argv):
     return parser.parse_args(argv)
 
 
-def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
+def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path, monkeypatch):
     from serving.cli import build_runtime
 
+    monkeypatch.setenv("EM3_USER_ID_KEY", "k")
+    monkeypatch.setenv("EM3_RUN_DIR", str(tmp_path))
     exp = {"name": "e", "salt": "s", "arms": [
         {"name": "a", "fraction": 0.5, "kind": "line", "model_line": "main"},
         {"name": "b", "fraction": 0.3, "kind": "snapshot", "model_line": "main", "version": 4},
@@ -43,6 +45,23 @@ def test_serve_flags_build_a_runtime_for_an_experiment(tmp_path):
         runtime.stop()
 
 
+def test_serve_refuses_raw_user_ids_unless_allowed(tmp_path, monkeypatch):
+    from em3.errors import ImproperlyConfigured
+    from serving.cli import build_runtime
+
+    monkeypatch.delenv("EM3_USER_ID_KEY", raising=False)
+    monkeypatch.delenv("EM3_ALLOW_RAW_USER_IDS", raising=False)
+    monkeypatch.setenv("EM3_RUN_DIR", str(tmp_path))  # no services.json with a key
+    argv = ["serve", "--model-line", "main", "--redis-url", "redis://127.0.0.1:1/0", "--bootstrap-servers", "127.0.0.1:1"]
+    with pytest.raises(ImproperlyConfigured, match="EM3_USER_ID_KEY"):
+        build_runtime(_parse(argv))
+    runtime = build_runtime(_parse(argv + ["--allow-raw-user-ids"]))
+    try:
+        assert not runtime.pseudonymize.keyed and runtime.pseudonymize("alice") == "alice"
+    finally:
+        runtime.stop()
+
+
 def test_model_line_and_experiment_are_exclusive():
     with pytest.raises(SystemExit):
         _parse(["serve", "--model-line", "a", "--experiment", "x.json"])
@@ -50,9 +69,12 @@ def test_model_line_and_experiment_are_exclusive():
         _parse(["serve"])
 
 
-@pytest.mark.parametrize("field, value", [("poll_interval_s", -3), ("max_body_bytes", 0), ("request_threads", -1)])
-def test_server_config_messages(field, value):
+@pytest.mark.parametrize("field, value, expected", [("poll_interval_s", -3, "> 0"), ("max_body_bytes", 0, "> 0"),
+                                                    ("request_threads", -1, "> 0 or None"),
+                                                    ("precompute_nice", 20, r"in \[0, 19\]"),
+                                                    ("rank_executor", "fork", "one of 'loop', 'threads'")])
+def test_server_config_messages(field, value, expected):
     from em3.experiment import ExperimentConfig
 
-    with pytest.raises(ValueError, match=f"{field} must be > 0, but {value} is given"):
+    with pytest.raises(ValueError, match=f"{field} must be {expected}, but {value!r} is given"):
         ServerConfig(ExperimentConfig.single_line("main"), **{field: value})

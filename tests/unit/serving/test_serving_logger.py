@@ -38,6 +38,21 @@ def test_a_full_buffer_drops_and_counts_without_blocking(fake_producer):
     assert log.stats().dropped == 7 and log.stats().queued == 5
 
 
+def test_reserved_slots_keep_concurrent_requests_from_dropping(fake_producer):
+    # Two requests may check for room at once (rank_executor="threads"): the first
+    # one's slots are held, so the second is refused (503) instead of its impressions
+    # being dropped after it has answered.
+    log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", buffer_size=5))  # not started: nothing drains
+    assert log.reserve(3)
+    assert not log.reserve(3) and log.stats().rejected == 1
+    assert log.reserve(2)
+    assert log.log_many(_imps(3), reserved=3) == 0
+    log.release(2)  # the second request failed before logging
+    assert log.reserve(2) and log.log_many(_imps(1), reserved=2) == 0  # fewer than reserved
+    assert log.stats().dropped == 0 and log.stats().queued == 4
+    assert log.reserve(1) and not log.reserve(1)
+
+
 def test_a_full_producer_queue_makes_the_logger_wait_not_drop(fake_producer):
     fake_producer.full = True  # the broker is away: librdkafka's queue stays full
     log = ImpressionLogger(fake_producer, ImpressionLoggerConfig("t", buffer_size=6)).start()
@@ -47,7 +62,7 @@ def test_a_full_producer_queue_makes_the_logger_wait_not_drop(fake_producer):
         time.sleep(0.01)
     assert log.stats().dropped == 0 and log.stats().produced == 0  # waiting, nothing lost
     log.log_many(_imps(2))
-    assert not log.has_room(1) and log.stats().rejected == 1  # the server answers 503 now
+    assert not log.reserve(1) and log.stats().rejected == 1  # the server answers 503 now
     fake_producer.full = False  # the broker is back
     assert log.flush(5.0)
     stats = log.close()

@@ -133,7 +133,7 @@ def test_watcher_follows_notices_and_survives_an_outage(reloader, publish, memor
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="version must be > 0, but -3 is given"):
+    with pytest.raises(ValueError, match="version must be > 0 or None, but -3 is given"):
         ReloaderConfig("main", version=-3)
     with pytest.raises(ValueError, match="poll_interval_s must be > 0, but 0 is given"):
         SnapshotWatcher(None, [], poll_interval_s=0)

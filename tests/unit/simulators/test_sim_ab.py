@@ -40,8 +40,18 @@ def test_planted_lift_is_detected_early():
     test = report.tests["oracle"]
     assert test["verdict"] == "treatment_better"
     assert test["ci_low"] > 0 and test["p_value"] <= 0.05
-    assert report.stopped_early and report.requests < 6000
+    assert report.stop_reason == "evidence" and report.requests < 6000
     assert report.final["oracle"]["ctr"] > report.final["random"]["ctr"]
+
+
+def test_stop_reason_says_why_the_run_ended():
+    assert _aa(0, 200).stop_reason == "request_budget"
+    world = World(WorldConfig(seed=0, **SMALL))
+    calls = iter(range(10_000))
+    budget = ABRunner(world, {"a": RandomRanker("a"), "b": RandomRanker("b", 1)},
+                      ABConfig(n_requests=1000, check_every=50), should_stop=lambda: next(calls) >= 120).run()
+    assert budget.stop_reason == "time_budget" and budget.requests == 120
+    assert json.loads(budget.to_json())["stop_reason"] == "time_budget" and "stopped_early" not in budget.to_dict()
 
 
 def test_same_seed_same_report():

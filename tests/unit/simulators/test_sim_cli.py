@@ -39,7 +39,9 @@ def test_ab_writes_a_report(tmp_path, capsys):
     out = _last_json(capsys)
     assert out["control"] == "random" and out["requests"] == 1500
     assert out["verdicts"]["oracle"]["verdict"] == "treatment_better"
-    assert (tmp_path / "report.html").exists() and (tmp_path / "ctr.png").exists()
+    assert out["stop_reason"] == "request_budget" and out["report"] == str(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert "oracle wins" in page and '<svg id="chart-ctr"' in page
     report = json.loads((tmp_path / "report.json").read_text())
     for arm in ("random", "oracle"):  # conversions beside CTR, in the readout and in report.json
         final = report["final"][arm]

@@ -35,6 +35,9 @@ class FakeServer:
                 self.impressions[imp] = (body["user_id"], item)
                 items.append({"item_id": item, "score": 1.0, "position": pos, "impression_id": imp,
                               "propensity": 1.0})
+                if body.get("explain"):
+                    items[-1]["explanation"] = {"modality": {"text": 0.5, "image": 0.25, "missing": 0.25},
+                                                "position": pos}
             return httpx.Response(200, json={"request_id": rid, "arm": arm, "model_line": arm,
                                              "model_version": 3, "items": items, "unknown_item_ids": []})
         if request.url.path == "/v1/click":
@@ -89,3 +92,19 @@ def test_failed_clicks_are_counted():
 
     assert ranker.post_click(Click("i", "u", "x", 1.7e9)) is False
     assert ranker.click_errors == 1
+
+
+def test_explain_asks_the_server_and_returns_its_explanations():
+    seen = []
+    server = FakeServer()
+
+    def handler(request):
+        seen.append(json.loads(request.content))
+        return server(request)
+
+    ranker = HTTPRanker(client=httpx.Client(base_url="http://srv", transport=httpx.MockTransport(handler)))
+    plain = ranker.rank("u2", ["x", "y", "z"], {"t": "1"}, 2)
+    explained = ranker.rank("u2", ["x", "y", "z"], {"t": "1"}, 2, explain=True)
+    assert "explain" not in seen[0] and seen[1]["explain"] is True
+    assert plain.explanations is None
+    assert [e["position"] for e in explained.explanations] == [0, 1]

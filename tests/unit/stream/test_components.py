@@ -31,8 +31,10 @@ def test_dedup_capacity_is_checked(capacity):
 def test_worker_config_errors_name_the_field():
     from stream.worker import WorkerConfig
 
-    with pytest.raises(ValueError, match="batch_size must be an int > 0, but -3 is given"):
+    with pytest.raises(ValueError, match="batch_size must be > 0, but -3 is given"):
         WorkerConfig(batch_size=-3)
+    with pytest.raises(ValueError, match="batch_size must be an integer > 0, but 2.5 is given"):
+        WorkerConfig(batch_size=2.5)
     with pytest.raises(ValueError, match="poll_timeout_s must be > 0, but 0 is given"):
         WorkerConfig(poll_timeout_s=0)
 

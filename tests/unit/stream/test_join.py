@@ -264,9 +264,11 @@ def test_state_records_statuses():
     "kwargs, message",
     [
         ({"window_s": -3}, "window_s must be > 0 and finite, but -3 is given"),
-        ({"allowed_lateness_s": -1}, "allowed_lateness_s must be >= 0, but -1 is given"),
-        ({"max_correction_delay_s": -2}, "max_correction_delay_s must be >= 0, but -2 is given"),
+        ({"window_s": float("inf")}, "window_s must be > 0 and finite, but inf is given"),
+        ({"allowed_lateness_s": -1}, "allowed_lateness_s must be >= 0 and finite, but -1 is given"),
+        ({"max_correction_delay_s": -2}, "max_correction_delay_s must be >= 0 and finite, but -2 is given"),
         ({"idle_timeout_s": 0}, "idle_timeout_s must be > 0 or None, but 0 is given"),
+        ({"idle_advance_rate": True}, "idle_advance_rate must be a number > 0, but True is given"),
         ({"idle_advance_rate": 0}, "idle_advance_rate must be > 0, but 0 is given"),
     ],
 )

@@ -330,7 +330,7 @@ def test_restoring_mid_stream_changes_no_conversion(stream, data):
     "kwargs, message",
     [
         ({"conversion_window_s": -1}, "conversion_window_s must be >= 0 and finite, but -1 is given"),
-        ({"max_conversion_records": 0}, "max_conversion_records must be an int > 0, but 0 is given"),
+        ({"max_conversion_records": 0}, "max_conversion_records must be > 0, but 0 is given"),
     ],
 )
 def test_conversion_config_errors_say_what_was_given(kwargs, message):

@@ -1,0 +1,132 @@
+"""Why the model scores an item as it does: three views of one logit.
+
+* **Modality mass** (:func:`modality_mass`): the share of the Fusion-Q-Former's
+  cross-attention (queries, heads and layers averaged) on each modality's tokens:
+  ``text``, ``image``, and ``missing`` (the learned null token, which stands for
+  absent content and takes the attention no modality draws). The three sum to 1
+  per item. Which modality the item's content embedding is read from.
+* **History attention** (:func:`explain_candidates`, ``history_weights``): the
+  target-attention weights of the user's history items for each candidate (a
+  softmax: they sum to 1 over the history). Which past clicks the interest vector
+  is built from.
+* **Content / ID split** (:func:`shapley_two`): the logit minus a baseline logit,
+  split between two players, the *content* part and the *ID* part of every item row
+  the score reads (the candidate's and the history items'). A coalition's value
+  ``v(S)`` is the logit with the parts outside ``S`` replaced by their baselines
+  (:meth:`em3.model.EM3Model.baseline_rows`): content by the running mean of item
+  content embeddings (an item of average content), the ID part by a never-seen
+  item's (ID embedding 0, cold-start gate 1, click statistics of an unseen row).
+  The user, the context and the user's statistics stay as they are. The two-player
+  Shapley values are the average marginal contribution of each part over both
+  orders: they are the only split that is symmetric, gives a part that changes
+  nothing 0, and adds up exactly, ``content + id = logit - baseline_logit``.
+  Four forward passes (the real one and three masked ones), all for the explained
+  candidates only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from em3.types import ItemContent
+
+__all__ = ["MODALITIES", "ScoreExplanation", "shapley_two", "modality_mass", "explain_candidates"]
+
+#: Columns of :func:`modality_mass`.
+MODALITIES = ("text", "image", "missing")
+
+
+def shapley_two(v_none: Any, v_a: Any, v_b: Any, v_ab: Any) -> tuple[Any, Any]:
+    """Shapley values of players ``a`` and ``b`` from the values of the four coalitions
+    (numbers or tensors, elementwise).
+
+    ``v_a`` is the value with only ``a`` present, ``v_ab`` with both. Each player gets
+    its marginal contribution averaged over the two orders of arrival; the two add up
+    to ``v_ab - v_none``.
+
+    >>> shapley_two(0.0, 1.0, 2.0, 5.0)
+    (2.0, 3.0)
+    >>> a, b = shapley_two(0.5, 0.5, 1.5, 1.5)   # a changes nothing: it gets 0
+    >>> a, b
+    (0.0, 1.0)
+    """
+    phi_a = ((v_a - v_none) + (v_ab - v_b)) / 2
+    phi_b = ((v_b - v_none) + (v_ab - v_a)) / 2
+    return phi_a, phi_b
+
+
+@dataclass
+class ScoreExplanation:
+    """:func:`explain_candidates` for ``C`` candidates against ``L`` history items.
+
+    ``logit``, ``baseline``, ``content`` and ``id`` are ``(C,)``, with
+    ``content + id == logit - baseline``; ``history_weights`` is ``(C, L)`` (rows sum
+    to 1, or are all 0 without history).
+    """
+
+    logit: torch.Tensor
+    baseline: torch.Tensor
+    content: torch.Tensor
+    id: torch.Tensor
+    history_weights: torch.Tensor
+
+    def rows(self, history_ids: Sequence[str], top: int = 5) -> list[dict[str, Any]]:
+        """One JSON-ready dict per candidate: the split and the ``top`` history items by
+        weight (``history_ids`` names the history rows, newest first)."""
+        out = []
+        weights = self.history_weights[:, : len(history_ids)].float()
+        n = min(top, weights.shape[1])
+        best_w, best_j = (weights.topk(n, dim=1) if n else (weights[:, :0], weights[:, :0].long()))
+        for c in range(self.logit.shape[0]):
+            out.append({
+                "logit": float(self.logit[c]),
+                "baseline_logit": float(self.baseline[c]),
+                "content": float(self.content[c]),
+                "id": float(self.id[c]),
+                "history": [{"item_id": history_ids[j], "weight": float(w)}
+                            for w, j in zip(best_w[c].tolist(), best_j[c].tolist())],
+            })
+        return out
+
+
+@torch.no_grad()
+def explain_candidates(model: Any, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
+                       candidate_reps: torch.Tensor) -> ScoreExplanation:
+    """The content / ID split and the history attention of ``candidate_reps`` ``(C, R)``
+    for one request, ``history_reps`` ``(L, R)`` newest first (rows of
+    :meth:`em3.model.EM3Model.item_representations`; ``model`` an ``EM3Model``)."""
+    def value(content: bool, ids: bool) -> torch.Tensor:
+        """The logit with the parts not kept replaced by their baselines."""
+        hist = model.baseline_rows(history_reps, content=not content, ids=not ids)
+        cand = model.baseline_rows(candidate_reps, content=not content, ids=not ids)
+        return model.score_candidates(user_id, context, hist, cand).float()  # (C,)
+
+    logit, weights = model.score_candidates(user_id, context, history_reps, candidate_reps, return_weights=True)
+    logit = logit.float()
+    v_none, v_content, v_id = value(False, False), value(True, False), value(False, True)
+    phi_content, phi_id = shapley_two(v_none, v_content, v_id, logit)
+    return ScoreExplanation(logit, v_none, phi_content, phi_id, weights.float())
+
+
+@torch.no_grad()
+def modality_mass(model: Any, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
+    """``(N, 3)``: the Fusion-Q-Former's attention mass per item on ``text``,
+    ``image`` and ``missing`` (:data:`MODALITIES`; a modality the model does not have
+    gets 0). Rows sum to 1. None for a model without a Fusion-Q-Former (``id_only``,
+    mean fusion). Uses the model's frozen-prefix cache: callers that share it
+    serialise the call."""
+    fusion = getattr(model, "fusion", None)
+    if fusion is None or not hasattr(fusion, "attention_mass"):
+        return None
+    tokens, masks = model.modality_tokens(list(item_ids), list(contents))
+    mass = fusion.attention_mass(tokens, masks).float()  # (N, 1 + M): null token, then each modality
+    out = torch.zeros(mass.shape[0], len(MODALITIES))
+    out[:, 2] = mass[:, 0]
+    col = 1
+    for slot, encoder in ((0, model.text), (1, model.image)):
+        if encoder is not None:
+            out[:, slot] = mass[:, col]
+            col += 1
+    return out  # (N, 3)
