@@ -75,7 +75,8 @@ def test_pairwise_loss_is_reported_and_changes_the_update_only_when_on(cfg):
         learner = OnlineLearner(cfg.replace(pairwise_weight=weight), store, device="cpu", seed=0)
         stats = learner.learn_batch(batch, hist)
         assert (stats["pair_loss"] > 0) == (weight > 0)
-        assert stats["loss"] == pytest.approx(stats["rank_loss"] + weight * stats["pair_loss"], rel=1e-5)
+        assert stats["loss"] == pytest.approx(stats["rank_loss"] + weight * stats["pair_loss"] + stats["ctcvr_loss"],
+                                              rel=1e-5)
         states[weight] = learner.state_dict()["head.mlp.0.weight"]
     assert not torch.equal(states[0.0], states[1.0])
 
@@ -148,7 +149,7 @@ def test_corrections_validation_and_state(cfg):
         OnlineLearner(cfg, store, lr=0)
     state = learner.state_dict()
     counters = {"item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
-                "head.content_mean"}
+                "head.content_mean", "cvr_item_counts", "cvr_user_counts", "cvr_global_counts"}
     assert sum(v.numel() for k, v in state.items() if k not in counters) == learner.num_trainable_params()
     assert state["item_impressions"].sum() > 0  # trained-on impressions were counted
     # The late positive adds a click to counts already holding its impression.
