@@ -323,6 +323,7 @@ class Tombstone(msgspec.Struct, frozen=True, tag="tombstone", tag_field="type"):
     lines_reset: dict[str, int] = msgspec.field(default_factory=dict)
     completed_at: float | None = None
     erased: dict[str, int] = msgspec.field(default_factory=dict)
+    v: Version = SCHEMA_VERSION
 
 
 class CheckpointManifest(msgspec.Struct, frozen=True):

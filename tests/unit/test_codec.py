@@ -100,3 +100,14 @@ def test_a_conversion_sample_has_its_own_id_and_must_be_a_clicked_correction():
     assert len({s.sample_id, Sample(imp, 1, TS, correction=True).sample_id, Sample(imp, 1, TS).sample_id}) == 3
     with pytest.raises(ValueError, match="a conversion sample must have label 1 and correction True"):
         Sample(imp, 1, TS, correction=False, conversion=1)
+
+
+def test_privacy_records_round_trip_with_their_schema_version():
+    # A tombstone that lost its version field could be stored but never read back
+    # (the deletion then never showed as erased): every stored record keeps ``v``.
+    from em3.types import DeletionRequest, Tombstone
+
+    tomb = Tombstone("0" * 32, 1.7e9, status="stores_erased", lines_expected=["a"], erased={"history_keys": 1})
+    assert codec.decode_tombstone(codec.encode(tomb)) == tomb
+    request = DeletionRequest("u" * 32, 1.7e9)
+    assert codec.decode_deletion_record(codec.encode(request)) == request
