@@ -34,6 +34,7 @@ from em3.types import (
     MIN_TIMESTAMP,
     SCHEMA_VERSION,
     Click,
+    Conversion,
     DeletionRequest,
     Impression,
     ItemContent,
@@ -53,6 +54,7 @@ __all__ = [
     "decode_as",
     "decode_impression",
     "decode_click",
+    "decode_conversion",
     "decode_sample",
     "decode_item",
     "decode_manifest",
@@ -66,16 +68,17 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-Record = Union[Impression, Click, Sample, ItemContent]
+Record = Union[Impression, Click, Conversion, Sample, ItemContent]
 
 _encoder = msgspec.json.Encoder()
 _DECODERS: dict[Any, msgspec.json.Decoder] = {
-    t: msgspec.json.Decoder(t) for t in (Impression, Click, Sample, ItemContent, Record, DeletionRequest, Tombstone)
+    t: msgspec.json.Decoder(t) for t in (Impression, Click, Conversion, Sample, ItemContent, Record, DeletionRequest,
+                                         Tombstone)
 }
 #: What the deletions topic carries: requests, and the completion records that replace them.
 DeletionRecord = Union[DeletionRequest, Tombstone]
 _DECODERS[DeletionRecord] = msgspec.json.Decoder(DeletionRecord)
-_TIME_FIELDS = ("served_at", "clicked_at", "label_time")
+_TIME_FIELDS = ("served_at", "clicked_at", "converted_at", "label_time")
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _VERSION_KEY = re.compile(rb'"v"\s*:')
 
@@ -193,6 +196,16 @@ def decode_impression(data: bytes | str | Mapping[str, Any]) -> Impression:
 def decode_click(data: bytes | str | Mapping[str, Any]) -> Click:
     """Decode a :class:`Click`; raises :class:`DecodeError` with a reason."""
     return decode_as(data, Click)
+
+
+def decode_conversion(data: bytes | str | Mapping[str, Any]) -> Conversion:
+    """Decode a :class:`Conversion`; raises :class:`DecodeError` with a reason.
+
+    >>> c = Conversion("imp-1", "u1", "i9", 1_700_000_600.0, value=12.5)
+    >>> decode_conversion(encode(c)) == c
+    True
+    """
+    return decode_as(data, Conversion)
 
 
 def decode_sample(data: bytes | str | Mapping[str, Any]) -> Sample:

@@ -142,6 +142,11 @@ class TopicNames:
         return f"{self.prefix}clicks"
 
     @property
+    def conversions(self) -> str:
+        """Conversions (purchases after a click), co-partitioned with impressions and clicks."""
+        return f"{self.prefix}conversions"
+
+    @property
     def samples(self) -> str:
         return f"{self.prefix}samples"
 
@@ -156,7 +161,7 @@ class TopicNames:
 
     def all(self) -> list[str]:
         """The event topics (co-partitioned by user); :attr:`deletions` is apart."""
-        return [self.impressions, self.clicks, self.samples, self.dead_letter]
+        return [self.impressions, self.clicks, self.conversions, self.samples, self.dead_letter]
 
 
 @config_class

@@ -34,10 +34,15 @@ from typing import Any, Mapping, get_args
 from em3.constraints import Annotated, Field, Fraction, Literal, NonEmptyStr, PositiveInt, config_class
 from em3.errors import ImproperlyConfigured
 
-__all__ = ["ARM_KINDS", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
+__all__ = ["ARM_KINDS", "OBJECTIVES", "TRAINING_DATA", "ArmConfig", "ExperimentConfig", "bucket"]
 
 ArmKind = Literal["line", "snapshot", "popularity", "random"]
 ARM_KINDS: tuple[str, ...] = get_args(ArmKind)
+#: What a model arm ranks by (:data:`em3.model.config.OBJECTIVES`, repeated here so the
+#: experiment needs no torch): the click probability, click-and-conversion, or the
+#: expected conversion value.
+Objective = Literal["ctr", "ctcvr", "value"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 _TWO_64 = float(1 << 64)
 
 
@@ -71,6 +76,12 @@ class ArmConfig:
         The fixed snapshot version (``snapshot`` only).
     popularity : {"clicks", "impressions"}
         Which counter the popularity arm ranks by.
+    objective : {"ctr", "ctcvr", "value"}
+        What a model arm ranks by: ``ctr`` the click probability, ``ctcvr`` the
+        probability of a click followed by a conversion (pCTR x pCVR), ``value`` the
+        expected conversion value (pCTCVR x the item's mean value). ``ctcvr`` and
+        ``value`` need a line whose model has the CVR head; a server refuses its
+        snapshots otherwise (``/readyz`` says why).
     """
 
     name: NonEmptyStr
@@ -79,6 +90,7 @@ class ArmConfig:
     model_line: str = ""
     version: PositiveInt | None = None
     popularity: Literal["clicks", "impressions"] = "clicks"
+    objective: Objective = "ctr"
 
     def __post_init__(self) -> None:
         if self.kind in ("line", "snapshot") and not self.model_line:
@@ -87,6 +99,9 @@ class ArmConfig:
             raise ValueError("version must be > 0 for a 'snapshot' arm, but None is given")
         if self.kind != "snapshot" and self.version is not None:
             raise ValueError(f"version is only for 'snapshot' arms, but {self.version!r} is given for a {self.kind!r} arm")
+        if self.objective != "ctr" and not self.is_model:
+            raise ValueError(f"objective is only for model arms ('line', 'snapshot'), but {self.objective!r} "
+                             f"is given for a {self.kind!r} arm")
 
     @property
     def is_model(self) -> bool:
@@ -249,20 +264,21 @@ class ExperimentConfig:
                 "weight_as_line": model_line if self.training_data == "weighted" else ""}
 
     @classmethod
-    def single_line(cls, model_line: str) -> "ExperimentConfig":
-        """All traffic on the latest snapshot of one line (``em3 serve --model-line``)."""
-        return cls(name=model_line, arms=(ArmConfig(model_line, 1.0, "line", model_line),))
+    def single_line(cls, model_line: str, objective: str = "ctr") -> "ExperimentConfig":
+        """All traffic on the latest snapshot of one line, ranked by ``objective``
+        (``em3 serve --model-line [--objective]``)."""
+        return cls(name=model_line, arms=(ArmConfig(model_line, 1.0, "line", model_line, objective=objective),))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
         """From ``{"name", "salt"?, "training_data"?, "arms": [{"name", "fraction", "kind"?,
-        "model_line"?, "version"?, "popularity"?}, ...]}``."""
+        "model_line"?, "version"?, "popularity"?, "objective"?}, ...]}``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"an experiment must be a JSON object, but {type(data).__name__} is given")
         arms_raw = data.get("arms")
         if not isinstance(arms_raw, list):
             raise ValueError(f"arms must be a list, but {arms_raw!r} is given")
-        known = {"name", "fraction", "kind", "model_line", "version", "popularity"}
+        known = {"name", "fraction", "kind", "model_line", "version", "popularity", "objective"}
         arms = []
         for n, arm in enumerate(arms_raw):
             if not isinstance(arm, Mapping):

@@ -48,6 +48,7 @@ __all__ = [
     "Context",
     "Impression",
     "Click",
+    "Conversion",
     "Sample",
     "ItemContent",
     "SnapshotManifest",
@@ -56,6 +57,7 @@ __all__ = [
     "CheckpointManifest",
     "RankRequest",
     "ClickRequest",
+    "ConversionRequest",
     "ItemsRequest",
     "sample_id_for",
     "valid_id",
@@ -76,6 +78,8 @@ MAX_TEXT_CHARS = 20_000
 MAX_IMAGE_BYTES = 512 * 1024
 MAX_CANDIDATES = 10_000
 MAX_ITEMS_PER_REQUEST = 1000
+#: Largest conversion value accepted (an order total, in the deployment's currency).
+MAX_CONVERSION_VALUE = 1e9
 
 #: No C0 control character, DEL, or lone surrogate (valid JSON, invalid UTF-8).
 _PRINTABLE = r"^[^\x00-\x1f\x7f\ud800-\udfff]+$"
@@ -98,6 +102,8 @@ _Image = Annotated[bytes, Meta(max_length=MAX_IMAGE_BYTES, description="image by
 _ImageRef = Annotated[str, Meta(max_length=2048, pattern=_PRINTABLE)]
 Position = Annotated[int, Meta(ge=0, le=MAX_CANDIDATES)]
 Propensity = Annotated[float, Meta(gt=0.0, le=1.0)]
+ConversionValue = Annotated[float, Meta(ge=0.0, le=MAX_CONVERSION_VALUE,
+                                        description="value of the conversion (an order total), >= 0")]
 Version = Literal[1]
 
 
@@ -146,19 +152,37 @@ class Click(msgspec.Struct, frozen=True, tag="click", tag_field="type"):
     v: Version = SCHEMA_VERSION
 
 
-def sample_id_for(impression_id: str, correction: bool) -> str:
+class Conversion(msgspec.Struct, frozen=True, tag="conversion", tag_field="type"):
+    """A conversion (a purchase, a sign-up) after a click on impression ``impression_id``.
+
+    The impression id is the reference to the click: the join attributes the
+    conversion to that impression's click if it falls within the conversion
+    window after the click (:class:`stream.join.JoinConfig`). ``value`` (an
+    order total, say) is optional; the expected-value serving objective learns
+    from it.
+    """
+
+    impression_id: Id
+    user_id: Id
+    item_id: Id
+    converted_at: Timestamp
+    value: ConversionValue | None = None
+    v: Version = SCHEMA_VERSION
+
+
+def sample_id_for(impression_id: str, correction: bool, conversion: bool = False) -> str:
     """Stable id of the sample that labels ``impression_id``.
 
-    The same impression always yields the same id for its first label and a
-    different (but equally stable) id for its correction, so consumers can drop
-    redelivered duplicates by id.
+    The same impression always yields the same id for its first label, a
+    different (but equally stable) id for its click correction, and a third for
+    its conversion, so consumers can drop redelivered duplicates by id.
 
     >>> sample_id_for("imp-1", False) == sample_id_for("imp-1", False)
     True
-    >>> sample_id_for("imp-1", False) != sample_id_for("imp-1", True)
-    True
+    >>> len({sample_id_for("imp-1", False), sample_id_for("imp-1", True), sample_id_for("imp-1", True, True)})
+    3
     """
-    tag = "c" if correction else "l"
+    tag = "v" if conversion else ("c" if correction else "l")
     digest = hashlib.blake2b(f"{impression_id}|{tag}".encode(), digest_size=12)
     return digest.hexdigest()
 
@@ -166,8 +190,21 @@ def sample_id_for(impression_id: str, correction: bool) -> str:
 class Sample(msgspec.Struct, tag="sample", tag_field="type"):
     """A labelled training example produced by the stream join.
 
-    ``correction`` marks a positive that arrives after a negative for the same
-    impression was already emitted (fake-negative correction, Ktena et al. 2019).
+    Three kinds, each with its own stable ``sample_id``:
+
+    * the first label of an impression (``correction`` False): ``label`` is the
+      click; ``conversion`` is 0, because a conversion always travels as its own
+      sample (below), so labels never depend on whether a click or its conversion
+      was read first;
+    * a click correction (``correction`` True, ``conversion`` 0): a click that
+      arrived after the negative for the impression was emitted (fake-negative
+      correction, Ktena et al. 2019);
+    * a conversion (``conversion`` 1, ``label`` 1, ``correction`` True): the
+      impression's click converted (``value`` its value, 0 if none was given,
+      ``label_time`` the conversion time). It corrects the conversion label of
+      the click's sample, which went out before the conversion was known
+      (delayed feedback).
+
     Not frozen only so that ``__post_init__`` can fill ``sample_id``; treat it as
     immutable.
     """
@@ -177,13 +214,25 @@ class Sample(msgspec.Struct, tag="sample", tag_field="type"):
     label_time: Timestamp
     correction: bool = False
     sample_id: Label = ""
+    conversion: int = 0
+    value: ConversionValue = 0.0
     v: Version = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if self.label not in (0, 1) or type(self.label) is bool:
             raise ValueError(f"label must be 0 or 1, but {self.label!r} is given")
+        if self.conversion not in (0, 1) or type(self.conversion) is bool:
+            raise ValueError(f"conversion must be 0 or 1, but {self.conversion!r} is given")
+        if self.conversion and not (self.label == 1 and self.correction):
+            raise ValueError("a conversion sample must have label 1 and correction True, but "
+                             f"label {self.label!r} and correction {self.correction!r} are given")
         if not self.sample_id:
-            self.sample_id = sample_id_for(self.impression.impression_id, self.correction)
+            self.sample_id = sample_id_for(self.impression.impression_id, self.correction, bool(self.conversion))
+
+    @property
+    def is_late_click(self) -> bool:
+        """A click correction (not a conversion)."""
+        return self.correction and not self.conversion
 
 
 class ItemContent(msgspec.Struct, frozen=True, tag="item", tag_field="type"):
@@ -274,6 +323,7 @@ class Tombstone(msgspec.Struct, frozen=True, tag="tombstone", tag_field="type"):
     lines_reset: dict[str, int] = msgspec.field(default_factory=dict)
     completed_at: float | None = None
     erased: dict[str, int] = msgspec.field(default_factory=dict)
+    v: Version = SCHEMA_VERSION
 
 
 class CheckpointManifest(msgspec.Struct, frozen=True):
@@ -336,6 +386,18 @@ class ClickRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user_id: Id
     item_id: Id
     clicked_at: Timestamp | None = None
+
+
+class ConversionRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/conversion``: a conversion after the click on impression
+    ``impression_id`` (``converted_at`` defaults to the server's clock; ``value``
+    is optional)."""
+
+    impression_id: Id
+    user_id: Id
+    item_id: Id
+    converted_at: Timestamp | None = None
+    value: ConversionValue | None = None
 
 
 class ItemRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

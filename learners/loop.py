@@ -24,10 +24,11 @@ Per micro-batch:
    before the model learns from that sample), then ``learn_batch``; a learner whose
    ``learn_batch`` takes ``return_probs`` does both in one forward pass.
 
-Correction samples (a late click on an impression already learned as a negative)
-are learned with the model's fake-negative correction and counted, but kept out
-of the prequential AUC and logloss: they re-label an impression that was already
-scored once.
+Correction samples (a late click on an impression already learned as a negative,
+or a conversion after the click's sample) are learned with the model's
+fake-negative correction and counted (``corrections_applied``, and
+``conversions_applied`` for conversions), but kept out of the prequential AUC and
+logloss: they re-label an impression that was already scored once.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ log = logging.getLogger(__name__)
 
 # Cumulative counters a loop keeps (and a snapshot's stats carry).
 COUNTERS = ("records", "samples_applied", "duplicates_dropped", "decode_errors", "corrections_applied", "steps",
-            "batch_retries", "quarantined", "other_arm_skipped", "erased_dropped")
+            "batch_retries", "quarantined", "other_arm_skipped", "erased_dropped", "conversions_applied")
 
 
 @config_class
@@ -449,6 +450,7 @@ class LearnerLoop:
         counters["steps"] += 1
         counters["samples_applied"] += len(samples)
         counters["corrections_applied"] += int((~plain).sum())
+        counters["conversions_applied"] += sum(1 for s in samples if s.conversion)
         self._loss_sum += float(stats.get("loss", 0.0)) * len(samples)
         for partition, sample in kept:
             self._applied[partition].append(sample.sample_id)

@@ -21,12 +21,12 @@ import torch
 
 from em3.model import EM3Model, ModelConfig
 from em3.model.model import ItemEncoding
-from em3.model.losses import weighted_bce, within_group_bpr
+from em3.model.losses import ctcvr_bce, weighted_bce, within_group_bpr
 from em3.stores import ContentSource
 from em3.types import Impression, Sample
 from learners.optim import RowWiseAdagrad, load_optimizer_tensors, optimizer_tensors
 
-__all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE", "LEARNER_DEFAULTS", "SPARSE_OPTIMIZERS"]
+__all__ = ["OnlineLearner", "resolve_device", "CONTENT_LR_SCALE", "LEARNER_DEFAULTS", "SPARSE_OPTIMIZERS", "TASKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,13 @@ _TABLE_PREFIXES = ("user_emb.", "item_emb.", "context_emb.")
 _BIAS_PREFIXES = ("global_bias", "user_bias.", "item_bias.")
 # stat_weights and popularity_weight stay with the dense (Adam) parameters.
 _CONTENT_PREFIXES = ("text.", "image.", "fusion.", "content_norm.")
+# The CVR head's parameters: their own Adam group and their own gradient clip, so
+# the click model's steps are the same with or without them.
+_CVR_PREFIXES = ("cvr_head.", "cvr_stat_weights", "cvr_bias")
+
+#: What :meth:`OnlineLearner.score` can predict: click, conversion given a click,
+#: click and conversion.
+TASKS = ("ctr", "cvr", "ctcvr")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -144,11 +151,13 @@ class OnlineLearner:
                               batch_invariant_prefix=batch_invariant_prefix).to(self.device)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         rowwise = _BIAS_PREFIXES + (_TABLE_PREFIXES if sparse_optimizer == "rowwise_adagrad" else ())
-        dense = [(n, p) for n, p in named if not n.startswith(rowwise)]
+        dense = [(n, p) for n, p in named if not n.startswith(rowwise) and not n.startswith(_CVR_PREFIXES)]
         self.params = [p for _, p in dense]  # clipped; row-wise steps are normalised per row already
+        self.cvr_params = [p for n, p in named if n.startswith(_CVR_PREFIXES)]  # clipped on their own
         groups = [{"params": [p for n, p in dense if not n.startswith(_CONTENT_PREFIXES)], "lr": lr},
                   {"params": [p for n, p in dense if n.startswith(_CONTENT_PREFIXES)],
-                   "lr": lr * CONTENT_LR_SCALE if content_lr is None else content_lr}]
+                   "lr": lr * CONTENT_LR_SCALE if content_lr is None else content_lr},
+                  {"params": self.cvr_params, "lr": lr}]
         self.optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
         tables = [{"params": [p for n, p in named if n.startswith(_BIAS_PREFIXES)], "lr": bias_lr}]
         if sparse_optimizer == "rowwise_adagrad":
@@ -195,6 +204,13 @@ class OnlineLearner:
         return list(index), n_targets, target_idx.to(dev), hist_idx.to(dev), hist_mask.to(dev)
 
     def _logits(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]], train: bool = False):
+        logits, _, enc = self._task_logits(impressions, histories, train, cvr=False)
+        return logits, enc
+
+    def _task_logits(self, impressions: Sequence[Impression], histories: Sequence[Sequence[str]],
+                     train: bool = False, cvr: bool = True):
+        """Click logits ``(B,)``, pCVR logits ``(B,)`` (None without the CVR head or
+        ``cvr``), and the batch's :class:`ItemEncoding`."""
         ids, n_targets, target_idx, hist_idx, hist_mask = self._prepare(impressions, histories)
         if not self.config.use_content:
             enc = self.model.encode_items(ids)
@@ -205,9 +221,10 @@ class OnlineLearner:
             enc = self._encode_cached(ids, live, n_targets)
         else:
             enc = self.model.encode_items(ids, self.content.get_many(ids))
-        logits = self.model([i.user_id for i in impressions], [i.context for i in impressions],
-                            enc.reps, target_idx, hist_idx, hist_mask)  # (B,)
-        return logits.float(), enc
+        logits, cvr_logits = self.model.forward_tasks(
+            [i.user_id for i in impressions], [i.context for i in impressions], enc.reps, target_idx, hist_idx,
+            hist_mask, cvr=cvr and self.config.has_cvr)  # (B,), (B,) or None
+        return logits.float(), None if cvr_logits is None else cvr_logits.float(), enc
 
     def _encode_cached(self, ids: list[str], n_live: int, n_targets: int) -> ItemEncoding:
         """The first ``n_live`` items through the content towers with gradient; the rest
@@ -260,31 +277,57 @@ class OnlineLearner:
         Returns
         -------
         dict
-            ``loss``, ``rank_loss``, ``cic_loss``, ``pair_loss`` (the within-user
-            pairwise loss, 0 when off), ``n``, ``positives``,
-            ``corrections``, ``unique_items``, ``seconds`` (floats and ints), and
-            ``probs`` (``np.ndarray`` ``(B,)``) when asked.
+            ``loss``, ``rank_loss``, ``ctcvr_loss`` (0 without the CVR head),
+            ``cic_loss``, ``pair_loss`` (the within-user pairwise loss, 0 when off),
+            ``n``, ``positives``, ``corrections``, ``conversions``, ``unique_items``,
+            ``seconds`` (floats and ints), and ``probs`` (``np.ndarray`` ``(B,)``,
+            click probabilities) when asked.
+
+        Notes
+        -----
+        The click loss (weight ``ctr_weight``) covers every sample but conversion
+        samples; the CTCVR loss (``ctcvr_weight``, :func:`em3.model.losses.ctcvr_bce`)
+        covers every sample but late clicks: an impression's first label says "no
+        conversion yet", a conversion sample later corrects it, and a late click
+        says nothing new about conversion. Without a CVR head conversion samples
+        are not learned.
         """
         t0 = time.perf_counter()
         if not samples:
-            return {"loss": 0.0, "rank_loss": 0.0, "cic_loss": 0.0, "pair_loss": 0.0, "n": 0, "positives": 0,
-                    "corrections": 0, "unique_items": 0, "seconds": 0.0}
+            return {"loss": 0.0, "rank_loss": 0.0, "ctcvr_loss": 0.0, "cic_loss": 0.0, "pair_loss": 0.0, "n": 0,
+                    "positives": 0, "corrections": 0, "conversions": 0, "unique_items": 0, "seconds": 0.0}
         self.model.train()
-        labels = torch.tensor([s.label for s in samples], dtype=torch.float32, device=self.device)
-        corr = torch.tensor([s.correction for s in samples], dtype=torch.bool, device=self.device)
-        w = None if weights is None else torch.tensor(list(weights), dtype=torch.float32, device=self.device)
+        cfg = self.config
+        dev = self.device
+        labels = torch.tensor([s.label for s in samples], dtype=torch.float32, device=dev)
+        corr = torch.tensor([s.correction for s in samples], dtype=torch.bool, device=dev)
+        conv = torch.tensor([bool(s.conversion) for s in samples], dtype=torch.bool, device=dev)
+        w = None if weights is None else torch.tensor(list(weights), dtype=torch.float32, device=dev)
         if w is not None and w.shape[0] != len(samples):
             raise ValueError(f"weights must have {len(samples)} entries, but {w.shape[0]} are given")
+        n_conv = int(conv.sum().item())
         with self._autocast():
-            logits, enc = self._logits([s.impression for s in samples], histories, train=True)
-            rank = weighted_bce(logits, labels, w, corr, self.config.correction_mode)
+            logits, cvr_logits, enc = self._task_logits([s.impression for s in samples], histories, train=True)
+            if n_conv:  # the click loss leaves conversion samples out
+                keep = ~conv
+                rank = weighted_bce(logits[keep], labels[keep], None if w is None else w[keep], corr[keep],
+                                    cfg.correction_mode)
+            else:
+                rank = weighted_bce(logits, labels, w, corr, cfg.correction_mode)
             cic = self.model.cic_loss(enc, self.generator)
-            loss = rank + self.config.cic_weight * cic
+            loss = cfg.ctr_weight * rank + cfg.cic_weight * cic
             pair = logits.sum() * 0.0
-            if self.config.pairwise_weight:
+            if cfg.pairwise_weight:
                 users = self.model.user_emb.buckets_of([s.impression.user_id for s in samples])
-                pair = within_group_bpr(logits, labels, users)
-                loss = loss + self.config.pairwise_weight * pair
+                keep = ~conv
+                pair = within_group_bpr(logits[keep], labels[keep], users[keep])
+                loss = loss + cfg.pairwise_weight * pair
+            ctcvr = logits.sum() * 0.0
+            if cvr_logits is not None:
+                rows = ~(corr & ~conv)  # late clicks say nothing new about conversion
+                ctcvr = ctcvr_bce(logits[rows], cvr_logits[rows], conv[rows].float(),
+                                  None if w is None else w[rows], conv[rows], cfg.correction_mode)
+                loss = loss + cfg.ctcvr_weight * ctcvr
         probs = torch.sigmoid(logits.detach()).cpu().numpy() if return_probs else None
         self.optimizer.zero_grad(set_to_none=True)
         if self.sparse_optimizer is not None:
@@ -292,6 +335,8 @@ class OnlineLearner:
         loss.backward()
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if self.cvr_params:
+                torch.nn.utils.clip_grad_norm_(self.cvr_params, self.max_grad_norm)
         self.optimizer.step()
         if self.sparse_optimizer is not None:
             self.sparse_optimizer.step()
@@ -299,14 +344,21 @@ class OnlineLearner:
         fresh = [s for s in samples if not s.correction]
         self.model.observe_impressions([s.impression.item_id for s in fresh], [s.impression.user_id for s in fresh],
                                        [s.label for s in fresh])
-        late = [s for s in samples if s.correction and s.label]
+        late = [s for s in samples if s.is_late_click and s.label]
         self.model.observe_late_clicks([s.impression.item_id for s in late], [s.impression.user_id for s in late])
+        if cfg.has_cvr:
+            counted = [s for s in samples if s.label]  # clicks (first or late) and conversions
+            self.model.observe_conversions(
+                [s.impression.item_id for s in counted], [s.impression.user_id for s in counted],
+                [0.0 if s.conversion else 1.0 for s in counted], [float(s.conversion) for s in counted],
+                [s.value if s.conversion else 0.0 for s in counted])
         if enc.content is not None:
             self.model.head.observe_content(enc.content)
         self.steps += 1
-        stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "cic_loss": float(cic.detach()),
-                 "pair_loss": float(pair.detach()),
-                 "n": len(samples), "positives": int(labels.sum().item()), "corrections": int(corr.sum().item()),
+        stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "ctcvr_loss": float(ctcvr.detach()),
+                 "cic_loss": float(cic.detach()), "pair_loss": float(pair.detach()),
+                 "n": len(samples), "positives": int(labels[~conv].sum().item()),
+                 "corrections": int((corr & ~conv).sum().item()), "conversions": n_conv,
                  "unique_items": int(enc.reps.shape[0]), "seconds": time.perf_counter() - t0}
         if probs is not None:
             stats["probs"] = probs
@@ -314,21 +366,34 @@ class OnlineLearner:
 
     @torch.no_grad()
     def score(self, records: Sequence[Sample | Impression], histories: Sequence[Sequence[str]],
-              batch_size: int = 1024) -> np.ndarray:
-        """Click probabilities ``(B,)`` for samples or impressions (no gradient).
+              batch_size: int = 1024, task: str = "ctr") -> np.ndarray:
+        """Probabilities ``(B,)`` for samples or impressions (no gradient): of a click
+        (``task="ctr"``), of a conversion given a click (``"cvr"``), or of both
+        (``"ctcvr"``, pCTR x pCVR); the last two need the CVR head.
 
         Batch-size independent: rows are scored in chunks of ``batch_size`` and the
         model has no batch-dependent layers (no dropout, frozen BatchNorm).
         """
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, but {batch_size} is given")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, but {task!r} is given")
+        if task != "ctr" and not self.config.has_cvr:
+            raise ValueError(f"task {task!r} needs a model with a CVR head (ctcvr_weight > 0)")
         self.model.eval()
         imps = [r.impression if isinstance(r, Sample) else r for r in records]
         out = []
         for start in range(0, len(imps), batch_size):
             with self._autocast():
-                logits, _ = self._logits(imps[start : start + batch_size], histories[start : start + batch_size])
-            out.append(torch.sigmoid(logits).cpu().numpy())
+                logits, cvr_logits, _ = self._task_logits(imps[start : start + batch_size],
+                                                          histories[start : start + batch_size], cvr=task != "ctr")
+            if task == "ctr":
+                p = torch.sigmoid(logits)
+            elif task == "cvr":
+                p = torch.sigmoid(cvr_logits)
+            else:
+                p = torch.sigmoid(logits) * torch.sigmoid(cvr_logits)
+            out.append(p.cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     @torch.no_grad()

@@ -12,6 +12,8 @@ Endpoints
                     ``explanation`` to each item (modality mass, top history items,
                     content / ID split of the logit).
 ``POST /v1/click``  ``{impression_id, user_id, item_id, clicked_at?}`` -> clicks topic.
+``POST /v1/conversion``  ``{impression_id, user_id, item_id, converted_at?, value?}`` ->
+                    conversions topic (a conversion after the click on that impression).
 ``POST /v1/items``  one item ``{item_id, text?, image? (base64), image_ref?, attributes?}``
                     or ``{"items": [...]}``; stored in Redis, cached rows dropped.
 ``DELETE /v1/users/{id}``          erase a user everywhere: a deletion request goes to the compacted
@@ -51,7 +53,8 @@ import msgspec
 from pydantic import BaseModel
 
 from em3.codec import error_field
-from em3.types import Click, ClickRequest, ItemRequest, ItemsRequest, RankRequest, valid_id
+from em3.types import (Click, ClickRequest, Conversion, ConversionRequest, ItemRequest, ItemsRequest, RankRequest,
+                       valid_id)
 from serving.metrics import CONTENT_TYPE
 from serving.server import NotReady, ServingRuntime, Unavailable
 
@@ -61,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: Request bodies, declared once in :mod:`em3.types` with their constraints.
-_REQUESTS = (RankRequest, ClickRequest, ItemRequest, ItemsRequest)
+_REQUESTS = (RankRequest, ClickRequest, ConversionRequest, ItemRequest, ItemsRequest)
 _SCHEMAS, _COMPONENTS = msgspec.json.schema_components(_REQUESTS, ref_template="#/components/schemas/{name}")
 
 
@@ -384,6 +387,26 @@ def create_app(runtime: ServingRuntime) -> Any:
             return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
         return JSONResponse({"accepted": True, "clicked_at": clicked_at}, status_code=202)
 
+    @app.post("/v1/conversion", status_code=202, openapi_extra=_request_body(ConversionRequest),
+              responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
+    async def conversion(request: Request) -> Any:
+        """Record a conversion (a purchase, a sign-up) after the click on a served
+        impression, with an optional value (to the conversions topic; the join
+        attributes it to the click). Needs the API key."""
+        authorize(request)
+        body = _decode_body(await request.body(), ConversionRequest)
+        now = time.time()
+        if body.converted_at is not None and body.converted_at > now + runtime.config.max_future_s:
+            raise _Invalid([{"field": "converted_at", "reason":
+                             f"must not lie more than {runtime.config.max_future_s} s ahead of the server's clock"}])
+        converted_at = body.converted_at if body.converted_at is not None else now
+        event = Conversion(body.impression_id, body.user_id, body.item_id, converted_at, body.value)
+        try:
+            await anyio.to_thread.run_sync(runtime.conversion, event)
+        except Unavailable as exc:
+            return JSONResponse({"error": "unavailable", "detail": str(exc)}, status_code=503)
+        return JSONResponse({"accepted": True, "converted_at": converted_at}, status_code=202)
+
     @app.post("/v1/items", openapi_extra=_request_body(ItemsRequest),
               responses={401: {"model": ErrorOut}, 422: {"model": ErrorOut}, 503: {"model": ErrorOut}})
     async def items(request: Request) -> Any:
@@ -459,7 +482,7 @@ def create_app(runtime: ServingRuntime) -> Any:
                  in_loop=runtime.config.rank_executor == "loop")
 
 
-_KNOWN = {"/v1/rank", "/v1/click", "/v1/items", "/healthz", "/readyz", "/metrics"}
+_KNOWN = {"/v1/rank", "/v1/click", "/v1/conversion", "/v1/items", "/healthz", "/readyz", "/metrics"}
 
 
 class ServerHandle:

@@ -26,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve /v1/rank with hot-reloaded snapshots (FastAPI + uvicorn)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--model-line", help="serve the latest snapshot of this line to all users")
-    which.add_argument("--experiment", help="JSON file: {name, salt?, arms: [{name, fraction, kind, ...}]}")
+    which.add_argument("--experiment", help="JSON file: {name, salt?, arms: [{name, fraction, kind, objective?, ...}]}")
+    p.add_argument("--objective", choices=["ctr", "ctcvr", "value"], default="ctr",
+                   help="with --model-line: rank by click probability, click-and-conversion probability "
+                        "(needs the CVR head), or expected conversion value (an experiment names it per arm)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--redis-prefix", default=None, help="Redis key prefix (default em3:)")
@@ -94,7 +97,7 @@ def build_runtime(args: argparse.Namespace):
     if args.experiment:
         experiment = ExperimentConfig.from_file(args.experiment)
     else:
-        experiment = ExperimentConfig.single_line(args.model_line)
+        experiment = ExperimentConfig.single_line(args.model_line, args.objective)
     ranking = RankingConfig(history_len=args.history_len, max_candidates=args.max_candidates,
                             unknown_candidates=args.unknown_candidates,
                             precompute_max_items=args.precompute_max_items,

@@ -93,6 +93,7 @@ class ServingMetrics:
         self.redis_up = Gauge("em3_serving_redis_up", "1 if the last Redis poll succeeded", registry=r)
         self.redis_up.set(1)
         self.clicks = Counter("em3_serving_clicks", "Clicks produced to Kafka", registry=r)
+        self.conversions = Counter("em3_serving_conversions", "Conversions produced to Kafka", registry=r)
         self.deletions = Counter("em3_serving_deletions", "User deletion requests written to Kafka", registry=r)
         self.items_registered = Counter("em3_serving_items_registered", "Items registered or updated", registry=r)
 

@@ -466,8 +466,10 @@ class RankingService:
     def rank(
         self, state: ServingState, user_id: str, item_ids: Sequence[str],
         context: Mapping[str, str] | None = None, k: int | None = None, explain: bool = False,
+        objective: str = "ctr",
     ) -> RankResult:
-        """The top ``k`` of ``item_ids`` for ``user_id``, best first.
+        """The top ``k`` of ``item_ids`` for ``user_id``, best first by ``objective``
+        (``ctr``, ``ctcvr`` or ``value``; see :class:`em3.experiment.ArmConfig`).
 
         ``item_ids`` must be unique and at most ``max_candidates`` long. With
         ``explain``, each ranked item also gets its explanation (:meth:`explain`);
@@ -495,7 +497,10 @@ class RankingService:
         t2 = time.perf_counter()
         if keep:
             with torch.inference_mode():
-                scores = state.model.score(user_id, context or {}, hist_reps, cand_reps)  # (N',)
+                if objective == "ctr":
+                    scores = state.model.score(user_id, context or {}, hist_reps, cand_reps)  # (N',)
+                else:
+                    scores = state.model.score(user_id, context or {}, hist_reps, cand_reps, objective=objective)
             scores = torch.nan_to_num(scores.float().reshape(-1), nan=-math.inf)
             order = torch.argsort(scores, descending=True, stable=True)
             top = order[: (k or len(keep))].tolist()

@@ -61,11 +61,15 @@ class ReloaderConfig:
         pinned to a fixed snapshot).
     max_bad_versions : int
         How many refused versions are remembered (not retried).
+    objectives : tuple of str
+        Serving objectives the arms of this source rank by; a snapshot whose model
+        cannot compute one of them is refused (:attr:`RankingModel.objectives`).
     """
 
     model_line: NonEmptyStr
     version: PositiveInt | None = None
     max_bad_versions: PositiveInt = 100
+    objectives: tuple[NonEmptyStr, ...] = ("ctr",)
 
     @property
     def key(self) -> str:
@@ -220,6 +224,11 @@ class SnapshotReloader:
                 model = load_delta(manifest, blob, model)
             else:
                 model = self.loader.load(manifest, blob, model)
+        can = tuple(getattr(model, "objectives", ("ctr",)))
+        missing = [o for o in self.config.objectives if o not in can]
+        if missing:
+            raise SnapshotError(f"arms of {self.key!r} rank by {missing}, which this snapshot's model cannot "
+                                f"compute (it offers {list(can)}; ctcvr and value need the CVR head)")
         return model
 
     def _load(self, version: int) -> bool:

@@ -52,6 +52,10 @@ class RankingModel(Protocol):
     """Identifies the content towers' weights: models with equal keys give equal
     :meth:`item_content` rows."""
 
+    objectives: tuple[str, ...]
+    """What :meth:`score` can rank by (``ctr`` at least; ``ctcvr`` and ``value`` with a
+    CVR head)."""
+
     def item_content(
         self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]
     ) -> torch.Tensor:
@@ -70,9 +74,11 @@ class RankingModel(Protocol):
         context: Mapping[str, str],
         history_reps: torch.Tensor,
         candidate_reps: torch.Tensor,
+        objective: str = "ctr",
     ) -> torch.Tensor:
-        """Logits ``(N,)`` for ``candidate_reps`` ``(N, D)`` given ``history_reps``
-        ``(H, D)`` (newest first; ``H`` may be 0)."""
+        """Scores ``(N,)`` for ``candidate_reps`` ``(N, D)`` given ``history_reps``
+        ``(H, D)`` (newest first; ``H`` may be 0): click logits for ``objective="ctr"``,
+        else what :meth:`em3.model.EM3Model.score_candidates` says for it."""
         ...
 
 
@@ -171,6 +177,7 @@ class EM3RankingModel:
         self.history_len = int(model.config.history_len)
         self.rep_lock = rep_lock or threading.Lock()
         self._content_key: str | None = None
+        self.objectives: tuple[str, ...] = tuple(model.config.objectives)
 
     @property
     def content_key(self) -> str:
@@ -208,8 +215,9 @@ class EM3RankingModel:
         context: Mapping[str, str],
         history_reps: torch.Tensor,
         candidate_reps: torch.Tensor,
+        objective: str = "ctr",
     ) -> torch.Tensor:
-        return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps)  # (C,)
+        return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps, objective)  # (C,)
 
     @torch.inference_mode()
     def explain_scores(

@@ -10,6 +10,7 @@ or from parts (in-memory stores, a fake producer) with the constructor.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -26,7 +27,7 @@ from em3.config import Settings
 from em3.constraints import Annotated, Field, Int, Literal, PositiveFloat, PositiveInt, config_class
 from em3.privacy import Pseudonymizer, deletion_records, tombstone_id
 from em3.stores import ContentSource, HistorySource
-from em3.types import Click, Impression, ItemContent, Tombstone
+from em3.types import Click, Conversion, Impression, ItemContent, Tombstone
 from em3.experiment import ArmConfig, ExperimentConfig
 from serving.ab import BaselineResult, PopularityRanker, RandomRanker
 from serving.logger import ImpressionLogger, ImpressionLoggerConfig
@@ -98,8 +99,8 @@ class ServerConfig:
         timeout the request ranks without history and a breaker skips Redis for
         a cool-down (``/readyz`` says ``degraded``).
     api_key : str
-        Key that ``POST /v1/click`` and ``/v1/items`` must send; empty: the
-        settings' ``api_key`` (``EM3_API_KEY``).
+        Key that ``POST /v1/click``, ``/v1/conversion`` and ``/v1/items`` must send;
+        empty: the settings' ``api_key`` (``EM3_API_KEY``).
     trusted_network : bool
         Without any API key, accept writes anyway (a server only reachable from a
         trusted network); otherwise keyless writes get 401.
@@ -135,10 +136,14 @@ class ServerConfig:
     def sources(self) -> list[ReloaderConfig]:
         """One reloader per distinct model source among the arms."""
         seen: dict[str, ReloaderConfig] = {}
+        objectives: dict[str, list[str]] = {}
         for arm in self.experiment.arms:
-            if arm.is_model and arm.source_key not in seen:
-                seen[arm.source_key] = ReloaderConfig(arm.model_line, arm.version)
-        return list(seen.values())
+            if arm.is_model:
+                objectives.setdefault(arm.source_key, [])
+                if arm.objective not in objectives[arm.source_key]:
+                    objectives[arm.source_key].append(arm.objective)
+                seen.setdefault(arm.source_key, ReloaderConfig(arm.model_line, arm.version))
+        return [dataclasses.replace(src, objectives=tuple(objectives[key])) for key, src in seen.items()]
 
 
 _DEFAULT_TORCH_THREADS = torch.get_num_threads()
@@ -454,7 +459,7 @@ class ServingRuntime:
             state = self.reloaders[arm.source_key].current
             if state is None:
                 raise NotReady(f"arm {arm.name!r}: no snapshot of {arm.source_key!r} loaded yet")
-            result = self.ranking.rank(state, user_id, item_ids, context, k, explain=explain)
+            result = self.ranking.rank(state, user_id, item_ids, context, k, explain=explain, objective=arm.objective)
             ranked = [(r.item_id, r.score, 1.0) for r in result.items]
             unknown = result.unknown_item_ids
             line, version, timings = state.model_line, state.version, result.timings
@@ -540,6 +545,21 @@ class ServingRuntime:
             except Exception as exc:  # noqa: BLE001 - the counter is best effort
                 self.baseline_errors += 1
                 logger.warning("click counter update failed: %r", exc)
+
+    def conversion(self, conversion: Conversion) -> None:
+        """Produce ``conversion`` (with the raw user ID, pseudonymised here, as clicks are)
+        to the conversions topic (the join attributes it)."""
+        if self.producer is None or self.settings is None:
+            raise Unavailable("this server has no Kafka producer")
+        conversion = Conversion(conversion.impression_id, self._user(conversion.user_id), conversion.item_id,
+                                conversion.converted_at, conversion.value)
+        try:
+            self.producer.produce(self.settings.topics.conversions, key=conversion.user_id.encode(),
+                                  value=codec.encode(conversion))
+        except BufferError as exc:
+            raise Unavailable(f"Kafka producer queue is full: {exc}") from None
+        self.producer.poll(0)
+        self.metrics.conversions.inc()
 
     def request_deletion(self, raw_user_id: str, request_id: str = "", timeout_s: float = 5.0) -> dict[str, Any]:
         """Write a deletion request for ``raw_user_id`` (each of its pseudonyms) to the

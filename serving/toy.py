@@ -52,7 +52,9 @@ class ToyConfig:
 
 
 class ToyModel:
-    """Hashed ID + bag-of-tokens item rows; dot-product scores."""
+    """Hashed ID + bag-of-tokens item rows; dot-product scores (click objective only)."""
+
+    objectives = ("ctr",)
 
     def __init__(self, config: ToyConfig, tensors: Mapping[str, torch.Tensor], forward_delay_s: float = 0.0) -> None:
         self.config = config

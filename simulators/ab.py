@@ -19,6 +19,14 @@ is compared with the control by :class:`simulators.sequential.SequentialTest`
 ``alpha / (number of treatments)`` each (Bonferroni). With ``stop_early`` the
 experiment ends as soon as every treatment has a verdict.
 
+Conversions (a click's purchase, hours later in the world's default) travel to
+``event_sink`` when they happen (rankers' ``observe`` gets impressions and clicks
+only). Each arm's readout counts the conversions of its counted clicks that come
+within ``conversion_window_s`` of the click, as they happen: ``conversions``,
+``cvr`` (conversions / clicks), ``conversions_per_user`` and ``conversion_value``
+beside CTR. At the end the runner waits (in event time) for the last conversion
+window, so the final figures hold every conversion.
+
 Rankers that return scores (``Ranking.scores``) get a prequential AUC per
 arm: the AUC of the scores they served with against the clicks that followed
 (within the window), over all completed requests so far. ``metrics``
@@ -41,7 +49,7 @@ import numpy as np
 
 from em3.constraints import Literal, OpenProbability, PositiveFloat, PositiveInt, config_class
 from em3.experiment import ArmPropensity, TrainingData
-from em3.types import Click, Impression
+from em3.types import Click, Conversion, Impression
 from simulators.rankers import Ranker
 from simulators.sequential import DEFAULT_TAU2, RatioStats, SequentialTest, fixed_horizon
 from simulators.world import World
@@ -94,6 +102,9 @@ class ABConfig:
         Requests between looks.
     attribution_window_s : float
         Clicks later than this after their impression do not count.
+    conversion_window_s : float
+        Conversions later than this after their click do not count (the join's
+        ``--conversion-window-s``).
     stop_early : bool
         End when every treatment has a verdict (the report's ``stop_reason`` is
         then ``"evidence"``).
@@ -123,6 +134,7 @@ class ABConfig:
     min_samples: PositiveInt = 200
     check_every: PositiveInt = 500
     attribution_window_s: PositiveFloat = 600.0
+    conversion_window_s: PositiveFloat = 86_400.0
     stop_early: bool = False
     training_data: TrainingData = "split"
     arm_from_ranking: bool = False
@@ -139,6 +151,12 @@ class ArmStats:
     sum_ctr: float = 0.0
     sumsq_ctr: float = 0.0
     users: RatioStats = field(default_factory=RatioStats)
+    conversions: int = 0
+    conversion_value: float = 0.0
+
+    def add_conversion(self, value: float) -> None:
+        self.conversions += 1
+        self.conversion_value += value
 
     def add(self, shown: int, clicks: int, user_id: str = "") -> None:
         ctr = clicks / shown if shown else 0.0
@@ -161,14 +179,22 @@ class ArmStats:
         return n, mean, max(self.sumsq_ctr / n - mean * mean, 0.0) / max(n - 1, 1)
 
     def summary(self, alpha: float, unit: str = "user") -> dict[str, float]:
-        """CTR (per the unit of analysis) with a normal-approximation ``1 - alpha`` interval."""
+        """CTR (per the unit of analysis) with a normal-approximation ``1 - alpha`` interval,
+        and the conversions beside it: ``cvr`` (conversions / clicks),
+        ``conversions_per_user``, ``conversion_value``."""
         n, mean, var = self.estimate(unit)
         if n == 0:
             return {"requests": 0, "users": 0, "impressions": 0, "clicks": 0, "ctr": math.nan,
-                    "ci_low": math.nan, "ci_high": math.nan}
+                    "ci_low": math.nan, "ci_high": math.nan, "conversions": 0, "cvr": math.nan,
+                    "conversions_per_user": math.nan, "conversion_value": 0.0}
         half = NormalDist().inv_cdf(1 - alpha / 2) * math.sqrt(var) if math.isfinite(var) else math.inf
-        return {"requests": self.requests, "users": self.users.units, "impressions": self.impressions,
-                "clicks": self.clicks, "ctr": mean, "ci_low": mean - half, "ci_high": mean + half}
+        users = self.users.units
+        return {"requests": self.requests, "users": users, "impressions": self.impressions,
+                "clicks": self.clicks, "ctr": mean, "ci_low": mean - half, "ci_high": mean + half,
+                "conversions": self.conversions,
+                "cvr": self.conversions / self.clicks if self.clicks else math.nan,
+                "conversions_per_user": self.conversions / users if users else math.nan,
+                "conversion_value": self.conversion_value}
 
 
 @dataclass
@@ -302,8 +328,11 @@ class ABRunner:
         shadow = {a: SequentialTest(cfg.tau2, per_test_alpha, 0.0, cfg.min_samples)
                   for a in self.treatments} if cfg.shadow_unit else {}
         stats = {a: ArmStats() for a in self.arm_names}
-        pending_events: list[tuple[float, int, str, Impression | Click]] = []
+        pending_events: list[tuple[float, int, str, Impression | Click | Conversion]] = []
         outcomes: list[tuple[float, str, int, int]] = []  # (served_at, arm, shown, clicks in window)
+        # Conversions of counted clicks within the conversion window: (converted_at, seq, arm, value),
+        # counted in the readout when their time comes.
+        conversions_due: list[tuple[float, int, str, float]] = []
         scored: list[tuple[str, list[float], list[int]] | None] = []  # per request: arm, scores, labels
         auc_data: dict[str, tuple[list[float], list[int]]] = {a: ([], []) for a in self.arm_names}
         counted = 0
@@ -321,7 +350,8 @@ class ABRunner:
                 _, _, arm, event = heapq.heappop(pending_events)
                 if self.event_sink is not None:
                     self.event_sink(event)
-                batch[arm].append(event)
+                if not isinstance(event, Conversion):  # rankers learn from impressions and clicks
+                    batch[arm].append(event)
             if cfg.training_data == "weighted":
                 for a in self.arm_names:
                     for e in batch[a]:
@@ -343,8 +373,12 @@ class ABRunner:
                 else:
                     observe(events)
 
-        def look(now: float) -> None:
+        def look(now: float, conversions_until: float | None = None) -> None:
             nonlocal counted
+            until = now if conversions_until is None else conversions_until
+            while conversions_due and conversions_due[0][0] <= until:
+                _, _, c_arm, value = heapq.heappop(conversions_due)
+                stats[c_arm].add_conversion(value)
             while counted < len(outcomes) and outcomes[counted][0] + cfg.attribution_window_s <= now:
                 _, arm, shown, clicks, user = outcomes[counted]
                 stats[arm].add(shown, clicks, user)
@@ -414,9 +448,18 @@ class ABRunner:
                     ct = t + float(fb.delay_s or 0.0)
                     heapq.heappush(pending_events, (ct, seq, arm, Click(imp.impression_id, req.user_id, fb.item_id, ct)))
                     seq += 1
+                    converted = fb.converted and fb.conversion_delay_s is not None
+                    if converted:
+                        vt = ct + float(fb.conversion_delay_s)
+                        heapq.heappush(pending_events, (vt, seq, arm, Conversion(
+                            imp.impression_id, req.user_id, fb.item_id, vt, fb.value)))
+                        seq += 1
                     if (fb.delay_s or 0.0) <= cfg.attribution_window_s:
                         clicks_in_window += 1
                         labels.append(1)
+                        if converted and fb.conversion_delay_s <= cfg.conversion_window_s:
+                            heapq.heappush(conversions_due, (vt, seq, arm, float(fb.value or 0.0)))
+                            seq += 1
                         continue
                 labels.append(0)
             outcomes.append((t, arm, len(shown), clicks_in_window, req.user_id))
@@ -428,8 +471,9 @@ class ABRunner:
                     stop_reason = "evidence"
                     break
         end = t + cfg.attribution_window_s
-        deliver(end)
-        look(end)
+        last_conversion = max((vt for vt, *_ in conversions_due), default=end)
+        deliver(max(end, last_conversion))  # the last conversions, hours later, reach the sink too
+        look(end, conversions_until=math.inf)
         final = {a: stats[a].summary(cfg.alpha, cfg.unit) for a in self.arm_names}
         n_c, mean_c, var_c = stats[self.control].estimate(cfg.unit)
         verdicts: dict[str, dict[str, Any]] = {}

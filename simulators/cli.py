@@ -238,6 +238,9 @@ def ab_command(args: argparse.Namespace) -> int:
         "control": report.control, "requests": report.requests, "stop_reason": report.stop_reason,
         "unit": args.unit, "users": {a: s["users"] for a, s in report.final.items()},
         "ctr": {a: s["ctr"] for a, s in report.final.items()},
+        "cvr": {a: s["cvr"] for a, s in report.final.items()},
+        "conversions": {a: s["conversions"] for a, s in report.final.items()},
+        "conversions_per_user": {a: s["conversions_per_user"] for a, s in report.final.items()},
         "verdicts": {a: {"verdict": v["verdict"], "diff": v["diff"], "p_value": v["p_value"],
                          "ci": [v["ci_low"], v["ci_high"]], "stopped_at_request": v["stopped_at_request"],
                          "fixed_horizon": v["fixed_horizon"]}
@@ -248,6 +251,8 @@ def ab_command(args: argparse.Namespace) -> int:
     if client is not None:
         summary["clicks_posted"] = client.clicks_posted
         summary["click_errors"] = client.click_errors
+        summary["conversions_posted"] = client.conversions_posted
+        summary["conversion_errors"] = client.conversion_errors
     if args.out:
         from simulators.report import write_report
 

@@ -6,7 +6,8 @@ the user into an arm, ranks, and logs the impressions itself, so the runner
 takes the arm, impression ids and propensities from the answer (use it with
 ``ABConfig(arm_from_ranking=True)``, every arm name mapped to the one
 client). :meth:`HTTPRanker.click_sink` gives an ``event_sink`` for the A/B
-runner that posts each click, when it is due, to ``POST /v1/click``.
+runner that posts each click, when it is due, to ``POST /v1/click``, and each
+conversion to ``POST /v1/conversion``.
 :meth:`HTTPRanker.register_items` posts item content (``POST /v1/items``), for
 example the world's new arrivals.
 
@@ -19,7 +20,7 @@ import base64
 import logging
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from em3.types import Click, Impression, ItemContent
+from em3.types import Click, Conversion, Impression, ItemContent
 from simulators.rankers import Ranking
 
 __all__ = ["HTTPRanker"]
@@ -59,6 +60,8 @@ class HTTPRanker:
         self._drop = frozenset(drop_context_keys)
         self.clicks_posted = 0
         self.click_errors = 0
+        self.conversions_posted = 0
+        self.conversion_errors = 0
 
     def rank(self, user_id: str, candidates: Sequence[str], context: Mapping[str, str], k: int,
              explain: bool = False) -> Ranking:
@@ -100,13 +103,33 @@ class HTTPRanker:
         self.clicks_posted += 1
         return True
 
-    def click_sink(self) -> Callable[[Impression | Click], None]:
-        """An ``event_sink`` for :class:`simulators.ab.ABRunner`: posts clicks, skips
-        impressions (the server logged them when it ranked)."""
+    def post_conversion(self, conversion: Conversion) -> bool:
+        """``POST /v1/conversion`` with the conversion's event time and value; False
+        (counted, logged) on failure."""
+        body = {"impression_id": conversion.impression_id, "user_id": conversion.user_id,
+                "item_id": conversion.item_id, "converted_at": conversion.converted_at}
+        if conversion.value is not None:
+            body["value"] = conversion.value
+        try:
+            response = self._client.post("/v1/conversion", json=body)
+            response.raise_for_status()
+        except Exception as exc:  # noqa: BLE001 - any transport or HTTP failure is counted, not fatal
+            self.conversion_errors += 1
+            if self.conversion_errors <= 5:
+                logger.warning("posting a conversion failed: %r", exc)
+            return False
+        self.conversions_posted += 1
+        return True
 
-        def sink(event: Impression | Click) -> None:
+    def click_sink(self) -> Callable[[Impression | Click | Conversion], None]:
+        """An ``event_sink`` for :class:`simulators.ab.ABRunner`: posts clicks and
+        conversions, skips impressions (the server logged them when it ranked)."""
+
+        def sink(event: Impression | Click | Conversion) -> None:
             if isinstance(event, Click):
                 self.post_click(event)
+            elif isinstance(event, Conversion):
+                self.post_conversion(event)
 
         return sink
 

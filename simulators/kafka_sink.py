@@ -1,4 +1,4 @@
-"""The Kafka edge of the simulators: produce Impression and Click events to topics.
+"""The Kafka edge of the simulators: produce Impression, Click and Conversion events to topics.
 
 Topics are ``{prefix}impressions`` and ``{prefix}clicks`` (the names of
 :class:`em3.config.TopicNames`); records are keyed by ``user_id`` (so one
@@ -26,7 +26,7 @@ import msgspec
 
 from em3.codec import encode
 from em3.config import KafkaSettings, TopicNames
-from em3.types import Click, Impression
+from em3.types import Click, Conversion, Impression
 
 __all__ = ["SinkStats", "produce_events", "KafkaEventSink", "DEFAULT_PREFIX", "with_pseudonym"]
 
@@ -114,7 +114,7 @@ def produce_events(
     settings = KafkaSettings(kafka) if isinstance(kafka, str) else kafka
     topics = TopicNames(prefix)
     if create_topics:
-        ensure_topics(settings, [topics.impressions, topics.clicks], partitions=partitions)
+        ensure_topics(settings, [topics.impressions, topics.clicks, topics.conversions], partitions=partitions)
     # Delivery reports for failures only: no Python callback per delivered record.
     overrides = {"delivery_report_only_error": True, **dict(producer_overrides or {})}
     producer = make_producer(settings, **overrides)
@@ -135,6 +135,9 @@ def produce_events(
         event = with_pseudonym(event, pseudonymize)
         if type(event) is Impression:
             topic, ts = imp_topic, event.served_at
+        elif type(event) is Conversion:
+            topic, ts = topics.conversions, event.converted_at
+            produced.setdefault(topic, 0)
         else:
             topic, ts = click_topic, event.clicked_at
         value = encoder(event)
@@ -177,11 +180,13 @@ class KafkaEventSink:
         self.settings = KafkaSettings(kafka) if isinstance(kafka, str) else kafka
         self.topics = TopicNames(prefix)
         if create_topics:
-            ensure_topics(self.settings, [self.topics.impressions, self.topics.clicks], partitions=partitions)
+            ensure_topics(self.settings, [self.topics.impressions, self.topics.clicks, self.topics.conversions],
+                          partitions=partitions)
         self._producer = make_producer(self.settings, **dict(producer_overrides or {}))
         self.flush_timeout_s = flush_timeout_s
         self.pseudonymize = pseudonymize
-        self.stats = SinkStats(produced={self.topics.impressions: 0, self.topics.clicks: 0})
+        self.stats = SinkStats(produced={self.topics.impressions: 0, self.topics.clicks: 0,
+                                         self.topics.conversions: 0})
 
     def _on_delivery(self, err, _msg) -> None:
         if err is None:
@@ -191,10 +196,12 @@ class KafkaEventSink:
             name = str(err.name()) if hasattr(err, "name") else str(err)
             self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
 
-    def __call__(self, event: Impression | Click) -> None:
+    def __call__(self, event: Impression | Click | Conversion) -> None:
         event = with_pseudonym(event, self.pseudonymize)
         if type(event) is Impression:
             topic, ts = self.topics.impressions, event.served_at
+        elif type(event) is Conversion:
+            topic, ts = self.topics.conversions, event.converted_at
         else:
             topic, ts = self.topics.clicks, event.clicked_at
         value = encode(event)

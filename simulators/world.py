@@ -24,6 +24,21 @@ examined item is clicked with probability ``(1 - click_noise) a +
 click_noise * base_attraction`` (click noise). Each click comes after a delay
 drawn from ``delay`` (log-normal by default).
 
+Conversions (the hidden conversion model)
+-----------------------------------------
+A click converts with probability
+``p = sigmoid(conversion_preference_scale * u(t) . v_i + q_i + r_u + c')``: the same
+taste as clicks, an item conversion quality ``q_i`` (standard deviation
+``conversion_quality_scale``; half of its variance follows the item's genres, so
+content predicts part of it, and it is independent of the click quality ``b_i``:
+a catchy item need not sell), a user propensity ``r_u`` (``conversion_user_scale``),
+and ``c'`` fixed so the mean ``p`` over random user-item pairs is ``conversion_rate``.
+The conversion comes ``conversion_delay`` after the click (hours by default: delayed
+feedback) with a value, the item's price (log-normal, median 30) times a noise of
+10%. :meth:`World.conversion_probability` is the ground truth, for the best AUC any
+model could reach. Conversions use their own random streams, so adding them changed
+no click of any seeded run.
+
 New items arrive as a Poisson process (``new_items_per_hour``); each request's
 candidates mix the whole available catalogue and items younger than
 ``fresh_window_s`` (``fresh_share``).
@@ -49,8 +64,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from em3.constraints import (Literal, NonNegFloat, OpenProbability, PositiveFloat, PositiveInt, Probability,
-                             config_class)
+from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
+                             PositiveInt, Probability, config_class)
 from em3.types import ItemContent
 from simulators._movielens import GENRES, fit_factors, movielens_stats
 from simulators.delays import DelayDistribution, LogNormalDelay
@@ -106,6 +121,15 @@ class WorldConfig:
         Age below which an item counts as fresh.
     delay : DelayDistribution
         Impression-to-click delays.
+    conversion_rate : float
+        Mean conversion probability of a click on a random user-item pair, in [0, 1)
+        (0: nobody converts).
+    conversion_quality_scale, conversion_user_scale : float
+        Standard deviations of the item conversion quality and user propensity logits.
+    conversion_preference_scale : float
+        Logit scale of the user-item match in the conversion probability.
+    conversion_delay : DelayDistribution
+        Click-to-conversion delays.
     calibration : {"auto", "movielens", "synthetic"}
         Where genres, tastes, activity and items come from.
     seed : int
@@ -130,6 +154,12 @@ class WorldConfig:
     fresh_share: Probability = 0.2
     fresh_window_s: PositiveFloat = 6 * 3600.0
     delay: DelayDistribution = field(default_factory=LogNormalDelay)
+    conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.1
+    conversion_quality_scale: NonNegFloat = 1.0
+    conversion_user_scale: NonNegFloat = 0.5
+    conversion_preference_scale: NonNegFloat = 1.0
+    conversion_delay: DelayDistribution = field(
+        default_factory=lambda: LogNormalDelay(median_s=3600.0, sigma=1.0, max_s=3 * 86_400.0))
     calibration: Literal["auto", "movielens", "synthetic"] = "auto"
     seed: int = 0
 
@@ -147,12 +177,17 @@ class Request:
 
 @dataclass(frozen=True)
 class Feedback:
-    """What the user did with the item shown at ``position``."""
+    """What the user did with the item shown at ``position``: a click ``delay_s``
+    after the impression, and a conversion ``conversion_delay_s`` after that click,
+    worth ``value``."""
 
     item_id: str
     position: int
     clicked: bool
     delay_s: float | None
+    converted: bool = False
+    conversion_delay_s: float | None = None
+    value: float | None = None
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -228,6 +263,7 @@ class World:
         self.user_ids = tuple(f"u{k}" for k in range(cfg.n_users))
         self._user_index = {uid: k for k, uid in enumerate(self.user_ids)}
         self._bias = self._calibrate_bias(structure)
+        self._init_conversions(cfg, n_total)
         logger.info("world: %d users, %d initial + %d arriving items, calibrated=%s",
                     cfg.n_users, cfg.n_items, n_new, self.calibrated)
 
@@ -297,7 +333,47 @@ class World:
                 hi = mid
         return (lo + hi) / 2
 
+    def _init_conversions(self, cfg: WorldConfig, n_total: int) -> None:
+        """The hidden conversion model, from its own random streams (so the click
+        world and every click drawn stay what they were without it)."""
+        rng = np.random.default_rng([cfg.seed, 3])
+        self._conv_rng = np.random.default_rng([cfg.seed, 4])
+        genre_effect = rng.standard_normal(len(self.genres))  # (G,)
+        by_genre = self._item_genres @ genre_effect / np.maximum(self._item_genres.sum(axis=1), 1.0)
+        by_genre = (by_genre - by_genre.mean()) / max(float(by_genre.std()), 1e-12)
+        own = rng.standard_normal(n_total)
+        self._conv_quality = cfg.conversion_quality_scale * (math.sqrt(0.5) * by_genre + math.sqrt(0.5) * own)
+        self._conv_user = cfg.conversion_user_scale * rng.standard_normal(cfg.n_users)  # (U,)
+        self._price = np.round(np.exp(math.log(30.0) + 0.6 * rng.standard_normal(n_total)), 2)  # (I,)
+        self._conv_bias = -math.inf
+        if cfg.conversion_rate > 0:
+            u = rng.integers(0, cfg.n_users, size=4000)
+            i = rng.integers(0, n_total, size=4000)
+            raw = (cfg.conversion_preference_scale * np.einsum("nd,nd->n", self._user_vec[u], self._item_vec[i])
+                   + self._conv_quality[i] + self._conv_user[u])
+            lo, hi = -20.0, 20.0
+            for _ in range(60):
+                mid = (lo + hi) / 2
+                if np.mean(1 / (1 + np.exp(-(raw + mid)))) < cfg.conversion_rate:
+                    lo = mid
+                else:
+                    hi = mid
+            self._conv_bias = (lo + hi) / 2
+
     # -- ground truth ------------------------------------------------------------
+    def conversion_probability(self, user_id: str, item_ids: Sequence[str], t: float) -> np.ndarray:
+        """Hidden probability that a click of the user on each item converts."""
+        idx = self._indices(item_ids)
+        k = self._user(user_id)
+        cfg = self.config
+        logit = (cfg.conversion_preference_scale * (self._item_vec[idx] @ self._user_vec_at(k, t))
+                 + self._conv_quality[idx] + self._conv_user[k] + self._conv_bias)
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    def price(self, item_id: str) -> float:
+        """The item's price (the median value of its conversions)."""
+        return float(self._price[self._indices([item_id])[0]])
+
     def _user_vec_at(self, k: int, t: float) -> np.ndarray:
         cfg = self.config
         if cfg.drift_scale == 0:
@@ -387,11 +463,22 @@ class World:
         out, j = [], 0
         for pos, item in enumerate(ranked_item_ids):
             if clicked[pos]:
-                out.append(Feedback(item, pos, True, float(delays[j])))
+                out.append(self._maybe_convert(user_id, item, pos, float(delays[j]), t))
                 j += 1
             else:
                 out.append(Feedback(item, pos, False, None))
         return out
+
+    def _maybe_convert(self, user_id: str, item_id: str, position: int, delay_s: float, t: float) -> Feedback:
+        if self.config.conversion_rate <= 0:
+            return Feedback(item_id, position, True, delay_s)
+        rng = self._conv_rng
+        p = float(self.conversion_probability(user_id, [item_id], t + delay_s)[0])
+        if rng.random() >= p:
+            return Feedback(item_id, position, True, delay_s)
+        after = float(self.config.conversion_delay.sample(rng, 1)[0])
+        value = round(self.price(item_id) * float(np.exp(0.1 * rng.standard_normal())), 2)
+        return Feedback(item_id, position, True, delay_s, True, after, value)
 
     # -- content ------------------------------------------------------------------------
     def item_genres(self, item_id: str) -> tuple[str, ...]:

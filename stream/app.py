@@ -272,7 +272,8 @@ def _add_deletion_agent(app: Any, settings: Settings, app_config: AppConfig) -> 
 
 
 #: Join counters that only grow (Prometheus counters); every other number is a gauge.
-_COUNTERS = ("events_in", "impressions_in", "clicks_in", "samples_out", "positive", "negative", "correction",
+_COUNTERS = ("events_in", "impressions_in", "clicks_in", "conversions_in", "samples_out", "positive", "negative",
+             "correction", "conversion", "late_conversion",
              "dead_letters", "batches", "checkpoints", "fenced", "batch_failures", "recoveries", "offset_resets",
              "quarantined")
 

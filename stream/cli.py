@@ -35,7 +35,8 @@ def _add_join_semantics(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the stream subcommands to the ``em3`` parser."""
-    p = sub.add_parser("topics", help="create or list the topics (impressions, clicks, samples, dead-letter)")
+    p = sub.add_parser("topics",
+                       help="create or list the topics (impressions, clicks, conversions, samples, dead-letter)")
     p.add_argument("action", choices=["create", "list"])
     p.add_argument("--partitions", type=int, default=4, help="partitions of every topic (co-partitioning)")
     add_connection_flags(p)
@@ -55,9 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_connection_flags(p)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("join", help="run the impression-click join (faust app, batched hot path)")
+    p = sub.add_parser("join", help="run the impression-click-conversion join (faust app, batched hot path)")
     p.add_argument("--workers", type=int, default=1, help="worker processes in one consumer group")
     _add_join_semantics(p)
+    p.add_argument("--conversion-window-s", type=float, default=86_400.0,
+                   help="a conversion up to this long after its click is attributed to it (0: none)")
+    p.add_argument("--max-conversion-records", type=int, default=100_000,
+                   help="clicked impressions kept per partition for their conversion window (bounds the state)")
     p.add_argument("--idle-timeout-s", type=float, default=5.0,
                    help="an input with no records this long stops holding the watermark (0: never)")
     p.add_argument("--idle-advance-rate", type=float, default=1.0,
@@ -93,6 +98,8 @@ def join_config_from_args(args: argparse.Namespace):
         max_correction_delay_s=args.max_correction_delay_s,
         idle_timeout_s=args.idle_timeout_s or None,
         idle_advance_rate=args.idle_advance_rate,
+        conversion_window_s=args.conversion_window_s,
+        max_conversion_records=args.max_conversion_records,
     )
 
 
@@ -113,7 +120,7 @@ def _topics(args: argparse.Namespace) -> int:
         counts = partition_counts(settings.kafka, settings.topics.all())
         print(json.dumps({"created": created, "partitions": counts}))
         if len(set(counts.values())) > 1:
-            print("warning: topics have different partition counts; impressions and clicks must match",
+            print("warning: topics have different partition counts; impressions, clicks and conversions must match",
                   file=sys.stderr)
         return 0
     print(json.dumps(partition_counts(settings.kafka, settings.topics.all())))
@@ -160,7 +167,8 @@ def _samples(args: argparse.Namespace) -> int:
     consumer.subscribe([settings.topics.samples])
     wait_for_assignment(consumer)
     dedup = DedupWindow(1_000_000)
-    counts = {"positive": 0, "negative": 0, "correction": 0, "duplicates_dropped": 0, "undecodable": 0}
+    counts = {"positive": 0, "negative": 0, "correction": 0, "conversion": 0, "duplicates_dropped": 0,
+              "undecodable": 0}
     last = time.monotonic()
     try:
         while time.monotonic() - last < args.idle_s:
@@ -176,7 +184,9 @@ def _samples(args: argparse.Namespace) -> int:
                 if not dedup.add_new(s.sample_id):
                     counts["duplicates_dropped"] += 1
                     continue
-                counts["correction" if s.correction else ("positive" if s.label else "negative")] += 1
+                kind = "conversion" if s.conversion else "correction" if s.correction else \
+                    "positive" if s.label else "negative"
+                counts[kind] += 1
     finally:
         consumer.close()
     counts["labelled_impressions"] = counts["positive"] + counts["negative"]

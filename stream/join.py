@@ -32,7 +32,32 @@ Semantics (one :class:`JoinCore` per co-partitioned pair of input partitions)
 * Every positive (first label or correction) appends ``(user, item, clicked_at)``
   to the user's history.
 
->>> from em3.types import Impression, Click
+Conversions (a third input, co-partitioned like the other two)
+--------------------------------------------------------------
+* A conversion names its impression; it is attributed to that impression's click
+  if ``converted_at <= clicked_at + conversion_window_s`` (hours to days). The
+  first one wins; repeats are counted (``duplicate_conversion``), a later one is
+  dead-lettered (``conversion_after_window``), one naming another user or item
+  too (``conversion_mismatch``).
+* An attributed conversion is its own sample (``conversion=1``, ``label=1``,
+  ``correction=True``, ``label_time = converted_at``): a delayed-feedback
+  correction of the click's sample, which went out when the click arrived. A
+  conversion that arrives before its click is held and emitted right after the
+  click's sample, so samples and their ids never depend on arrival order.
+* A conversion whose impression has no click yet waits until the watermark
+  passes ``converted_at`` (its click, earlier in event time, must have arrived by
+  then), then is dead-lettered: ``conversion_without_click`` if the impression is
+  known, ``orphan_conversion`` if not (or if it was evicted).
+* A clicked impression is kept past its correction horizon, until the
+  *conversion watermark* passes ``clicked_at + conversion_window_s``. That
+  watermark is the join's, held back by the conversions input's own progress
+  (newest ``converted_at`` minus the lateness) unless that input is idle, so a
+  slower conversions partition cannot lose conversions. At most
+  ``max_conversion_records`` such impressions are kept per partition; beyond it
+  the ones whose window ends first are dropped early (``conversion_state_evicted``),
+  which bounds the state whatever the window.
+
+>>> from em3.types import Impression, Click, Conversion
 >>> core = JoinCore(JoinConfig(window_s=10, allowed_lateness_s=0))
 >>> core.add_impression(Impression("a", "r", "u", "i", 0, 1_700_000_000.0))
 >>> core.add_impression(Impression("b", "r", "u", "j", 1, 1_700_000_000.0))
@@ -40,6 +65,9 @@ Semantics (one :class:`JoinCore` per co-partitioned pair of input partitions)
 >>> core.advance_watermark(1_700_000_100.0)
 >>> [(s.impression.impression_id, s.label) for s in core.take_output().samples]
 [('a', 1), ('b', 0)]
+>>> core.add_conversion(Conversion("a", "u", "i", 1_700_003_600.0, value=9.5))
+>>> [(s.impression.impression_id, s.conversion, s.value) for s in core.take_output().samples]
+[('a', 1, 9.5)]
 """
 from __future__ import annotations
 
@@ -49,8 +77,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from em3.constraints import FiniteNonNegFloat, FinitePositiveFloat, PositiveFloat, config_class
-from em3.types import Click, Impression, Sample
+from em3.constraints import FiniteNonNegFloat, FinitePositiveFloat, PositiveFloat, PositiveInt, config_class
+from em3.types import Click, Conversion, Impression, Sample
 
 __all__ = [
     "JoinConfig",
@@ -91,6 +119,13 @@ class JoinConfig:
     idle_advance_rate : event seconds the watermark advances per processing
         second while both inputs are idle (1.0 follows the wall clock; a
         large value closes a finite stream's windows quickly).
+    conversion_window_s : a conversion counts for a click if it comes at most
+        this long after it (event time); 0: conversions are not attributed and
+        clicked impressions are not kept for them.
+    max_conversion_records : clicked impressions kept per partition for their
+        conversion window once past the correction horizon. Beyond it the ones
+        whose window ends first are dropped (counted), which bounds memory
+        whatever the window and the click rate.
     """
 
     window_s: FinitePositiveFloat = 60.0
@@ -98,6 +133,8 @@ class JoinConfig:
     max_correction_delay_s: FiniteNonNegFloat = 600.0
     idle_timeout_s: PositiveFloat | None = 5.0
     idle_advance_rate: PositiveFloat = 1.0
+    conversion_window_s: FiniteNonNegFloat = 86_400.0
+    max_conversion_records: PositiveInt = 100_000
 
 
 @dataclass(slots=True)
@@ -110,6 +147,10 @@ class ImpressionState:
     #: Clicks after the window that arrived while it was still open: they wait for
     #: the window to close, so an in-window click arriving later still wins.
     held: list[tuple[Click, int]] = field(default_factory=list)
+    #: Event time of the click that made it positive (status DONE), None before.
+    clicked_at: float | None = None
+    #: Whether a conversion was attributed to that click.
+    converted: bool = False
     #: Whether a store holds this record's impression already (so a status change
     #: need not rewrite it); set by the store, not part of the state.
     persisted: bool = field(default=False, compare=False)
@@ -117,11 +158,11 @@ class ImpressionState:
 
 @dataclass(frozen=True)
 class JoinDeadLetter:
-    """A click or impression the join could not label, with why."""
+    """A click, conversion or impression the join could not label, with why."""
 
     reason: str
     detail: str
-    record: Impression | Click
+    record: Impression | Click | Conversion
     offset: int = -1
 
 
@@ -136,7 +177,8 @@ class JoinOutput:
     raws: list[bytes | None] = field(default_factory=list)
     dead_letters: list[JoinDeadLetter] = field(default_factory=list)
     history: list[tuple[str, str, float]] = field(default_factory=list)
-    counts: dict[str, int] = field(default_factory=lambda: {"positive": 0, "negative": 0, "correction": 0})
+    counts: dict[str, int] = field(default_factory=lambda: {"positive": 0, "negative": 0, "correction": 0,
+                                                            "conversion": 0, "late_conversion": 0})
 
     def __len__(self) -> int:
         return len(self.samples) + len(self.dead_letters)
@@ -147,16 +189,18 @@ class JoinChanges:
     """State changes since the last :meth:`JoinCore.take_changes`, to persist incrementally.
 
     ``records`` maps impression id to its new state (or None if it is gone);
-    ``orphans`` maps impression id to the clicks still held, or None when none are.
-    Two changes follow from the watermark in ``meta`` and are not reported, which
+    ``orphans`` maps impression id to the clicks still held, or None when none are;
+    ``conversions`` likewise for conversions waiting for their click.
+    Three changes follow from the watermark in ``meta`` and are not reported, which
     saves two writes per impression: a window closing with no click (PENDING to
-    NEGATIVE) and an eviction past the correction horizon. :meth:`JoinCore.restore`
-    re-derives both.
+    NEGATIVE), an eviction past the correction horizon and one past the conversion
+    window. :meth:`JoinCore.restore` re-derives them.
     """
 
     records: dict[str, ImpressionState | None] = field(default_factory=dict)
     orphans: dict[str, list[tuple[Click, int]] | None] = field(default_factory=dict)
     meta: dict[str, float] = field(default_factory=dict)
+    conversions: dict[str, list[tuple[Conversion, int]] | None] = field(default_factory=dict)
 
 
 class JoinCore:
@@ -183,16 +227,31 @@ class JoinCore:
         self._closes: list[tuple[float, str]] = []
         self._orphan_due: list[tuple[float, str]] = []
         self._evictions: deque[tuple[float, str]] = deque()
+        # Conversions: clicked impressions past their correction horizon, kept for the
+        # conversion window (ends in a min-heap, checked against the record itself);
+        # conversions waiting for their click (min-heap of conversion times).
+        self._conv_window = config.conversion_window_s
+        self._clicked: dict[str, ImpressionState] = {}
+        self._clicked_due: list[tuple[float, str]] = []
+        self._held_conversions: dict[str, list[tuple[Conversion, int]]] = {}
+        self._conversion_due: list[tuple[float, str]] = []
         self.max_impression_time = _NEG_INF
         self.max_click_time = _NEG_INF
+        self.max_conversion_time = _NEG_INF
         self.watermark = _NEG_INF
+        #: Watermark of the conversion windows: ``watermark`` held back by the
+        #: conversions input's progress unless that input is idle (never ahead of it).
+        self.conversion_watermark = _NEG_INF
+        self._conversions_idle = False
         self._last_impression_at = now
         self._last_click_at = now
+        self._last_conversion_at = now
         self._idle_since: float | None = None
         self._idle_base = _NEG_INF
         self._out = JoinOutput()
         self._changed: set[str] = set()
         self._orphans_changed: set[str] = set()
+        self._conversions_changed: set[str] = set()
         self.counters: dict[str, int] = {}
 
     # -- feeding ----------------------------------------------------------------
@@ -231,7 +290,7 @@ class JoinCore:
                 self.watermark = wm = new
         if self._closes[0][0] <= wm if self._closes else False:
             self._fire()
-        elif self._orphan_due or self._evictions:
+        elif self._orphan_due or self._evictions or self._conversion_due or self._clicked_due:
             self._fire()
 
     def add_click(self, click: Click, offset: int = -1, now: float | None = None) -> None:
@@ -259,19 +318,76 @@ class JoinCore:
         else:
             self._fire()
 
+    def add_conversion(self, conversion: Conversion, offset: int = -1, now: float | None = None) -> None:
+        """Take one conversion (``offset``: where it came from, for dead letters)."""
+        if now is not None:
+            self._last_conversion_at = now
+            self._conversions_idle = False
+        iid = conversion.impression_id
+        rec = self._lookup(iid)
+        if rec is None:
+            rec = self._clicked_lookup(iid)
+        if rec is not None and rec.clicked_at is not None:
+            self._attribute(rec, conversion, offset, late=True)
+        elif conversion.converted_at <= self.watermark:
+            # Its click (earlier in event time) would have arrived by now.
+            self._dead_conversion(rec, conversion, offset)
+        else:
+            self._held_conversions.setdefault(iid, []).append((conversion, offset))
+            self._conversions_changed.add(iid)
+            heapq.heappush(self._conversion_due, (conversion.converted_at, iid))
+        if conversion.converted_at > self.max_conversion_time:
+            self.max_conversion_time = conversion.converted_at
+        self._fire()
+
     def _lookup(self, iid: str) -> ImpressionState | None:
         rec = self._records.get(iid)
         if rec is not None and rec.impression.served_at + self._horizon <= self.watermark:
             del self._records[iid]  # past its horizon: evicted, whatever the queue says
+            self._retire(iid, rec)
             return None
         return rec
 
-    def tick(self, now: float, impressions_busy: bool = False, clicks_busy: bool = False) -> None:
+    def _clicked_lookup(self, iid: str) -> ImpressionState | None:
+        rec = self._clicked.get(iid)
+        if rec is not None and rec.clicked_at + self._conv_window <= self.conversion_watermark:
+            del self._clicked[iid]  # its conversion window is over
+            return None
+        return rec
+
+    def _retire(self, iid: str, rec: ImpressionState) -> None:
+        """A record past its correction horizon: keep it for its conversion window
+        if it was clicked (and the window is still open), else let it go."""
+        if rec.clicked_at is None or not self._conv_window:
+            return
+        due = rec.clicked_at + self._conv_window
+        if due <= self.conversion_watermark:
+            return
+        self._clicked[iid] = rec
+        heapq.heappush(self._clicked_due, (due, iid))
+        if len(self._clicked) > self.config.max_conversion_records:
+            self._shed_clicked()
+
+    def _shed_clicked(self) -> None:
+        """Drop the clicked records whose conversion window ends first, down to the cap."""
+        cap = self.config.max_conversion_records
+        clicked, due = self._clicked, self._clicked_due
+        while len(clicked) > cap and due:
+            when, iid = heapq.heappop(due)
+            rec = clicked.get(iid)
+            if rec is None or rec.clicked_at + self._conv_window != when:
+                continue
+            del clicked[iid]
+            self._changed.add(iid)  # reported as gone: restore() could not re-derive it
+            self._count("conversion_state_evicted")
+
+    def tick(self, now: float, impressions_busy: bool = False, clicks_busy: bool = False,
+             conversions_busy: bool = False) -> None:
         """Let processing time move an idle watermark (see :class:`JoinConfig`).
 
-        ``impressions_busy`` / ``clicks_busy``: the caller knows that input has
-        records still to read (a backlog), so it is behind, not idle, however long
-        since its last record.
+        ``impressions_busy`` / ``clicks_busy`` / ``conversions_busy``: the caller
+        knows that input has records still to read (a backlog), so it is behind,
+        not idle, however long since its last record.
         """
         timeout = self.config.idle_timeout_s
         if timeout is None:
@@ -282,6 +398,12 @@ class JoinCore:
         if clicks_busy:
             self._last_click_at = now
             self._idle_since = None
+        if conversions_busy:
+            self._last_conversion_at = now
+        conversions_idle = now - self._last_conversion_at >= timeout
+        if conversions_idle != self._conversions_idle:
+            self._conversions_idle = conversions_idle
+            self._fire()
         imp_idle = now - self._last_impression_at >= timeout
         click_idle = now - self._last_click_at >= timeout
         if imp_idle and click_idle:
@@ -292,12 +414,20 @@ class JoinCore:
                     return
             if self._idle_base != _NEG_INF:
                 target = self._idle_base + (now - self._idle_since) * self.config.idle_advance_rate
-                self.advance_watermark(target)
+                self._idle_advance(target)
         elif imp_idle or click_idle:
             self._update_watermark(imp_idle=imp_idle, click_idle=click_idle)
 
     def advance_watermark(self, watermark: float) -> None:
-        """Move the watermark to ``watermark`` (never back) and fire what is due."""
+        """Move the watermark and the conversion watermark to ``watermark`` (never
+        back) and fire what is due."""
+        if watermark > self.watermark:
+            self.watermark = watermark
+        if watermark > self.conversion_watermark:
+            self.conversion_watermark = watermark
+        self._fire()
+
+    def _idle_advance(self, watermark: float) -> None:
         if watermark > self.watermark:
             self.watermark = watermark
         self._fire()
@@ -310,28 +440,41 @@ class JoinCore:
 
     def take_changes(self) -> JoinChanges:
         """State changes since the last call (records, held clicks, watermark figures)."""
+        records, clicked = self._records, self._clicked
+        held = self._held_conversions
         changes = JoinChanges(
-            records={iid: self._records.get(iid) for iid in self._changed},
+            records={iid: records.get(iid) or clicked.get(iid) for iid in self._changed},
             orphans={iid: (list(self._orphans[iid]) if iid in self._orphans else None) for iid in self._orphans_changed},
             meta=self.meta(),
+            conversions={iid: (list(held[iid]) if iid in held else None) for iid in self._conversions_changed},
         )
         self._changed = set()
         self._orphans_changed = set()
+        self._conversions_changed = set()
         return changes
 
     def meta(self) -> dict[str, float]:
-        """The scalar state: newest event time per input and the watermark."""
+        """The scalar state: newest event time per input and the two watermarks."""
         return {
             "max_impression_time": self.max_impression_time,
             "max_click_time": self.max_click_time,
+            "max_conversion_time": self.max_conversion_time,
             "watermark": self.watermark,
+            "conversion_watermark": self.conversion_watermark,
         }
 
     def state(self) -> tuple[list[ImpressionState], dict[str, list[tuple[Click, int]]]]:
-        """All remembered records and held clicks (for a full checkpoint)."""
+        """All remembered records (clicked ones kept for conversions included) and
+        held clicks (for a full checkpoint); :meth:`held_conversions` holds the rest."""
         limit = self.watermark - self._horizon
         records = [r for r in self._records.values() if r.impression.served_at > limit]
+        cw, window = self.conversion_watermark, self._conv_window
+        records += [r for iid, r in self._clicked.items() if r.clicked_at + window > cw and iid not in self._records]
         return records, {iid: list(held) for iid, held in self._orphans.items()}
+
+    def held_conversions(self) -> dict[str, list[tuple[Conversion, int]]]:
+        """Conversions waiting for their click (for a full checkpoint)."""
+        return {iid: list(held) for iid, held in self._held_conversions.items()}
 
     @property
     def pending(self) -> int:
@@ -348,6 +491,16 @@ class JoinCore:
         """Clicks waiting for their impression."""
         return sum(len(v) for v in self._orphans.values())
 
+    @property
+    def awaiting_conversion(self) -> int:
+        """Clicked impressions past their correction horizon, kept for their conversion window."""
+        return len(self._clicked)
+
+    @property
+    def held_conversion_count(self) -> int:
+        """Conversions waiting for their click."""
+        return sum(len(v) for v in self._held_conversions.values())
+
     @classmethod
     def restore(
         cls,
@@ -356,39 +509,57 @@ class JoinCore:
         orphans: Iterable[tuple[Click, int]],
         meta: dict[str, float],
         now: float = 0.0,
+        conversions: Iterable[tuple[Conversion, int]] = (),
     ) -> "JoinCore":
         """Rebuild a core from persisted state (what :meth:`take_changes` reported)."""
         core = cls(config, now)
         core.max_impression_time = float(meta.get("max_impression_time", _NEG_INF))
         core.max_click_time = float(meta.get("max_click_time", _NEG_INF))
+        core.max_conversion_time = float(meta.get("max_conversion_time", _NEG_INF))
         core.watermark = float(meta.get("watermark", _NEG_INF))
-        wm = core.watermark
+        core.conversion_watermark = float(meta.get("conversion_watermark", _NEG_INF))
+        wm, cw, window = core.watermark, core.conversion_watermark, config.conversion_window_s
         for rec in records:
             iid = rec.impression.impression_id
             end = rec.impression.served_at + config.window_s
             if end + config.max_correction_delay_s <= wm:
-                continue  # evicted (evictions are not reported as changes)
+                # Past its correction horizon (evictions are not reported as changes):
+                # gone, unless clicked and inside its conversion window.
+                if window and rec.status == DONE and rec.clicked_at is not None and rec.clicked_at + window > cw:
+                    core._clicked[iid] = rec
+                    core._clicked_due.append((rec.clicked_at + window, iid))
+                continue
             if rec.status == PENDING and end <= wm:
                 # Its window closed before the checkpoint: the negative went out, and
                 # any held clicks were settled (a correction, or a dead letter).
                 horizon = end + config.max_correction_delay_s
-                rec.status = DONE if any(c.clicked_at <= horizon for c, _ in rec.held) else NEGATIVE
+                in_time = [c.clicked_at for c, _ in rec.held if c.clicked_at <= horizon]
+                rec.status = DONE if in_time else NEGATIVE
+                if in_time:
+                    rec.clicked_at = min(in_time)
                 rec.held = []
             core._records[iid] = rec
             core._n_pending += rec.status == PENDING
             core._closes.append((rec.impression.served_at + config.window_s, iid))
         heapq.heapify(core._closes)
+        heapq.heapify(core._clicked_due)
+        if len(core._clicked) > config.max_conversion_records:
+            core._shed_clicked()
         for click, offset in orphans:
             core._orphans.setdefault(click.impression_id, []).append((click, offset))
             core._orphan_due.append((click.clicked_at, click.impression_id))
         heapq.heapify(core._orphan_due)
+        for conversion, offset in conversions:
+            core._held_conversions.setdefault(conversion.impression_id, []).append((conversion, offset))
+            core._conversion_due.append((conversion.converted_at, conversion.impression_id))
+        heapq.heapify(core._conversion_due)
         return core
 
     # -- internals ----------------------------------------------------------------
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
 
-    def _dead(self, reason: str, detail: str, record: Impression | Click, offset: int = -1) -> None:
+    def _dead(self, reason: str, detail: str, record: Impression | Click | Conversion, offset: int = -1) -> None:
         self._out.dead_letters.append(JoinDeadLetter(reason, detail, record, offset))
         self._count(f"dead_letter.{reason}")
 
@@ -402,6 +573,61 @@ class JoinCore:
         if label:
             imp = rec.impression
             out.history.append((imp.user_id, imp.item_id, label_time))
+
+    def _attribute(self, rec: ImpressionState, conversion: Conversion, offset: int, late: bool) -> None:
+        """Attribute ``conversion`` to the click of ``rec`` (status DONE): one
+        conversion sample, or a count or dead letter saying why not.
+
+        ``late``: the click's sample went out before the conversion arrived."""
+        imp = rec.impression
+        if conversion.user_id != imp.user_id or conversion.item_id != imp.item_id:
+            self._dead(
+                "conversion_mismatch",
+                f"conversion names user {conversion.user_id!r} item {conversion.item_id!r}, "
+                f"impression has {imp.user_id!r} {imp.item_id!r}",
+                conversion,
+                offset,
+            )
+        elif rec.converted:
+            self._count("duplicate_conversion")
+        elif not self._conv_window or conversion.converted_at > rec.clicked_at + self._conv_window:
+            self._dead(
+                "conversion_after_window",
+                f"converted {conversion.converted_at - rec.clicked_at:.1f} s after the click, past the "
+                f"conversion window ({self._conv_window} s)",
+                conversion,
+                offset,
+            )
+        else:
+            rec.converted = True
+            self._changed.add(imp.impression_id)
+            out = self._out
+            out.samples.append(Sample(rec.impression, 1, conversion.converted_at, True, conversion=1,
+                                      value=float(conversion.value or 0.0)))
+            out.raws.append(rec.raw)
+            out.counts["conversion"] += 1
+            self._count("conversion")
+            if late:
+                out.counts["late_conversion"] += 1
+                self._count("late_conversion")
+
+    def _dead_conversion(self, rec: ImpressionState | None, conversion: Conversion, offset: int) -> None:
+        if rec is None:
+            self._dead("orphan_conversion", "impression unknown (never arrived, or evicted past its "
+                       "correction horizon unclicked, or past its conversion window)", conversion, offset)
+        else:
+            self._dead("conversion_without_click", "the impression was not clicked by the conversion time",
+                       conversion, offset)
+
+    def _clicked_now(self, rec: ImpressionState, clicked_at: float) -> None:
+        """``rec`` just became positive: remember when, and settle conversions it was waiting for."""
+        rec.clicked_at = clicked_at
+        iid = rec.impression.impression_id
+        held = self._held_conversions.pop(iid, None) if self._held_conversions else None
+        if held:
+            self._conversions_changed.add(iid)
+            for conversion, offset in sorted(held, key=lambda h: h[0].converted_at):
+                self._attribute(rec, conversion, offset, late=False)
 
     def _apply_click(self, rec: ImpressionState, click: Click, offset: int) -> None:
         imp = rec.impression
@@ -421,6 +647,7 @@ class JoinCore:
                 rec.status = DONE
                 self._n_pending -= 1
                 self._emit(rec, 1, click.clicked_at, False)
+                self._clicked_now(rec, click.clicked_at)
                 if rec.held:  # the later clicks it beat are repeats now
                     self._count("duplicate_click", len(rec.held))
                     rec.held = []
@@ -433,6 +660,7 @@ class JoinCore:
                 rec.status = DONE
                 self._changed.add(imp.impression_id)
                 self._emit(rec, 1, click.clicked_at, True)
+                self._clicked_now(rec, click.clicked_at)
             else:
                 self._dead(
                     "click_after_max_delay",
@@ -458,6 +686,13 @@ class JoinCore:
 
     def _fire(self) -> None:
         wm = self.watermark
+        # The conversion watermark: this one, held back by the conversions input
+        # unless that input is idle; it never goes back.
+        cw = wm if self._conversions_idle else self.max_conversion_time - self._lateness
+        if cw > wm:
+            cw = wm
+        if cw > self.conversion_watermark:
+            self.conversion_watermark = cw
         closes = self._closes
         records = self._records
         evictions = self._evictions
@@ -495,11 +730,38 @@ class JoinCore:
             else:
                 del self._orphans[iid]
             self._orphans_changed.add(iid)
+        due = self._conversion_due
+        while due and due[0][0] <= wm:
+            _, iid = heapq.heappop(due)
+            held = self._held_conversions.get(iid)
+            if not held:
+                continue
+            keep = []
+            for conversion, offset in held:
+                if conversion.converted_at <= wm:  # its click has not come by now
+                    rec = self._lookup(iid) or self._clicked_lookup(iid)
+                    self._dead_conversion(rec, conversion, offset)
+                else:
+                    keep.append((conversion, offset))
+            if keep:
+                self._held_conversions[iid] = keep
+            else:
+                del self._held_conversions[iid]
+            self._conversions_changed.add(iid)
         while evictions and evictions[0][0] <= wm:
             _, iid = evictions.popleft()
             rec = records.get(iid)
             if rec is not None and rec.impression.served_at + self._horizon <= wm:
                 del records[iid]  # not reported: restore() drops what is past its horizon
+                if rec.clicked_at is not None:
+                    self._retire(iid, rec)
+        clicked_due, clicked = self._clicked_due, self._clicked
+        cw, window = self.conversion_watermark, self._conv_window
+        while clicked_due and clicked_due[0][0] <= cw:
+            when, iid = heapq.heappop(clicked_due)
+            rec = clicked.get(iid)
+            if rec is not None and rec.clicked_at + window <= cw:
+                del clicked[iid]  # not reported: restore() drops what is past its window
 
 
 def expected_labels(

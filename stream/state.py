@@ -13,8 +13,9 @@ Retention: with ``state_ttl_s`` every checkpoint renews an expiry on the
 partition's keys, so the state of an abandoned join group disappears; with
 ``history_ttl_s`` each history append renews the user's history expiry.
 
-Erasure (:func:`erase_users`): a user's pending impressions and held clicks are
-removed from every partition's state by rewriting its base without them, in a
+Erasure (:func:`erase_users`): a user's impressions (clicked ones kept for their
+conversion window included), held clicks and held conversions are removed from
+every partition's state by rewriting its base without them, in a
 transaction that also bumps the partition's epoch, so the worker that owns it is
 fenced and reloads the erased state rather than writing back what it holds.
 
@@ -33,7 +34,10 @@ partition to another cannot overwrite the new owner's state (:class:`FencedError
 Blob format: entries separated by ``0x1e``, fields by ``0x1f`` (neither can occur
 in valid JSON): ``U iid record`` (upsert, :func:`encode_record`), ``D iid``
 (evicted), ``S iid status\\nclicks-json`` (status change of a stored record),
-``O iid clicks-json`` (held clicks), ``X iid`` (no held clicks).
+``O iid clicks-json`` (held clicks), ``X iid`` (no held clicks), ``C iid
+conversions-json`` (conversions waiting for their click), ``Y iid`` (none).
+A record's status line is ``status[ clicked_at[ v]]``: the click time of a
+positive, and ``v`` once a conversion was attributed to it.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ import redis
 
 from em3 import codec
 from em3.errors import DecodeError, EM3Error
-from em3.types import Click
+from em3.types import Click, Conversion
 from stream.join import ImpressionState, JoinChanges, JoinConfig, JoinCore
 from stream.wire import decode_impression_checked
 
@@ -73,25 +77,51 @@ def _clicks_from(data: bytes) -> list[tuple[Click, int]]:
     return [(Click(i, u, it, float(t)), int(off)) for i, u, it, t, off in json.loads(data)]
 
 
+def _conversion_json(held: Iterable[tuple[Conversion, int]]) -> bytes:
+    return json.dumps(
+        [[c.impression_id, c.user_id, c.item_id, c.converted_at, c.value, off] for c, off in held],
+        separators=(",", ":"),
+    ).encode()
+
+
+def _conversions_from(data: bytes) -> list[tuple[Conversion, int]]:
+    return [(Conversion(i, u, it, float(t), None if v is None else float(v)), int(off))
+            for i, u, it, t, v, off in json.loads(data)]
+
+
+def _status_line(rec: ImpressionState) -> bytes:
+    if rec.clicked_at is None:
+        return rec.status.encode()
+    return f"{rec.status} {rec.clicked_at!r}{' v' if rec.converted else ''}".encode()
+
+
+def _parse_status(line: bytes) -> tuple[str, float | None, bool]:
+    status, *rest = line.decode().split(" ")
+    return status, (float(rest[0]) if rest else None), rest[1:] == ["v"]
+
+
 def encode_record(rec: ImpressionState) -> bytes:
-    """``status \\n held-clicks-json \\n impression-json`` (the impression as received).
+    """``status-line \\n held-clicks-json \\n impression-json`` (the impression as received).
 
     >>> from em3.types import Impression
-    >>> rec = ImpressionState(Impression("a", "r", "u", "i", 0, 1.7e9), "N")
+    >>> rec = ImpressionState(Impression("a", "r", "u", "i", 0, 1.7e9), "D", clicked_at=1.7e9 + 3, converted=True)
     >>> back = decode_record(encode_record(rec))
-    >>> (back.impression, back.status, back.held) == (rec.impression, rec.status, rec.held)
+    >>> (back.impression, back.status, back.held, back.clicked_at, back.converted) == (
+    ...     rec.impression, rec.status, rec.held, rec.clicked_at, rec.converted)
     True
     """
     raw = rec.raw if rec.raw is not None else codec.encode(rec.impression)
     held = _click_json(rec.held) if rec.held else b""
-    return rec.status.encode() + b"\n" + held + b"\n" + raw
+    return _status_line(rec) + b"\n" + held + b"\n" + raw
 
 
 def decode_record(data: bytes) -> ImpressionState:
     """Inverse of :func:`encode_record`."""
-    status, held, raw = data.split(b"\n", 2)
+    line, held, raw = data.split(b"\n", 2)
+    status, clicked_at, converted = _parse_status(line)
     return ImpressionState(
-        decode_impression_checked(raw, math.inf), status.decode(), raw, _clicks_from(held) if held else []
+        decode_impression_checked(raw, math.inf), status, raw, _clicks_from(held) if held else [],
+        clicked_at, converted,
     )
 
 
@@ -107,13 +137,16 @@ def _delta_blob(changes: JoinChanges, full: bool = False) -> bytes:
             parts.append(b"D" + _US + key)
         elif rec.persisted and not full:  # status (and held clicks) only
             held = _click_json(rec.held) if rec.held else b""
-            parts.append(b"S" + _US + key + _US + rec.status.encode() + b"\n" + held)
+            parts.append(b"S" + _US + key + _US + _status_line(rec) + b"\n" + held)
         else:
             parts.append(b"U" + _US + key + _US + encode_record(rec))
             rec.persisted = True
     for iid, held in changes.orphans.items():
         key = iid.encode()
         parts.append(b"O" + _US + key + _US + _click_json(held) if held else b"X" + _US + key)
+    for iid, held in changes.conversions.items():
+        key = iid.encode()
+        parts.append(b"C" + _US + key + _US + _conversion_json(held) if held else b"Y" + _US + key)
     return _RS.join(parts)
 
 
@@ -122,11 +155,13 @@ def _full_blob(core: JoinCore) -> bytes:
     changes = JoinChanges(
         records={r.impression.impression_id: r for r in records},
         orphans={iid: held for iid, held in orphans.items()},
+        conversions=core.held_conversions(),
     )
     return _delta_blob(changes, full=True)
 
 
-def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, bytes]) -> None:
+def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, bytes],
+                conversions: dict[bytes, bytes]) -> None:
     if not blob:
         return
     for entry in blob.split(_RS):
@@ -141,8 +176,12 @@ def _apply_blob(blob: bytes, records: dict[bytes, bytes], orphans: dict[bytes, b
             records.pop(key, None)
         elif op == b"O":
             orphans[key] = rest[0]
-        else:
+        elif op == b"X":
             orphans.pop(key, None)
+        elif op == b"C":
+            conversions[key] = rest[0]
+        else:
+            conversions.pop(key, None)
 
 
 @dataclass
@@ -213,8 +252,9 @@ class RedisJoinStateStore:
         base, blobs, meta_raw = pipe.execute()
         raw_records: dict[bytes, bytes] = {}
         raw_orphans: dict[bytes, bytes] = {}
+        raw_conversions: dict[bytes, bytes] = {}
         for blob in [base or b"", *blobs]:
-            _apply_blob(blob, raw_records, raw_orphans)
+            _apply_blob(blob, raw_records, raw_orphans, raw_conversions)
         records = []
         for iid, data in raw_records.items():
             try:
@@ -224,6 +264,7 @@ class RedisJoinStateStore:
             except (DecodeError, ValueError) as exc:  # cannot happen unless someone edits Redis
                 log.error("dropping unreadable join record %r of partition %d: %s", iid, partition, exc)
         held = [h for data in raw_orphans.values() for h in _clicks_from(data)]
+        conversions = [h for data in raw_conversions.values() for h in _conversions_from(data)]
         meta: dict[str, float] = {}
         offsets: dict[str, int] = {}
         sizes = {}
@@ -236,10 +277,10 @@ class RedisJoinStateStore:
             else:
                 meta[key] = float(v)
         self._sizes[partition] = [sizes.get("base_bytes", 0), sizes.get("log_bytes", 0)]
-        core = JoinCore.restore(config, records, held, meta, now=now)
+        core = JoinCore.restore(config, records, held, meta, now=now, conversions=conversions)
         log.info(
-            "partition %d: loaded %d records, %d held clicks, offsets %s, watermark %s",
-            partition, len(records), len(held), offsets, meta.get("watermark"),
+            "partition %d: loaded %d records, %d held clicks, %d held conversions, offsets %s, watermark %s",
+            partition, len(records), len(held), len(conversions), offsets, meta.get("watermark"),
         )
         return core, offsets
 
@@ -339,10 +380,11 @@ def erase_from_state(blobs: Iterable[bytes], user_ids: Collection[str]) -> tuple
     """
     records: dict[bytes, bytes] = {}
     orphans: dict[bytes, bytes] = {}
+    conversions: dict[bytes, bytes] = {}
     for blob in blobs:
-        _apply_blob(blob, records, orphans)
+        _apply_blob(blob, records, orphans, conversions)
     wanted = set(user_ids)
-    removed: dict[str, Counter] = {"records": Counter(), "held_clicks": Counter()}
+    removed: dict[str, Counter] = {"records": Counter(), "held_clicks": Counter(), "held_conversions": Counter()}
     parts = []
     for key, record in records.items():
         user = _record_user(record)
@@ -358,14 +400,23 @@ def erase_from_state(blobs: Iterable[bytes], user_ids: Collection[str]) -> tuple
                 removed["held_clicks"][h[1]] += 1
         if kept:
             parts.append(b"O" + _US + key + _US + json.dumps(kept, separators=(",", ":")).encode())
+    for key, data in conversions.items():
+        held = json.loads(data) if data else []
+        kept = [h for h in held if h[1] not in wanted]
+        for h in held:
+            if h[1] in wanted:
+                removed["held_conversions"][h[1]] += 1
+        if kept:
+            parts.append(b"C" + _US + key + _US + json.dumps(kept, separators=(",", ":")).encode())
     return _RS.join(parts), removed
 
 
 def erase_users(client: redis.Redis, prefix: str, user_ids: Collection[str],
                 max_attempts: int = 50) -> dict[str, Counter]:
-    """Remove every pending impression and held click of ``user_ids`` from the state of
-    every partition of every join group under ``prefix``; returns, per user, what was
-    removed (``records``, ``held_clicks``) and the partitions rewritten (``partitions[""]``).
+    """Remove every impression, held click and held conversion of ``user_ids`` from the
+    state of every partition of every join group under ``prefix``; returns, per user,
+    what was removed (``records``, ``held_clicks``, ``held_conversions``) and the
+    partitions rewritten (``partitions[""]``).
 
     Each partition is rewritten in one transaction that WATCHes its base, log and
     epoch and bumps the epoch: the worker that owns the partition is fenced at its
@@ -373,7 +424,8 @@ def erase_users(client: redis.Redis, prefix: str, user_ids: Collection[str],
     whatever of the user's it read in the batch under way) is never written back.
     A partition that changed while it was read is tried again.
     """
-    totals: dict[str, Counter] = {"partitions": Counter(), "records": Counter(), "held_clicks": Counter()}
+    totals: dict[str, Counter] = {"partitions": Counter(), "records": Counter(), "held_clicks": Counter(),
+                                  "held_conversions": Counter()}
     if not user_ids:
         return totals
     for meta_key in client.scan_iter(match=f"{prefix}join:*:meta", count=1000):
@@ -397,6 +449,7 @@ def erase_users(client: redis.Redis, prefix: str, user_ids: Collection[str],
             totals["partitions"][""] += 1
             totals["records"].update(removed["records"])
             totals["held_clicks"].update(removed["held_clicks"])
+            totals["held_conversions"].update(removed["held_conversions"])
             break
         else:
             raise FencedError(f"join state {stem!r} kept changing; erasure not done after {max_attempts} tries")

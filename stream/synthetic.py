@@ -19,9 +19,9 @@ from typing import Iterator
 from em3 import codec
 from em3.config import KafkaSettings, TopicNames
 from em3.constraints import NonNegFloat, PositiveFloat, PositiveInt, Probability, config_class
-from em3.types import Click, Impression
+from em3.types import Click, Conversion, Impression
 
-__all__ = ["StreamSpec", "generate_stream", "arrival_order", "produce_stream"]
+__all__ = ["StreamSpec", "generate_stream", "generate_conversions", "arrival_order", "produce_stream"]
 
 
 @config_class
@@ -83,20 +83,53 @@ def generate_stream(spec: StreamSpec) -> tuple[list[Impression], list[Click]]:
     return impressions, clicks
 
 
+def generate_conversions(clicks: list[Click], rate: float = 0.2, median_delay_s: float = 1800.0,
+                         delay_sigma: float = 1.0, seed: int = 0) -> list[Conversion]:
+    """Conversions of clicked impressions: each impression's first click converts with
+    probability ``rate``, a log-normal delay later (median ``median_delay_s``), with a
+    value (log-normal, median 30).
+
+    >>> imps, clicks = generate_stream(StreamSpec(impressions=2000, seed=1))
+    >>> convs = generate_conversions(clicks, rate=0.5, seed=1)
+    >>> 0 < len(convs) < len(clicks), all(c.value > 0 for c in convs)
+    (True, True)
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate must be in [0, 1], but {rate!r} is given")
+    if not (median_delay_s > 0 and delay_sigma >= 0):
+        raise ValueError(f"median_delay_s must be > 0 and delay_sigma >= 0, but {median_delay_s!r} and "
+                         f"{delay_sigma!r} are given")
+    rng = random.Random(seed)
+    first: dict[str, Click] = {}
+    for c in clicks:
+        if c.impression_id not in first or c.clicked_at < first[c.impression_id].clicked_at:
+            first[c.impression_id] = c
+    mu = math.log(median_delay_s)
+    out = []
+    for c in first.values():
+        if rng.random() < rate:
+            at = round(c.clicked_at + rng.lognormvariate(mu, delay_sigma), 3)
+            out.append(Conversion(c.impression_id, c.user_id, c.item_id, at, round(rng.lognormvariate(3.4, 0.5), 2)))
+    return out
+
+
 def arrival_order(
-    impressions: list[Impression], clicks: list[Click], jitter_s: float, seed: int = 0
-) -> Iterator[Impression | Click]:
+    impressions: list[Impression], clicks: list[Click], jitter_s: float, seed: int = 0,
+    conversions: list[Conversion] = (),
+) -> Iterator[Impression | Click | Conversion]:
     """Records in event-time order, each delayed by a uniform jitter in ``[0, jitter_s)``."""
     rng = random.Random(seed)
     keyed = [(imp.served_at + rng.random() * jitter_s, 0, i) for i, imp in enumerate(impressions)]
     keyed += [(c.clicked_at + rng.random() * jitter_s, 1, i) for i, c in enumerate(clicks)]
+    keyed += [(c.converted_at + rng.random() * jitter_s, 2, i) for i, c in enumerate(conversions)]
     keyed.sort()
+    sources = (impressions, clicks, conversions)
     for _, kind, i in keyed:
-        yield impressions[i] if kind == 0 else clicks[i]
+        yield sources[kind][i]
 
 
 def produce_stream(
-    kafka_settings: KafkaSettings, topics: TopicNames, records: Iterator[Impression | Click]
+    kafka_settings: KafkaSettings, topics: TopicNames, records: Iterator[Impression | Click | Conversion]
 ) -> int:
     """Produce ``records`` keyed by user id to their topics; returns how many."""
     from stream.kafka import make_producer
@@ -104,7 +137,8 @@ def produce_stream(
     producer = make_producer(kafka_settings)
     n = 0
     for rec in records:
-        topic = topics.impressions if isinstance(rec, Impression) else topics.clicks
+        topic = (topics.impressions if isinstance(rec, Impression) else
+                 topics.clicks if isinstance(rec, Click) else topics.conversions)
         value = codec.encode(rec)
         while True:
             try:

@@ -18,6 +18,9 @@ decodes with :func:`em3.codec.decode_sample` to the same :class:`Sample`.
 True
 >>> codec.decode_sample(encode_sample(s)) == s
 True
+>>> c = Sample(imp, 1, 1.7e9 + 90, True, conversion=1, value=4.5)
+>>> codec.decode_sample(encode_sample(c, codec.encode(imp))) == c
+True
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ import json
 
 from em3 import codec
 from em3.errors import DecodeError
-from em3.types import Click, Impression, Sample
+from em3.types import Click, Conversion, Impression, Sample
 
-__all__ = ["encode_sample", "decode_impression_checked", "decode_click_checked"]
+__all__ = ["encode_sample", "decode_impression_checked", "decode_click_checked", "decode_conversion_checked"]
 
 _esc = json.encoder.encode_basestring_ascii
 
@@ -36,10 +39,11 @@ def encode_sample(sample: Sample, raw_impression: bytes | None = None) -> bytes:
     """The sample as versioned JSON; ``raw_impression`` is its impression's JSON bytes if at hand."""
     if raw_impression is None:
         return codec.encode(sample)
+    extra = f',"conversion":1,"value":{float(sample.value)!r}' if sample.conversion else ""
     tail = (
         f',"label":{sample.label},"label_time":{sample.label_time!r},'
         f'"correction":{"true" if sample.correction else "false"},'
-        f'"sample_id":{_esc(sample.sample_id)},"v":{codec.SCHEMA_VERSION}}}'
+        f'"sample_id":{_esc(sample.sample_id)}{extra},"v":{codec.SCHEMA_VERSION}}}'
     )
     return b'{"type":"sample","impression":' + raw_impression + tail.encode()
 
@@ -61,3 +65,10 @@ def decode_click_checked(data: bytes | None, latest: float) -> Click:
     click = codec.decode_click(data)  # type: ignore[arg-type]
     _check_future(click.clicked_at, "clicked_at", latest)
     return click
+
+
+def decode_conversion_checked(data: bytes | None, latest: float) -> Conversion:
+    """:func:`em3.codec.decode_conversion`, also rejecting ``converted_at > latest``."""
+    conversion = codec.decode_conversion(data)  # type: ignore[arg-type]
+    _check_future(conversion.converted_at, "converted_at", latest)
+    return conversion

@@ -1,9 +1,10 @@
 """The join's hot path: a batched confluent-kafka loop around :class:`stream.join.JoinCore`.
 
-One :class:`JoinWorker` consumes partition ``n`` of both ``impressions`` and
-``clicks`` (co-partitioned by user id; the ``range`` assignor gives a member the
-same partition numbers of both topics) and keeps one core per partition. Each
-micro-batch:
+One :class:`JoinWorker` consumes partition ``n`` of ``impressions``, ``clicks``
+and ``conversions`` (co-partitioned by user id; the ``range`` assignor gives a
+member the same partition numbers of every topic) and keeps one core per
+partition. Without a conversions topic the join runs on the other two and says so
+in its log. Each micro-batch:
 
 1. ``consume(num_messages=batch_size)``; decode each record; a malformed one
    goes to the dead-letter topic with its reason (and is counted), the rest
@@ -45,11 +46,16 @@ from em3.errors import DecodeError, EM3Error, ImproperlyConfigured
 from em3.privacy import TombstoneFilter
 from em3.redis_stores import RedisPrivacyStore, connect
 from em3.retry import Backoff
-from em3.types import Click
+from em3.types import Click, Conversion
 from stream import kafka
 from stream.join import JoinConfig, JoinCore
 from stream.state import FencedError, PartitionCheckpoint, RedisJoinStateStore
-from stream.wire import decode_click_checked, decode_impression_checked, encode_sample
+from stream.wire import (
+    decode_click_checked,
+    decode_conversion_checked,
+    decode_impression_checked,
+    encode_sample,
+)
 
 __all__ = ["WorkerConfig", "JoinWorker", "DeliveryError", "tune_gc"]
 
@@ -141,9 +147,12 @@ class JoinWorker:
         self._delivery_errors: list[str] = []
         self._lock = threading.Lock()
         self._last_log = time.monotonic()
+        #: The input topics read: impressions and clicks, and conversions when that topic exists.
+        self.inputs: tuple[str, ...] = (self.topics.impressions, self.topics.clicks)
         self.counters: dict[str, int] = {
-            "events_in": 0, "impressions_in": 0, "clicks_in": 0, "samples_out": 0, "positive": 0,
-            "negative": 0, "correction": 0, "dead_letters": 0, "batches": 0, "checkpoints": 0,
+            "events_in": 0, "impressions_in": 0, "clicks_in": 0, "conversions_in": 0, "samples_out": 0,
+            "positive": 0, "negative": 0, "correction": 0, "conversion": 0, "late_conversion": 0,
+            "dead_letters": 0, "batches": 0, "checkpoints": 0,
             "fenced": 0, "batch_failures": 0, "recoveries": 0, "offset_resets": 0, "quarantined": 0,
             "erased_dropped": 0,
         }
@@ -169,14 +178,21 @@ class JoinWorker:
 
     def start(self) -> None:
         """Connect, check co-partitioning, subscribe (state loads on assignment)."""
-        counts = kafka.partition_counts(self.settings.kafka, [self.topics.impressions, self.topics.clicks])
-        if counts[self.topics.impressions] == 0 or counts[self.topics.clicks] == 0:
+        imps, clicks, conversions = self.topics.impressions, self.topics.clicks, self.topics.conversions
+        counts = kafka.partition_counts(self.settings.kafka, [imps, clicks, conversions])
+        if counts[imps] == 0 or counts[clicks] == 0:
             raise ImproperlyConfigured(f"input topics missing ({counts}); run `em3 topics create` first")
-        if counts[self.topics.impressions] != counts[self.topics.clicks]:
+        if counts[imps] != counts[clicks] or counts[conversions] not in (0, counts[imps]):
             raise ImproperlyConfigured(
-                f"impressions and clicks must have the same partition count (co-partitioning), "
+                f"impressions, clicks and conversions must have the same partition count (co-partitioning), "
                 f"but {counts} is given"
             )
+        if counts[conversions]:
+            self.inputs = (imps, clicks, conversions)
+        else:
+            self.inputs = (imps, clicks)
+            log.warning("topic %s does not exist: conversions are not joined (create it with `em3 topics "
+                        "create`)", conversions)
         retention = self.settings.retention
         client = connect(self.settings.redis)
         self._store = RedisJoinStateStore(
@@ -191,7 +207,7 @@ class JoinWorker:
             fetch_max_bytes=16 * 1024 * 1024, enable_partition_eof=True,
         )
         self._consumer.subscribe(
-            [self.topics.impressions, self.topics.clicks],
+            list(self.inputs),
             on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke,
         )
         log.info("join worker started: group %s, %s", self.group_id, self.join)
@@ -296,7 +312,7 @@ class JoinWorker:
                 self._store.acquire(n)
                 core, offsets = self._store.load(n, self.join, now)
                 self._cores[n] = core
-                for topic in (self.topics.impressions, self.topics.clicks):
+                for topic in self.inputs:
                     self._next[(topic, n)] = offsets.get(topic)
             for tp in partitions:
                 self._caught_up[(tp.topic, tp.partition)] = False
@@ -319,7 +335,7 @@ class JoinWorker:
         self._store.acquire(n)
         core, offsets = self._store.load(n, self.join, time.monotonic())
         self._cores[n] = core
-        for topic in (self.topics.impressions, self.topics.clicks):
+        for topic in self.inputs:
             stored = offsets.get(topic)
             self._next[(topic, n)] = stored
             self._caught_up[(topic, n)] = False
@@ -335,7 +351,7 @@ class JoinWorker:
         self._cores.pop(n, None)
         self._dirty.discard(n)
         self._saved_watermark.pop(n, None)
-        for topic in (self.topics.impressions, self.topics.clicks):
+        for topic in self.inputs:
             self._next.pop((topic, n), None)
             self._caught_up.pop((topic, n), None)
         if self._store is not None:
@@ -356,9 +372,11 @@ class JoinWorker:
             now = time.monotonic()
             caught_up = self._caught_up
             imps, clicks = self.topics.impressions, self.topics.clicks
+            conversions = self.topics.conversions if len(self.inputs) > 2 else None
             for n, core in self._cores.items():
                 # An input not at its end has a backlog: behind, not idle.
-                core.tick(now, not caught_up.get((imps, n), False), not caught_up.get((clicks, n), False))
+                core.tick(now, not caught_up.get((imps, n), False), not caught_up.get((clicks, n), False),
+                          conversions is not None and not caught_up.get((conversions, n), False))
             parts = self._emit()
         t2 = time.perf_counter()
         phases["emit"] += t2 - t1
@@ -392,12 +410,12 @@ class JoinWorker:
         return read
 
     def _feed(self, messages: list[kafka.Message]) -> int:
-        imp_topic = self.topics.impressions
+        imp_topic, click_topic = self.topics.impressions, self.topics.clicks
         latest = self.clock() + self.config.max_future_s
         now = time.monotonic()
         cores, nxt, dirty, caught_up = self._cores, self._next, self._dirty, self._caught_up
         erased = self._tombstones.erased if self._tombstones is not None and len(self._tombstones) else None
-        read = n_imp = n_click = dropped = 0
+        read = n_imp = n_click = n_conv = dropped = 0
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -438,13 +456,20 @@ class JoinWorker:
                         continue
                     core.add_impression(imp, value, now)
                     n_imp += 1
-                else:
+                elif topic == click_topic:
                     click = decode_click_checked(value, latest)
                     if erased is not None and erased(click.user_id):
                         dropped += 1
                         continue
                     core.add_click(click, off, now)
                     n_click += 1
+                else:
+                    conversion = decode_conversion_checked(value, latest)
+                    if erased is not None and erased(conversion.user_id):
+                        dropped += 1
+                        continue
+                    core.add_conversion(conversion, off, now)
+                    n_conv += 1
             except DecodeError as exc:
                 self._dead_letter(exc.reason, exc.detail, topic, n, off, value, msg.key())
             except Exception as exc:  # noqa: BLE001 - quarantine: one record never stops the join
@@ -455,6 +480,7 @@ class JoinWorker:
         counters["events_in"] += read
         counters["impressions_in"] += n_imp
         counters["clicks_in"] += n_click
+        counters["conversions_in"] += n_conv
         counters["erased_dropped"] += dropped
         return read
 
@@ -501,16 +527,17 @@ class JoinWorker:
                 counters[kind] += count
             counters["samples_out"] += len(out.samples)
             for d in out.dead_letters:
-                source = self.topics.clicks if isinstance(d.record, Click) else self.topics.impressions
+                source = (self.topics.clicks if isinstance(d.record, Click) else
+                          self.topics.conversions if isinstance(d.record, Conversion) else self.topics.impressions)
                 self._dead_letter(d.reason, d.detail, source, n, d.offset, codec.encode(d.record),
                                   d.record.user_id.encode())
             changes = core.take_changes()
             watermark = changes.meta["watermark"]
-            if (out or changes.records or changes.orphans or n in self._dirty
+            if (out or changes.records or changes.orphans or changes.conversions or n in self._dirty
                     or watermark != self._saved_watermark.get(n)):
                 offsets = {
                     topic: off
-                    for topic in (self.topics.impressions, self.topics.clicks)
+                    for topic in self.inputs
                     if (off := self._next.get((topic, n))) is not None
                 }
                 parts.append(PartitionCheckpoint(n, offsets, changes, out.history, core))
@@ -525,7 +552,8 @@ class JoinWorker:
         if dropped:
             for s in out.samples:
                 if erased(s.impression.user_id):
-                    kind = "correction" if s.correction else ("positive" if s.label else "negative")
+                    kind = ("conversion" if s.conversion else "correction" if s.correction
+                            else "positive" if s.label else "negative")
                     out.counts[kind] = out.counts.get(kind, 0) - 1
             out.samples = [out.samples[i] for i in keep]
             out.raws = [out.raws[i] for i in keep]
@@ -585,6 +613,8 @@ class JoinWorker:
             "pending_impressions": sum(c.pending for c in cores.values()),
             "records": sum(c.records for c in cores.values()),
             "held_clicks": sum(c.held_clicks for c in cores.values()),
+            "held_conversions": sum(c.held_conversion_count for c in cores.values()),
+            "awaiting_conversion": sum(c.awaiting_conversion for c in cores.values()),
             "watermark_min": min(finite) if finite else None,
             "event_time_delay_s": (now - min(finite)) if finite else None,
             "next_offsets": {f"{t}:{n}": o for (t, n), o in self._next.items() if o is not None},
@@ -599,8 +629,9 @@ class JoinWorker:
         self._last_log = time.monotonic()
         m = self.metrics()  # takes the lock
         log.info(
-            "join: in %d (imp %d, click %d), out %d (pos %d, neg %d, corr %d), dead %d, pending %d, held %d, "
-            "partitions %s",
-            m["events_in"], m["impressions_in"], m["clicks_in"], m["samples_out"], m["positive"], m["negative"],
-            m["correction"], m["dead_letters"], m["pending_impressions"], m["held_clicks"], m["partitions"],
+            "join: in %d (imp %d, click %d, conv %d), out %d (pos %d, neg %d, corr %d, conv %d), dead %d, "
+            "pending %d, held %d, awaiting conversion %d, partitions %s",
+            m["events_in"], m["impressions_in"], m["clicks_in"], m["conversions_in"], m["samples_out"],
+            m["positive"], m["negative"], m["correction"], m["conversion"], m["dead_letters"],
+            m["pending_impressions"], m["held_clicks"], m["awaiting_conversion"], m["partitions"],
         )

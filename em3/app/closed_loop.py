@@ -38,7 +38,7 @@ from em3.experiment import TRAINING_DATA, ArmConfig, ExperimentConfig
 from em3.model import ModelConfig
 from em3.privacy import Pseudonymizer
 from em3.stores import InMemoryContentStore, InMemoryHistoryStore
-from em3.types import Click, Impression
+from em3.types import Click, Conversion, Impression
 from learners.loop import LoopConfig, MemorySampleSource
 from learners.online import OnlineLearner
 from learners.publisher import SnapshotPolicy, SnapshotPublisher
@@ -199,16 +199,23 @@ class ClosedLoop:
         for reloader in self.runtime.reloaders.values():
             reloader.check()
 
-    def sink(self, event: Impression | Click) -> None:
+    def sink(self, event: Impression | Click | Conversion) -> None:
         """The A/B runner's ``event_sink``: events in event-time order go to the join."""
-        t = event.served_at if isinstance(event, Impression) else event.clicked_at
+        if isinstance(event, Impression):
+            t = event.served_at
+        elif isinstance(event, Click):
+            t = event.clicked_at
+        else:
+            t = event.converted_at
         if t >= self._next_learn:
             self.learn(t)
         if isinstance(event, Impression):
             self.join.add_impression(event)  # its label waits for a click or the window's end
-        else:
+        elif isinstance(event, Click):
             self.join.add_click(event)
             self._drain()  # a positive goes to the user's history at once, as the join's does
+        else:
+            self.join.add_conversion(event)  # the world's conversions, attributed as the join does
 
     def _drain(self) -> None:
         out = self.join.take_output()

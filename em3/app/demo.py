@@ -31,8 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from em3.constraints import (Annotated, Field, Literal, NonNegFloat, OpenProbability, PositiveFloat, PositiveInt,
-                             config_class)
+from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
+                             PositiveInt, config_class)
 from em3.experiment import TrainingData
 
 __all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality"]
@@ -87,6 +87,12 @@ class DemoConfig:
         Median impression-to-click delay.
     window_s : float
         The join's attribution window.
+    conversion_rate : float
+        The simulated world's mean conversion probability of a click (its hidden
+        conversion model, :class:`simulators.world.WorldConfig`).
+    conversion_delay_median_s, conversion_window_s : float
+        Median click-to-conversion delay, and the join's (and the readout's)
+        conversion window: seconds, so that a few minutes show conversions.
     snapshot_interval_s : float
         Learners publish a snapshot this often.
     k, n_candidates : int
@@ -112,6 +118,9 @@ class DemoConfig:
     new_items_per_minute: NonNegFloat = 10.0
     click_delay_median_s: PositiveFloat = 1.5
     window_s: PositiveFloat = 10.0
+    conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.2
+    conversion_delay_median_s: PositiveFloat = 5.0
+    conversion_window_s: PositiveFloat = 60.0
     snapshot_interval_s: PositiveFloat = 2.0
     k: PositiveInt = 10
     n_candidates: PositiveInt = 30
@@ -318,13 +327,13 @@ class _ColdStartTracker:
         self.clicked: dict[str, int] = {}
 
     def __call__(self, event: Any) -> None:
-        from em3.types import Impression
+        from em3.types import Click, Impression
 
         if isinstance(event, Impression):
             if self.world.arrival_time(event.item_id) > self.t0:
                 self.arm_of[event.impression_id] = event.arm
                 self.shown[event.arm] = self.shown.get(event.arm, 0) + 1
-        else:
+        elif isinstance(event, Click):
             arm = self.arm_of.get(event.impression_id)
             if arm is not None:
                 self.clicked[arm] = self.clicked.get(arm, 0) + 1
@@ -375,6 +384,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         env = {**os.environ, **info.env()}
         join_port = free_port()
         join = _Subprocess("join", ["join", "--window-s", str(config.window_s), "--allowed-lateness-s", "2",
+                                    "--conversion-window-s", str(config.conversion_window_s),
                                     "--idle-timeout-s", "2", "--web-port", str(join_port)],
                            logs / "join.log", env, module="stream")  # `python -m stream` skips torch imports
         components.append(join)
@@ -454,6 +464,9 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
         horizon_s=config.minutes * 60.0 + 600.0, new_items_per_hour=config.new_items_per_minute * 60.0,
         fresh_window_s=max(60.0, config.minutes * 60.0), drift_period_s=max(600.0, config.minutes * 120.0),
         delay=LogNormalDelay(median_s=config.click_delay_median_s, sigma=0.5, max_s=config.window_s * 3),
+        conversion_rate=config.conversion_rate,
+        conversion_delay=LogNormalDelay(median_s=config.conversion_delay_median_s, sigma=0.7,
+                                        max_s=config.conversion_window_s),
         base_attraction=config.base_attraction, quality_scale=config.quality_scale,
         preference_scale=config.preference_scale, seed=config.seed,
     ))
@@ -513,6 +526,7 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
     ab = ABConfig(n_requests=max(10, int(config.minutes * 60.0 * config.request_rate_per_s * 2)),
                   k=config.k, request_rate_per_s=config.request_rate_per_s, start_time=t0,
                   assignment="user", arm_from_ranking=True, attribution_window_s=config.window_s,
+                  conversion_window_s=config.conversion_window_s,
                   unit="user", training_data=config.training_data, min_samples=50,
                   check_every=max(5, int(config.request_rate_per_s * 5)), seed=config.seed)
     runner = ABRunner(world, {line: paced for line in config.lines}, ab, event_sink=cold, metrics=metrics,
@@ -554,6 +568,8 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
             "explain_latency_ms": _percentiles(paced.explain_latency_ms),
             "clicks_posted": http.clicks_posted,
             "click_errors": http.click_errors,
+            "conversions_posted": http.conversions_posted,
+            "conversion_errors": http.conversion_errors,
             "new_items_registered": paced.new_items,
             "samples_applied_per_s": {line: (s["samples_applied"] or 0) / wall for line, s in lines_summary.items()},
             "join_events_in": join.get("events_in"),

@@ -15,11 +15,15 @@ from __future__ import annotations
 from dataclasses import asdict, fields, replace
 from typing import Any, Mapping, get_args
 
-from em3.constraints import (Annotated, Field, FiniteFloat, Float, Literal, NonEmptyStr, NonNegFloat, NonNegInt,
-                             PositiveFloat, PositiveInt, config_class)
+from em3.constraints import (Annotated, Field, FiniteFloat, FiniteNonNegFloat, Float, Literal, NonEmptyStr,
+                             NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class)
 
-__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES"]
+__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES", "OBJECTIVES"]
 
+#: What a server may rank a model line by: the click probability, the probability of
+#: a click followed by a conversion (pCTR x pCVR), or the expected conversion value
+#: (pCTR x pCVR x the item's mean conversion value).
+OBJECTIVES = ("ctr", "ctcvr", "value")
 EncoderMode = Literal["lora", "frozen", "full"]
 Fusion = Literal["qformer", "mean"]
 CorrectionMode = Literal["cancel", "positive"]
@@ -140,8 +144,22 @@ class ModelConfig:
         strongly a new item is scored by content similarity before any training (a
         prior; see ``docs/model.md``).
     correction_mode : {"cancel", "positive"}
-        How a late positive (``Sample.correction``) is learned; see
-        :func:`em3.model.losses.weighted_bce`.
+        How a late positive (``Sample.correction``: a late click, or a conversion)
+        is learned; see :func:`em3.model.losses.weighted_bce`.
+    ctr_weight, ctcvr_weight : float
+        Task weights of the multi-task loss ``ctr_weight * L_CTR + ctcvr_weight *
+        L_CTCVR`` (ESMM, Ma et al. 2018): the CVR head is trained over every
+        impression through ``pCTCVR = pCTR * pCVR`` (:func:`em3.model.losses.ctcvr_bce`),
+        so it sees no sample-selection bias. ``ctcvr_weight = 0`` builds no CVR head.
+        The CTCVR loss reaches only the CVR head (its inputs and pCTR are detached),
+        so the CTR part trains exactly as without it, with or without conversions.
+        A config saved before conversions existed (no ``ctcvr_weight`` key) loads
+        with ``ctcvr_weight = 0``.
+    cvr_hidden : tuple of int
+        Hidden widths of the CVR head's MLP.
+    cvr_pseudo_count : float
+        Prior strength (in clicks) of the item and user conversion-rate statistics
+        of the CVR head's wide part.
     seed : int
         Seed of every random initialisation, so a server rebuilds identical
         frozen weights for random-init encoders.
@@ -185,10 +203,16 @@ class ModelConfig:
     content_match_impressions: NonNegFloat = 10.0
     content_match_init: FiniteFloat = 2.0
     correction_mode: CorrectionMode = "cancel"
+    ctr_weight: FiniteNonNegFloat = 1.0
+    ctcvr_weight: FiniteNonNegFloat = 1.0
+    cvr_hidden: tuple[PositiveInt, ...] = (64,)
+    cvr_pseudo_count: PositiveFloat = 10.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         # Field constraints are declared above; only rules between fields are code.
+        if self.ctr_weight == 0 and self.ctcvr_weight == 0:
+            raise ValueError("ctr_weight and ctcvr_weight must not both be 0")
         if self.embed_dim % self.fusion_heads:
             raise ValueError(
                 f"embed_dim must be divisible by fusion_heads, but {self.embed_dim} and "
@@ -213,7 +237,7 @@ class ModelConfig:
             max_text_tokens=16, query_num=2, fusion_heads=2, history_len=20,
             user_buckets=512, item_buckets=512, context_buckets=64,
             attention_hidden=16, mlp_hidden=(32, 16), lora_rank=4, lora_alpha=8.0,
-            cic_neg_num=4,
+            cic_neg_num=4, cvr_hidden=(16,),
         )
         return cls.for_variant(variant, **{**small, **overrides})
 
@@ -224,6 +248,16 @@ class ModelConfig:
     @property
     def has_image(self) -> bool:
         return self.use_content and self.image_model != "none"
+
+    @property
+    def has_cvr(self) -> bool:
+        """Whether the model has the CVR head (``ctcvr_weight > 0``)."""
+        return self.ctcvr_weight > 0
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """Serving objectives this model can rank by (:data:`OBJECTIVES`)."""
+        return OBJECTIVES if self.has_cvr else ("ctr",)
 
     @property
     def content_match(self) -> bool:
@@ -238,9 +272,11 @@ class ModelConfig:
     @property
     def rep_dim(self) -> int:
         """Width of a serving representation: :attr:`item_dim` plus the cold-start gate
-        column (with the content match) and the item's wide-logit column (with click
-        statistics or bias terms)."""
-        return self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
+        column (with the content match), the item's wide-logit column (with click
+        statistics or bias terms), and with the CVR head its conversion-rate column
+        and its log expected conversion value."""
+        return (self.item_dim + int(self.content_match) + int(self.bias_terms or self.stat_features)
+                + 2 * int(self.has_cvr))
 
     @property
     def item_dim(self) -> int:
@@ -261,9 +297,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are refused."""
+        """Rebuild from :meth:`to_dict`; unknown keys are refused. A config saved before
+        the CVR head existed (no ``ctcvr_weight``) means a model without one.
+
+        >>> ModelConfig.from_dict({"variant": "id_only", "use_content": False}).has_cvr
+        False
+        """
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        return cls(**{"ctcvr_weight": 0.0, **dict(data)})

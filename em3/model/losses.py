@@ -1,11 +1,11 @@
-"""Losses: per-sample-weighted BCE with fake-negative correction, and the
-Content-ID contrastive (InfoNCE) loss of EM3."""
+"""Losses: per-sample-weighted BCE with fake-negative correction, the ESMM CTCVR
+loss, and the Content-ID contrastive (InfoNCE) loss of EM3."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["weighted_bce", "content_id_infonce", "within_group_bpr"]
+__all__ = ["weighted_bce", "ctcvr_bce", "content_id_infonce", "within_group_bpr"]
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None,
@@ -45,6 +45,57 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     if weights is not None:
         loss = loss * weights.to(logits.dtype)
     return loss.mean() if loss.numel() else logits.sum() * 0.0
+
+
+def ctcvr_bce(ctr_logits: torch.Tensor, cvr_logits: torch.Tensor, labels: torch.Tensor,
+              weights: torch.Tensor | None = None, correction: torch.Tensor | None = None,
+              mode: str = "cancel") -> torch.Tensor:
+    """ESMM's CTCVR loss (Ma et al., SIGIR 2018): binary cross-entropy of
+    ``pCTCVR = sg(pCTR) * pCVR`` against "clicked and converted", over every
+    impression.
+
+    pCVR is ``P(conversion | click)``; training it only on clicked impressions
+    (the usual CVR model) fits it on a sample that differs from the impressions it
+    ranks (sample selection bias). Here the CVR head is trained through the product
+    on the whole impression space: at an unclicked impression the label is 0 and
+    the gradient reaching pCVR is weighted by pCTR, so where the click model says a
+    click was unlikely, little is concluded about conversion. The minimiser is
+    ``pCVR = P(click and conversion) / pCTR``, calibrated wherever pCTR is.
+    ``sg`` (stop-gradient): pCTR is detached, so this loss trains the CVR head only
+    and the click model is the same with or without conversions.
+
+    ``correction`` marks conversion samples, which arrive after the click's sample
+    was learned as "no conversion" (delayed feedback); with ``mode="cancel"`` they
+    contribute ``-log p + log(1 - p)``, a positive that also cancels that earlier
+    fake negative (as :func:`weighted_bce` does for late clicks).
+
+    Parameters
+    ----------
+    ctr_logits, cvr_logits, labels : Tensor ``(B,)``
+        ``labels``: 1 where the impression was clicked and converted.
+    weights : Tensor ``(B,)``, optional
+    correction : bool Tensor ``(B,)``, optional
+    mode : {"cancel", "positive"}
+
+    Returns
+    -------
+    Tensor
+        Scalar: ``sum(w * loss) / B``.
+
+    >>> z = torch.tensor([0.0, 2.0]); y = torch.tensor([0.0, 1.0])
+    >>> full = ctcvr_bce(torch.tensor([10.0, 10.0]), z, y)  # pCTR ~ 1: plain BCE on pCVR
+    >>> round(float(full), 4) == round(float(weighted_bce(z, y)), 4)
+    True
+    """
+    labels = labels.to(cvr_logits.dtype)
+    log_p = F.logsigmoid(ctr_logits.detach().to(cvr_logits.dtype)) + F.logsigmoid(cvr_logits)  # (B,) log pCTCVR
+    log_q = torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))  # (B,) log(1 - pCTCVR)
+    loss = -(labels * log_p + (1.0 - labels) * log_q)  # (B,)
+    if correction is not None and mode == "cancel" and bool(correction.any()):
+        loss = loss + correction.to(loss.dtype) * log_q  # undoes the earlier "-log(1 - p)" negative
+    if weights is not None:
+        loss = loss * weights.to(loss.dtype)
+    return loss.mean() if loss.numel() else cvr_logits.sum() * 0.0
 
 
 def within_group_bpr(logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

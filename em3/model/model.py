@@ -33,17 +33,19 @@ from em3.model.config import ModelConfig
 from em3.model.encoders import ImageEncoder, PrefixCache, TextEncoder, content_digest, decode_image
 from em3.model.fusion import FusionQFormer, MeanFusion
 from em3.model.losses import content_id_infonce
-from em3.model.ranker import ClickHead, HashEmbedding, TargetAttention, stable_bucket
+from em3.model.ranker import ClickHead, ConversionHead, HashEmbedding, TargetAttention, stable_bucket
 from em3.types import ItemContent
 
 __all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "user_rows", "reset_user_rows"]
 
 # State learned from data but not by gradient: saved in snapshots with the trainable
 # tensors, and merged across data-parallel learners by summing changes.
-COUNTER_STATE = ("item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts")
+COUNTER_STATE = ("item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
+                 "cvr_item_counts", "cvr_user_counts", "cvr_global_counts")
 _STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",)
 #: The state tensors with one row per user bucket: what a user's deletion resets.
-USER_ROW_STATE = ("user_emb.table.weight", "user_bias.table.weight", "user_impressions", "user_clicks")
+USER_ROW_STATE = ("user_emb.table.weight", "user_bias.table.weight", "user_impressions", "user_clicks",
+                  "cvr_user_counts")
 
 
 def user_rows(user_buckets: int, user_ids: Sequence[str]) -> list[int]:
@@ -176,6 +178,22 @@ class EM3Model(nn.Module):
         if config.popularity_term:
             # Weight of the item's popularity (its log impression count) in the logit.
             self.popularity_weight = nn.Parameter(torch.tensor(float(config.popularity_weight_init)))
+        if config.has_cvr:
+            # The CVR head (ESMM). Built from its own seed without touching the global
+            # generator, so adding it changes nothing else in the model or its training.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed + 2)
+                self.cvr_head = ConversionHead(d, config.item_dim, config.cvr_hidden)
+            # Counted as samples are learned, like the click statistics: per item row
+            # [clicks, conversions, conversion value], per user row [clicks,
+            # conversions], and in total [clicks, conversions, value].
+            self.register_buffer("cvr_item_counts", torch.zeros(config.item_buckets, 3))
+            self.register_buffer("cvr_user_counts", torch.zeros(config.user_buckets, 2))
+            self.register_buffer("cvr_global_counts", torch.zeros(3))
+            # Weights of the item and user conversion-rate statistics, and an offset
+            # on the running conversion rate.
+            self.cvr_stat_weights = nn.Parameter(torch.tensor([1.0, 0.25]))
+            self.cvr_bias = nn.Parameter(torch.zeros(()))
         self.cache = PrefixCache(cache_items)
         self.set_gradient_checkpointing(gradient_checkpointing)
 
@@ -241,6 +259,69 @@ class EM3Model(nn.Module):
             self.item_clicks.index_add_(0, self.item_emb.buckets_of(item_ids), ones)
             self.user_clicks.index_add_(0, self.user_emb.buckets_of(user_ids), ones)
             self.global_counts[1] += ones.sum()
+
+    @torch.no_grad()
+    def observe_conversions(self, item_ids: Sequence[str], user_ids: Sequence[str], clicks: Sequence[float],
+                            conversions: Sequence[float], values: Sequence[float]) -> None:
+        """Count learned clicks, conversions and conversion values per item and user
+        row (the CVR head's statistics); no-op without a CVR head. Call after each
+        training step with its clicked samples (``clicks`` 1) and conversion
+        samples (``conversions`` 1, ``values`` their value)."""
+        if not self.config.has_cvr or not len(item_ids):
+            return
+        dev = self.device
+        c = torch.tensor(list(clicks), dtype=torch.float32, device=dev)
+        v = torch.tensor(list(conversions), dtype=torch.float32, device=dev)
+        val = torch.tensor(list(values), dtype=torch.float32, device=dev)
+        item_rows = torch.stack([c, v, val], dim=1)  # (N, 3)
+        self.cvr_item_counts.index_add_(0, self.item_emb.buckets_of(item_ids), item_rows)
+        self.cvr_user_counts.index_add_(0, self.user_emb.buckets_of(user_ids), item_rows[:, :2])
+        self.cvr_global_counts += item_rows.sum(0)
+
+    def _cvr_rate(self) -> torch.Tensor:
+        """The running conversion rate per click, ``(conversions + 0.1) / (clicks + 1)``."""
+        clicks, conversions = self.cvr_global_counts[0], self.cvr_global_counts[1]
+        return ((conversions + 0.1) / (clicks + 1.0)).clamp(1e-4, 1 - 1e-4)
+
+    def _rate_logits(self, hits: torch.Tensor, trials: torch.Tensor, pseudo_count: float,
+                     p0: torch.Tensor) -> torch.Tensor:
+        p = ((hits + pseudo_count * p0) / (trials + pseudo_count)).clamp(1e-4, 1 - 1e-4)
+        return torch.logit(p) - torch.logit(p0)
+
+    def item_cvr_stat(self, buckets: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` smoothed conversion-rate logit of items (conversions per click), relative
+        to the running rate: 0 for an item never clicked."""
+        counts = self.cvr_item_counts[buckets]  # (N, 3)
+        return self._rate_logits(counts[:, 1], counts[:, 0], self.config.cvr_pseudo_count, self._cvr_rate())
+
+    def user_cvr_stat(self, user_ids: Sequence[str]) -> torch.Tensor:
+        """``(B,)`` smoothed conversion-rate logit of users, relative to the running rate."""
+        counts = self.cvr_user_counts[self.user_emb.buckets_of(user_ids)]  # (B, 2)
+        return self._rate_logits(counts[:, 1], counts[:, 0], self.config.cvr_pseudo_count, self._cvr_rate())
+
+    def item_log_value(self, buckets: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` log of the item's expected conversion value: its mean value per
+        conversion, smoothed toward the global mean (pseudo count 2); the global mean
+        is 1 until some value was seen, so the ``value`` objective ranks as ``ctcvr``
+        when conversions carry no value."""
+        total = self.cvr_global_counts
+        v0 = torch.where(total[2] > 0, total[2] / total[1].clamp(min=1.0), torch.ones_like(total[2]))
+        counts = self.cvr_item_counts[buckets]  # (N, 3)
+        return torch.log(((counts[:, 2] + 2.0 * v0) / (counts[:, 1] + 2.0)).clamp(min=1e-6))
+
+    def _item_cvr_columns(self, buckets: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)``: the item's share of the pCVR logit, and its log expected value."""
+        return torch.stack([self.cvr_stat_weights[0] * self.item_cvr_stat(buckets),
+                            self.item_log_value(buckets)], dim=-1)
+
+    def _cvr_logits(self, user_ids: Sequence[str], user: torch.Tensor, context: torch.Tensor,
+                    target: torch.Tensor, interest: torch.Tensor, item_wide: torch.Tensor) -> torch.Tensor:
+        """pCVR logits ``(B,)``: the head on detached inputs plus the wide part (the
+        running rate, the item's and the user's statistics, an offset)."""
+        deep = self.cvr_head(user.detach(), context.detach(), target.detach(), interest.detach())  # (B,)
+        wide = (torch.logit(self._cvr_rate()) + self.cvr_bias
+                + self.cvr_stat_weights[1] * self.user_cvr_stat(user_ids))  # (B,)
+        return deep + item_wide.to(deep.dtype) + wide.to(deep.dtype)
 
     def _ctr_logits(self, clicks: torch.Tensor, imps: torch.Tensor, pseudo_count: float) -> torch.Tensor:
         """``logit(p) - logit(p0)`` of the Beta-smoothed rate ``p = (clicks + a p0) / (imps + a)``,
@@ -443,6 +524,8 @@ class EM3Model(nn.Module):
         ids = self.item_emb.table(buckets)  # (N, d)
         item_wide = self._item_wide(buckets)
         bias = [] if item_wide is None else [item_wide.unsqueeze(-1)]  # (N, 1)
+        if self.config.has_cvr:
+            bias.append(self._item_cvr_columns(buckets))  # (N, 2)
         if not self.config.use_content:
             return ItemEncoding(torch.cat([ids] + bias, dim=-1) if bias else ids, None, ids, buckets)
         if content is None:
@@ -456,7 +539,7 @@ class EM3Model(nn.Module):
             gate = tau / (tau + self.item_impressions[buckets])  # (N,) 1 for a new item, 1/2 at tau impressions
             parts.append(gate.unsqueeze(-1).to(content.dtype))
         parts += [b.to(content.dtype) for b in bias]
-        reps = torch.cat(parts, dim=-1)  # (N, 2d [+ gate] [+ item wide logit])
+        reps = torch.cat(parts, dim=-1)  # (N, 2d [+ gate] [+ item wide logit] [+ cvr logit part, log value])
         return ItemEncoding(reps, content, ids, buckets)
 
     def item_representations(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None) -> torch.Tensor:
@@ -471,26 +554,45 @@ class EM3Model(nn.Module):
         Call Args: ``item_reps`` ``(U, R)`` unique-item reps; ``target_idx`` ``(B,)``
         and ``hist_idx`` ``(B, L)`` rows of ``item_reps``; ``hist_mask`` ``(B, L)``.
         """
+        return self.forward_tasks(user_ids, contexts, item_reps, target_idx, hist_idx, hist_mask, cvr=False)[0]
+
+    def forward_tasks(self, user_ids: Sequence[str], contexts: Sequence[Mapping[str, str]], item_reps: torch.Tensor,
+                      target_idx: torch.Tensor, hist_idx: torch.Tensor, hist_mask: torch.Tensor,
+                      cvr: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Click logits ``(B,)`` and, with the CVR head (and ``cvr``), pCVR logits ``(B,)``
+        (else None); arguments as :meth:`forward`."""
+        cvr_cols = item_reps[..., -2] if cvr and self.config.has_cvr else None  # (U,)
         item_reps, gate, bias = self._split(item_reps)
         proj = self.attention.project_history(item_reps)  # (U, H)
         history = item_reps[hist_idx]  # (B, L, R)
-        interest = self.attention(item_reps[target_idx], history, proj[hist_idx], hist_mask)  # (B, R)
-        deep = self.head(self.user_emb(user_ids).to(item_reps.dtype),
-                         self.context_emb.bag(contexts).to(item_reps.dtype),
-                         item_reps[target_idx], interest,
+        target = item_reps[target_idx]  # (B, R)
+        interest = self.attention(target, history, proj[hist_idx], hist_mask)  # (B, R)
+        user = self.user_emb(user_ids).to(item_reps.dtype)  # (B, d)
+        context = self.context_emb.bag(contexts).to(item_reps.dtype)  # (B, d)
+        deep = self.head(user, context, target, interest,
                          None if gate is None else gate[target_idx], hist_mask.any(dim=1))  # (B,)
-        return deep + self._wide(user_ids, None if bias is None else bias[target_idx])  # (B,)
+        ctr = deep + self._wide(user_ids, None if bias is None else bias[target_idx])  # (B,)
+        if cvr_cols is None:
+            return ctr, None
+        return ctr, self._cvr_logits(user_ids, user, context, target, interest, cvr_cols[target_idx])
 
     def score_candidates(self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
-                         candidate_reps: torch.Tensor, return_weights: bool = False
+                         candidate_reps: torch.Tensor, objective: str = "ctr", return_weights: bool = False
                          ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ``(C,)`` of ``C`` candidates for one request.
+        """Scores ``(C,)`` of ``C`` candidates for one request, by ``objective``
+        (:data:`em3.model.config.OBJECTIVES`): ``ctr`` the click logit, ``ctcvr`` the
+        logit of ``pCTR * pCVR``, ``value`` the log expected conversion value
+        ``log(pCTR * pCVR * value)``. Each orders the candidates by what it names.
 
         Call Args: ``history_reps`` ``(L, R)`` (newest first, ``L`` may be 0);
         ``candidate_reps`` ``(C, R)``; both rows of :meth:`item_representations`.
         With ``return_weights``, also the target-attention weights ``(C, L')`` over
         the first ``L' = min(L, history_len)`` history rows.
         """
+        if objective not in self.config.objectives:
+            raise ValueError(f"objective must be one of {self.config.objectives} for this model, "
+                             f"but {objective!r} is given")
+        cvr_cols = candidate_reps[..., -2:] if objective != "ctr" else None  # (C, 2)
         candidate_reps, gate, bias = self._split(candidate_reps)
         history_reps = self._split(history_reps)[0]
         c = candidate_reps.shape[0]
@@ -504,8 +606,17 @@ class EM3Model(nn.Module):
         ctx = self.context_emb.bag([context]).to(candidate_reps.dtype).expand(c, -1)  # (C, d)
         has_history = torch.full((c,), hist.shape[0] > 0, dtype=torch.bool, device=candidate_reps.device)
         deep = self.head(user, ctx, candidate_reps, interest, gate, has_history)  # (C,)
-        logits = deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
-        return (logits, weights) if return_weights else logits
+        ctr = deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
+        if cvr_cols is None:
+            scores = ctr
+        else:
+            cvr = self._cvr_logits([user_id], user, ctx, candidate_reps, interest, cvr_cols[:, 0])  # (C,)
+            log_p = torch.nn.functional.logsigmoid(ctr) + torch.nn.functional.logsigmoid(cvr)  # (C,) log pCTCVR
+            if objective == "value":
+                scores = log_p + cvr_cols[:, 1]
+            else:
+                scores = log_p - torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))  # logit of pCTCVR
+        return (scores, weights) if return_weights else scores
 
     # ------------------------------------------------------------- explaining
     def _unseen_item_wide(self) -> torch.Tensor | None:

@@ -1,5 +1,5 @@
 """Ranker: hashed ID embeddings, DIN target attention over the behaviour sequence,
-and an MLP click head.
+an MLP click head and an MLP conversion head.
 
 Unseen IDs: every user, item and context value is mapped to a bucket of a fixed-size
 table by a stable hash (BLAKE2b of ``"<salt>|<id>"``, not Python's salted ``hash``),
@@ -16,7 +16,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["stable_bucket", "HashEmbedding", "TargetAttention", "ClickHead"]
+__all__ = ["stable_bucket", "HashEmbedding", "TargetAttention", "ClickHead", "ConversionHead"]
 
 
 @lru_cache(maxsize=1 << 20)
@@ -175,3 +175,31 @@ class ClickHead(nn.Module):
                 match = match * has_history.to(match.dtype)
             logit = logit + gate.to(logit.dtype) * (match + self.COLD_BIAS_STEP * self.cold_bias.to(logit.dtype))
         return logit
+
+
+class ConversionHead(nn.Module):
+    """The deep part of the pCVR logit ``(B,)``: an MLP on ``[user ; context ; target ;
+    interest ; target * interest]``, the representations the click head reads.
+
+    The caller passes them detached (the CTCVR loss trains this head only, so the
+    click model is unaffected), and adds the wide part (conversion-rate statistics
+    and an offset). The last layer starts at zero, so an untrained head predicts the
+    wide part alone: the running conversion rate.
+    """
+
+    def __init__(self, d: int, item_dim: int, hidden: Sequence[int]) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 2 * d + 3 * item_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.PReLU(h)]
+            width = h
+        last = nn.Linear(width, 1)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.mlp = nn.Sequential(*layers, last)
+
+    def forward(self, user: torch.Tensor, context: torch.Tensor, target: torch.Tensor,
+                interest: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([user, context, target, interest, target * interest], dim=-1)  # (B, 2d + 3R)
+        return self.mlp(x).squeeze(-1)  # (B,)

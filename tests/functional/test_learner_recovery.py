@@ -100,6 +100,7 @@ def uncrashed(model_config, world, snaps, applied) -> dict[str, torch.Tensor]:
     return loop.learner.state_dict()
 
 
+@pytest.mark.slow  # long streams; the full suite runs it
 def test_a_learner_killed_twice_ends_exactly_where_an_uncrashed_one_does(model_config, world):
     samples = world[0]
     snaps, applied = InMemorySnapshotStore(keep=50, signing_key=KEY), InMemoryAppliedLog()
@@ -113,6 +114,7 @@ def test_a_learner_killed_twice_ends_exactly_where_an_uncrashed_one_does(model_c
     assert diff <= 1e-6, f"{where} differs by {diff}"
 
 
+@pytest.mark.slow  # long streams; the full suite runs it
 def test_without_learner_checkpoints_the_same_crashes_move_the_parameters(model_config, world):
     snaps, applied = InMemorySnapshotStore(keep=50, signing_key=KEY), InMemoryAppliedLog()
     notes = crash_twice_and_drain(model_config, world, snaps, applied, drop_checkpoints=True)
@@ -143,6 +145,7 @@ def test_a_checkpoint_of_another_state_or_with_a_bad_signature_is_not_used(model
     assert resumed.resume() == version and resumed.status()["resumed"] == {"from": version, "checkpoint": False}
 
 
+@pytest.mark.slow  # long streams; the full suite runs it
 def test_a_fleet_learner_restarted_mid_round_ends_where_the_fleet_without_the_crash_does(model_config, world):
     """Two learners averaged each round; in one run learner 1 dies in round 2 and a new
     one re-runs that round from the base and its own checkpoint of it."""

@@ -58,6 +58,12 @@ def test_short_demo_writes_a_truthful_report_and_leaves_nothing_running(tmp_path
     for arm, stats in report["final"].items():
         assert stats["requests"] > 0, arm
         assert 0.0 <= stats["ci_low"] <= stats["ctr"] <= stats["ci_high"] <= 1.0
+        # Conversions beside CTR: per arm, conversions / clicks and per user.
+        assert stats["conversions"] >= 0 and stats["cvr"] == stats["conversions"] / stats["clicks"], arm
+        assert stats["conversions_per_user"] == stats["conversions"] / stats["users"], arm
+    assert sum(s["conversions"] for s in report["final"].values()) > 0
+    assert report["throughput"]["conversions_posted"] > 0 and report["throughput"]["conversion_errors"] == 0
+    assert report["join"]["conversions_in"] > 0 and report["join"]["conversion"] > 0
     assert report["tests"]["id_only"]["verdict"] in {"no_difference_detected", "treatment_better", "control_better"}
     # Clicks went back through the API and the join turned impressions into samples.
     assert report["throughput"]["clicks_posted"] > 0 and report["throughput"]["click_errors"] == 0

@@ -86,13 +86,17 @@ def test_ab_runner_events_reach_kafka(settings):
                  ABConfig(n_requests=300, k=5, check_every=100), event_sink=sink).run()
     assert kafka.stats.delivered == len(seen) and kafka.stats.failed == 0
     consumer = make_consumer(settings.kafka, f"{settings.topics.prefix}ab")
-    consumer.subscribe([settings.topics.impressions, settings.topics.clicks])
+    consumer.subscribe([settings.topics.impressions, settings.topics.clicks, settings.topics.conversions])
     wait_for_assignment(consumer)
-    got = []
+    got, topics = [], {}
     idle = 0
     while len(got) < len(seen) and idle < 50:
         batch = consumer.consume(2000, timeout=0.2)
         idle = 0 if batch else idle + 1
-        got.extend(codec.decode(m.value()) for m in batch if m.error() is None)
+        for m in batch:
+            if m.error() is None:
+                got.append(codec.decode(m.value()))
+                topics[type(got[-1]).__name__] = m.topic()
     consumer.close()
     assert sorted(map(codec.encode, got)) == sorted(map(codec.encode, seen))
+    assert topics["Conversion"] == settings.topics.conversions  # conversions on their own topic

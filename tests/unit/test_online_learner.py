@@ -63,6 +63,7 @@ def test_loss_drops_on_a_learnable_stream(cfg):
     assert auc([s.label for s in test], learner.score(test, _with_histories(test, dict(liked)))) > 0.75
 
 
+@pytest.mark.slow  # trains the default-size towers; the full suite runs it
 def test_pairwise_loss_is_reported_and_changes_the_update_only_when_on(cfg):
     """With ``pairwise_weight`` the step adds the within-user BPR loss (reported as
     ``pair_loss``) and moves the weights differently; at 0 it is reported as 0."""
@@ -74,7 +75,8 @@ def test_pairwise_loss_is_reported_and_changes_the_update_only_when_on(cfg):
         learner = OnlineLearner(cfg.replace(pairwise_weight=weight), store, device="cpu", seed=0)
         stats = learner.learn_batch(batch, hist)
         assert (stats["pair_loss"] > 0) == (weight > 0)
-        assert stats["loss"] == pytest.approx(stats["rank_loss"] + weight * stats["pair_loss"], rel=1e-5)
+        assert stats["loss"] == pytest.approx(stats["rank_loss"] + weight * stats["pair_loss"] + stats["ctcvr_loss"],
+                                              rel=1e-5)
         states[weight] = learner.state_dict()["head.mlp.0.weight"]
     assert not torch.equal(states[0.0], states[1.0])
 
@@ -147,7 +149,7 @@ def test_corrections_validation_and_state(cfg):
         OnlineLearner(cfg, store, lr=0)
     state = learner.state_dict()
     counters = {"item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
-                "head.content_mean"}
+                "head.content_mean", "cvr_item_counts", "cvr_user_counts", "cvr_global_counts"}
     assert sum(v.numel() for k, v in state.items() if k not in counters) == learner.num_trainable_params()
     assert state["item_impressions"].sum() > 0  # trained-on impressions were counted
     # The late positive adds a click to counts already holding its impression.
@@ -166,6 +168,7 @@ def test_learn_batch_probs_are_the_test_then_train_predictions(cfg):
     assert not np.allclose(learner.score(batch, [[]] * 20), before)  # the update happened
 
 
+@pytest.mark.slow  # trains the default-size towers; the full suite runs it
 def test_cached_history_content_gives_the_live_predictions_before_any_update(cfg):
     """On the first step the cache is filled from the same weights, so cached and live
     history content give the same test-then-train predictions; content_every skips

@@ -28,8 +28,8 @@ def _batch(model, items, users=("u1", "u2", "u3")):
 def test_shapes(model, items, tiny_config):
     enc, logits = _batch(model, items)
     d = tiny_config.embed_dim
-    # [content ; id ; cold-start gate ; item wide logit]
-    assert enc.reps.shape == (6, 2 * d + 2) == (6, tiny_config.rep_dim) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
+    # [content ; id ; cold-start gate ; item wide logit ; item CVR logit part ; log expected value]
+    assert enc.reps.shape == (6, 2 * d + 4) == (6, tiny_config.rep_dim) and enc.content.shape == (6, d) and enc.ids.shape == (6, d)
     assert logits.shape == (3,) and torch.isfinite(logits).all()
 
 
@@ -132,7 +132,7 @@ def test_variants_build_and_train(variant, encoder_trainable, items):
     elif encoder_trainable is False:
         assert enc_params and not any(p.requires_grad for p in enc_params)
     if variant == "id_only":
-        assert model.text is None and model.image is None and enc.reps.shape[1] == 16 + 1  # [id ; wide logit]
+        assert model.text is None and model.image is None and enc.reps.shape[1] == 16 + 1 + 2  # [id ; wide logit ; CVR columns]
     if variant == "no_fusion":
         assert type(model.fusion).__name__ == "MeanFusion"
 
@@ -196,7 +196,7 @@ def test_trainable_state_roundtrip(items, tiny_config):
     a, b = EM3Model(tiny_config).eval(), EM3Model(tiny_config.replace(seed=1)).eval()
     state = a.trainable_state_dict()
     counters = {"item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
-                "head.content_mean"}
+                "head.content_mean", "cvr_item_counts", "cvr_user_counts", "cvr_global_counts"}
     assert set(state) - {n for n, p in a.named_parameters() if p.requires_grad} == counters
     assert sum(v.numel() for k, v in state.items() if k not in counters) == a.num_trainable_params()
     b.load_trainable_state_dict(state)
@@ -225,7 +225,7 @@ def test_click_statistics_count_learned_samples_and_move_the_logit(items, tiny_c
         assert model.user_stat(["u1"]) > 0 > model.user_stat(["u2"]) and model.user_stat(["new"]) == 0
     state = model.trainable_state_dict()
     assert state["user_impressions"].sum() == 20 and state["item_clicks"].sum() == 10
-    off = EM3Model(tiny_config.replace(stat_features=False, content_match_impressions=0.0))
+    off = EM3Model(tiny_config.replace(stat_features=False, content_match_impressions=0.0, ctcvr_weight=0.0))
     assert "item_clicks" not in off.trainable_state_dict() and off.config.rep_dim == tiny_config.item_dim
 
 

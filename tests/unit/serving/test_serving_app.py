@@ -119,6 +119,34 @@ def test_click_is_produced_to_the_clicks_topic(client, runtime, fake_producer):
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "clicked_at"
 
 
+def test_conversion_is_produced_to_the_conversions_topic(client, runtime, fake_producer):
+    r = client.post("/v1/conversion", json={"impression_id": "r-0", "user_id": "u1", "item_id": "i1",
+                                            "converted_at": 1.7e9, "value": 49.9})
+    assert r.status_code == 202 and r.json()["converted_at"] == 1.7e9, r.text
+    r = client.post("/v1/conversion", json={"impression_id": "r-1", "user_id": "u1", "item_id": "i2"})
+    assert r.status_code == 202
+    got = [(k, codec.decode_conversion(v)) for t, k, v in fake_producer.records if t == "t.conversions"]
+    assert [(k, c.impression_id, c.value) for k, c in got] == [(b"u1", "r-0", 49.9), (b"u1", "r-1", None)]
+    assert runtime.metrics.conversions._value.get() == 2
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"user_id": "u1", "item_id": "i1"}, "impression_id"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "value": -5}, "value"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "value": "12"}, "value"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "value": 1e30}, "value"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "converted_at": 5}, "converted_at"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "converted_at": 4.0e9}, "converted_at"),
+    ({"impression_id": "r\t", "user_id": "u1", "item_id": "i1"}, "impression_id"),
+    ({"impression_id": "r", "user_id": "u1", "item_id": "i1", "clicked_at": 1.7e9}, "clicked_at"),  # unknown field
+])
+def test_bad_conversions_get_422_and_never_reach_kafka(client, fake_producer, body, field):
+    r = client.post("/v1/conversion", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["field"] == field
+    assert not fake_producer.records
+
+
 def test_items_register_update_and_cold_start(client, runtime):
     r = client.post("/v1/rank", json={"user_id": "u1", "item_ids": ["new-1", "i1"]})
     assert r.json()["unknown_item_ids"] == ["new-1"]
@@ -206,7 +234,7 @@ def test_an_unexpected_error_is_a_500_not_a_dropped_connection(client, runtime, 
     assert client.get("/healthz").status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/v1/click", "/v1/items", "/v1/rank"])
+@pytest.mark.parametrize("path", ["/v1/click", "/v1/conversion", "/v1/items", "/v1/rank"])
 @pytest.mark.parametrize("body", [
     b"[" * 50_000 + b"]" * 50_000,                                  # deeply nested (was a RecursionError 500)
     b'{"items": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
@@ -229,6 +257,7 @@ def test_writes_need_the_api_key_unless_the_network_is_trusted(make_runtime, fak
     for headers in ({}, {"x-api-key": "wrong"}, {"authorization": "Bearer wrong"}):
         assert keyed.post("/v1/click", json=click, headers=headers).status_code == 401
         assert keyed.post("/v1/items", json={"item_id": "x"}, headers=headers).status_code == 401
+        assert keyed.post("/v1/conversion", json=click, headers=headers).status_code == 401
     assert not fake_producer.records
     assert keyed.post("/v1/click", json=click, headers={"x-api-key": "s3cret"}).status_code == 202
     assert keyed.post("/v1/click", json=click, headers={"authorization": "Bearer s3cret"}).status_code == 202

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from em3.types import Click, Impression
+from em3.types import Click, Conversion, Impression
 from simulators.ab import ABConfig, ABRunner
 from simulators.rankers import OracleRanker, PopularityRanker, RandomRanker, Ranker, Ranking
 from simulators.world import World, WorldConfig
@@ -108,19 +108,51 @@ def test_events_reach_the_sink_in_time_order_and_learners_see_their_own_arm():
     sink: list = []
     cfg = ABConfig(n_requests=600, seed=2, k=5, check_every=100)
     report = ABRunner(world, {"a": a, "b": b}, cfg, event_sink=sink.append).run()
-    times = [e.served_at if isinstance(e, Impression) else e.clicked_at for e in sink]
+    times = [e.served_at if isinstance(e, Impression) else e.clicked_at if isinstance(e, Click) else e.converted_at
+             for e in sink]
     assert all(x <= y for x, y in zip(times, times[1:]))
     impressions = [e for e in sink if isinstance(e, Impression)]
     clicks = [e for e in sink if isinstance(e, Click)]
+    conversions = [e for e in sink if isinstance(e, Conversion)]
     assert len(impressions) == 600 * 5 and clicks
     by_id = {e.impression_id: e for e in impressions}
     assert all(c.clicked_at >= by_id[c.impression_id].served_at for c in clicks)
     assert all(e.arm == "a" for e in a.seen if isinstance(e, Impression))
     assert all(e.arm == "b" for e in b.seen if isinstance(e, Impression))
-    assert len(a.seen) + len(b.seen) == len(sink)
+    assert len(a.seen) + len(b.seen) == len(sink) - len(conversions)  # rankers see no conversions
     total_clicks = sum(s["clicks"] for s in report.final.values())
     assert total_clicks <= len(clicks)  # clicks beyond the attribution window do not count
     assert isinstance(a, Ranker)
+
+
+def test_conversions_reach_the_sink_after_their_click_and_the_readout_counts_them():
+    world = World(WorldConfig(seed=3, conversion_rate=0.3, **SMALL))
+    sink: list = []
+    cfg = ABConfig(n_requests=800, seed=3, k=5, check_every=200, conversion_window_s=2 * 3600.0)
+    report = ABRunner(world, {"a": Recorder("a"), "b": Recorder("b")}, cfg, event_sink=sink.append).run()
+    imps = {e.impression_id: e for e in sink if isinstance(e, Impression)}
+    clicks = {e.impression_id: e for e in sink if isinstance(e, Click)}
+    conversions = [e for e in sink if isinstance(e, Conversion)]
+    assert conversions and all(c.impression_id in clicks for c in conversions)
+    assert all(c.converted_at >= clicks[c.impression_id].clicked_at and c.value > 0 for c in conversions)
+    late = [c for c in conversions if c.converted_at - clicks[c.impression_id].clicked_at > 3600.0]
+    assert late  # delayed feedback: many convert hours after their click
+    counted = {arm: 0 for arm in "ab"}
+    for c in conversions:
+        click = clicks[c.impression_id]
+        imp = imps[c.impression_id]
+        if click.clicked_at - imp.served_at <= cfg.attribution_window_s \
+                and c.converted_at - click.clicked_at <= cfg.conversion_window_s:
+            counted[imp.arm] += 1
+    for arm, s in report.final.items():
+        assert s["conversions"] == counted[arm] > 0
+        assert s["cvr"] == pytest.approx(s["conversions"] / s["clicks"])
+        assert s["conversions_per_user"] == pytest.approx(s["conversions"] / s["users"])
+    no_conv = ABRunner(World(WorldConfig(seed=3, conversion_rate=0.0, **SMALL)), {"a": Recorder("a"), "b": Recorder("b")},
+                       cfg).run()
+    assert all(s["conversions"] == 0 for s in no_conv.final.values())
+    # The click world is the same with or without conversions: they draw from their own streams.
+    assert [s["clicks"] for s in no_conv.final.values()] == [s["clicks"] for s in report.final.values()]
 
 
 def test_popularity_ranker_learns():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from em3.app.cli import main
 
 
@@ -40,3 +42,9 @@ def test_ab_writes_a_report(tmp_path, capsys):
     assert out["stop_reason"] == "request_budget" and out["report"] == str(tmp_path / "report.html")
     page = (tmp_path / "report.html").read_text()
     assert "oracle wins" in page and '<svg id="chart-ctr"' in page
+    report = json.loads((tmp_path / "report.json").read_text())
+    for arm in ("random", "oracle"):  # conversions beside CTR, in the readout and in report.json
+        final = report["final"][arm]
+        assert final["conversions"] == out["conversions"][arm] > 0
+        assert final["cvr"] == pytest.approx(final["conversions"] / final["clicks"]) == out["cvr"][arm]
+        assert out["conversions_per_user"][arm] == pytest.approx(final["conversions"] / final["users"])

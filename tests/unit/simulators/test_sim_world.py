@@ -146,3 +146,30 @@ def test_catalog_fills_a_content_store():
     later = w.config.start_time + 3600.0
     store.put_many(w.item_content(i, image=False) for i in w.arrivals_between(w.config.start_time, later))
     assert len(store) == w.available(later)
+
+
+def test_conversions_follow_the_hidden_probability_with_delays():
+    world = World(WorldConfig(seed=4, n_users=200, n_items=100, conversion_rate=0.15, calibration="synthetic"))
+    rng = np.random.default_rng(0)
+    t = world.config.start_time
+    p_all = [world.conversion_probability(world.user_ids[u], [world.item_ids[i]], t)[0]
+             for u, i in zip(rng.integers(0, 200, 3000), rng.integers(0, 100, 3000))]
+    assert abs(np.mean(p_all) - 0.15) < 0.02  # calibrated to the configured mean
+    assert np.std(p_all) > 0.05  # users and items differ
+    clicked, converted, predicted, delays = 0, 0, 0.0, []
+    for n in range(4000):
+        req = world.next_request(t + n)
+        for fb in world.respond(req.user_id, req.candidates[:10], t + n):
+            if fb.clicked:
+                clicked += 1
+                predicted += world.conversion_probability(req.user_id, [fb.item_id], t + n + fb.delay_s)[0]
+                if fb.converted:
+                    converted += 1
+                    delays.append(fb.conversion_delay_s)
+                    assert fb.value > 0
+            else:
+                assert not fb.converted and fb.conversion_delay_s is None
+    assert clicked > 1000 and abs(converted - predicted) < 4 * np.sqrt(predicted)
+    assert np.median(delays) > 600  # hours-scale by default: delayed feedback
+    with pytest.raises(ValueError, match="conversion_rate must be in"):
+        WorldConfig(conversion_rate=1.0)
