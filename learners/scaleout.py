@@ -120,6 +120,11 @@ class LearnerFleet:
             _RAY_STARTED_BY_FLEETS = False
         self._owns_ray = False
 
+    def status(self, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """:meth:`learners.worker.LineTrainer.status` of each learner (positions, totals),
+        answered while it trains (the actors take two calls at once)."""
+        return actor.get([w.status.remote() for w in self.workers], timeout=timeout)
+
     def pids(self) -> list[int]:
         """Process ids of the learner actors (crash tests SIGKILL them)."""
         return actor.get([w.pid.remote() for w in self.workers], timeout=120)
