@@ -81,6 +81,9 @@ def run_fleet(settings, redis_client, line: str, learners: int, kill_after_appli
         thread.join(90)
         if killed:  # Ray restarted the killed actor: a new process serves its rank
             assert eventually(lambda: fleet.pids()[-1]) != pids[-1]
+        status = eventually(fleet.status)  # what benchmarks/cvr.py polls to know the stream is learned
+        assert [s["rank"] for s in status] == list(range(learners))
+        assert sum(sum(s["positions"].values()) for s in status) >= applied() > 0
     finally:
         fleet.stop()
         thread.join(30)
