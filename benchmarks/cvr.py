@@ -314,7 +314,11 @@ def _learn_on_ray(settings, learn, n_records: int, tmp: Path) -> dict:
         if time.monotonic() - polled[0] < 2.0:
             return False
         polled[0] = time.monotonic()
-        status = fleet.status()[0]
+        try:
+            status = fleet.status()[0]
+        except Exception as exc:  # noqa: BLE001 - a learner Ray is restarting: ask again later
+            log.warning("learner status unavailable (%s)", exc)
+            return False
         last.update(status)
         return sum(status["positions"].values()) >= n_records
 
