@@ -44,8 +44,8 @@ The model is the default ``em3`` (pretrained text and image encoders with peft
 LoRA, the Fusion-Q-Former; ``--variant em3``) unless ``--variant id_only`` (no
 content towers) is asked for; the JSON names the model (``variant``, ``model``) and
 the runtime. With only 100 items whose content rows the learner caches, the
-default model learns at about 600-700 samples/s here, so the whole stream is
-affordable (about 8 minutes a seed on 2 cores, a third of it the held-out scoring).
+default model learns at 700-900 samples/s on one Ray CPU here, so the whole stream
+is affordable (6-8 minutes a seed on 2 shared cores, a third of it the held-out scoring).
 
 Settings (the world below, the model, the learner) were chosen on seed 0 (the
 tuning seed); the figure is reported on seeds 1 and 2. ``--through pure`` runs the
