@@ -4,6 +4,11 @@ Integration fixtures start the real services they need: a Tansu Kafka-protocol
 broker and a Redis server (one pair per test session, on free loopback ports),
 and a local Ray runtime. Each test gets its own topic prefix and Redis key
 prefix so tests never see each other's data.
+
+Hypothesis runs under the profile named by ``EM3_HYPOTHESIS_PROFILE``: ``default``
+(hypothesis' own, 100 examples) in the full suite, ``fast`` (10 examples) in
+``scripts/test.sh --fast``. Tests that ask for more examples scale the profile's
+count (``3 * settings.default.max_examples``), so the fast lane runs a tenth of each.
 """
 from __future__ import annotations
 
@@ -14,8 +19,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from em3.config import KafkaSettings, RedisSettings, Settings, TopicNames
+
+hypothesis_settings.register_profile("fast", max_examples=10)
+hypothesis_settings.load_profile(os.environ.get("EM3_HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")
