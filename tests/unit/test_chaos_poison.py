@@ -15,6 +15,8 @@ from em3.errors import DecodeError  # noqa: E402
 from em3.types import ClickRequest, ItemRequest, ItemsRequest, RankRequest  # noqa: E402
 from stream.wire import decode_click_checked, decode_impression_checked  # noqa: E402
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 
 def _load_chaos():
     # By path: putting benchmarks/ on sys.path would shadow the serving package
@@ -93,7 +95,7 @@ def test_every_http_poison_is_refused_by_its_check(app_decoder):
     assert accepted == []
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=EXAMPLES // 4, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_http_poisons_of_any_seed_are_refused(app_decoder, seed):
     decode_body, invalid = app_decoder
@@ -158,7 +160,7 @@ def test_kafka_poisons_fail_the_plain_codec_except_the_future_ones():
             decode(p.value)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=EXAMPLES // 4, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_kafka_poisons_of_any_seed_are_refused(seed):
     now = time.time()

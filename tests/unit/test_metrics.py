@@ -6,8 +6,10 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from em3.metrics import PrequentialTracker, auc, gauc, logloss
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
 
-@settings(max_examples=60, deadline=None)
+
+@settings(max_examples=3 * EXAMPLES // 5, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 1), st.integers(0, 6)), min_size=2, max_size=200))
 def test_auc_equals_sklearn_with_ties(pairs):
     y = np.array([p[0] for p in pairs])

@@ -13,11 +13,13 @@ from em3.model import EM3Model, ModelConfig
 from em3.model.explain import MODALITIES, explain_candidates, modality_mass, shapley_two
 from em3.types import ItemContent
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 finite = st.floats(-1e3, 1e3, allow_nan=False)
 
 
 @given(finite, finite, finite, finite)
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * EXAMPLES, deadline=None)
 def test_shapley_two_is_efficient_and_symmetric(v_none, v_a, v_b, v_ab):
     phi_a, phi_b = shapley_two(v_none, v_a, v_b, v_ab)
     assert phi_a + phi_b == pytest.approx(v_ab - v_none, abs=1e-9)

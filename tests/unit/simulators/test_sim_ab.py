@@ -220,11 +220,10 @@ def test_user_level_inference_keeps_alpha_where_request_level_does_not():
             stats, per_request = RatioStats(), []
             for user in range(60):
                 p = rng.beta(0.5, 4.0)  # users differ a lot in how often they click
-                for _ in range(int(rng.integers(5, 40))):
-                    clicks = int(rng.binomial(10, p))
-                    stats.add(f"{arm}{user}", 10, clicks)
-                    per_request.append(clicks / 10)
-            arms[arm] = (stats, np.asarray(per_request))
+                clicks = rng.binomial(10, p, size=int(rng.integers(5, 40)))  # (requests,) of 10 shown each
+                stats.add(f"{arm}{user}", 10 * clicks.size, int(clicks.sum()))  # the user's totals: all the delta method reads
+                per_request.append(clicks / 10)
+            arms[arm] = (stats, np.concatenate(per_request))
         (sa, ra), (sb, rb) = arms["a"], arms["b"]
         (ma, va), (mb, vb) = sa.estimate(), sb.estimate()
         rejections["user"] += fixed_horizon(ma, va, mb, vb)["p_value"] <= 0.05

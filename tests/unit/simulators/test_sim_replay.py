@@ -14,6 +14,8 @@ from simulators.delays import ExponentialDelay, make_delay
 from simulators.replay import LogReplayer, LogRow, Malformed, ReplayConfig, event_time
 from simulators.replay_sources import file_rows, obd_rows, record_to_row, row_to_record
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 T0 = 1_700_000_000.0
 
 
@@ -268,7 +270,7 @@ def test_movielens_rows_are_shifted_into_plausible_times():
     assert all(a <= b for a, b in zip(times, times[1:]))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=3 * EXAMPLES // 5, deadline=None)
 @given(st.lists(st.tuples(st.floats(0, 1e5), st.one_of(st.none(), st.floats(0, 1e4))), max_size=60))
 def test_replay_order_property(spec):
     rows = [LogRow(Impression(f"i{k}", "r", f"u{k % 3}", "x", 0, T0 + t), d) for k, (t, d) in enumerate(spec)]

@@ -11,6 +11,8 @@ from hypothesis import given, settings, strategies as st
 from em3.types import Click, Impression, sample_id_for
 from stream.join import DONE, JoinConfig, JoinCore, expected_labels
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 BASE = 1_700_000_000.0
 CFG = JoinConfig(window_s=10.0, allowed_lateness_s=5.0, max_correction_delay_s=20.0, idle_timeout_s=None)
 
@@ -95,7 +97,7 @@ def _run(events, config=CFG, restore_at: int | None = None):
     return samples, dead, history, core
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=3 * EXAMPLES, deadline=None)
 @given(streams(on_time=True))
 def test_on_time_stream_gets_exactly_the_reference_labels(stream):
     imps, clicks, events = stream
@@ -116,7 +118,7 @@ def test_on_time_stream_gets_exactly_the_reference_labels(stream):
     assert core.records == 0 and core.held_clicks == 0  # everything evicted at the end
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=3 * EXAMPLES, deadline=None)
 @given(streams(on_time=False))
 def test_any_interleaving_gives_one_final_label_and_accounts_for_every_click(stream):
     imps, clicks, events = stream
@@ -148,7 +150,7 @@ def test_any_interleaving_gives_one_final_label_and_accounts_for_every_click(str
     assert len(history) == sum(s.label for s in samples)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * EXAMPLES, deadline=None)
 @given(streams(on_time=False), st.data())
 def test_restoring_from_persisted_changes_mid_stream_changes_nothing(stream, data):
     _, _, events = stream

@@ -13,6 +13,8 @@ from em3.types import Click, Conversion, Impression, sample_id_for
 from stream.join import DONE, ImpressionState, JoinConfig, JoinCore, expected_labels
 from stream.state import _apply_blob, _delta_blob, decode_record, _conversions_from
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 BASE = 1_700_000_000.0
 HOUR = 3600.0
 # Clicks within 10 s; conversions within 2 days of their click (long next to the click horizon of 30 s).
@@ -272,7 +274,7 @@ def _run(events, restore_at: int | None = None):
     return samples, dead, core
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * EXAMPLES, deadline=None)
 @given(streams(on_time=True))
 def test_on_time_streams_attribute_exactly_the_conversions_within_the_window(stream):
     imps, clicks, convs, events = stream
@@ -293,7 +295,7 @@ def test_on_time_streams_attribute_exactly_the_conversions_within_the_window(str
     assert core.awaiting_conversion == 0 and core.held_conversion_count == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=2 * EXAMPLES, deadline=None)
 @given(streams(on_time=False))
 def test_any_order_converts_only_clicked_impressions_after_their_click_sample(stream):
     _, _, convs, events = stream
@@ -313,7 +315,7 @@ def test_any_order_converts_only_clicked_impressions_after_their_click_sample(st
     assert len(convs) == sum(converted.values()) + conv_dead + core.counters.get("duplicate_conversion", 0)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=3 * EXAMPLES // 2, deadline=None)
 @given(streams(on_time=False), st.data())
 def test_restoring_mid_stream_changes_no_conversion(stream, data):
     *_, events = stream

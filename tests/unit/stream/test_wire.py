@@ -11,6 +11,8 @@ from em3.errors import DecodeError
 from em3.types import Click, Impression, Sample
 from stream.wire import decode_click_checked, decode_impression_checked, encode_sample
 
+EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
+
 FAR = 4e9
 GOOD_IMP = codec.to_dict(Impression("a", "r", "u", "i", 2, 1.7e9, "main", 3, "B", 0.5, {"d": "ios"}))
 GOOD_CLICK = codec.to_dict(Click("a", "u", "i", 1.7e9 + 3))
@@ -35,7 +37,7 @@ def _outcome(fn, data):
         return ("error", exc.reason)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=4 * EXAMPLES, deadline=None)
 @given(st.sampled_from(sorted(GOOD_IMP)), weird, st.booleans())
 def test_any_mutated_impression_decodes_or_names_its_reason(field, value, drop):
     obj = dict(GOOD_IMP)
@@ -50,7 +52,7 @@ def test_any_mutated_impression_decodes_or_names_its_reason(field, value, drop):
         assert result in REASONS
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=3 * EXAMPLES, deadline=None)
 @given(st.sampled_from(sorted(GOOD_CLICK)), weird, st.booleans())
 def test_any_mutated_click_decodes_or_names_its_reason(field, value, drop):
     obj = dict(GOOD_CLICK)
