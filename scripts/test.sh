@@ -13,6 +13,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--fast" ]]; then
     shift
+    # One torch thread: the fast lane's models are tiny, and two threads spinning
+    # for each other cost 2-6x on a machine other jobs share (measured on
+    # tests/functional/test_closed_loop.py: 22 s against 7 s at load 4).
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
     export EM3_HYPOTHESIS_PROFILE="${EM3_HYPOTHESIS_PROFILE:-fast}"
     exec python3 -m pytest -q tests/unit tests/functional em3 stream learners serving simulators \
         --doctest-modules --ignore=em3/__main__.py --ignore=stream/__main__.py \
