@@ -185,7 +185,7 @@ class IdTable:
         self.now = 0
 
     # ------------------------------------------------------------- reading
-    def _settings(self) -> dict:
+    def settings(self) -> dict:
         return {"rows": self.rows_total, "fallback": self.fallback, "salt": self.salt,
                 "admit_after": self.admit_after, "expiry_s": self.expiry_s,
                 "sketch_width": self.sketch_width, "sketch_depth": self.sketch_depth}

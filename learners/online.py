@@ -354,6 +354,10 @@ class OnlineLearner:
                 [s.value if s.conversion else 0.0 for s in counted])
         if enc.content is not None:
             self.model.head.observe_content(enc.content)
+        if fresh and self.model.bounded:  # admission and eviction, after the step that used the old rows
+            self._reset_optimizer_rows(self.model.observe_ids(
+                [s.impression.item_id for s in fresh], [s.impression.user_id for s in fresh],
+                max(s.impression.served_at for s in fresh)))
         self.steps += 1
         stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "ctcvr_loss": float(ctcvr.detach()),
                  "cic_loss": float(cic.detach()), "pair_loss": float(pair.detach()),
@@ -447,7 +451,18 @@ class OnlineLearner:
         ids = list(self._history_content)
         if ids:
             tensors["history/content"] = torch.stack([self._history_content[i] for i in ids]).to("cpu")  # (N, d)
-        return tensors, {"steps": self.steps, "history_ids": ids}
+        meta: dict[str, Any] = {"steps": self.steps, "history_ids": ids}
+        for name, table in self._id_tables():
+            if table.sketch is not None:  # the admission counts (the map itself is in state_dict)
+                tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())
+                meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now}
+        return tensors, meta
+
+    def _id_tables(self):
+        """``(name, IdTable)`` of the bounded ID tables (none with hashed tables)."""
+        if not self.model.bounded:
+            return []
+        return [("user", self.model.user_emb.ids), ("item", self.model.item_emb.ids)]
 
     def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`checkpoint` output (after :meth:`load_state_dict`, which empties
@@ -474,6 +489,15 @@ class OnlineLearner:
             self.generator.set_state(tensors["rng/generator"])
         if "rng/torch" in tensors:
             torch.set_rng_state(tensors["rng/torch"])
+        for name, table in self._id_tables():
+            sketch, info = tensors.get(f"idtable/{name}/sketch"), meta.get(f"idtable/{name}")
+            if sketch is not None and isinstance(info, Mapping):
+                from em3.idtable import CountMinSketch
+
+                table.sketch = CountMinSketch(int(sketch.shape[1]), int(sketch.shape[0]))
+                table.sketch.table[...] = sketch.numpy()
+                table.sketch.additions = int(info.get("additions", 0))
+                table.now = max(table.now, int(info.get("now", 0)))
         self._history_content.clear()
         if content is not None:
             for iid, row in zip(ids, content.to(self.device).unbind(0)):
@@ -490,22 +514,29 @@ class OnlineLearner:
         and so are the row-wise optimiser accumulators of those rows, so they start
         over like new rows. Returns the rows reset.
 
-        A row is a hash bucket: a user that shares it loses what it learned too.
+        With hashed tables a row is a bucket: a user that shares it loses what it
+        learned too. With bounded tables (``id_table="bounded"``) a user's own row is
+        reset and freed (the map forgets the user); one not yet admitted shares a
+        fallback row, reset as a hashed one is.
         """
-        from em3.model import reset_user_rows, user_rows
-
-        rows = user_rows(self.config.user_buckets, list(user_ids))
-        if not rows:
+        if not user_ids:
             return []
-        own = dict(self.model.named_parameters())
-        own.update(self.model.named_buffers())
-        names = reset_user_rows(own, rows)
-        index = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
-        for name in names:
-            param = own[name]
+        rows, names = self.model.forget_users(list(user_ids))
+        self._reset_optimizer_rows({name: rows for name in names})
+        return rows
+
+    @torch.no_grad()
+    def _reset_optimizer_rows(self, rows_by_name: Mapping[str, Sequence[int]]) -> None:
+        """Zero the optimizer state (row-wise Adagrad accumulators, Adam moments) of
+        the given rows of each named tensor, so a reset row starts over like a new one."""
+        params = dict(self.model.named_parameters())
+        for name, rows in rows_by_name.items():
+            param = params.get(name)
+            if param is None or not len(rows):
+                continue
+            index = torch.as_tensor(list(rows), dtype=torch.long)
             for opt in (self.sparse_optimizer, self.optimizer):
                 state = opt.state.get(param) if opt is not None else None
                 for value in (state or {}).values():
                     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == param.shape[0]:
                         value.index_fill_(0, index.to(value.device), 0.0)
-        return sorted(set(rows))

@@ -21,7 +21,7 @@ def test_admission_after_n_impressions_and_fallback_before():
         assert t.rows(["a"])[0] < t.fallback
     u = t.observe(["a"], now=12)
     assert t.owns(["a"])[0] and t.rows(["a"])[0] == u.admitted[0] >= t.fallback
-    assert u.admitted_from.tolist() == IdTable(**t._settings()).rows(["a"]).tolist()  # the row it used before
+    assert u.admitted_from.tolist() == IdTable(**t.settings()).rows(["a"]).tolist()  # the row it used before
 
 
 def test_repeats_within_one_batch_count():
@@ -68,12 +68,12 @@ def test_arrays_round_trip_and_duplicate_owner_refused():
     t = _table(admit_after=1)
     t.observe(["a", "b", "c"], now=7)
     keys, seen = t.to_arrays()
-    back = IdTable.from_arrays(keys, seen, **t._settings())
+    back = IdTable.from_arrays(keys, seen, **t.settings())
     assert back.rows(list("abcz")).tolist() == t.rows(list("abcz")).tolist()
     bad = keys.copy()
     bad[bad == 0] = fingerprint("a", "item")
     with pytest.raises(ValueError, match="two rows"):
-        IdTable.from_arrays(bad, seen, **t._settings())
+        IdTable.from_arrays(bad, seen, **t.settings())
     with pytest.raises(ValueError, match="fallback"):
         IdTable(rows=4, fallback=4, salt="x")
 
@@ -117,7 +117,7 @@ def test_property_a_row_never_serves_an_id_that_does_not_own_it(steps, admit_aft
                 assert t.keys[row - t.fallback] == fingerprint(key, "item")
         assert len(set(rows[own].tolist())) == int(own.sum())  # no own row shared
         assert len(t) == int((t.keys != 0).sum()) <= t.capacity
-        server = IdTable.from_arrays(*t.to_arrays(), **t._settings())
+        server = IdTable.from_arrays(*t.to_arrays(), **t.settings())
         assert server.rows(ids_all).tolist() == rows.tolist()
 
 
