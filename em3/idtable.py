@@ -45,7 +45,8 @@ __all__ = ["fingerprint", "CountMinSketch", "TableUpdate", "IdTable"]
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
-@lru_cache(maxsize=1 << 20)
+# A small cache: hot IDs hit it, and its memory stays bounded under a stream of new IDs.
+@lru_cache(maxsize=1 << 16)
 def _digest(key: str, salt: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{salt}|{key}".encode(), digest_size=8).digest(), "little")
 

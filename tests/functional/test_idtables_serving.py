@@ -113,3 +113,16 @@ def test_deleting_a_user_frees_its_own_row_and_resets_it():
     assert lrn.model.user_emb.buckets_of(["u0"]).item() < FALLBACK
     acc = lrn.sparse_optimizer.state[lrn.model.user_emb.table.weight]["acc"]
     assert acc[row] == 0
+
+
+def test_a_fleet_of_data_parallel_learners_refuses_bounded_tables():
+    import pytest
+
+    from em3.errors import ImproperlyConfigured
+    from learners.aggregate import Aggregator
+
+    cfg = ModelConfig.tiny("id_only", user_buckets=16, item_buckets=12, id_table="bounded",
+                           id_fallback_buckets=FALLBACK)
+    pub = SnapshotPublisher(InMemorySnapshotStore(), InMemoryAppliedLog(), "main", cfg.to_dict(), PublisherConfig())
+    with pytest.raises(ImproperlyConfigured, match="id_table='hashed'"):
+        Aggregator(pub, None, world=2)
