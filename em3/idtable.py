@@ -34,7 +34,7 @@ True
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
@@ -68,11 +68,12 @@ def _fallback_row(key: str, salt: str, fallback: int) -> int:
 
 
 class CountMinSketch:
-    """Approximate counts of int64 keys in fixed memory (``depth x width`` int32).
+    """Approximate counts of int64 keys in fixed memory (``depth x width`` int32), and
+    approximate sums of a value per key (``values``, float32, same cells).
 
     Conservative update (only the smallest counters of a key grow), and every ``width``
-    additions all counters are halved (TinyLFU's reset): old counts fade, and an
-    unbounded stream of distinct keys cannot saturate the table.
+    additions all counters and sums are halved (TinyLFU's reset): old counts fade, and
+    an unbounded stream of distinct keys cannot saturate the table.
 
     >>> s = CountMinSketch(width=64, depth=4)
     >>> s.add(np.array([7, 7, 9], dtype=np.int64)).tolist()
@@ -93,6 +94,7 @@ class CountMinSketch:
             raise ValueError(f"depth must be an int in [1, {len(self._MULT)}], but {depth!r} is given")
         self.width, self.depth = width, depth
         self.table = np.zeros((depth, width), dtype=np.int32)
+        self.values = np.zeros((depth, width), dtype=np.float32)
         self.additions = 0
 
     def _cells(self, keys: np.ndarray) -> np.ndarray:
@@ -123,24 +125,42 @@ class CountMinSketch:
         self.additions += int(counts.sum())
         if self.additions >= self.width:
             self.table >>= 1
+            self.values *= 0.5
             self.additions //= 2
         return est
 
+    def add_values(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` ``(N,)`` to the sums of ``keys`` ``(N,)``."""
+        if len(keys):
+            cells = self._cells(keys)
+            for r in range(self.depth):
+                np.add.at(self.values[r], cells[r], np.asarray(values, dtype=np.float32))
+
+    def estimate_values(self, keys: np.ndarray) -> np.ndarray:
+        """``(N,)`` estimated sums (the smallest of the key's cells)."""
+        if not len(keys):
+            return np.zeros(0, dtype=np.float32)
+        return self.values[np.arange(self.depth)[:, None], self._cells(keys)].min(axis=0)
+
     @property
     def nbytes(self) -> int:
-        return int(self.table.nbytes)
+        return int(self.table.nbytes + self.values.nbytes)
 
 
 @dataclass(frozen=True)
 class TableUpdate:
     """What one :meth:`IdTable.observe` changed: ``admitted`` rows newly given to an ID
     (each must be reset before it is used; ``admitted_from`` ``(N,)`` the fallback row
-    each such ID used until now), ``evicted`` rows whose owner left (expired, least
+    each such ID used until now; ``prior_impressions`` and ``prior_clicks`` ``(N,)`` the
+    sketch's estimates of its impressions and clicks before this call, which its own
+    counters can start from), ``evicted`` rows whose owner left (expired, least
     recently used, or removed); a row can be in both (evicted, then reused)."""
 
     admitted: np.ndarray
     admitted_from: np.ndarray
     evicted: np.ndarray
+    prior_impressions: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prior_clicks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     @property
     def changed(self) -> bool:
@@ -263,13 +283,14 @@ class IdTable:
         own = slots >= 0
         self.last_seen[slots[own]] = now
         new_ids = [k for k, o in zip(uniq, own) if not o]
-        admitted, admitted_from = [], []
+        admitted, admitted_from, prior = [], [], []
         if new_ids:
             if self.sketch is None:
                 self.sketch = CountMinSketch(self.sketch_width, self.sketch_depth)
             all_fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
             is_new = ~np.isin(all_fps, fps[own])
             uniq_sorted = np.unique(all_fps[is_new])
+            before = dict(zip(uniq_sorted.tolist(), self.sketch.estimate(uniq_sorted).tolist()))
             est = dict(zip(uniq_sorted.tolist(), self.sketch.add(all_fps[is_new]).tolist()))
             ready = [k for k in new_ids if est[fingerprint(k, self.salt)] >= self.admit_after]
             if ready:
@@ -289,8 +310,22 @@ class IdTable:
                     self._index[fp] = slot
                     admitted.append(fb + slot)
                     admitted_from.append(_fallback_row(key, self.salt, fb))
+                    prior.append(fp)
+        prior_fps = np.array(prior, dtype=np.int64)
         return TableUpdate(np.array(admitted, dtype=np.int64), np.array(admitted_from, dtype=np.int64),
-                           np.concatenate(evicted) if evicted else _EMPTY)
+                           np.concatenate(evicted) if evicted else _EMPTY,
+                           np.array([before[f] for f in prior], dtype=np.int64),
+                           self.sketch.estimate_values(prior_fps) if prior else np.zeros(0, dtype=np.float32))
+
+    def observe_labels(self, ids: Sequence[str], labels: Sequence[float]) -> None:
+        """Add the clicks ``labels`` of trained-on impressions of ``ids`` to the sketch
+        for the IDs without an own row (call after the step that learned them)."""
+        if self.sketch is None or not len(ids):
+            return
+        fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
+        y = np.asarray(labels, dtype=np.float32)
+        keep = np.array([int(f) not in self._index for f in fps], dtype=bool) & (y != 0)
+        self.sketch.add_values(fps[keep], y[keep])
 
     def remove(self, ids: Sequence[str]) -> np.ndarray:
         """Free the own rows of ``ids`` (a deletion); returns those rows. IDs without

@@ -306,6 +306,15 @@ class OnlineLearner:
         if w is not None and w.shape[0] != len(samples):
             raise ValueError(f"weights must have {len(samples)} entries, but {w.shape[0]} are given")
         n_conv = int(conv.sum().item())
+        if self.model.bounded:
+            # Admission and eviction remap the batch's IDs before the forward pass (as
+            # TorchRec's managed-collision modules and Monolith's filters do): an ID reaching
+            # ``id_admit_after`` impressions learns this batch on its own row. Labels play no part.
+            first = [s for s in samples if not s.correction]
+            if first:
+                self._reset_optimizer_rows(self.model.observe_ids(
+                    [s.impression.item_id for s in first], [s.impression.user_id for s in first],
+                    max(s.impression.served_at for s in first)))
         with self._autocast():
             logits, cvr_logits, enc = self._task_logits([s.impression for s in samples], histories, train=True)
             if n_conv:  # the click loss leaves conversion samples out
@@ -354,10 +363,6 @@ class OnlineLearner:
                 [s.value if s.conversion else 0.0 for s in counted])
         if enc.content is not None:
             self.model.head.observe_content(enc.content)
-        if fresh and self.model.bounded:  # admission and eviction, after the step that used the old rows
-            self._reset_optimizer_rows(self.model.observe_ids(
-                [s.impression.item_id for s in fresh], [s.impression.user_id for s in fresh],
-                max(s.impression.served_at for s in fresh)))
         self.steps += 1
         stats = {"loss": float(loss.detach()), "rank_loss": float(rank.detach()), "ctcvr_loss": float(ctcvr.detach()),
                  "cic_loss": float(cic.detach()), "pair_loss": float(pair.detach()),

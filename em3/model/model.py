@@ -250,13 +250,23 @@ class EM3Model(nn.Module):
         if not self.bounded:
             return {}
         out: dict[str, list[int]] = {}
-        for emb, ids, names in ((self.item_emb, item_ids, ITEM_ROW_STATE), (self.user_emb, user_ids, USER_ROW_STATE)):
+        buffers = dict(self.named_buffers())
+        for emb, ids, names, counters in (
+                (self.item_emb, item_ids, ITEM_ROW_STATE, ("item_impressions", "item_clicks")),
+                (self.user_emb, user_ids, USER_ROW_STATE, ("user_impressions", "user_clicks"))):
             update = emb.observe(list(ids), now)
             if not update.changed:
                 continue
             freed = sorted(set(update.evicted.tolist()) - set(update.admitted.tolist()))
             self._reset_rows(names, update.admitted.tolist(), update.admitted_from.tolist())
             self._reset_rows(names, freed)
+            if len(update.admitted):  # the ID's own counts so far, from the admission sketch
+                rows = torch.as_tensor(update.admitted, device=self.device)
+                imps = torch.as_tensor(update.prior_impressions, dtype=torch.float32, device=self.device)
+                for name, value in zip(counters, (imps, torch.minimum(torch.as_tensor(
+                        update.prior_clicks, dtype=torch.float32, device=self.device), imps))):
+                    if name in buffers:
+                        buffers[name].index_copy_(0, rows, value)
             rows = sorted(set(update.admitted.tolist()) | set(freed))
             for name in names:
                 out[name] = rows
@@ -329,6 +339,11 @@ class EM3Model(nn.Module):
                 self.user_impressions.index_add_(0, urows, ones)
                 self.user_clicks.index_add_(0, urows, y)
             self.global_counts += torch.stack([ones.sum(), y.sum()])
+        if self.bounded:  # clicks of IDs without an own row, for the counts they start with
+            clicks = [0.0] * len(item_ids) if labels is None else list(labels)
+            self.item_emb.ids.observe_labels(list(item_ids), clicks)
+            if user_ids is not None:
+                self.user_emb.ids.observe_labels(list(user_ids), clicks)
 
     @torch.no_grad()
     def observe_late_clicks(self, item_ids: Sequence[str], user_ids: Sequence[str]) -> None:
@@ -338,6 +353,9 @@ class EM3Model(nn.Module):
             self.item_clicks.index_add_(0, self.item_emb.buckets_of(item_ids), ones)
             self.user_clicks.index_add_(0, self.user_emb.buckets_of(user_ids), ones)
             self.global_counts[1] += ones.sum()
+            if self.bounded:
+                self.item_emb.ids.observe_labels(list(item_ids), [1.0] * len(item_ids))
+                self.user_emb.ids.observe_labels(list(user_ids), [1.0] * len(user_ids))
 
     @torch.no_grad()
     def observe_conversions(self, item_ids: Sequence[str], user_ids: Sequence[str], clicks: Sequence[float],
