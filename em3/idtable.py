@@ -10,7 +10,8 @@ An ID is known by its 64-bit fingerprint (BLAKE2b of ``"<salt>|<id>"``, never 0)
 raw ID is never stored. ``keys[slot]`` holds the fingerprint that owns row
 ``fallback + slot``, 0 when the row is free (a tombstone: the row belongs to nobody and
 is reset before it is given out again); ``last_seen[slot]`` the event time (whole
-seconds) at which its owner was last trained on. These two int64 arrays *are* the map:
+seconds) at which its owner was last trained on; ``hits[slot]`` in how many later
+batches its owner came back after it took the row. These three int64 arrays *are* the map:
 snapshots carry them as tensors (safetensors, full or delta, no pickle), and a reader
 rebuilds the index from them (:meth:`IdTable.from_arrays`), so a row serves the ID its
 ``keys`` entry names and no other, whatever that row served before.
@@ -19,10 +20,13 @@ Admission (Monolith's frequency filter): the impressions of IDs without a row ar
 counted in a count-min sketch (:class:`CountMinSketch`: conservative update, counters
 halved every ``width`` additions, TinyLFU's aging, so its memory is fixed and its
 overestimate stays small under an unbounded stream of new IDs); an ID whose estimate
-reaches ``admit_after`` takes a free own row. With none free, the row seen least
-recently (and not in this batch) is evicted for it (LRU beyond capacity, as TorchRec's
-managed-collision modules do). Rows unseen for ``expiry_s`` seconds of event time are
-freed (Monolith's expiring IDs). :meth:`IdTable.remove` frees the rows of deleted IDs.
+reaches ``admit_after`` takes a free own row. With none free, a row seen least recently
+(and not in this batch) is evicted for it: segmented LRU (SLRU, as in memcached and
+Caffeine's main region), which takes the least recently seen *probationary* row (its
+owner never came back after admission, ``hits == 0``) first and a *protected* one
+only when no probationary row is left, so a burst of IDs seen twice cannot flush the
+IDs that keep coming back. Rows unseen for ``expiry_s`` seconds of event time are freed
+(Monolith's expiring IDs). :meth:`IdTable.remove` frees the rows of deleted IDs.
 
 >>> t = IdTable(rows=8, fallback=4, salt="item", admit_after=2)
 >>> int(t.rows(["a"])[0]) < 4          # not admitted yet: a fallback row
@@ -201,6 +205,7 @@ class IdTable:
         self.sketch_width, self.sketch_depth = sketch_width, sketch_depth
         self.keys = np.zeros(self.capacity, dtype=np.int64)  # owner fingerprint per own row; 0 = free
         self.last_seen = np.zeros(self.capacity, dtype=np.int64)  # event time (s) of the owner's last impression
+        self.hits = np.zeros(self.capacity, dtype=np.int64)  # later batches the owner came back in
         self._index: dict[int, int] = {}  # fingerprint -> slot
         self.sketch: CountMinSketch | None = None
         self.now = 0
@@ -212,26 +217,28 @@ class IdTable:
                 "sketch_width": self.sketch_width, "sketch_depth": self.sketch_depth}
 
     @classmethod
-    def from_arrays(cls, keys: np.ndarray, last_seen: np.ndarray, **settings) -> "IdTable":
-        """A table whose map is ``keys`` / ``last_seen`` (as :meth:`to_arrays` gives them,
-        e.g. read from a snapshot); a fingerprint owning two rows is refused."""
+    def from_arrays(cls, keys: np.ndarray, last_seen: np.ndarray, hits: np.ndarray | None = None,
+                    **settings) -> "IdTable":
+        """A table whose map is ``keys`` / ``last_seen`` / ``hits`` (as :meth:`to_arrays`
+        gives them, e.g. read from a snapshot); a fingerprint owning two rows is refused."""
         table = cls(**settings)
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
         last_seen = np.asarray(last_seen, dtype=np.int64).reshape(-1)
-        if keys.shape != (table.capacity,) or last_seen.shape != (table.capacity,):
-            raise ValueError(f"keys and last_seen must have shape ({table.capacity},), "
-                             f"but {keys.shape} and {last_seen.shape} are given")
+        hits = np.zeros_like(keys) if hits is None else np.asarray(hits, dtype=np.int64).reshape(-1)
+        if not keys.shape == last_seen.shape == hits.shape == (table.capacity,):
+            raise ValueError(f"keys, last_seen and hits must have shape ({table.capacity},), "
+                             f"but {keys.shape}, {last_seen.shape} and {hits.shape} are given")
         slots = np.flatnonzero(keys)
         if len(np.unique(keys[slots])) != len(slots):
             raise ValueError("keys hold a fingerprint in two rows")
-        table.keys, table.last_seen = keys.copy(), last_seen.copy()
+        table.keys, table.last_seen, table.hits = keys.copy(), last_seen.copy(), hits.copy()
         table._index = dict(zip(keys[slots].tolist(), slots.tolist()))
         table.now = int(last_seen.max(initial=0))
         return table
 
-    def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(keys, last_seen)``, both ``(capacity,)`` int64: the whole map."""
-        return self.keys, self.last_seen
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, last_seen, hits)``, each ``(capacity,)`` int64: the whole map."""
+        return self.keys, self.last_seen, self.hits
 
     def rows(self, ids: Sequence[str]) -> np.ndarray:
         """``(N,)`` int64 row of each ID: its own row, or its hashed fallback row."""
@@ -255,7 +262,7 @@ class IdTable:
         """Bytes held: the map arrays, the index (at ~100 bytes an entry) and the sketch;
         bounded by the capacity and the sketch size, whatever the stream."""
         sketch = self.sketch.nbytes if self.sketch is not None else 0
-        return int(self.keys.nbytes + self.last_seen.nbytes + 100 * len(self._index) + sketch)
+        return int(self.keys.nbytes + self.last_seen.nbytes + self.hits.nbytes + 100 * len(self._index) + sketch)
 
     # ------------------------------------------------------------- writing
     def _free(self, slots: np.ndarray) -> None:
@@ -263,6 +270,7 @@ class IdTable:
             self._index.pop(fp, None)
         self.keys[slots] = 0
         self.last_seen[slots] = 0
+        self.hits[slots] = 0
 
     def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
         """Count one trained-on impression per entry of ``ids`` at event time ``now``:
@@ -282,6 +290,7 @@ class IdTable:
         slots = np.array([self._index.get(int(f), -1) for f in fps], dtype=np.int64)
         own = slots >= 0
         self.last_seen[slots[own]] = now
+        self.hits[slots[own]] += 1
         new_ids = [k for k, o in zip(uniq, own) if not o]
         admitted, admitted_from, prior = [], [], []
         if new_ids:
@@ -298,15 +307,16 @@ class IdTable:
                 need = len(ready) - len(free)
                 victims = _EMPTY
                 if need > 0:
-                    # Least recently seen first (ties: lowest row); rows touched now are kept.
+                    # Probationary rows first, then protected; least recently seen first
+                    # within each (ties: lowest row); rows touched now are kept.
                     old = np.flatnonzero((self.keys != 0) & (self.last_seen < now))
-                    order = old[np.argsort(self.last_seen[old], kind="stable")]
+                    order = old[np.lexsort((old, self.last_seen[old], self.hits[old] > 0))]
                     victims = order[:need]
                     self._free(victims)
                     evicted.append(victims + fb)
                 for key, slot in zip(ready, np.concatenate([free, victims]).tolist()):
                     fp = fingerprint(key, self.salt)
-                    self.keys[slot], self.last_seen[slot] = fp, now
+                    self.keys[slot], self.last_seen[slot], self.hits[slot] = fp, now, 0
                     self._index[fp] = slot
                     admitted.append(fb + slot)
                     admitted_from.append(_fallback_row(key, self.salt, fb))

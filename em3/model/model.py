@@ -45,7 +45,7 @@ COUNTER_STATE = ("item_impressions", "item_clicks", "user_impressions", "user_cl
                  "cvr_item_counts", "cvr_user_counts", "cvr_global_counts")
 #: The id -> row maps of bounded ID tables (``id_table="bounded"``, :mod:`em3.idtable`):
 #: int64 buffers saved with the trainable state, so snapshots carry the map.
-ID_MAP_STATE = ("user_emb.keys", "user_emb.last_seen", "item_emb.keys", "item_emb.last_seen")
+ID_MAP_STATE = tuple(f"{t}_emb.{a}" for t in ("user", "item") for a in ("keys", "last_seen", "hits"))
 _STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",) + ID_MAP_STATE
 #: The state tensors with one row per user bucket: what a user's deletion resets.
 USER_ROW_STATE = ("user_emb.table.weight", "user_bias.table.weight", "user_impressions", "user_clicks",

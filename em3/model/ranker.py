@@ -74,7 +74,7 @@ class BoundedEmbedding(HashEmbedding):
     rows ``[0, fallback)`` are hashed and shared, the others belong to one admitted ID.
 
     The map is held twice: by the pure ``ids`` table (the index lookups use) and by
-    the buffers ``keys`` and ``last_seen`` ``(capacity,)`` int64, which travel with the
+    the buffers ``keys``, ``last_seen`` and ``hits`` ``(capacity,)`` int64, which travel with the
     trainable state (snapshots, checkpoints). Writers call :meth:`observe` /
     :meth:`remove` (the buffers follow); readers that loaded new buffers call
     :meth:`sync`, which builds a *new* table object (a model copied for a new
@@ -87,6 +87,7 @@ class BoundedEmbedding(HashEmbedding):
         self.ids = IdTable(buckets, fallback, salt, admit_after, expiry_s, sketch_width)
         self.register_buffer("keys", torch.zeros(self.ids.capacity, dtype=torch.long))
         self.register_buffer("last_seen", torch.zeros(self.ids.capacity, dtype=torch.long))
+        self.register_buffer("hits", torch.zeros(self.ids.capacity, dtype=torch.long))
 
     @property
     def fallback(self) -> int:
@@ -97,9 +98,8 @@ class BoundedEmbedding(HashEmbedding):
         return torch.from_numpy(self.ids.rows(ids)).to(self.table.weight.device)
 
     def _write(self) -> None:
-        keys, seen = self.ids.to_arrays()
-        self.keys.copy_(torch.from_numpy(keys))
-        self.last_seen.copy_(torch.from_numpy(seen))
+        for buffer, array in zip((self.keys, self.last_seen, self.hits), self.ids.to_arrays()):
+            buffer.copy_(torch.from_numpy(array))
 
     @torch.no_grad()
     def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
@@ -117,7 +117,8 @@ class BoundedEmbedding(HashEmbedding):
 
     def sync(self) -> None:
         """Rebuild the index from the ``keys`` / ``last_seen`` buffers (after a load)."""
-        self.ids = IdTable.from_arrays(self.keys.cpu().numpy(), self.last_seen.cpu().numpy(), **self.ids.settings())
+        self.ids = IdTable.from_arrays(self.keys.cpu().numpy(), self.last_seen.cpu().numpy(), self.hits.cpu().numpy(),
+                                       **self.ids.settings())
 
 
 class TargetAttention(nn.Module):

@@ -34,11 +34,26 @@ def test_lru_eviction_beyond_capacity_frees_the_least_recent_row():
     t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
     for n, key in enumerate("abcd"):
         t.observe([key], now=n)
-    t.observe(["a"], now=10)  # a is recent again; b is now the least recently seen
+    t.observe(["a"], now=10)  # a came back (protected); b is the least recently seen probationary row
     u = t.observe(["e"], now=11)
     assert t.owns(list("abcde")).tolist() == [True, False, True, True, True]
     assert u.evicted.tolist() == u.admitted.tolist()  # b's row, reused by e
     assert t.rows(["b"])[0] < t.fallback  # b is served by its fallback row, never by e's
+
+
+def test_slru_evicts_probationary_rows_before_ids_that_came_back():
+    t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
+    t.observe(["hot"], now=0)
+    t.observe(["hot"], now=1)  # came back after admission: protected
+    for n, key in enumerate("abc"):
+        t.observe([key], now=2 + n)  # seen once each: probationary, all more recent than hot
+    t.observe(["d", "e"], now=10)  # two rows needed: the two oldest probationary rows go
+    assert t.owns(["hot", "a", "b", "c", "d", "e"]).tolist() == [True, False, False, True, True, True]
+    t.observe(["f", "g", "h"], now=11)  # c, d, e are probationary: hot, the least recent, stays
+    assert t.owns(["hot", "c", "d", "e", "f", "g", "h"]).tolist() == [True] + [False] * 3 + [True] * 3
+    t.observe(["f"], now=12)  # f protected too; g, h probationary
+    t.observe(["i", "j", "k"], now=13)  # 2 probationary rows, then the least recent protected one: hot
+    assert t.owns(["hot", "f", "i", "j", "k"]).tolist() == [False, True, True, True, True]
 
 
 def test_rows_touched_in_the_batch_are_not_evicted():
@@ -67,13 +82,13 @@ def test_remove_frees_own_rows_only():
 def test_arrays_round_trip_and_duplicate_owner_refused():
     t = _table(admit_after=1)
     t.observe(["a", "b", "c"], now=7)
-    keys, seen = t.to_arrays()
-    back = IdTable.from_arrays(keys, seen, **t.settings())
+    keys, seen, hits = t.to_arrays()
+    back = IdTable.from_arrays(keys, seen, hits, **t.settings())
     assert back.rows(list("abcz")).tolist() == t.rows(list("abcz")).tolist()
     bad = keys.copy()
     bad[bad == 0] = fingerprint("a", "item")
     with pytest.raises(ValueError, match="two rows"):
-        IdTable.from_arrays(bad, seen, **t.settings())
+        IdTable.from_arrays(bad, seen, hits, **t.settings())
     with pytest.raises(ValueError, match="fallback"):
         IdTable(rows=4, fallback=4, salt="x")
 
