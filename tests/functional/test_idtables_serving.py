@@ -126,3 +126,16 @@ def test_a_fleet_of_data_parallel_learners_refuses_bounded_tables():
     pub = SnapshotPublisher(InMemorySnapshotStore(), InMemoryAppliedLog(), "main", cfg.to_dict(), PublisherConfig())
     with pytest.raises(ImproperlyConfigured, match="id_table='hashed'"):
         Aggregator(pub, None, world=2)
+
+
+def test_em3_learn_id_table_flag_gives_a_bounded_config():
+    import argparse
+
+    from learners import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    for extra, kind in (([], "hashed"), (["--id-table", "bounded"], "bounded"), (["--tiny", "--id-table", "bounded"], "bounded")):
+        args = parser.parse_args(["learn", "--model-line", "x", "--variant", "id_only", *extra])
+        model = ModelConfig.from_dict(cli.learn_config_from_args(args).model_config)
+        assert model.id_table == kind and model.id_fallback_buckets < model.item_buckets
