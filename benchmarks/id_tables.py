@@ -13,7 +13,8 @@ Two parts, both through the real learner (:class:`learners.OnlineLearner`,
    Each scale runs in its own process, so ``rss_mb`` (VmRSS at the end of the stream)
    compares across scales; ``rss_mb_by_quarter`` shows it within the stream.
    ``collision_rate_hot_ids``: of the 1% most frequent IDs of the stream (users and
-   items), the fraction that do not hold an own row at the end;
+   items), the fraction that do not hold an own row at the end (``_by_quartile``: of
+   the hot set's most frequent quarter first);
    ``hashed_collision_rate_hot_ids``: the same IDs under today's hashed tables (a
    bucket shared with any other ID of the stream), from the hash alone.
 2. **MovieLens-100K**: ``benchmarks/quality.py``'s prequential loop
@@ -111,8 +112,9 @@ def _logit(key: str, scale: float) -> float:
     return scale * (u / 0xFFFFFFFF * 2 - 1) * 1.7
 
 
-def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int) -> dict:
-    """One synthetic run of ``distinct`` user and ``distinct`` item IDs (in this process)."""
+def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int, overrides: dict | None = None) -> dict:
+    """One synthetic run of ``distinct`` user and ``distinct`` item IDs (in this process);
+    ``overrides``: ModelConfig fields beside the defaults (a diagnostic, not the default)."""
     import torch
 
     from em3.metrics import auc
@@ -123,7 +125,8 @@ def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int) -> dic
     from learners import OnlineLearner
 
     torch.set_num_threads(threads)
-    cfg = ModelConfig.for_variant("id_only", id_table="bounded", seed=seed, history_len=20)
+    cfg = ModelConfig.for_variant("id_only", **{"id_table": "bounded", "seed": seed, "history_len": 20,
+                                                **(overrides or {})})
     learner = OnlineLearner(cfg, InMemoryContentStore([]), device="cpu", seed=seed)
     rng = np.random.default_rng(seed)
     users, items = IdStream("u", distinct, rng), IdStream("i", distinct, rng)
@@ -155,10 +158,13 @@ def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int) -> dic
     # Measured after the RSS: what the tables hold, and the collisions of the hot IDs.
     own = {}
     hot_collide, hashed_collide, hot_n = 0, 0, 0
+    by_quartile = np.zeros(4)
     for name, stream, emb in (("user", users, learner.model.user_emb), ("item", items, learner.model.item_emb)):
         own[name] = len(emb.ids)
         hot = stream.hot_ids()
-        hot_collide += int((~emb.ids.owns(hot)).sum())
+        missing = ~emb.ids.owns(hot)  # hot IDs in rank order: most frequent first
+        hot_collide += int(missing.sum())
+        by_quartile += [int(q.sum()) for q in np.array_split(missing, 4)]
         hot_n += len(hot)
         buckets = np.bincount(np.fromiter((stable_bucket(k, name, emb.buckets) for k in stream.all_ids()),
                                           dtype=np.int64), minlength=emb.buckets)
@@ -172,6 +178,8 @@ def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int) -> dic
         "rss_mb": round(rss_end, 1), "rss_mb_by_quarter": rss,
         "id_table_mb": round(sum(e.ids.nbytes for e in (learner.model.user_emb, learner.model.item_emb)) / 2**20, 2),
         "collision_rate_hot_ids": hot_collide / hot_n, "hot_ids": hot_n,
+        "collision_rate_hot_ids_by_quartile": [round(float(x), 4) for x in by_quartile / (hot_n / 4)],
+        "config_overrides": overrides or {},
         "hashed_collision_rate_hot_ids": round(hashed_collide / hot_n, 4),
         "auc": round(auc(np.concatenate(labels), np.concatenate(probs)), 4),
         "model": "id_only", "variant": "id_only, id_table=bounded (defaults: "
@@ -251,17 +259,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ml-seeds", default="0,1,2", help="MovieLens seeds; empty to skip MovieLens")
     p.add_argument("--ml-max-events", type=int, default=0, help="0: all 100,000 events (the reported figure)")
     p.add_argument("--ml-variant", default="id_only", help="model variant for MovieLens (em3 is ~5x slower)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                   help="ModelConfig override of the synthetic runs (diagnostics; the defaults are the figure)")
     p.add_argument("--one-scale", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
     if args.one_scale is not None:  # a child process: one scale, its own RSS
-        report = run_scale(args.one_scale, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
+        report = run_scale(args.one_scale, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
+                           overrides=overrides)
         print(json.dumps(report))
         return report
     runs = []
     for distinct in [int(x) for x in args.scales.split(",") if x.strip()]:
         cmd = [sys.executable, __file__, "--one-scale", str(distinct), "--batch-size", str(args.batch_size),
-               "--seed", str(args.seed), "--threads", str(args.threads)]
+               "--seed", str(args.seed), "--threads", str(args.threads)] + [f"--set={x}" for x in args.set]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
         done = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env)
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
