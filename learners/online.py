@@ -459,7 +459,8 @@ class OnlineLearner:
         meta: dict[str, Any] = {"steps": self.steps, "history_ids": ids}
         for name, table in self._id_tables():
             if table.sketch is not None:  # the admission counts (the map itself is in state_dict)
-                tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())
+                tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())  # (4, W) int32
+                tensors[f"idtable/{name}/sketch_clicks"] = torch.from_numpy(table.sketch.values.copy())  # (4, W)
                 meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now}
         return tensors, meta
 
@@ -501,6 +502,9 @@ class OnlineLearner:
 
                 table.sketch = CountMinSketch(int(sketch.shape[1]), int(sketch.shape[0]))
                 table.sketch.table[...] = sketch.numpy()
+                clicks = tensors.get(f"idtable/{name}/sketch_clicks")
+                if clicks is not None:
+                    table.sketch.values[...] = clicks.numpy()
                 table.sketch.additions = int(info.get("additions", 0))
                 table.now = max(table.now, int(info.get("now", 0)))
         self._history_content.clear()
