@@ -42,6 +42,17 @@ _LIVE_FLEETS: set[int] = set()
 _RAY_STARTED_BY_FLEETS = False
 
 
+class _Backoff:
+    """Exponential waits (0.2 s doubling to 2 s) between calls to an actor Ray is restarting."""
+
+    def __init__(self, first: float = 0.2, cap: float = 2.0) -> None:
+        self.first, self.cap, self.delay = first, cap, first
+
+    def sleep(self) -> None:
+        time.sleep(self.delay)
+        self.delay = min(self.cap, 2 * self.delay)
+
+
 class LearnerFleet:
     """N learners of one model line on Ray.
 
@@ -57,6 +68,13 @@ class LearnerFleet:
         Per-learner CPUs and GPUs.
     ray_init_kwargs : dict, optional
         Extra ``ray.init`` arguments when this fleet starts Ray.
+
+    Attributes
+    ----------
+    restarts : int
+        Learner deaths the driver saw (a call that failed because its actor died),
+        each counted once however long Ray takes to restart it; a learner killed
+        between two rounds of a fleet is back before the next call and is not seen.
     """
 
     def __init__(self, settings: Settings, config: LearnConfig, learners: int = 1, *,
@@ -120,6 +138,11 @@ class LearnerFleet:
             _RAY_STARTED_BY_FLEETS = False
         self._owns_ray = False
 
+    def status(self, timeout: float = 120.0) -> list[dict[str, Any]]:
+        """:meth:`learners.worker.LineTrainer.status` of each learner (positions, totals),
+        answered while it trains (the actors take two calls at once)."""
+        return actor.get([w.status.remote() for w in self.workers], timeout=timeout)
+
     def pids(self) -> list[int]:
         """Process ids of the learner actors (crash tests SIGKILL them)."""
         return actor.get([w.pid.remote() for w in self.workers], timeout=120)
@@ -136,19 +159,34 @@ class LearnerFleet:
         worker = self.workers[0]
         while True:
             ref = worker.run.remote(None, max_rounds)
+            if self._stop.is_set():  # a restarted actor has not heard the stop yet
+                worker.stop.remote()
             try:
-                while True:
-                    ready = actor.wait_ready(ref, timeout=0.2)
-                    if ready:
-                        self.version = actor.get(ref)
-                        return self.version
+                while not actor.wait_ready(ref, timeout=0.2):
                     if stop() and not self._stop.is_set():
                         self.stop()
+                self.version = actor.get(ref)
+                return self.version
             except actor.ActorDiedError as exc:
                 self.restarts += 1
                 log.warning("learner died (%s); Ray restarts it and it resumes from the latest snapshot", exc)
-                if stop():
+                if stop() or not self._await_restart(worker, stop):
                     return self.version
+
+    def _await_restart(self, worker: Any, stop: Callable[[], bool]) -> bool:
+        """Wait until Ray has restarted ``worker`` (it answers a cheap call), polling
+        with exponential backoff; False if ``stop()`` turns true first. Calls made
+        while the actor is restarting fail at once, so calling ``run`` again without
+        this wait would spin, and count one death many times."""
+        wait = _Backoff()
+        while not stop():
+            try:
+                actor.get(worker.pid.remote(), timeout=60)
+                return True
+            except actor.RemoteError as exc:  # unavailable, or no answer yet: still restarting
+                log.debug("learner not back yet (%s); asking again in %.1f s", exc, wait.delay)
+                wait.sleep()
+        return False
 
     def _run_fleet(self, stop: Callable[[], bool], max_rounds: int | None) -> int | None:
         agg = self.aggregator
@@ -180,6 +218,7 @@ class LearnerFleet:
                 except actor.ActorDiedError as exc:
                     self.restarts += 1
                     log.warning("learner %d died in a round (%s); re-running its round from v%s", rank, exc, version)
+                    self._await_restart(self.workers[rank], lambda: False)
                     pending[rank] = self.workers[rank].train_round.remote(version, state_ref, offsets)
                     continue
                 del pending[rank]

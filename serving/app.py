@@ -112,13 +112,27 @@ class HistoryWeightOut(BaseModel):
     weight: float
 
 
-class ExplanationOut(BaseModel):
-    """Why the item scored as it did (``"explain": true`` only; :mod:`em3.model.explain`)."""
+class ScoreSplitOut(BaseModel):
+    """One term of the score, split: ``content + id = score - baseline_score``."""
 
-    logit: float
-    baseline_logit: float
+    score: float
+    baseline_score: float
     content: float
     id: float
+
+
+class ExplanationOut(BaseModel):
+    """Why the item scored as it did (``"explain": true`` only; :mod:`em3.model.explain`):
+    the split of the score it was ranked by under the arm's objective (``score`` is the
+    item's ranked score; ``units`` says what it is) and of each term of that score."""
+
+    objective: str
+    units: str
+    score: float
+    baseline_score: float
+    content: float
+    id: float
+    terms: dict[str, ScoreSplitOut]
     history: list[HistoryWeightOut]
     modality: dict[str, float] | None
     content_rows_current: bool

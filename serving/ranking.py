@@ -513,20 +513,25 @@ class RankingService:
         if not explain:
             return RankResult(items, unknown, len(history_ids), timings)
         explanations = self.explain(state, user_id, context or {}, history_ids, hist_reps, cand_reps[top],
-                                    [item.item_id for item in items])
+                                    [item.item_id for item in items], objective)
         timings["explain_s"] = time.perf_counter() - t3
         return RankResult(items, unknown, len(history_ids), timings, explanations)
 
     def explain(
         self, state: ServingState, user_id: str, context: Mapping[str, str], history_ids: Sequence[str],
-        history_reps: torch.Tensor, reps: torch.Tensor, item_ids: Sequence[str],
+        history_reps: torch.Tensor, reps: torch.Tensor, item_ids: Sequence[str], objective: str = "ctr",
     ) -> list[dict | None]:
         """One explanation per item of ``item_ids`` (rows ``reps`` ``(N, D)``, as scored
         against ``history_reps`` of ``history_ids``), or None for each with a model that
         cannot explain (:class:`serving.scoring.ExplainingModel`).
 
-        Each is ``{"logit", "baseline_logit", "content", "id"}`` (the Shapley split,
-        ``content + id = logit - baseline_logit``), ``"history"`` (the
+        Each explains the score the items were ranked by under ``objective``:
+        ``{"objective", "units", "score", "baseline_score", "content", "id"}`` (the
+        Shapley split, ``content + id = score - baseline_score``; ``score`` is the
+        item's ranked score), ``"terms"`` (the same split per term of the score,
+        ``{"click": {...}}`` and with ``ctcvr`` ``"conversion"`` and ``"odds"``, with
+        ``value`` ``"conversion"`` and ``"value"``; they add up to the totals; see
+        :mod:`em3.model.explain`), ``"history"`` (the
         :data:`EXPLAIN_TOP_HISTORY` history items with the largest target-attention
         weight, ``[{"item_id", "weight"}]``), ``"modality"`` (``{"text", "image",
         "missing"}``, the Fusion-Q-Former's attention mass; None without one, or while
@@ -542,7 +547,8 @@ class RankingService:
         if not isinstance(model, ExplainingModel) or not item_ids:
             return [None] * len(item_ids)
         with torch.inference_mode():
-            rows = model.explain_scores(user_id, context, history_reps, reps).rows(history_ids, EXPLAIN_TOP_HISTORY)
+            rows = model.explain_scores(user_id, context, history_reps, reps, objective=objective).rows(
+                history_ids, EXPLAIN_TOP_HISTORY)
         contents = None
         if self.content_breaker.allow():
             try:

@@ -89,8 +89,10 @@ class ExplainingModel(Protocol):
 
     def explain_scores(
         self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+        objective: str = "ctr",
     ) -> Any:
-        """A :class:`em3.model.explain.ScoreExplanation` of ``candidate_reps`` ``(C, D)``."""
+        """A :class:`em3.model.explain.ScoreExplanation` of ``candidate_reps`` ``(C, D)``:
+        of the score :meth:`RankingModel.score` gives under ``objective``."""
         ...
 
     def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
@@ -222,10 +224,11 @@ class EM3RankingModel:
     @torch.inference_mode()
     def explain_scores(
         self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor, candidate_reps: torch.Tensor,
+        objective: str = "ctr",
     ) -> Any:
         from em3.model.explain import explain_candidates
 
-        return explain_candidates(self.model, user_id, dict(context), history_reps, candidate_reps)
+        return explain_candidates(self.model, user_id, dict(context), history_reps, candidate_reps, objective)
 
     @torch.inference_mode()
     def modality_mass(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:

@@ -97,9 +97,10 @@ def _services(args: argparse.Namespace) -> int:
 
 def explain_item(snapshots: Any, content: Any, history: Any, line: str, user_id: str, item_id: str, *,
                  version: int | None = None, context: Mapping[str, str] | None = None,
-                 history_len: int = 100) -> dict[str, Any]:
-    """What ``POST /v1/rank`` with ``"explain": true`` answers for one item, computed
-    here from a line's snapshot: ``version`` (default the line's pointer), read with
+                 history_len: int = 100, objective: str = "ctr") -> dict[str, Any]:
+    """What ``POST /v1/rank`` with ``"explain": true`` answers for one item on an arm that
+    ranks by ``objective``, computed here from a line's snapshot: ``version`` (default
+    the line's pointer), read with
     :func:`em3.snapshot.load_state` (a full snapshot or a delta chain), scored by the
     server's own :class:`serving.ranking.RankingService` against the user's history
     and the item's content from the given stores. Nothing is logged."""
@@ -113,8 +114,9 @@ def explain_item(snapshots: Any, content: Any, history: Any, line: str, user_id:
     model.load_trainable_state_dict(state)
     service = RankingService(content, history, RankingConfig(history_len=history_len, precompute_max_items=0))
     serving = service.prepare(line, manifest, EM3RankingModel(model))
-    result = service.rank(serving, user_id, [item_id], dict(context or {}), 1, explain=True)
+    result = service.rank(serving, user_id, [item_id], dict(context or {}), 1, explain=True, objective=objective)
     return {"user_id": user_id, "item_id": item_id, "model_line": line, "model_version": manifest.version,
+            "objective": objective,
             "snapshot_kind": manifest.kind, "score": result.items[0].score,
             "registered": item_id not in result.unknown_item_ids, "history_len": result.history_len,
             "explanation": result.explanations[0]}
@@ -145,10 +147,13 @@ def _explain(args: argparse.Namespace) -> int:
         report = explain_item(RedisSnapshotStore(client, prefix, signing_key=settings.snapshot_key),
                               RedisContentStore(client, prefix), RedisHistoryStore(client, prefix),
                               args.model_line, user, args.item, version=args.version, context=context,
-                              history_len=args.history_len)
+                              history_len=args.history_len, objective=args.objective)
     except SnapshotError as exc:
         print(f"em3 explain: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # an objective this snapshot's model cannot rank by
+        print(f"em3 explain: {exc}", file=sys.stderr)
+        return 2
     finally:
         client.close()
     print(json.dumps(report, indent=2))
@@ -179,8 +184,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        description="Print, as JSON, the explanation POST /v1/rank gives with \"explain\": true "
                                    "for one item: the Fusion-Q-Former's attention mass on text, image and "
                                    "missing content, the user's history items with the largest "
-                                   "target-attention weight, and the Shapley split of the logit into content "
-                                   "and ID parts. Reads the snapshot (full or delta chain), the user's "
+                                   "target-attention weight, and the Shapley split of the score ranked by "
+                                   "--objective into content and ID parts, in total and per term (click, "
+                                   "conversion, odds or value). Reads the snapshot (full or delta chain), the user's "
                                    "history and the item's content from Redis; logs nothing.")
     p.add_argument("--user", required=True, help="user id")
     p.add_argument("--item", required=True, help="item id")
@@ -188,6 +194,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, default=None, help="snapshot version (default: the line's pointer)")
     p.add_argument("--context", action="append", default=[], metavar="KEY=VALUE", help="request context (repeatable)")
     p.add_argument("--history-len", type=int, default=100, help="most recent clicks read (as em3 serve)")
+    p.add_argument("--objective", choices=["ctr", "ctcvr", "value"], default="ctr",
+                   help="the score explained: what the arm ranks by (as em3 serve --objective)")
     p.add_argument("--redis-prefix", default=None, help="Redis key prefix (default em3:)")
     add_connection_flags(p)
     p.set_defaults(func=_explain)

@@ -271,6 +271,8 @@ class ModelConfig:
             attention_hidden=16, mlp_hidden=(32, 16), lora_rank=4, lora_alpha=8.0,
             cic_neg_num=4, cvr_hidden=(16,),
         )
+        # A tower the variant removes stays removed (text_only has no image tower).
+        small.update({k: v for k, v in VARIANTS.get(variant, {}).items() if k in small})
         return cls.for_variant(variant, **{**small, **overrides})
 
     @property

@@ -37,7 +37,7 @@ from em3.model.ranker import BoundedEmbedding, ClickHead, ConversionHead, HashEm
 from em3.types import ItemContent
 
 __all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "ITEM_ROW_STATE", "ID_MAP_STATE",
-           "user_rows", "reset_user_rows"]
+           "user_rows", "reset_user_rows", "sum_terms"]
 
 # State learned from data but not by gradient: saved in snapshots with the trainable
 # tensors, and merged across data-parallel learners by summing changes.
@@ -55,6 +55,20 @@ ITEM_ROW_STATE = ("item_emb.table.weight", "item_bias.table.weight", "item_impre
                   "cvr_item_counts")
 #: Of those, the learned (gradient) rows: an admitted ID starts from its fallback row's.
 _WARM_ROWS = ("user_emb.table.weight", "user_bias.table.weight", "item_emb.table.weight", "item_bias.table.weight")
+
+
+def sum_terms(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of :meth:`EM3Model.objective_terms` in their order: the ranked score.
+
+    >>> sum_terms({"click": torch.tensor([-1.0]), "conversion": torch.tensor([-2.0])})
+    tensor([-3.])
+    """
+    total = None
+    for term in terms.values():
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("terms must hold at least one term, but none is given")
+    return total
 
 
 def user_rows(user_buckets: int, user_ids: Sequence[str]) -> list[int]:
@@ -396,13 +410,17 @@ class EM3Model(nn.Module):
         counts = self.cvr_user_counts[self.user_emb.buckets_of(user_ids)]  # (B, 2)
         return self._rate_logits(counts[:, 1], counts[:, 0], self.config.cvr_pseudo_count, self._cvr_rate())
 
+    def _global_value(self) -> torch.Tensor:
+        """The mean value per conversion seen so far (1 until some value was seen)."""
+        total = self.cvr_global_counts
+        return torch.where(total[2] > 0, total[2] / total[1].clamp(min=1.0), torch.ones_like(total[2]))
+
     def item_log_value(self, buckets: torch.Tensor) -> torch.Tensor:
         """``(N,)`` log of the item's expected conversion value: its mean value per
         conversion, smoothed toward the global mean (pseudo count 2); the global mean
         is 1 until some value was seen, so the ``value`` objective ranks as ``ctcvr``
         when conversions carry no value."""
-        total = self.cvr_global_counts
-        v0 = torch.where(total[2] > 0, total[2] / total[1].clamp(min=1.0), torch.ones_like(total[2]))
+        v0 = self._global_value()
         counts = self.cvr_item_counts[buckets]  # (N, 3)
         return torch.log(((counts[:, 2] + 2.0 * v0) / (counts[:, 1] + 2.0)).clamp(min=1e-6))
 
@@ -689,11 +707,29 @@ class EM3Model(nn.Module):
         (:data:`em3.model.config.OBJECTIVES`): ``ctr`` the click logit, ``ctcvr`` the
         logit of ``pCTR * pCVR``, ``value`` the log expected conversion value
         ``log(pCTR * pCVR * value)``. Each orders the candidates by what it names.
+        The score is the sum of :meth:`objective_terms`, in their order.
 
         Call Args: ``history_reps`` ``(L, R)`` (newest first, ``L`` may be 0);
         ``candidate_reps`` ``(C, R)``; both rows of :meth:`item_representations`.
         With ``return_weights``, also the target-attention weights ``(C, L')`` over
         the first ``L' = min(L, history_len)`` history rows.
+        """
+        terms, weights = self.objective_terms(user_id, context, history_reps, candidate_reps, objective)
+        scores = sum_terms(terms)  # (C,)
+        return (scores, weights) if return_weights else scores
+
+    def objective_terms(self, user_id: str, context: Mapping[str, str], history_reps: torch.Tensor,
+                        candidate_reps: torch.Tensor, objective: str = "ctr"
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The terms ``{name: (C,)}`` whose sum (:func:`sum_terms`) is the score of
+        :meth:`score_candidates`, and the target-attention weights ``(C, L')``.
+
+        ``ctr``: ``{"click": click logit}``. ``ctcvr``: ``{"click": log pCTR,
+        "conversion": log pCVR, "odds": -log(1 - pCTR pCVR)}`` (the last turns log
+        pCTCVR into its logit; near 0 while pCTCVR is small). ``value``: ``{"click":
+        log pCTR, "conversion": log pCVR, "value": log of the item's expected value
+        per conversion}``. Natural-log units throughout; arguments as
+        :meth:`score_candidates`.
         """
         if objective not in self.config.objectives:
             raise ValueError(f"objective must be one of {self.config.objectives} for this model, "
@@ -714,15 +750,15 @@ class EM3Model(nn.Module):
         deep = self.head(user, ctx, candidate_reps, interest, gate, has_history)  # (C,)
         ctr = deep + self._wide([user_id], bias)  # (C,): the user's terms (1,) broadcast
         if cvr_cols is None:
-            scores = ctr
-        else:
-            cvr = self._cvr_logits([user_id], user, ctx, candidate_reps, interest, cvr_cols[:, 0])  # (C,)
-            log_p = torch.nn.functional.logsigmoid(ctr) + torch.nn.functional.logsigmoid(cvr)  # (C,) log pCTCVR
-            if objective == "value":
-                scores = log_p + cvr_cols[:, 1]
-            else:
-                scores = log_p - torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))  # logit of pCTCVR
-        return (scores, weights) if return_weights else scores
+            return {"click": ctr}, weights
+        cvr = self._cvr_logits([user_id], user, ctx, candidate_reps, interest, cvr_cols[:, 0])  # (C,)
+        log_ctr = torch.nn.functional.logsigmoid(ctr)  # (C,)
+        log_cvr = torch.nn.functional.logsigmoid(cvr)  # (C,)
+        if objective == "value":
+            return {"click": log_ctr, "conversion": log_cvr, "value": cvr_cols[:, 1]}, weights
+        log_p = log_ctr + log_cvr  # (C,) log pCTCVR
+        odds = -torch.log1p(-torch.exp(log_p).clamp(max=1.0 - 1e-6))  # (C,): logit(p) = log p + odds
+        return {"click": log_ctr, "conversion": log_cvr, "odds": odds}, weights
 
     # ------------------------------------------------------------- explaining
     def _unseen_item_wide(self) -> torch.Tensor | None:
@@ -748,8 +784,9 @@ class EM3Model(nn.Module):
         ``content``: the content embedding becomes the running mean of item content
         embeddings (``head.content_mean``; zeros without the content-match term).
         ``ids``: the row's fast part becomes a never-seen item's: ID embedding 0,
-        cold-start gate 1, the item wide logit of an unseen row. No-op for parts the
-        config does not have (content of ``id_only``).
+        cold-start gate 1, the item wide logit of an unseen row and, with the CVR
+        head, an unseen item's conversion columns (rate statistic 0, the global mean
+        value). No-op for parts the config does not have (content of ``id_only``).
         """
         out = reps.clone()
         d = self.config.embed_dim
@@ -768,6 +805,9 @@ class EM3Model(nn.Module):
             wide = self._unseen_item_wide()
             if wide is not None:
                 out[..., col] = wide.to(out.dtype)
+            if self.config.has_cvr:  # an unseen item's conversion statistics and value
+                out[..., -2] = 0.0
+                out[..., -1] = torch.log(self._global_value().clamp(min=1e-6)).to(out.dtype)
         return out
 
     def cic_loss(self, enc: ItemEncoding, generator: torch.Generator | None = None) -> torch.Tensor:

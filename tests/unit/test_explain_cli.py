@@ -42,8 +42,9 @@ def test_explain_item_reads_the_latest_version_through_its_delta_chain(stores):
     out = explain_item(snaps, content, history, "em3", "u1", "i5", context={"device": "web"})
     assert (out["model_version"], out["snapshot_kind"], out["registered"], out["history_len"]) == (2, "delta", True, 4)
     e = out["explanation"]
-    assert e["logit"] == pytest.approx(out["score"], abs=1e-6)
-    assert e["content"] + e["id"] == pytest.approx(e["logit"] - e["baseline_logit"], abs=1e-5)
+    assert out["objective"] == e["objective"] == "ctr"
+    assert e["score"] == pytest.approx(out["score"], abs=1e-6)
+    assert e["content"] + e["id"] == pytest.approx(e["score"] - e["baseline_score"], abs=1e-5)
     assert sum(e["modality"].values()) == pytest.approx(1.0, abs=1e-5)
     assert {h["item_id"] for h in e["history"]} == {"i0", "i1", "i2", "i3"}
     assert sum(h["weight"] for h in e["history"]) == pytest.approx(1.0, abs=1e-5)
@@ -59,6 +60,23 @@ def test_explain_item_reads_the_latest_version_through_its_delta_chain(stores):
     old = explain_item(snaps, content, history, "em3", "u1", "i5", version=1, context={"device": "web"})
     assert old["model_version"] == 1 and old["snapshot_kind"] == "full"
     assert abs(old["explanation"]["id"] - e["id"]) > 1e-3
+
+
+@pytest.mark.parametrize("objective", ["ctr", "ctcvr", "value"])
+def test_explain_item_explains_the_score_of_the_objective(stores, objective):
+    snaps, content, history, new = stores
+    out = explain_item(snaps, content, history, "em3", "u1", "i5", objective=objective)
+    e = out["explanation"]
+    assert out["objective"] == e["objective"] == objective
+    assert e["score"] == pytest.approx(out["score"], abs=1e-6)
+    assert sum(t["score"] for t in e["terms"].values()) == pytest.approx(out["score"], abs=1e-5)
+    model = EM3Model(CONFIG).eval()
+    model.load_trainable_state_dict(new)
+    with torch.no_grad():
+        reps = model.item_representations(["i3", "i2", "i1", "i0", "i5"], [ITEMS[3], ITEMS[2], ITEMS[1], ITEMS[0],
+                                                                         ITEMS[5]])
+        score = model.score_candidates("u1", {}, reps[:4], reps[4:], objective)
+    assert out["score"] == pytest.approx(float(score[0]), abs=1e-5)
 
 
 def test_explain_item_of_an_unregistered_item_and_a_user_without_history(stores):
@@ -78,6 +96,8 @@ def test_the_command_refuses_without_a_snapshot_key_or_with_a_bad_context(monkey
     monkeypatch.setenv("EM3_SNAPSHOT_KEY", "k")
     assert main(argv + ["--context", "no-equals-sign"]) == 2
     assert "--context must be KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(argv + ["--objective", "clicks"])  # not an objective
     with pytest.raises(SystemExit):
         main(["explain", "--item", "i1"])  # --user is required
 

@@ -45,3 +45,7 @@ def test_variants():
     assert ModelConfig.for_variant("no_fusion").fusion == "mean"
     assert ModelConfig.for_variant("full_finetune").encoder_mode == "full"
     assert ModelConfig.tiny("no_cic").variant == "no_cic"
+    # The small test configs keep what each variant removes.
+    assert not ModelConfig.tiny("text_only").has_image and ModelConfig.tiny("text_only").has_text
+    assert not ModelConfig.tiny("image_only").has_text and ModelConfig.tiny("image_only").has_image
+    assert ModelConfig.tiny("em3").has_text and ModelConfig.tiny("em3").has_image

@@ -2,6 +2,8 @@
 each view reads the model it explains."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -36,6 +38,9 @@ def _model(variant: str, items, seen: int = 4) -> tuple[EM3Model, torch.Tensor]:
     model = EM3Model(ModelConfig.tiny(variant, **extra)).eval()
     ids = [i.item_id for i in items]
     model.observe_impressions(ids[:seen] * 5, ["u1"] * seen * 5, [1, 0, 0, 1, 0] * seen)
+    # Conversions on the first two items (item 1's worth 5 each): the CVR head's ID statistics.
+    model.observe_conversions(ids[:seen] * 5, ["u1"] * seen * 5, [1.0] * seen * 5,
+                              ([1.0, 1.0] + [0.0] * (seen - 2)) * 5, ([1.0, 5.0] + [0.0] * (seen - 2)) * 5)
     with torch.no_grad():
         rows = model.item_emb.buckets_of(ids[:seen])
         model.item_emb.table.weight[rows] += torch.randn(seen, model.config.embed_dim)
@@ -45,19 +50,21 @@ def _model(variant: str, items, seen: int = 4) -> tuple[EM3Model, torch.Tensor]:
     return model, reps
 
 
+@pytest.mark.parametrize("objective", ["ctr", "ctcvr", "value"])
 @pytest.mark.parametrize("variant", ["em3", "text_only", "id_only"])
-def test_the_split_sums_to_the_logit_minus_the_baseline_logit(variant, items):
+def test_the_split_sums_to_the_ranked_score_minus_the_baseline_score(variant, objective, items):
     model, reps = _model(variant, items)
     hist, cands = reps[:3], reps[1:]
-    e = explain_candidates(model, "u1", {"device": "web"}, hist, cands)
+    e = explain_candidates(model, "u1", {"device": "web"}, hist, cands, objective)
     with torch.no_grad():
-        logit = model.score_candidates("u1", {"device": "web"}, hist, cands)
+        score = model.score_candidates("u1", {"device": "web"}, hist, cands, objective)
         both = model.score_candidates("u1", {"device": "web"}, model.baseline_rows(hist, content=True, ids=True),
-                                      model.baseline_rows(cands, content=True, ids=True))
-    torch.testing.assert_close(e.logit, logit)  # the logit explained is the one served
+                                      model.baseline_rows(cands, content=True, ids=True), objective)
+    assert e.objective == objective
+    torch.testing.assert_close(e.score, score)  # the score explained is the one ranked by
     torch.testing.assert_close(e.baseline, both)  # the baseline: every part at its baseline
-    torch.testing.assert_close(e.content + e.id, e.logit - e.baseline, atol=1e-5, rtol=0)
-    assert e.id.abs().max() > 1e-3  # trained ID rows move the logit
+    torch.testing.assert_close(e.content + e.id, e.score - e.baseline, atol=1e-5, rtol=0)
+    assert e.id.abs().max() > 1e-3  # trained ID rows move the score
     if variant == "id_only":
         assert torch.equal(e.content, torch.zeros_like(e.content))  # no content: a null player
     else:
@@ -84,7 +91,7 @@ def test_history_weights_are_the_target_attention_and_name_the_history(items):
     assert [len(r["history"]) for r in rows] == [2, 2]
     for r, w in zip(rows, e.history_weights):
         assert [h["weight"] for h in r["history"]] == pytest.approx(sorted(w.tolist(), reverse=True)[:2])
-        assert abs(r["content"] + r["id"] - (r["logit"] - r["baseline_logit"])) < 1e-5
+        assert abs(r["content"] + r["id"] - (r["score"] - r["baseline_score"])) < 1e-5
     empty = explain_candidates(model, "u1", {}, reps[:0], cands)
     assert empty.history_weights.shape == (2, 0) and empty.rows([], top=5)[0]["history"] == []
 
@@ -123,3 +130,49 @@ def test_scores_with_and_without_weights_agree(items):
         plain = model.score_candidates("u1", {}, reps[:3], reps[3:])
         logits, weights = model.score_candidates("u1", {}, reps[:3], reps[3:], return_weights=True)
     assert torch.equal(plain, logits) and weights.shape == (3, 3)
+
+
+@pytest.mark.parametrize("objective, names", [("ctr", ["click"]), ("ctcvr", ["click", "conversion", "odds"]),
+                                              ("value", ["click", "conversion", "value"])])
+def test_the_terms_add_up_to_the_score_and_to_each_part(objective, names, items):
+    model, reps = _model("em3", items)
+    hist, cands = reps[:3], reps[1:]
+    e = explain_candidates(model, "u1", {}, hist, cands, objective)
+    assert list(e.terms) == names
+    for i, total in enumerate((e.score, e.baseline, e.content, e.id)):  # score, baseline, content, id
+        torch.testing.assert_close(sum(t[i] for t in e.terms.values()), total, atol=1e-5, rtol=0)
+    for score, baseline, content, ids in e.terms.values():
+        torch.testing.assert_close(content + ids, score - baseline, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ctr, cvr = model.forward_tasks(["u1"] * len(cands), [{}] * len(cands), torch.cat([hist, cands]),
+                                       torch.arange(3, 3 + len(cands)), torch.arange(3).expand(len(cands), 3),
+                                       torch.ones(len(cands), 3, dtype=torch.bool))
+    if objective == "ctr":
+        torch.testing.assert_close(e.terms["click"][0], ctr, atol=1e-5, rtol=0)  # the click logit
+        return
+    # In nats: the click term is log pCTR, the conversion term log pCVR of the same model.
+    torch.testing.assert_close(e.terms["click"][0], torch.nn.functional.logsigmoid(ctr), atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.terms["conversion"][0], torch.nn.functional.logsigmoid(cvr), atol=1e-5, rtol=0)
+    # The items' own conversion statistics are ID evidence: item 1 (candidate 0) converted
+    # on every click, items 2 and 3 (candidates 1, 2) never did.
+    conv_id = e.terms["conversion"][3]
+    assert conv_id[0] > conv_id[1] + 0.1 and conv_id[0] > conv_id[2] + 0.1
+    if objective == "value":
+        value_id = e.terms["value"][3]
+        # Item 1's conversions are worth 5, the mean per conversion 3: log((25 + 2 x 3) / 7 / 3).
+        assert float(value_id[0]) == pytest.approx(math.log(31 / 7 / 3), abs=1e-4)
+        torch.testing.assert_close(value_id[1:], torch.zeros_like(value_id[1:]))  # never converted: the mean
+        torch.testing.assert_close(e.terms["value"][2], torch.zeros_like(value_id))  # content never moves value
+
+
+def test_a_conversion_objective_rows_name_the_objective_and_units(items):
+    model, reps = _model("em3", items)
+    rows = explain_candidates(model, "u1", {}, reps[:2], reps[2:], "ctcvr").rows(["h0", "h1"])
+    r = rows[0]
+    assert r["objective"] == "ctcvr" and "logit of pCTCVR" in r["units"]
+    assert set(r["terms"]) == {"click", "conversion", "odds"}
+    assert sum(t["score"] for t in r["terms"].values()) == pytest.approx(r["score"], abs=1e-5)
+    assert sum(t["content"] for t in r["terms"].values()) == pytest.approx(r["content"], abs=1e-5)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        explain_candidates(EM3Model(ModelConfig.tiny(ctcvr_weight=0.0)), "u1", {}, reps[:0, :-2], reps[2:, :-2],
+                           "ctcvr")

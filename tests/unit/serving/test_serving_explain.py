@@ -2,6 +2,8 @@
 ranking service and HTTP app, on in-memory stores."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -27,6 +29,7 @@ def em3_snapshot():
     model = EM3Model(CONFIG)
     ids = [i.item_id for i in ITEMS]
     model.observe_impressions(ids[:6] * 4, ["u1"] * 24, [1, 0, 1, 0] * 6)
+    model.observe_conversions(ids[:6] * 2, ["u1"] * 12, [1.0] * 12, [1.0, 0.0, 0.0] * 4, [2.0, 0.0, 0.0] * 4)
     with torch.no_grad():
         model.item_emb.table.weight.add_(0.3 * torch.randn_like(model.item_emb.table.weight))
     blob, manifest = snapshot.pack(model.trainable_state_dict(), model_line="main", version=1, config=CONFIG)
@@ -72,10 +75,11 @@ def test_explain_true_returns_an_explanation_per_ranked_item(em3_runtime):
     assert len(out["items"]) == 5 and out["unknown_item_ids"] == ["ghost"]
     for item in out["items"]:
         e = item["explanation"]
-        assert set(e) == {"logit", "baseline_logit", "content", "id", "history", "modality",
-                          "content_rows_current"}
-        assert e["logit"] == pytest.approx(item["score"], abs=1e-6)  # the score is the logit explained
-        assert e["content"] + e["id"] == pytest.approx(e["logit"] - e["baseline_logit"], abs=1e-5)
+        assert set(e) == {"objective", "units", "score", "baseline_score", "content", "id", "terms", "history",
+                          "modality", "content_rows_current"}
+        assert e["objective"] == "ctr" and list(e["terms"]) == ["click"]
+        assert e["score"] == pytest.approx(item["score"], abs=1e-6)  # the score is the logit explained
+        assert e["content"] + e["id"] == pytest.approx(e["score"] - e["baseline_score"], abs=1e-5)
         assert set(e["modality"]) == {"text", "image", "missing"}
         assert sum(e["modality"].values()) == pytest.approx(1.0, abs=1e-5)
         weights = [h["weight"] for h in e["history"]]
@@ -129,7 +133,29 @@ def test_explanations_survive_a_content_store_outage(em3_runtime):
     for item in out["items"]:
         assert item["explanation"]["modality"] is None  # unknown without content
         e = item["explanation"]
-        assert e["content"] + e["id"] == pytest.approx(e["logit"] - e["baseline_logit"], abs=1e-5)
+        assert e["content"] + e["id"] == pytest.approx(e["score"] - e["baseline_score"], abs=1e-5)
+
+
+@pytest.mark.parametrize("objective, terms", [("ctr", {"click"}), ("ctcvr", {"click", "conversion", "odds"}),
+                                              ("value", {"click", "conversion", "value"})])
+def test_the_explanation_describes_the_score_the_arm_ranks_by(em3_runtime, objective, terms):
+    client = TestClient(create_app(em3_runtime(ExperimentConfig.single_line("main", objective))))
+    out = _rank(client, explain=True)
+    scores = [i["score"] for i in out["items"]]
+    assert scores == sorted(scores, reverse=True)
+    for item in out["items"]:
+        e = item["explanation"]
+        assert e["objective"] == objective and set(e["terms"]) == terms
+        assert e["score"] == pytest.approx(item["score"], abs=1e-5)  # what ranked the item
+        assert e["content"] + e["id"] == pytest.approx(e["score"] - e["baseline_score"], abs=1e-5)
+        for key in ("score", "baseline_score", "content", "id"):
+            assert sum(t[key] for t in e["terms"].values()) == pytest.approx(e[key], abs=1e-5)
+    if objective != "ctr":
+        # The click term of a conversion objective is log pCTR: the ctr arm's logit, in nats.
+        ctr = {i["item_id"]: i["score"] for i in _rank(TestClient(create_app(em3_runtime())))["items"]}
+        for item in out["items"]:
+            click = item["explanation"]["terms"]["click"]["score"]
+            assert click == pytest.approx(-math.log1p(math.exp(-ctr[item["item_id"]])), abs=1e-5)
 
 
 def test_openapi_documents_the_explanation(em3_runtime):
