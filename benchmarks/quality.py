@@ -94,8 +94,10 @@ def run_baseline(name: str, samples, items, *, batch_size: int, seed: int) -> di
 
 
 def run_variant(name: str, samples, histories, store, *, batch_size: int, device: str, seed: int,
-                overrides: dict, learner_kwargs: dict, split: float = 0.8, log_every: int = 20) -> dict:
-    """Prequential run of one model variant; returns its metrics."""
+                overrides: dict, learner_kwargs: dict, split: float = 0.8, log_every: int = 20,
+                inspect=None) -> dict:
+    """Prequential run of one model variant; returns its metrics (and, with ``inspect``,
+    a callable taking the trained learner, the figures it returns)."""
     from em3.metrics import auc, gauc, logloss
     from em3.model import ModelConfig
     from learners import OnlineLearner
@@ -131,6 +133,8 @@ def run_variant(name: str, samples, histories, store, *, batch_size: int, device
     out.update({"samples_per_s": n / loop_s, "trainable_params": learner.num_trainable_params(),
                 "core_s_per_1m": loop_cpu_s / n * 1e6, "snapshot_bytes": _snapshot_bytes(learner, cfg),
                 "wall_s": time.perf_counter() - t_start})
+    if inspect is not None:
+        out.update(inspect(learner))
     attention = learner.modality_attention(sorted({s.impression.item_id for s in samples}))
     if attention:
         out["modality_attention"] = attention

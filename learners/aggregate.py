@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from em3.config import Settings
+from em3.errors import ImproperlyConfigured
 from em3.model.model import COUNTER_STATE, reset_user_rows, user_rows
 from learners.loop import COUNTERS, CycleResult
 from learners.privacy import ErasureDuty
@@ -89,6 +90,11 @@ class Aggregator:
 
     def __init__(self, publisher: SnapshotPublisher, config: LearnConfig, world: int,
                  duty: ErasureDuty | None = None) -> None:
+        if world > 1 and publisher.model_config.get("id_table", "hashed") != "hashed":
+            # Each learner admits and evicts IDs in its own map; averaging two maps is
+            # meaningless (a row would hold two owners' updates), so a fleet needs hashed tables.
+            raise ImproperlyConfigured(f"data-parallel learners (world={world}) need id_table='hashed', "
+                                       f"but {publisher.model_config.get('id_table')!r} is given")
         self.config = config
         self.world = world
         self.duty = duty

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--in-process", action="store_true", help="one learner in this process, without Ray")
     p.add_argument("--variant", choices=sorted(VARIANTS), default="em3", help="model variant")
     p.add_argument("--tiny", action="store_true", help="the tiny random-init config (tests, demos on a laptop)")
+    p.add_argument("--id-table", choices=["hashed", "bounded"], default="hashed",
+                   help="user and item ID rows: hashed buckets, or bounded tables with own rows for admitted IDs "
+                        "(ModelConfig.id_table; one learner per line)")
     p.add_argument("--experiment", default=None,
                    help="the A/B experiment file the servers run: its training_data policy decides what this "
                         "line learns from (split, the default: not from impressions other model arms served; "
@@ -102,6 +105,9 @@ def learn_config_from_args(args: argparse.Namespace):
     from learners.worker import LearnConfig
 
     model = ModelConfig.tiny(args.variant) if args.tiny else ModelConfig.for_variant(args.variant)
+    if getattr(args, "id_table", "hashed") != model.id_table:
+        rows = min(model.user_buckets, model.item_buckets)
+        model = model.replace(id_table=args.id_table, id_fallback_buckets=min(model.id_fallback_buckets, rows // 8))
     policy: dict = {}
     if getattr(args, "experiment", None):
         from em3.experiment import ExperimentConfig

@@ -306,6 +306,15 @@ class OnlineLearner:
         if w is not None and w.shape[0] != len(samples):
             raise ValueError(f"weights must have {len(samples)} entries, but {w.shape[0]} are given")
         n_conv = int(conv.sum().item())
+        if self.model.bounded:
+            # Admission and eviction remap the batch's IDs before the forward pass (as
+            # TorchRec's managed-collision modules and Monolith's filters do): an ID reaching
+            # ``id_admit_after`` impressions learns this batch on its own row. Labels play no part.
+            first = [s for s in samples if not s.correction]
+            if first:
+                self._reset_optimizer_rows(self.model.observe_ids(
+                    [s.impression.item_id for s in first], [s.impression.user_id for s in first],
+                    max(s.impression.served_at for s in first)))
         with self._autocast():
             logits, cvr_logits, enc = self._task_logits([s.impression for s in samples], histories, train=True)
             if n_conv:  # the click loss leaves conversion samples out
@@ -447,7 +456,19 @@ class OnlineLearner:
         ids = list(self._history_content)
         if ids:
             tensors["history/content"] = torch.stack([self._history_content[i] for i in ids]).to("cpu")  # (N, d)
-        return tensors, {"steps": self.steps, "history_ids": ids}
+        meta: dict[str, Any] = {"steps": self.steps, "history_ids": ids}
+        for name, table in self._id_tables():
+            if table.sketch is not None:  # the admission counts (the map itself is in state_dict)
+                tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())  # (4, W) int32
+                tensors[f"idtable/{name}/sketch_clicks"] = torch.from_numpy(table.sketch.values.copy())  # (4, W)
+                meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now}
+        return tensors, meta
+
+    def _id_tables(self):
+        """``(name, IdTable)`` of the bounded ID tables (none with hashed tables)."""
+        if not self.model.bounded:
+            return []
+        return [("user", self.model.user_emb.ids), ("item", self.model.item_emb.ids)]
 
     def load_checkpoint(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
         """Restore :meth:`checkpoint` output (after :meth:`load_state_dict`, which empties
@@ -474,6 +495,18 @@ class OnlineLearner:
             self.generator.set_state(tensors["rng/generator"])
         if "rng/torch" in tensors:
             torch.set_rng_state(tensors["rng/torch"])
+        for name, table in self._id_tables():
+            sketch, info = tensors.get(f"idtable/{name}/sketch"), meta.get(f"idtable/{name}")
+            if sketch is not None and isinstance(info, Mapping):
+                from em3.idtable import CountMinSketch
+
+                table.sketch = CountMinSketch(int(sketch.shape[1]), int(sketch.shape[0]))
+                table.sketch.table[...] = sketch.numpy()
+                clicks = tensors.get(f"idtable/{name}/sketch_clicks")
+                if clicks is not None:
+                    table.sketch.values[...] = clicks.numpy()
+                table.sketch.additions = int(info.get("additions", 0))
+                table.now = max(table.now, int(info.get("now", 0)))
         self._history_content.clear()
         if content is not None:
             for iid, row in zip(ids, content.to(self.device).unbind(0)):
@@ -490,22 +523,29 @@ class OnlineLearner:
         and so are the row-wise optimiser accumulators of those rows, so they start
         over like new rows. Returns the rows reset.
 
-        A row is a hash bucket: a user that shares it loses what it learned too.
+        With hashed tables a row is a bucket: a user that shares it loses what it
+        learned too. With bounded tables (``id_table="bounded"``) a user's own row is
+        reset and freed (the map forgets the user); one not yet admitted shares a
+        fallback row, reset as a hashed one is.
         """
-        from em3.model import reset_user_rows, user_rows
-
-        rows = user_rows(self.config.user_buckets, list(user_ids))
-        if not rows:
+        if not user_ids:
             return []
-        own = dict(self.model.named_parameters())
-        own.update(self.model.named_buffers())
-        names = reset_user_rows(own, rows)
-        index = torch.as_tensor(sorted(set(rows)), dtype=torch.long)
-        for name in names:
-            param = own[name]
+        rows, names = self.model.forget_users(list(user_ids))
+        self._reset_optimizer_rows({name: rows for name in names})
+        return rows
+
+    @torch.no_grad()
+    def _reset_optimizer_rows(self, rows_by_name: Mapping[str, Sequence[int]]) -> None:
+        """Zero the optimizer state (row-wise Adagrad accumulators, Adam moments) of
+        the given rows of each named tensor, so a reset row starts over like a new one."""
+        params = dict(self.model.named_parameters())
+        for name, rows in rows_by_name.items():
+            param = params.get(name)
+            if param is None or not len(rows):
+                continue
+            index = torch.as_tensor(list(rows), dtype=torch.long)
             for opt in (self.sparse_optimizer, self.optimizer):
                 state = opt.state.get(param) if opt is not None else None
                 for value in (state or {}).values():
                     if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == param.shape[0]:
                         value.index_fill_(0, index.to(value.device), 0.0)
-        return sorted(set(rows))

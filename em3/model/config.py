@@ -18,7 +18,7 @@ from typing import Any, Mapping, get_args
 from em3.constraints import (Annotated, Field, FiniteFloat, FiniteNonNegFloat, Float, Literal, NonEmptyStr,
                              NonNegFloat, NonNegInt, PositiveFloat, PositiveInt, config_class)
 
-__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES", "OBJECTIVES"]
+__all__ = ["ModelConfig", "VARIANTS", "ENCODER_MODES", "FUSIONS", "CORRECTION_MODES", "OBJECTIVES", "ID_TABLES"]
 
 #: What a server may rank a model line by: the click probability, the probability of
 #: a click followed by a conversion (pCTR x pCVR), or the expected conversion value
@@ -27,9 +27,11 @@ OBJECTIVES = ("ctr", "ctcvr", "value")
 EncoderMode = Literal["lora", "frozen", "full"]
 Fusion = Literal["qformer", "mean"]
 CorrectionMode = Literal["cancel", "positive"]
+IdTableKind = Literal["hashed", "bounded"]
 ENCODER_MODES: tuple[str, ...] = get_args(EncoderMode)
 FUSIONS: tuple[str, ...] = get_args(Fusion)
 CORRECTION_MODES: tuple[str, ...] = get_args(CorrectionMode)
+ID_TABLES: tuple[str, ...] = get_args(IdTableKind)
 
 # Overrides that turn the default config into each named variant.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -87,7 +89,28 @@ class ModelConfig:
     history_len : int
         Longest behaviour sequence the ranker attends over (newest first).
     user_buckets, item_buckets, context_buckets : int
-        Sizes of the hashed ID embedding tables (unseen IDs hash into them).
+        Rows of the user, item and context ID tables (embeddings, biases and
+        per-row counters). With ``id_table="hashed"`` every ID hashes into them.
+    id_table : {"hashed", "bounded"}
+        How user and item IDs find their rows. ``hashed``: a stable hash of the ID
+        (distinct IDs may share a row, and its counters). ``bounded``
+        (:mod:`em3.idtable`): the first ``id_fallback_buckets`` rows are a hashed
+        fallback region, the others are own rows, one ID each: an ID gets one after
+        ``id_admit_after`` trained-on impressions, and loses it when unseen for
+        ``id_expiry_s`` or when it is the least recently seen and a new ID needs a
+        row. The map travels in snapshots (``*_emb.keys``, ``*_emb.last_seen``).
+        Context features stay hashed (few distinct values). Data-parallel
+        aggregation (several learners per line) needs ``hashed``.
+    id_fallback_buckets : int
+        Rows of the hashed fallback region (``bounded``); fewer than the table's rows.
+    id_admit_after : int
+        Impressions (counted by a count-min sketch) before an ID gets its own row.
+    id_expiry_s : float
+        Free an own row whose ID was unseen this many seconds of event time
+        (impression ``served_at``); 0: rows are freed only by LRU beyond capacity.
+    id_sketch_width : int
+        Counters per row of the admission count-min sketch (4 rows, int32); it is
+        halved every this-many counted impressions.
     attention_hidden : int
         Hidden width of the DIN target-attention MLP.
     mlp_hidden : tuple of int
@@ -188,6 +211,11 @@ class ModelConfig:
     user_buckets: PositiveInt = 1 << 15
     item_buckets: PositiveInt = 1 << 15
     context_buckets: PositiveInt = 1 << 10
+    id_table: IdTableKind = "hashed"
+    id_fallback_buckets: PositiveInt = 1 << 12
+    id_admit_after: PositiveInt = 2
+    id_expiry_s: FiniteNonNegFloat = 0.0
+    id_sketch_width: PositiveInt = 1 << 16
     attention_hidden: PositiveInt = 64
     mlp_hidden: tuple[PositiveInt, ...] = (128, 64)
     cic_weight: NonNegFloat = 0.0
@@ -220,6 +248,10 @@ class ModelConfig:
             )
         if self.use_content and self.text_model == "none" and self.image_model == "none":
             raise ValueError("use_content needs a text or an image model, but both are 'none'")
+        rows = min(self.user_buckets, self.item_buckets)
+        if self.id_table == "bounded" and self.id_fallback_buckets >= rows:
+            raise ValueError(f"id_fallback_buckets must be < user_buckets and item_buckets ({rows}) with "
+                             f"id_table='bounded', but {self.id_fallback_buckets} is given")
 
     # ------------------------------------------------------------------ helpers
     @classmethod

@@ -33,19 +33,28 @@ from em3.model.config import ModelConfig
 from em3.model.encoders import ImageEncoder, PrefixCache, TextEncoder, content_digest, decode_image
 from em3.model.fusion import FusionQFormer, MeanFusion
 from em3.model.losses import content_id_infonce
-from em3.model.ranker import ClickHead, ConversionHead, HashEmbedding, TargetAttention, stable_bucket
+from em3.model.ranker import BoundedEmbedding, ClickHead, ConversionHead, HashEmbedding, TargetAttention, stable_bucket
 from em3.types import ItemContent
 
-__all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "user_rows", "reset_user_rows", "sum_terms"]
+__all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "ITEM_ROW_STATE", "ID_MAP_STATE",
+           "user_rows", "reset_user_rows", "sum_terms"]
 
 # State learned from data but not by gradient: saved in snapshots with the trainable
 # tensors, and merged across data-parallel learners by summing changes.
 COUNTER_STATE = ("item_impressions", "item_clicks", "user_impressions", "user_clicks", "global_counts",
                  "cvr_item_counts", "cvr_user_counts", "cvr_global_counts")
-_STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",)
+#: The id -> row maps of bounded ID tables (``id_table="bounded"``, :mod:`em3.idtable`):
+#: int64 buffers saved with the trainable state, so snapshots carry the map.
+ID_MAP_STATE = tuple(f"{t}_emb.{a}" for t in ("user", "item") for a in ("keys", "last_seen", "hits"))
+_STATE_BUFFERS = COUNTER_STATE + ("head.content_mean",) + ID_MAP_STATE
 #: The state tensors with one row per user bucket: what a user's deletion resets.
 USER_ROW_STATE = ("user_emb.table.weight", "user_bias.table.weight", "user_impressions", "user_clicks",
                   "cvr_user_counts")
+#: The state tensors with one row per item row: what a new owner of a row resets.
+ITEM_ROW_STATE = ("item_emb.table.weight", "item_bias.table.weight", "item_impressions", "item_clicks",
+                  "cvr_item_counts")
+#: Of those, the learned (gradient) rows: an admitted ID starts from its fallback row's.
+_WARM_ROWS = ("user_emb.table.weight", "user_bias.table.weight", "item_emb.table.weight", "item_bias.table.weight")
 
 
 def sum_terms(terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -160,10 +169,10 @@ class EM3Model(nn.Module):
                 self.fusion = FusionQFormer(in_dims, d, config.query_num, config.fusion_layers, config.fusion_heads)
             else:
                 self.fusion = MeanFusion(in_dims, d)
-        self.user_emb = HashEmbedding(config.user_buckets, d, "user")
+        self.user_emb = self._id_table(config.user_buckets, d, "user", 0.1)
         # Item rows start near zero: an unseen item's ID part adds (almost) no noise,
         # so a cold item is scored by its content (and the user) until it has data.
-        self.item_emb = HashEmbedding(config.item_buckets, d, "item", init_std=0.01)
+        self.item_emb = self._id_table(config.item_buckets, d, "item", 0.01)
         self.context_emb = HashEmbedding(config.context_buckets, d, "context")
         if config.bias_terms:
             # The wide part: a global, a user and an item bias added to the logit.
@@ -212,6 +221,83 @@ class EM3Model(nn.Module):
         self.set_gradient_checkpointing(gradient_checkpointing)
 
     # ------------------------------------------------------------------ state
+    def _id_table(self, rows: int, dim: int, salt: str, init_std: float) -> HashEmbedding:
+        cfg = self.config
+        if cfg.id_table == "bounded":
+            return BoundedEmbedding(rows, dim, salt, cfg.id_fallback_buckets, cfg.id_admit_after, cfg.id_expiry_s,
+                                    cfg.id_sketch_width, init_std=init_std)
+        return HashEmbedding(rows, dim, salt, init_std=init_std)
+
+    @property
+    def bounded(self) -> bool:
+        """Whether user and item IDs have own rows (``id_table="bounded"``)."""
+        return isinstance(self.item_emb, BoundedEmbedding)
+
+    @torch.no_grad()
+    def _reset_rows(self, names: Sequence[str], rows: Sequence[int], source: Sequence[int] | None = None) -> list[str]:
+        """Zero ``rows`` of the tensors ``names`` (those the model has); with ``source``
+        (one row each), the :data:`_WARM_ROWS` among them copy those rows instead."""
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        present = [n for n in names if n in own]
+        if not len(rows):
+            return present
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
+        for name in present:
+            t = own[name]
+            if source is not None and name in _WARM_ROWS:
+                t.index_copy_(0, index, t.index_select(0, torch.as_tensor(list(source), dtype=torch.long,
+                                                                          device=self.device)))
+            else:
+                t.index_fill_(0, index, 0.0)
+        return present
+
+    @torch.no_grad()
+    def observe_ids(self, item_ids: Sequence[str], user_ids: Sequence[str], now: float) -> dict[str, list[int]]:
+        """Bounded tables: count trained-on impressions of ``item_ids`` and ``user_ids``
+        at event time ``now``, admitting and evicting IDs (:meth:`em3.idtable.IdTable.observe`).
+        Rows that change owner are reset: counters to 0, embedding and bias rows to
+        those of the fallback row the new ID used until now (what it learned there,
+        shared with the tail), or 0 for a row left free. Returns ``{tensor name:
+        rows reset}`` (a learner resets its optimizer state there too); empty for
+        hashed tables."""
+        if not self.bounded:
+            return {}
+        out: dict[str, list[int]] = {}
+        buffers = dict(self.named_buffers())
+        for emb, ids, names, counters in (
+                (self.item_emb, item_ids, ITEM_ROW_STATE, ("item_impressions", "item_clicks")),
+                (self.user_emb, user_ids, USER_ROW_STATE, ("user_impressions", "user_clicks"))):
+            update = emb.observe(list(ids), now)
+            if not update.changed:
+                continue
+            freed = sorted(set(update.evicted.tolist()) - set(update.admitted.tolist()))
+            self._reset_rows(names, update.admitted.tolist(), update.admitted_from.tolist())
+            self._reset_rows(names, freed)
+            if len(update.admitted):  # the ID's own counts so far, from the admission sketch
+                rows = torch.as_tensor(update.admitted, device=self.device)
+                imps = torch.as_tensor(update.prior_impressions, dtype=torch.float32, device=self.device)
+                for name, value in zip(counters, (imps, torch.minimum(torch.as_tensor(
+                        update.prior_clicks, dtype=torch.float32, device=self.device), imps))):
+                    if name in buffers:
+                        buffers[name].index_copy_(0, rows, value)
+            rows = sorted(set(update.admitted.tolist()) | set(freed))
+            for name in names:
+                out[name] = rows
+        return out
+
+    @torch.no_grad()
+    def forget_users(self, user_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+        """Reset what the model learned from ``user_ids``: their rows of every
+        :data:`USER_ROW_STATE` tensor are zeroed (own rows of a bounded table are also
+        freed: the map no longer names them). Returns ``(rows, tensor names)``.
+        A hashed row (or a fallback row) is shared: its other users lose it too."""
+        rows = self.user_emb.buckets_of(list(user_ids)).tolist()
+        if self.bounded:
+            self.user_emb.remove(list(user_ids))
+        rows = sorted(set(rows))
+        return rows, self._reset_rows(USER_ROW_STATE, rows)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for enc in (self.text, self.image):
             if enc is not None:
@@ -239,6 +325,9 @@ class EM3Model(nn.Module):
                 if tuple(state[name].shape) != tuple(param.shape):
                     raise ValueError(f"{name} has shape {tuple(state[name].shape)}, expected {tuple(param.shape)}")
                 param.copy_(state[name].to(param.device, param.dtype))
+        for emb in (self.user_emb, self.item_emb):
+            if isinstance(emb, BoundedEmbedding):
+                emb.sync()
 
     def num_trainable_params(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -264,6 +353,11 @@ class EM3Model(nn.Module):
                 self.user_impressions.index_add_(0, urows, ones)
                 self.user_clicks.index_add_(0, urows, y)
             self.global_counts += torch.stack([ones.sum(), y.sum()])
+        if self.bounded:  # clicks of IDs without an own row, for the counts they start with
+            clicks = [0.0] * len(item_ids) if labels is None else list(labels)
+            self.item_emb.ids.observe_labels(list(item_ids), clicks)
+            if user_ids is not None:
+                self.user_emb.ids.observe_labels(list(user_ids), clicks)
 
     @torch.no_grad()
     def observe_late_clicks(self, item_ids: Sequence[str], user_ids: Sequence[str]) -> None:
@@ -273,6 +367,9 @@ class EM3Model(nn.Module):
             self.item_clicks.index_add_(0, self.item_emb.buckets_of(item_ids), ones)
             self.user_clicks.index_add_(0, self.user_emb.buckets_of(user_ids), ones)
             self.global_counts[1] += ones.sum()
+            if self.bounded:
+                self.item_emb.ids.observe_labels(list(item_ids), [1.0] * len(item_ids))
+                self.user_emb.ids.observe_labels(list(user_ids), [1.0] * len(user_ids))
 
     @torch.no_grad()
     def observe_conversions(self, item_ids: Sequence[str], user_ids: Sequence[str], clicks: Sequence[float],
@@ -376,6 +473,15 @@ class EM3Model(nn.Module):
         rows = self.user_emb.buckets_of(user_ids)
         return self._ctr_logits(self.user_clicks[rows], self.user_impressions[rows], self.config.user_pseudo_count)
 
+    def _own_impressions(self, buckets: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` impressions counted on each row, as the cold-start gate reads them: 0
+        for a fallback row of a bounded table (an ID without its own row has had fewer
+        than ``id_admit_after`` impressions: it is cold, whatever its row's other users did)."""
+        counts = self.item_impressions[buckets]
+        if self.bounded:
+            counts = torch.where(buckets >= self.item_emb.fallback, counts, torch.zeros_like(counts))
+        return counts
+
     def _split(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(reps[..., :item_dim], gate or None, item wide logit or None)`` of
         representations from :meth:`encode_items` (the last two are extra columns)."""
@@ -407,7 +513,7 @@ class EM3Model(nn.Module):
             return 0.0
         out = item_wide
         if self.config.bias_terms:
-            out = out + self.global_bias + self.user_bias(user_ids).squeeze(-1)
+            out = out + self.global_bias + self.user_bias.table(self.user_emb.buckets_of(user_ids)).squeeze(-1)
         if self.config.stat_features:
             out = out + self.stat_weights[1] * self.user_stat(user_ids)
         return out
@@ -554,7 +660,7 @@ class EM3Model(nn.Module):
         parts = [content, ids.to(content.dtype)]
         if self.config.content_match:
             tau = self.config.content_match_impressions
-            gate = tau / (tau + self.item_impressions[buckets])  # (N,) 1 for a new item, 1/2 at tau impressions
+            gate = tau / (tau + self._own_impressions(buckets))  # (N,) 1 for a new item, 1/2 at tau impressions
             parts.append(gate.unsqueeze(-1).to(content.dtype))
         parts += [b.to(content.dtype) for b in bias]
         reps = torch.cat(parts, dim=-1)  # (N, 2d [+ gate] [+ item wide logit] [+ cvr logit part, log value])

@@ -1,11 +1,12 @@
-"""Ranker: hashed ID embeddings, DIN target attention over the behaviour sequence,
-an MLP click head and an MLP conversion head.
+"""Ranker: ID embeddings (hashed or bounded), DIN target attention over the behaviour
+sequence, an MLP click head and an MLP conversion head.
 
-Unseen IDs: every user, item and context value is mapped to a bucket of a fixed-size
-table by a stable hash (BLAKE2b of ``"<salt>|<id>"``, not Python's salted ``hash``),
-so any string id, seen or not, gets an embedding and the tables never grow. Distinct
-ids may share a bucket (with ``2**15`` buckets and 1,682 MovieLens items about 4% of
-items collide); that is the price of bounded memory without an eviction policy.
+Unseen IDs: by default every user, item and context value is mapped to a bucket of a
+fixed-size table by a stable hash (BLAKE2b of ``"<salt>|<id>"``, not Python's salted
+``hash``), so any string id, seen or not, gets an embedding and the tables never
+grow. Distinct ids may share a bucket (with ``2**15`` buckets and 1,682 MovieLens
+items about 4% of items collide). :class:`BoundedEmbedding` (``id_table="bounded"``)
+keeps the same table but gives admitted IDs rows of their own (:mod:`em3.idtable`).
 """
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ import hashlib
 from functools import lru_cache
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["stable_bucket", "HashEmbedding", "TargetAttention", "ClickHead", "ConversionHead"]
+from em3.idtable import IdTable, TableUpdate
+
+__all__ = ["stable_bucket", "HashEmbedding", "BoundedEmbedding", "TargetAttention", "ClickHead", "ConversionHead"]
 
 
 @lru_cache(maxsize=1 << 20)
@@ -63,6 +67,58 @@ class HashEmbedding(nn.Module):
         idx = self.buckets_of(flat)
         off = torch.tensor(offsets, dtype=torch.long, device=idx.device)
         return nn.functional.embedding_bag(idx, self.table.weight, off, mode="sum")  # (N, dim)
+
+
+class BoundedEmbedding(HashEmbedding):
+    """A :class:`HashEmbedding` whose rows come from an :class:`em3.idtable.IdTable`:
+    rows ``[0, fallback)`` are hashed and shared, the others belong to one admitted ID.
+
+    The map is held twice: by the pure ``ids`` table (the index lookups use) and by
+    the buffers ``keys``, ``last_seen`` and ``hits`` ``(capacity,)`` int64, which travel with the
+    trainable state (snapshots, checkpoints). Writers call :meth:`observe` /
+    :meth:`remove` (the buffers follow); readers that loaded new buffers call
+    :meth:`sync`, which builds a *new* table object (a model copied for a new
+    snapshot version never shares one with the version it came from).
+    """
+
+    def __init__(self, buckets: int, dim: int, salt: str, fallback: int, admit_after: int = 2,
+                 expiry_s: float = 0.0, sketch_width: int = 1 << 16, init_std: float = 0.1) -> None:
+        super().__init__(buckets, dim, salt, init_std)
+        self.ids = IdTable(buckets, fallback, salt, admit_after, expiry_s, sketch_width)
+        self.register_buffer("keys", torch.zeros(self.ids.capacity, dtype=torch.long))
+        self.register_buffer("last_seen", torch.zeros(self.ids.capacity, dtype=torch.long))
+        self.register_buffer("hits", torch.zeros(self.ids.capacity, dtype=torch.long))
+
+    @property
+    def fallback(self) -> int:
+        return self.ids.fallback
+
+    def buckets_of(self, ids: Sequence[str]) -> torch.Tensor:
+        """``(N,)`` long tensor of rows: own rows of admitted IDs, fallback rows else."""
+        return torch.from_numpy(self.ids.rows(ids)).to(self.table.weight.device)
+
+    def _write(self) -> None:
+        for buffer, array in zip((self.keys, self.last_seen, self.hits), self.ids.to_arrays()):
+            buffer.copy_(torch.from_numpy(array))
+
+    @torch.no_grad()
+    def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
+        """Count trained-on impressions (:meth:`em3.idtable.IdTable.observe`)."""
+        update = self.ids.observe(ids, now)
+        self._write()
+        return update
+
+    @torch.no_grad()
+    def remove(self, ids: Sequence[str]) -> np.ndarray:
+        """Free the own rows of ``ids``; returns them."""
+        rows = self.ids.remove(ids)
+        self._write()
+        return rows
+
+    def sync(self) -> None:
+        """Rebuild the index from the ``keys`` / ``last_seen`` buffers (after a load)."""
+        self.ids = IdTable.from_arrays(self.keys.cpu().numpy(), self.last_seen.cpu().numpy(), self.hits.cpu().numpy(),
+                                       **self.ids.settings())
 
 
 class TargetAttention(nn.Module):

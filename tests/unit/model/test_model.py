@@ -250,3 +250,44 @@ def test_item_popularity_ranks_often_shown_items_above_rarely_shown_ones(items, 
     assert state["stat_weights"].tolist() == pytest.approx([1.0, 0.5])
     for off in (tiny_config.replace(popularity_weight_init=0.0), tiny_config.replace(stat_features=False)):
         assert "popularity_weight" not in EM3Model(off).trainable_state_dict()
+
+
+def _bounded(tiny_config, **kw):
+    return tiny_config.replace(id_table="bounded", id_fallback_buckets=2, content_match_impressions=4.0, **kw)
+
+
+def test_bounded_tables_a_new_item_on_a_busy_fallback_row_is_cold(items, tiny_config):
+    """Issue 14: with hashed rows, a new item sharing a bucket with a popular one looks
+    warm. With bounded tables the popular item owns a row (its counters are its own) and
+    an item without one is cold whatever its fallback row has counted."""
+    model = EM3Model(_bounded(tiny_config, id_admit_after=3)).eval()
+    ids = [i.item_id for i in items]
+    t = 1.75e9
+    with torch.no_grad():
+        for step in range(4):  # i0: 3 impressions before a row, then 1 on it; i1: 2, never admitted
+            batch = [ids[0]] + ([ids[1]] if step < 2 else [])
+            model.observe_ids(batch, ["u"] * len(batch), now=t + step)
+            model.observe_impressions(batch, ["u"] * len(batch), [1.0] * len(batch))
+        rows = model.item_emb.buckets_of(ids).tolist()
+        assert rows[0] >= 2 and all(r < 2 for r in rows[1:])
+        assert model.item_impressions[rows[0]].item() == 4.0  # 2 from the sketch + 2 on its row
+        assert model.item_clicks[rows[0]].item() == 4.0
+        gate = model.item_representations(ids, items)[:, tiny_config.item_dim]
+    assert gate[0].item() == pytest.approx(0.5)
+    torch.testing.assert_close(gate[1:], torch.ones(len(ids) - 1))  # fallback rows count as cold
+    # The map travels with the trainable state.
+    other = EM3Model(_bounded(tiny_config, id_admit_after=3))
+    other.load_trainable_state_dict(model.trainable_state_dict())
+    assert other.item_emb.buckets_of(ids).tolist() == rows
+
+
+def test_bounded_tables_an_admitted_row_starts_from_its_fallback_row(tiny_config):
+    model = EM3Model(_bounded(tiny_config, id_admit_after=1))
+    before = model.item_emb.buckets_of(["x"]).item()
+    with torch.no_grad():
+        model.item_emb.table.weight[before] = 3.0
+        reset = model.observe_ids(["x"], ["u"], now=1.75e9)
+    row = model.item_emb.buckets_of(["x"]).item()
+    assert row >= 2 and reset["item_emb.table.weight"] == [row] and reset["user_emb.table.weight"]
+    torch.testing.assert_close(model.item_emb.table.weight[row], torch.full((tiny_config.embed_dim,), 3.0))
+    assert model.item_impressions[row].item() == 0.0  # its first impression is counted after the step

@@ -1,0 +1,347 @@
+"""Bounded, collision-aware ID tables: the id -> row map, admission, eviction, tombstones.
+
+Pure: numpy only, no torch, no I/O. A table of ``rows`` rows has two regions::
+
+    [0, fallback)       hashed fallback rows: an ID not (yet) admitted shares one by hash,
+                        so the tail behaves as the hashed tables always did
+    [fallback, rows)    own rows: each holds at most one ID (``capacity = rows - fallback``)
+
+An ID is known by its 64-bit fingerprint (BLAKE2b of ``"<salt>|<id>"``, never 0); the
+raw ID is never stored. ``keys[slot]`` holds the fingerprint that owns row
+``fallback + slot``, 0 when the row is free (a tombstone: the row belongs to nobody and
+is reset before it is given out again); ``last_seen[slot]`` the event time (whole
+seconds) at which its owner was last trained on; ``hits[slot]`` in how many later
+batches its owner came back after it took the row. These three int64 arrays *are* the map:
+snapshots carry them as tensors (safetensors, full or delta, no pickle), and a reader
+rebuilds the index from them (:meth:`IdTable.from_arrays`), so a row serves the ID its
+``keys`` entry names and no other, whatever that row served before.
+
+Admission (Monolith's frequency filter): the impressions of IDs without a row are
+counted in a count-min sketch (:class:`CountMinSketch`: conservative update, counters
+halved every ``width`` additions, TinyLFU's aging, so its memory is fixed and its
+overestimate stays small under an unbounded stream of new IDs); an ID whose estimate
+reaches ``admit_after`` takes a free own row. With none free, a row seen least recently
+(and not in this batch) is evicted for it: segmented LRU (SLRU, as in memcached and
+Caffeine's main region), which takes the least recently seen *probationary* row (its
+owner never came back after admission, ``hits == 0``) first and a *protected* one
+only when no probationary row is left, so a burst of IDs seen twice cannot flush the
+IDs that keep coming back. Rows unseen for ``expiry_s`` seconds of event time are freed
+(Monolith's expiring IDs). :meth:`IdTable.remove` frees the rows of deleted IDs.
+
+>>> t = IdTable(rows=8, fallback=4, salt="item", admit_after=2)
+>>> int(t.rows(["a"])[0]) < 4          # not admitted yet: a fallback row
+True
+>>> _ = t.observe(["a"], now=100); u = t.observe(["a"], now=101)
+>>> int(t.rows(["a"])[0]) == int(u.admitted[0]) >= 4   # its own row after 2 impressions
+True
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["fingerprint", "CountMinSketch", "TableUpdate", "IdTable"]
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+# A small cache: hot IDs hit it, and its memory stays bounded under a stream of new IDs.
+@lru_cache(maxsize=1 << 16)
+def _digest(key: str, salt: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{salt}|{key}".encode(), digest_size=8).digest(), "little")
+
+
+def fingerprint(key: str, salt: str) -> int:
+    """The ID's 64-bit fingerprint as a non-zero signed int64 (0 marks a free row).
+
+    >>> fingerprint("u1", "user") == fingerprint("u1", "user") != fingerprint("u1", "item")
+    True
+    """
+    u = _digest(key, salt)
+    fp = u - (1 << 64) if u >= 1 << 63 else u
+    return fp or 1
+
+
+def _fallback_row(key: str, salt: str, fallback: int) -> int:
+    """The hashed fallback row; the same bucket :func:`em3.model.ranker.stable_bucket` gives."""
+    return _digest(key, salt) % fallback
+
+
+class CountMinSketch:
+    """Approximate counts of int64 keys in fixed memory (``depth x width`` int32), and
+    approximate sums of a value per key (``values``, float32, same cells).
+
+    Conservative update (only the smallest counters of a key grow), and every ``width``
+    additions all counters and sums are halved (TinyLFU's reset): old counts fade, and
+    an unbounded stream of distinct keys cannot saturate the table.
+
+    >>> s = CountMinSketch(width=64, depth=4)
+    >>> s.add(np.array([7, 7, 9], dtype=np.int64)).tolist()
+    [2, 1]
+    >>> s.estimate(np.array([7], dtype=np.int64)).tolist()
+    [2]
+    """
+
+    # Odd 64-bit multipliers of the multiply-shift hashes, one per row.
+    _MULT = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                      0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
+                     dtype=np.uint64)
+
+    def __init__(self, width: int = 1 << 16, depth: int = 4) -> None:
+        if not (isinstance(width, int) and width >= 1):
+            raise ValueError(f"width must be an int >= 1, but {width!r} is given")
+        if not (isinstance(depth, int) and 1 <= depth <= len(self._MULT)):
+            raise ValueError(f"depth must be an int in [1, {len(self._MULT)}], but {depth!r} is given")
+        self.width, self.depth = width, depth
+        self.table = np.zeros((depth, width), dtype=np.int32)
+        self.values = np.zeros((depth, width), dtype=np.float32)
+        self.additions = 0
+
+    def _cells(self, keys: np.ndarray) -> np.ndarray:
+        """``(depth, N)`` column of each key in each row."""
+        with np.errstate(over="ignore"):
+            mixed = keys.astype(np.uint64)[None, :] * self._MULT[: self.depth, None]  # (depth, N), wraps mod 2^64
+        return ((mixed >> np.uint64(32)) % np.uint64(self.width)).astype(np.int64)
+
+    def estimate(self, keys: np.ndarray) -> np.ndarray:
+        """``(N,)`` estimated counts (never below the true count since the last halving)."""
+        if not len(keys):
+            return _EMPTY
+        cells = self._cells(keys)
+        return self.table[np.arange(self.depth)[:, None], cells].min(axis=0).astype(np.int64)
+
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Count each entry of ``keys`` once; returns the estimates of ``np.unique(keys)``
+        after the addition (in sorted key order)."""
+        if not len(keys):
+            return _EMPTY
+        uniq, counts = np.unique(keys, return_counts=True)
+        cells = self._cells(uniq)  # (depth, U)
+        rows = np.arange(self.depth)[:, None]
+        est = self.table[rows, cells].min(axis=0).astype(np.int64) + counts  # (U,)
+        target = np.minimum(est, np.iinfo(np.int32).max).astype(np.int32)
+        for r in range(self.depth):
+            np.maximum.at(self.table[r], cells[r], target)
+        self.additions += int(counts.sum())
+        if self.additions >= self.width:
+            self.table >>= 1
+            self.values *= 0.5
+            self.additions //= 2
+        return est
+
+    def add_values(self, keys: np.ndarray, values: np.ndarray) -> None:
+        """Add ``values`` ``(N,)`` to the sums of ``keys`` ``(N,)``."""
+        if len(keys):
+            cells = self._cells(keys)
+            for r in range(self.depth):
+                np.add.at(self.values[r], cells[r], np.asarray(values, dtype=np.float32))
+
+    def estimate_values(self, keys: np.ndarray) -> np.ndarray:
+        """``(N,)`` estimated sums (the smallest of the key's cells)."""
+        if not len(keys):
+            return np.zeros(0, dtype=np.float32)
+        return self.values[np.arange(self.depth)[:, None], self._cells(keys)].min(axis=0)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.table.nbytes + self.values.nbytes)
+
+
+@dataclass(frozen=True)
+class TableUpdate:
+    """What one :meth:`IdTable.observe` changed: ``admitted`` rows newly given to an ID
+    (each must be reset before it is used; ``admitted_from`` ``(N,)`` the fallback row
+    each such ID used until now; ``prior_impressions`` and ``prior_clicks`` ``(N,)`` the
+    sketch's estimates of its impressions and clicks before this call, which its own
+    counters can start from), ``evicted`` rows whose owner left (expired, least
+    recently used, or removed); a row can be in both (evicted, then reused)."""
+
+    admitted: np.ndarray
+    admitted_from: np.ndarray
+    evicted: np.ndarray
+    prior_impressions: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prior_clicks: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    @property
+    def changed(self) -> bool:
+        return bool(len(self.admitted) or len(self.evicted))
+
+
+class IdTable:
+    """The id -> row map of one table (see the module docstring).
+
+    Parameters
+    ----------
+    rows : int
+        Rows of the table (fallback and own).
+    fallback : int
+        Rows of the hashed fallback region, ``1 <= fallback < rows``.
+    salt : str
+        Hash salt (``"user"``, ``"item"``).
+    admit_after : int
+        Impressions after which an ID gets its own row (1: at its first).
+    expiry_s : float
+        Free rows whose owner was unseen this long (event time); 0: never expire.
+    sketch_width, sketch_depth : int
+        Size of the admission sketch (:class:`CountMinSketch`), allocated on the first
+        :meth:`observe` (a server that only reads the map never holds one).
+    """
+
+    def __init__(self, rows: int, fallback: int, salt: str, admit_after: int = 2, expiry_s: float = 0.0,
+                 sketch_width: int = 1 << 16, sketch_depth: int = 4) -> None:
+        if not (isinstance(fallback, int) and isinstance(rows, int) and 1 <= fallback < rows):
+            raise ValueError(f"fallback must be an int in [1, rows), but {fallback!r} with rows={rows!r} is given")
+        if not (isinstance(admit_after, int) and admit_after >= 1):
+            raise ValueError(f"admit_after must be an int >= 1, but {admit_after!r} is given")
+        if not expiry_s >= 0:
+            raise ValueError(f"expiry_s must be >= 0, but {expiry_s!r} is given")
+        self.rows_total, self.fallback, self.salt = rows, fallback, salt
+        self.capacity = rows - fallback
+        self.admit_after, self.expiry_s = admit_after, float(expiry_s)
+        self.sketch_width, self.sketch_depth = sketch_width, sketch_depth
+        self.keys = np.zeros(self.capacity, dtype=np.int64)  # owner fingerprint per own row; 0 = free
+        self.last_seen = np.zeros(self.capacity, dtype=np.int64)  # event time (s) of the owner's last impression
+        self.hits = np.zeros(self.capacity, dtype=np.int64)  # later batches the owner came back in
+        self._index: dict[int, int] = {}  # fingerprint -> slot
+        self.sketch: CountMinSketch | None = None
+        self.now = 0
+
+    # ------------------------------------------------------------- reading
+    def settings(self) -> dict:
+        return {"rows": self.rows_total, "fallback": self.fallback, "salt": self.salt,
+                "admit_after": self.admit_after, "expiry_s": self.expiry_s,
+                "sketch_width": self.sketch_width, "sketch_depth": self.sketch_depth}
+
+    @classmethod
+    def from_arrays(cls, keys: np.ndarray, last_seen: np.ndarray, hits: np.ndarray | None = None,
+                    **settings) -> "IdTable":
+        """A table whose map is ``keys`` / ``last_seen`` / ``hits`` (as :meth:`to_arrays`
+        gives them, e.g. read from a snapshot); a fingerprint owning two rows is refused."""
+        table = cls(**settings)
+        keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        last_seen = np.asarray(last_seen, dtype=np.int64).reshape(-1)
+        hits = np.zeros_like(keys) if hits is None else np.asarray(hits, dtype=np.int64).reshape(-1)
+        if not keys.shape == last_seen.shape == hits.shape == (table.capacity,):
+            raise ValueError(f"keys, last_seen and hits must have shape ({table.capacity},), "
+                             f"but {keys.shape}, {last_seen.shape} and {hits.shape} are given")
+        slots = np.flatnonzero(keys)
+        if len(np.unique(keys[slots])) != len(slots):
+            raise ValueError("keys hold a fingerprint in two rows")
+        table.keys, table.last_seen, table.hits = keys.copy(), last_seen.copy(), hits.copy()
+        table._index = dict(zip(keys[slots].tolist(), slots.tolist()))
+        table.now = int(last_seen.max(initial=0))
+        return table
+
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(keys, last_seen, hits)``, each ``(capacity,)`` int64: the whole map."""
+        return self.keys, self.last_seen, self.hits
+
+    def rows(self, ids: Sequence[str]) -> np.ndarray:
+        """``(N,)`` int64 row of each ID: its own row, or its hashed fallback row."""
+        out = np.empty(len(ids), dtype=np.int64)
+        index, salt, fb = self._index, self.salt, self.fallback
+        for n, key in enumerate(ids):
+            slot = index.get(fingerprint(key, salt))
+            out[n] = _fallback_row(key, salt, fb) if slot is None else fb + slot
+        return out
+
+    def owns(self, ids: Sequence[str]) -> np.ndarray:
+        """``(N,)`` bool: whether each ID has its own row."""
+        return np.array([fingerprint(k, self.salt) in self._index for k in ids], dtype=bool)
+
+    def __len__(self) -> int:
+        """IDs holding an own row."""
+        return len(self._index)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the map arrays, the index (at ~100 bytes an entry) and the sketch;
+        bounded by the capacity and the sketch size, whatever the stream."""
+        sketch = self.sketch.nbytes if self.sketch is not None else 0
+        return int(self.keys.nbytes + self.last_seen.nbytes + self.hits.nbytes + 100 * len(self._index) + sketch)
+
+    # ------------------------------------------------------------- writing
+    def _free(self, slots: np.ndarray) -> None:
+        for fp in self.keys[slots].tolist():
+            self._index.pop(fp, None)
+        self.keys[slots] = 0
+        self.last_seen[slots] = 0
+        self.hits[slots] = 0
+
+    def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
+        """Count one trained-on impression per entry of ``ids`` at event time ``now``:
+        expire stale rows, touch the rows of admitted IDs, admit the IDs whose count
+        reaches ``admit_after`` (evicting least recently seen rows when full)."""
+        self.now = now = max(self.now, int(now))
+        fb = self.fallback
+        evicted: list[np.ndarray] = []
+        if self.expiry_s > 0:
+            stale = np.flatnonzero((self.keys != 0) & (self.last_seen < now - self.expiry_s))
+            if len(stale):
+                self._free(stale)
+                evicted.append(stale + fb)
+        # Unique IDs in order of first appearance: admission order is deterministic.
+        uniq = list(dict.fromkeys(ids))
+        fps = np.array([fingerprint(k, self.salt) for k in uniq], dtype=np.int64)
+        slots = np.array([self._index.get(int(f), -1) for f in fps], dtype=np.int64)
+        own = slots >= 0
+        self.last_seen[slots[own]] = now
+        self.hits[slots[own]] += 1
+        new_ids = [k for k, o in zip(uniq, own) if not o]
+        admitted, admitted_from, prior = [], [], []
+        if new_ids:
+            if self.sketch is None:
+                self.sketch = CountMinSketch(self.sketch_width, self.sketch_depth)
+            all_fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
+            is_new = ~np.isin(all_fps, fps[own])
+            uniq_sorted = np.unique(all_fps[is_new])
+            before = dict(zip(uniq_sorted.tolist(), self.sketch.estimate(uniq_sorted).tolist()))
+            est = dict(zip(uniq_sorted.tolist(), self.sketch.add(all_fps[is_new]).tolist()))
+            ready = [k for k in new_ids if est[fingerprint(k, self.salt)] >= self.admit_after]
+            if ready:
+                free = np.flatnonzero(self.keys == 0)
+                need = len(ready) - len(free)
+                victims = _EMPTY
+                if need > 0:
+                    # Probationary rows first, then protected; least recently seen first
+                    # within each (ties: lowest row); rows touched now are kept.
+                    old = np.flatnonzero((self.keys != 0) & (self.last_seen < now))
+                    order = old[np.lexsort((old, self.last_seen[old], self.hits[old] > 0))]
+                    victims = order[:need]
+                    self._free(victims)
+                    evicted.append(victims + fb)
+                for key, slot in zip(ready, np.concatenate([free, victims]).tolist()):
+                    fp = fingerprint(key, self.salt)
+                    self.keys[slot], self.last_seen[slot], self.hits[slot] = fp, now, 0
+                    self._index[fp] = slot
+                    admitted.append(fb + slot)
+                    admitted_from.append(_fallback_row(key, self.salt, fb))
+                    prior.append(fp)
+        prior_fps = np.array(prior, dtype=np.int64)
+        return TableUpdate(np.array(admitted, dtype=np.int64), np.array(admitted_from, dtype=np.int64),
+                           np.concatenate(evicted) if evicted else _EMPTY,
+                           np.array([before[f] for f in prior], dtype=np.int64),
+                           self.sketch.estimate_values(prior_fps) if prior else np.zeros(0, dtype=np.float32))
+
+    def observe_labels(self, ids: Sequence[str], labels: Sequence[float]) -> None:
+        """Add the clicks ``labels`` of trained-on impressions of ``ids`` to the sketch
+        for the IDs without an own row (call after the step that learned them)."""
+        if self.sketch is None or not len(ids):
+            return
+        fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
+        y = np.asarray(labels, dtype=np.float32)
+        keep = np.array([int(f) not in self._index for f in fps], dtype=bool) & (y != 0)
+        self.sketch.add_values(fps[keep], y[keep])
+
+    def remove(self, ids: Sequence[str]) -> np.ndarray:
+        """Free the own rows of ``ids`` (a deletion); returns those rows. IDs without
+        one are untouched (their fallback rows are shared)."""
+        slots = [self._index[f] for f in (fingerprint(k, self.salt) for k in ids) if f in self._index]
+        slots_arr = np.array(sorted(set(slots)), dtype=np.int64)
+        if len(slots_arr):
+            self._free(slots_arr)
+        return slots_arr + self.fallback

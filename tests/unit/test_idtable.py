@@ -1,0 +1,150 @@
+"""The pure id -> row map: admission, eviction, tombstones, bounded memory."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from em3.idtable import CountMinSketch, IdTable, fingerprint
+
+
+def _table(**kw) -> IdTable:
+    return IdTable(**{"rows": 12, "fallback": 4, "salt": "item", "admit_after": 2, **kw})
+
+
+def test_admission_after_n_impressions_and_fallback_before():
+    t = _table(admit_after=3)
+    for step in range(2):
+        u = t.observe(["a"], now=10 + step)
+        assert not u.changed and not t.owns(["a"])[0]
+        assert t.rows(["a"])[0] < t.fallback
+    u = t.observe(["a"], now=12)
+    assert t.owns(["a"])[0] and t.rows(["a"])[0] == u.admitted[0] >= t.fallback
+    assert u.admitted_from.tolist() == IdTable(**t.settings()).rows(["a"]).tolist()  # the row it used before
+
+
+def test_repeats_within_one_batch_count():
+    t = _table(admit_after=2)
+    u = t.observe(["a", "a", "b"], now=5)
+    assert t.owns(["a", "b"]).tolist() == [True, False] and len(u.admitted) == 1
+
+
+def test_lru_eviction_beyond_capacity_frees_the_least_recent_row():
+    t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
+    for n, key in enumerate("abcd"):
+        t.observe([key], now=n)
+    t.observe(["a"], now=10)  # a came back (protected); b is the least recently seen probationary row
+    u = t.observe(["e"], now=11)
+    assert t.owns(list("abcde")).tolist() == [True, False, True, True, True]
+    assert u.evicted.tolist() == u.admitted.tolist()  # b's row, reused by e
+    assert t.rows(["b"])[0] < t.fallback  # b is served by its fallback row, never by e's
+
+
+def test_slru_evicts_probationary_rows_before_ids_that_came_back():
+    t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
+    t.observe(["hot"], now=0)
+    t.observe(["hot"], now=1)  # came back after admission: protected
+    for n, key in enumerate("abc"):
+        t.observe([key], now=2 + n)  # seen once each: probationary, all more recent than hot
+    t.observe(["d", "e"], now=10)  # two rows needed: the two oldest probationary rows go
+    assert t.owns(["hot", "a", "b", "c", "d", "e"]).tolist() == [True, False, False, True, True, True]
+    t.observe(["f", "g", "h"], now=11)  # c, d, e are probationary: hot, the least recent, stays
+    assert t.owns(["hot", "c", "d", "e", "f", "g", "h"]).tolist() == [True] + [False] * 3 + [True] * 3
+    t.observe(["f"], now=12)  # f protected too; g, h probationary
+    t.observe(["i", "j", "k"], now=13)  # 2 probationary rows, then the least recent protected one: hot
+    assert t.owns(["hot", "f", "i", "j", "k"]).tolist() == [False, True, True, True, True]
+
+
+def test_rows_touched_in_the_batch_are_not_evicted():
+    t = _table(rows=4, fallback=2, admit_after=1)  # 2 own rows
+    u = t.observe(["a", "b", "c"], now=1)
+    assert len(u.admitted) == 2 and len(u.evicted) == 0 and len(t) == 2
+
+
+def test_expiry_frees_rows_unseen_for_t():
+    t = _table(admit_after=1, expiry_s=100)
+    t.observe(["a", "b"], now=1000)
+    t.observe(["b"], now=1080)
+    u = t.observe(["c"], now=1150)  # a was last seen 150 s ago, b 70 s ago
+    assert t.owns(["a", "b", "c"]).tolist() == [False, True, True]
+    assert len(u.evicted) == 1 and t.keys[u.evicted[0] - t.fallback] != 0  # its row went to c (lowest free)
+
+
+def test_remove_frees_own_rows_only():
+    t = _table(admit_after=1)
+    t.observe(["a"], now=1)
+    row = t.rows(["a"])[0]
+    assert t.remove(["a", "never"]).tolist() == [row]
+    assert not t.owns(["a"])[0] and t.keys[row - t.fallback] == 0 and len(t) == 0
+
+
+def test_arrays_round_trip_and_duplicate_owner_refused():
+    t = _table(admit_after=1)
+    t.observe(["a", "b", "c"], now=7)
+    keys, seen, hits = t.to_arrays()
+    back = IdTable.from_arrays(keys, seen, hits, **t.settings())
+    assert back.rows(list("abcz")).tolist() == t.rows(list("abcz")).tolist()
+    bad = keys.copy()
+    bad[bad == 0] = fingerprint("a", "item")
+    with pytest.raises(ValueError, match="two rows"):
+        IdTable.from_arrays(bad, seen, hits, **t.settings())
+    with pytest.raises(ValueError, match="fallback"):
+        IdTable(rows=4, fallback=4, salt="x")
+
+
+def test_sketch_conservative_and_aging():
+    s = CountMinSketch(width=8, depth=2)
+    s.add(np.arange(4, dtype=np.int64))
+    assert s.additions == 4
+    s.add(np.arange(4, 8, dtype=np.int64))  # 8 additions: every counter halves
+    assert s.additions == 4 and s.table.max() <= 2
+
+
+# ---------------------------------------------------------------- properties
+ops = st.lists(st.tuples(st.sampled_from(["observe", "remove"]),
+                         st.lists(st.integers(0, 30).map(lambda i: f"id{i}"), min_size=1, max_size=6),
+                         st.integers(0, 50)), min_size=1, max_size=60)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops, st.integers(1, 3), st.sampled_from([0.0, 20.0]))
+def test_property_a_row_never_serves_an_id_that_does_not_own_it(steps, admit_after, expiry):
+    """After any mix of impressions, expiries, LRU evictions and removals, each ID's row is
+    either a fallback row or an own row whose key is that ID's, and no own row is shared;
+    a reader rebuilt from the arrays (a server) agrees row for row."""
+    t = IdTable(rows=10, fallback=3, salt="item", admit_after=admit_after, expiry_s=expiry)
+    seen: set[str] = set()
+    now = 0
+    for op, ids, dt in steps:
+        now += dt
+        if op == "observe":
+            u = t.observe(ids, now)
+            assert set(u.admitted.tolist()) <= set(range(t.fallback, t.rows_total))
+            seen.update(ids)
+        else:
+            t.remove(ids)
+        ids_all = sorted(seen)
+        rows = t.rows(ids_all)
+        own = rows >= t.fallback
+        for key, row in zip(ids_all, rows.tolist()):
+            if row >= t.fallback:
+                assert t.keys[row - t.fallback] == fingerprint(key, "item")
+        assert len(set(rows[own].tolist())) == int(own.sum())  # no own row shared
+        assert len(t) == int((t.keys != 0).sum()) <= t.capacity
+        server = IdTable.from_arrays(*t.to_arrays(), **t.settings())
+        assert server.rows(ids_all).tolist() == rows.tolist()
+
+
+def test_memory_is_bounded_under_an_unbounded_stream_of_new_ids():
+    t = IdTable(rows=1 << 10, fallback=1 << 6, salt="item", admit_after=2, sketch_width=1 << 12)
+    sizes = []
+    rng = np.random.default_rng(0)
+    hot = [f"hot{i}" for i in range(50)]
+    for batch in range(200):
+        fresh = [f"new{batch}-{i}" for i in range(500)]  # 100,000 distinct one-off IDs
+        t.observe(fresh + list(rng.choice(hot, 100)), now=batch)
+        sizes.append(t.nbytes)
+    cap = t.keys.nbytes + t.last_seen.nbytes + 100 * t.capacity + CountMinSketch(1 << 12, 4).nbytes
+    assert max(sizes) <= cap and len(t) <= t.capacity
+    assert t.owns(hot).all()  # the hot IDs kept their rows through the flood
