@@ -125,8 +125,18 @@ def _publish(store, state, config, version_noise: float, rng: torch.Generator, l
     return version
 
 
-def _server_status(client: httpx.Client) -> dict:
-    return client.get("/readyz").json()["sources"][LINE]
+def _server_status(client: httpx.Client, line: str = LINE) -> dict:
+    return client.get("/readyz").json()["sources"][line]
+
+
+def _other_swaps(servers: dict[str, tuple[subprocess.Popen, int, Any]], lines: dict[str, str]) -> dict[str, int]:
+    """Swaps so far of each server but the main one (``lines``: server -> its line)."""
+    out = {}
+    for name, (_, port, _) in servers.items():
+        if name != "server":
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+                out[name] = int(_server_status(c, lines[name])["swaps"])
+    return out
 
 
 def _metric(text: str, name: str) -> float:
@@ -333,6 +343,8 @@ def run(args: argparse.Namespace) -> dict:
                             if phase in ("plain", "explain"):
                                 answered.update(i["impression_id"] for i in answer.json()["items"])
                 swaps_before = _server_status(admin)["swaps"]
+                server_lines = {"cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
+                other_swaps_before = _other_swaps(servers, server_lines)
 
                 latencies: dict[str, list[float]] = {phase: [] for phase in phases}
                 versions: list[int] = []
@@ -447,6 +459,8 @@ def run(args: argparse.Namespace) -> dict:
                 for t in side:
                     t.join(120)  # an outage in progress ends first
                 status = _server_status(admin)
+                other_swaps = {name: n - other_swaps_before[name]
+                               for name, n in _other_swaps(servers, server_lines).items()}
                 # Until the broker has acknowledged every impression the server holds.
                 drain_deadline = time.monotonic() + args.drain_timeout_s
                 t_drain = time.monotonic()
@@ -526,6 +540,7 @@ def run(args: argparse.Namespace) -> dict:
         "failed": len(failures),
         "failure_examples": failures[:3],
         "swaps_during_run": swaps,
+        **{f"{name}_swaps_during_run": n for name, n in other_swaps.items()},
         "versions_published": len(published) - 1,
         "versions_served": len(set(versions)),
         "last_version_served": max(versions) if versions else None,
