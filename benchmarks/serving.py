@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> dict:
                   + (["baseline"] if baseline_dir else []))
         try:
             start_server("server", None)
+            if args.explain and args.explain_on == "own":
+                start_server("explain", None)
             if cvr_off is not None:
                 start_server("cvr_off", None, CVR_OFF_LINE)
             if baseline_dir is not None:
@@ -329,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
             port = servers["server"][1]
             url = f"http://127.0.0.1:{port}"
             phase_port = {"plain": port, "explain": port}
-            phase_port.update({name: servers[name][1] for name in ("cvr_off", "baseline") if name in servers})
+            phase_port.update({name: servers[name][1] for name in ("explain", "cvr_off", "baseline") if name in servers})
             with httpx.Client(base_url=url, timeout=30) as admin:
                 for name in servers:
                     wait_ready(name)
@@ -343,7 +345,7 @@ def run(args: argparse.Namespace) -> dict:
                             if phase in ("plain", "explain"):
                                 answered.update(i["impression_id"] for i in answer.json()["items"])
                 swaps_before = _server_status(admin)["swaps"]
-                server_lines = {"cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
+                server_lines = {"explain": LINE, "cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
                 other_swaps_before = _other_swaps(servers, server_lines)
 
                 latencies: dict[str, list[float]] = {phase: [] for phase in phases}
@@ -461,12 +463,14 @@ def run(args: argparse.Namespace) -> dict:
                 status = _server_status(admin)
                 other_swaps = {name: n - other_swaps_before[name]
                                for name, n in _other_swaps(servers, server_lines).items()}
-                # Until the broker has acknowledged every impression the server holds.
+                # Until the broker has acknowledged every impression the audited servers hold.
                 drain_deadline = time.monotonic() + args.drain_timeout_s
                 t_drain = time.monotonic()
+                audited = [servers[name][1] for name in ("server", "explain") if name in servers]
                 while True:
                     metrics = admin.get("/metrics").text
-                    held = _metric(metrics, "em3_serving_impressions_in_flight")
+                    held = sum(_metric(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text,
+                                       "em3_serving_impressions_in_flight") for p in audited)
                     if held == 0 or time.monotonic() > drain_deadline:
                         break
                     time.sleep(0.5)
@@ -650,6 +654,8 @@ def _comparison(args: argparse.Namespace, config, objective: str, baseline_dir: 
         return {}
     current = snapshot.config_dict(config)
     out: dict[str, Any] = {
+        "explain_on": ("its own server (this code, the same line and swaps): the plain server answers only plain "
+                       "requests" if args.explain_on == "own" else "the plain server (requests alternate)"),
         "objective": objective,
         "cvr_head": config.ctcvr_weight > 0,
         "cvr_head_on_plain_requests": (
@@ -746,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="own: the baseline serves its own line, published by its own code (benchmarks/publish_line.py "
                         "on the baseline's tree: its default model, same seed and swap interval); shared: it serves "
                         "this benchmark's line (only for a baseline that reads today's snapshots)")
+    p.add_argument("--explain-on", choices=["own", "same"], default="own",
+                   help="own: explained requests go to a second server of this code on the same line, so the plain "
+                        "server answers only plain requests, as the baseline does; same: to the plain server")
     p.add_argument("--cvr-off-server", action=argparse.BooleanOptionalAction, default=True,
                    help="with --explain, a model with a CVR head and the ctr objective: also serve today's model "
                         "without the CVR head (ctcvr_weight 0, its own line) in the rotation")
