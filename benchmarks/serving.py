@@ -129,13 +129,29 @@ def _server_status(client: httpx.Client, line: str = LINE) -> dict:
     return client.get("/readyz").json()["sources"][line]
 
 
-def _other_swaps(servers: dict[str, tuple[subprocess.Popen, int, Any]], lines: dict[str, str]) -> dict[str, int]:
-    """Swaps so far of each server but the main one (``lines``: server -> its line)."""
+def _swap_counts(servers: dict[str, tuple[subprocess.Popen, int, Any]], lines: dict[str, str]
+                 ) -> dict[str, tuple[int, float, float]]:
+    """Per server (``lines``: server -> its line): swaps so far, and the sum and count
+    of ``em3_serving_swap_seconds`` (load + precompute per swap)."""
     out = {}
     for name, (_, port, _) in servers.items():
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            page = c.get("/metrics").text
+            out[name] = (int(_server_status(c, lines[name])["swaps"]), _metric(page, "em3_serving_swap_seconds_sum"),
+                         _metric(page, "em3_serving_swap_seconds_count"))
+    return out
+
+
+def _swap_figures(before: dict[str, tuple[int, float, float]], after: dict[str, tuple[int, float, float]]) -> dict:
+    """Each other server's swaps during the run, and every server's mean swap time then."""
+    out = {}
+    for name, (swaps, total, count) in after.items():
+        b_swaps, b_total, b_count = before[name]
+        prefix = "" if name == "server" else f"{name}_"
         if name != "server":
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
-                out[name] = int(_server_status(c, lines[name])["swaps"])
+            out[f"{prefix}swaps_during_run"] = swaps - b_swaps
+        if count > b_count:
+            out[f"{prefix}swap_mean_ms"] = round((total - b_total) / (count - b_count) * 1e3, 1)
     return out
 
 
@@ -345,8 +361,8 @@ def run(args: argparse.Namespace) -> dict:
                             if phase in ("plain", "explain"):
                                 answered.update(i["impression_id"] for i in answer.json()["items"])
                 swaps_before = _server_status(admin)["swaps"]
-                server_lines = {"explain": LINE, "cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
-                other_swaps_before = _other_swaps(servers, server_lines)
+                server_lines = {"server": LINE, "explain": LINE, "cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
+                swaps_at_start = _swap_counts(servers, server_lines)
 
                 latencies: dict[str, list[float]] = {phase: [] for phase in phases}
                 versions: list[int] = []
@@ -358,14 +374,18 @@ def run(args: argparse.Namespace) -> dict:
 
                 def client_loop(seed: int) -> None:
                     crng = random.Random(seed)
+                    order_rng, order = random.Random(seed + 7919), list(phases)
                     conns = {p: http.client.HTTPConnection("127.0.0.1", phase_port[p], timeout=30) for p in phases}
                     count, cycle = 0, {}
                     while not stop.is_set():
                         if not go.wait(0.1):
                             continue
                         # Requests rotate through the phases one by one, so each phase's
-                        # requests see the same load as its neighbours'.
-                        phase = phases[count % len(phases)]
+                        # requests see the same load as its neighbours'; each cycle in a
+                        # new random order, so no phase always follows the same one.
+                        if count % len(phases) == 0:
+                            order_rng.shuffle(order)
+                        phase = order[count % len(phases)]
                         count += 1
                         req = {"user_id": crng.choice(users), "item_ids": crng.sample(ids, args.candidates),
                                "context": {"device": "web"}, "k": 10}
@@ -461,8 +481,7 @@ def run(args: argparse.Namespace) -> dict:
                 for t in side:
                     t.join(120)  # an outage in progress ends first
                 status = _server_status(admin)
-                other_swaps = {name: n - other_swaps_before[name]
-                               for name, n in _other_swaps(servers, server_lines).items()}
+                swap_figures = _swap_figures(swaps_at_start, _swap_counts(servers, server_lines))
                 # Until the broker has acknowledged every impression the audited servers hold.
                 drain_deadline = time.monotonic() + args.drain_timeout_s
                 t_drain = time.monotonic()
@@ -544,7 +563,7 @@ def run(args: argparse.Namespace) -> dict:
         "failed": len(failures),
         "failure_examples": failures[:3],
         "swaps_during_run": swaps,
-        **{f"{name}_swaps_during_run": n for name, n in other_swaps.items()},
+        **swap_figures,
         "versions_published": len(published) - 1,
         "versions_served": len(set(versions)),
         "last_version_served": max(versions) if versions else None,
@@ -660,7 +679,8 @@ def _comparison(args: argparse.Namespace, config, objective: str, baseline_dir: 
         "cvr_head": config.ctcvr_weight > 0,
         "cvr_head_on_plain_requests": (
             "runs" if objective != "ctr" and config.ctcvr_weight > 0 else
-            "not run: ranking by ctr returns the click logit before the CVR head; item rows carry 2 more columns"
+            "head not run (ranking by ctr returns the click logit before it), but each request composes its item "
+            "rows (candidates and history) with the 2 CVR columns (item CVR statistic, log value) that ctr does not use"
             if config.ctcvr_weight > 0 else "no CVR head"),
     }
     if cvr_off is not None:
