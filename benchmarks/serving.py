@@ -23,14 +23,29 @@ requests is preceded by a burst of bare forwards (in the benchmark process, in a
 worker thread as the server runs them, clients paused), and both see the same
 background load and the same ongoing snapshot swaps.
 
-``--explain`` measures what explanations cost: each client's requests rotate, one by
-one, between a plain request, a request with ``"explain": true`` to the same server,
-and a plain request to a second ``em3 serve`` running the code before explanations
-existed (``git archive`` of ``--baseline-ref``, default :data:`PRE_EXPLAIN_REF`) on
-the same Redis, snapshots and swaps, so the three see the same load. It adds
-``explain_p50_ms``, ``baseline_p50_ms`` and ``p50_vs_baseline`` (the plain p50 over
-the baseline's, which must stay within 5%), and ``p50_vs_baseline_paired``, the median
-over request cycles of plain / baseline latency.
+``--explain`` measures what explanations cost. Each client's requests rotate, one
+by one (each cycle in a random order), between a plain request, a request with
+``"explain": true`` (to a second server of this code on the same line, so the plain
+server answers only plain requests; ``--explain-on same`` sends them to the plain
+server), and a plain request to a baseline ``em3 serve`` running the code before
+explanations existed (``git archive`` of ``--baseline-ref``, default
+:data:`PRE_EXPLAIN_REF`, or ``--baseline-code``), so all see the same load. That
+code reads none of today's snapshots (no CVR head, no ``ctcvr_weight``), so the
+baseline serves its own line (``--baseline-snapshots own``): ``publish_line.py``
+runs on the baseline's tree and publishes that code's default model (same seed),
+a new version every ``--swap-interval`` as the benchmark's own publisher does, and
+writes the user histories where that code looks them up (raw user IDs before
+pseudonymisation). With a CVR head and the ``ctr`` objective a fourth server,
+this code with today's model less the CVR head (``ctcvr_weight`` 0, its own line),
+joins the rotation (``--no-cvr-off-server``: not), which splits the plain requests'
+distance from the baseline into what the CVR head costs and what the rest of the
+code since the baseline costs. It adds ``explain_p50_ms``, ``baseline_p50_ms`` and
+``p50_vs_baseline`` (the plain p50 over the baseline's, which must stay within 5%),
+``p50_vs_baseline_paired`` (the median over request cycles of plain / baseline
+latency), ``cvr_off_p50_ms``, ``p50_vs_cvr_off``, ``cvr_off_vs_baseline``, and
+what the baseline ran: ``baseline_code``, ``baseline_line``,
+``baseline_model_config_diff`` (today's config against the baseline's),
+``baseline_history_keys``, each server's swaps and mean swap time.
 
 Usage::
 
