@@ -1,12 +1,15 @@
 """benchmarks/serving.py --explain: what the comparison says it ran."""
-import sys
+import importlib.util
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from em3 import snapshot
+from em3.model import ModelConfig
 
-import serving  # noqa: E402
-from em3 import snapshot  # noqa: E402
-from em3.model import ModelConfig  # noqa: E402
+# By path: the name ``serving`` is the serving package.
+_SPEC = importlib.util.spec_from_file_location(
+    "benchmark_serving", Path(__file__).resolve().parents[2] / "benchmarks" / "serving.py")
+serving = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(serving)
 
 
 def test_the_objective_is_read_from_the_server_flags():
