@@ -23,14 +23,29 @@ requests is preceded by a burst of bare forwards (in the benchmark process, in a
 worker thread as the server runs them, clients paused), and both see the same
 background load and the same ongoing snapshot swaps.
 
-``--explain`` measures what explanations cost: each client's requests rotate, one by
-one, between a plain request, a request with ``"explain": true`` to the same server,
-and a plain request to a second ``em3 serve`` running the code before explanations
-existed (``git archive`` of ``--baseline-ref``, default :data:`PRE_EXPLAIN_REF`) on
-the same Redis, snapshots and swaps, so the three see the same load. It adds
-``explain_p50_ms``, ``baseline_p50_ms`` and ``p50_vs_baseline`` (the plain p50 over
-the baseline's, which must stay within 5%), and ``p50_vs_baseline_paired``, the median
-over request cycles of plain / baseline latency.
+``--explain`` measures what explanations cost. Each client's requests rotate, one
+by one (each cycle in a random order), between a plain request, a request with
+``"explain": true`` (to a second server of this code on the same line, so the plain
+server answers only plain requests; ``--explain-on same`` sends them to the plain
+server), and a plain request to a baseline ``em3 serve`` running the code before
+explanations existed (``git archive`` of ``--baseline-ref``, default
+:data:`PRE_EXPLAIN_REF`, or ``--baseline-code``), so all see the same load. That
+code reads none of today's snapshots (no CVR head, no ``ctcvr_weight``), so the
+baseline serves its own line (``--baseline-snapshots own``): ``publish_line.py``
+runs on the baseline's tree and publishes that code's default model (same seed),
+a new version every ``--swap-interval`` as the benchmark's own publisher does, and
+writes the user histories where that code looks them up (raw user IDs before
+pseudonymisation). With a CVR head and the ``ctr`` objective a fourth server,
+this code with today's model less the CVR head (``ctcvr_weight`` 0, its own line),
+joins the rotation (``--no-cvr-off-server``: not), which splits the plain requests'
+distance from the baseline into what the CVR head costs and what the rest of the
+code since the baseline costs. It adds ``explain_p50_ms``, ``baseline_p50_ms`` and
+``p50_vs_baseline`` (the plain p50 over the baseline's, which must stay within 5%),
+``p50_vs_baseline_paired`` (the median over request cycles of plain / baseline
+latency), ``cvr_off_p50_ms``, ``p50_vs_cvr_off``, ``cvr_off_vs_baseline``, and
+what the baseline ran: ``baseline_code``, ``baseline_line``,
+``baseline_model_config_diff`` (today's config against the baseline's),
+``baseline_history_keys``, each server's swaps and mean swap time.
 
 Usage::
 
@@ -89,6 +104,8 @@ from stream.kafka import make_consumer  # noqa: E402
 
 log = logging.getLogger("benchmarks.serving")
 LINE = "bench"
+BASELINE_LINE = "bench-baseline"  # the baseline's own line, published by its own code
+CVR_OFF_LINE = "bench-cvr-off"  # this code, today's model without the CVR head
 
 
 def _png(rng: np.random.Generator, size: int = 64) -> bytes:
@@ -115,16 +132,42 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def _publish(store, state, config, version_noise: float, rng: torch.Generator) -> int:
-    version = store.next_version(LINE)
+def _publish(store, state, config, version_noise: float, rng: torch.Generator, line: str = LINE) -> int:
+    version = store.next_version(line)
     noisy = {k: v + version_noise * torch.randn(v.shape, generator=rng) for k, v in state.items()}
-    blob, manifest = snapshot.pack(noisy, model_line=LINE, version=version, config=config)
+    blob, manifest = snapshot.pack(noisy, model_line=line, version=version, config=config)
     store.publish(manifest, blob)
     return version
 
 
-def _server_status(client: httpx.Client) -> dict:
-    return client.get("/readyz").json()["sources"][LINE]
+def _server_status(client: httpx.Client, line: str = LINE) -> dict:
+    return client.get("/readyz").json()["sources"][line]
+
+
+def _swap_counts(servers: dict[str, tuple[subprocess.Popen, int, Any]], lines: dict[str, str]
+                 ) -> dict[str, tuple[int, float, float]]:
+    """Per server (``lines``: server -> its line): swaps so far, and the sum and count
+    of ``em3_serving_swap_seconds`` (load + precompute per swap)."""
+    out = {}
+    for name, (_, port, _) in servers.items():
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as c:
+            page = c.get("/metrics").text
+            out[name] = (int(_server_status(c, lines[name])["swaps"]), _metric(page, "em3_serving_swap_seconds_sum"),
+                         _metric(page, "em3_serving_swap_seconds_count"))
+    return out
+
+
+def _swap_figures(before: dict[str, tuple[int, float, float]], after: dict[str, tuple[int, float, float]]) -> dict:
+    """Each other server's swaps during the run, and every server's mean swap time then."""
+    out = {}
+    for name, (swaps, total, count) in after.items():
+        b_swaps, b_total, b_count = before[name]
+        prefix = "" if name == "server" else f"{name}_"
+        if name != "server":
+            out[f"{prefix}swaps_during_run"] = swaps - b_swaps
+        if count > b_count:
+            out[f"{prefix}swap_mean_ms"] = round((total - b_total) / (count - b_count) * 1e3, 1)
+    return out
 
 
 def _metric(text: str, name: str) -> float:
@@ -206,10 +249,11 @@ def run(args: argparse.Namespace) -> dict:
         users = [f"user-{u}" for u in range(args.users)]
         history = RedisHistoryStore(redis, settings.redis_prefix)
         pseudonymize = Pseudonymizer(info.user_id_key)  # the server looks histories up by pseudonym
+        clicks = []  # (user, item_id, clicked_at), raw user IDs
         for user in users:
             clicked = rnd.sample(ids, args.history)
-            history.append_many([(pseudonymize(user), item_id, 1.7e9 + t)
-                                 for t, item_id in enumerate(reversed(clicked))])
+            clicks += [(user, item_id, 1.7e9 + t) for t, item_id in enumerate(reversed(clicked))]
+        history.append_many([(pseudonymize(user), item_id, at) for user, item_id, at in clicks])
 
         log.info("building the publisher's model (%s config)", args.config)
         model = EM3Model(config).eval()
@@ -217,6 +261,16 @@ def run(args: argparse.Namespace) -> dict:
         store = RedisSnapshotStore(redis, settings.redis_prefix, keep=5, signing_key=info.snapshot_key)
         noise = torch.Generator().manual_seed(args.seed)
         first = _publish(store, state, config, 0.0, noise)
+        objective = _objective(args.server_arg)
+        # Today's model without the CVR head, beside the baseline: what the CVR head
+        # costs plain requests (only with --explain, a CVR head, and ranking by ctr).
+        cvr_off = None
+        if args.explain and args.cvr_off_server and config.ctcvr_weight > 0 and objective == "ctr":
+            torch.manual_seed(args.seed)
+            cvr_off_config = config.replace(ctcvr_weight=0.0)
+            cvr_off_state = EM3Model(cvr_off_config).eval().trainable_state_dict()
+            cvr_off = (cvr_off_config, cvr_off_state, torch.Generator().manual_seed(args.seed))
+            _publish(store, cvr_off_state, cvr_off_config, 0.0, cvr_off[2], CVR_OFF_LINE)
 
         # The bare model on the same input: 100 candidate rows against 100 history rows.
         user = pseudonymize(users[0])
@@ -256,10 +310,10 @@ def run(args: argparse.Namespace) -> dict:
 
         servers: dict[str, tuple[subprocess.Popen, int, Any]] = {}  # name -> (process, port, log file)
 
-        def start_server(name: str, code_dir: Path | None) -> None:
+        def start_server(name: str, code_dir: Path | None, line: str = LINE) -> None:
             port = free_port()
             log_file = open(run_dir / f"{name}.log", "wb")
-            cmd = [sys.executable, "-m", "em3", "serve", "--model-line", LINE, "--port", str(port),
+            cmd = [sys.executable, "-m", "em3", "serve", "--model-line", line, "--port", str(port),
                    "--bootstrap-servers", info.bootstrap_servers, "--redis-url", info.redis_url,
                    "--topic-prefix", "bench.", "--redis-prefix", "bench:", "--poll-interval", "1.0"]
             cmd += ["--torch-threads", str(args.server_torch_threads)] + args.server_arg
@@ -287,18 +341,28 @@ def run(args: argparse.Namespace) -> dict:
             log.info("server %s ready on port %d", name, port)
 
         baseline_dir = _baseline_tree(args, run_dir) if args.explain else None
-        # Each round of load runs one phase: the server without explanations ("plain"),
-        # with "explain": true ("explain"), the baseline server ("baseline"); rounds
-        # rotate through them, so every phase sees the same background and swaps.
-        phases = ["plain"] + (["explain"] if args.explain else []) + (["baseline"] if baseline_dir else [])
+        baseline_line = LINE if args.baseline_snapshots == "shared" else BASELINE_LINE
+        baseline_pub: dict[str, Any] = {}  # the baseline's publisher: process, ready line, last line
+        # Requests rotate through the phases: the server without explanations ("plain"),
+        # with "explain": true ("explain"), today's model without the CVR head
+        # ("cvr_off"), the baseline server ("baseline"), so every phase sees the same
+        # background and swaps.
+        phases = (["plain"] + (["explain"] if args.explain else []) + (["cvr_off"] if cvr_off else [])
+                  + (["baseline"] if baseline_dir else []))
         try:
             start_server("server", None)
+            if args.explain and args.explain_on == "own":
+                start_server("explain", None)
+            if cvr_off is not None:
+                start_server("cvr_off", None, CVR_OFF_LINE)
             if baseline_dir is not None:
-                start_server("baseline", baseline_dir)
+                if baseline_line == BASELINE_LINE:
+                    baseline_pub.update(_start_baseline_publisher(args, baseline_dir, run_dir, info, clicks))
+                start_server("baseline", baseline_dir, baseline_line)
             port = servers["server"][1]
             url = f"http://127.0.0.1:{port}"
-            phase_port = {"plain": port, "explain": port,
-                          "baseline": servers["baseline"][1] if baseline_dir else port}
+            phase_port = {"plain": port, "explain": port}
+            phase_port.update({name: servers[name][1] for name in ("explain", "cvr_off", "baseline") if name in servers})
             with httpx.Client(base_url=url, timeout=30) as admin:
                 for name in servers:
                     wait_ready(name)
@@ -309,9 +373,11 @@ def run(args: argparse.Namespace) -> dict:
                             answer = warm.post("/v1/rank", json={**body, **({"explain": True} if phase == "explain"
                                                                               else {})})
                             answer.raise_for_status()
-                            if phase != "baseline":
+                            if phase in ("plain", "explain"):
                                 answered.update(i["impression_id"] for i in answer.json()["items"])
                 swaps_before = _server_status(admin)["swaps"]
+                server_lines = {"server": LINE, "explain": LINE, "cvr_off": CVR_OFF_LINE, "baseline": baseline_line}
+                swaps_at_start = _swap_counts(servers, server_lines)
 
                 latencies: dict[str, list[float]] = {phase: [] for phase in phases}
                 versions: list[int] = []
@@ -323,14 +389,18 @@ def run(args: argparse.Namespace) -> dict:
 
                 def client_loop(seed: int) -> None:
                     crng = random.Random(seed)
+                    order_rng, order = random.Random(seed + 7919), list(phases)
                     conns = {p: http.client.HTTPConnection("127.0.0.1", phase_port[p], timeout=30) for p in phases}
                     count, cycle = 0, {}
                     while not stop.is_set():
                         if not go.wait(0.1):
                             continue
                         # Requests rotate through the phases one by one, so each phase's
-                        # requests see the same load as its neighbours'.
-                        phase = phases[count % len(phases)]
+                        # requests see the same load as its neighbours'; each cycle in a
+                        # new random order, so no phase always follows the same one.
+                        if count % len(phases) == 0:
+                            order_rng.shuffle(order)
+                        phase = order[count % len(phases)]
                         count += 1
                         req = {"user_id": crng.choice(users), "item_ids": crng.sample(ids, args.candidates),
                                "context": {"device": "web"}, "k": 10}
@@ -351,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
                             conns[phase] = http.client.HTTPConnection("127.0.0.1", phase_port[phase], timeout=30)
                         with lock:
                             if ok:
-                                if phase != "baseline":  # the baseline server logs to the same topic too
+                                if phase in ("plain", "explain"):  # the others log to the same topic too
                                     answered.update(i["impression_id"] for i in json.loads(data)["items"])
                                 latencies[phase].append(ms)
                                 cycle[phase] = ms
@@ -373,6 +443,8 @@ def run(args: argparse.Namespace) -> dict:
                 def publisher() -> None:
                     while not stop.wait(args.swap_interval):
                         published.append(_publish(store, state, config, 0.01, noise))
+                        if cvr_off is not None:
+                            _publish(store, cvr_off[1], cvr_off[0], 0.01, cvr_off[2], CVR_OFF_LINE)
 
                 def monitor() -> None:
                     # The in-flight gauge, once a second (it rises while the broker is away).
@@ -396,6 +468,9 @@ def run(args: argparse.Namespace) -> dict:
                 for t in threads + side:
                     t.start()
                 pub.start()
+                if baseline_pub:  # the baseline's line swaps at the same interval from now on
+                    baseline_pub["process"].stdin.write(b"go\n")
+                    baseline_pub["process"].stdin.flush()
                 # Interleave: a burst of bare-model forwards (clients paused), then a
                 # round of load, so both see the same background load on a shared CPU.
                 rounds = max(1, round(args.duration / args.round_s))
@@ -415,21 +490,29 @@ def run(args: argparse.Namespace) -> dict:
                 for t in threads:
                     t.join(60)
                 pub.join(60)
+                if baseline_pub:
+                    baseline_pub.update(_stop_baseline_publisher(baseline_pub["process"]))
                 elapsed = time.perf_counter() - t_start
                 for t in side:
                     t.join(120)  # an outage in progress ends first
                 status = _server_status(admin)
-                # Until the broker has acknowledged every impression the server holds.
+                swap_figures = _swap_figures(swaps_at_start, _swap_counts(servers, server_lines))
+                # Until the broker has acknowledged every impression the audited servers hold.
                 drain_deadline = time.monotonic() + args.drain_timeout_s
                 t_drain = time.monotonic()
+                audited = [servers[name][1] for name in ("server", "explain") if name in servers]
                 while True:
                     metrics = admin.get("/metrics").text
-                    held = _metric(metrics, "em3_serving_impressions_in_flight")
+                    held = sum(_metric(httpx.get(f"http://127.0.0.1:{p}/metrics", timeout=10).text,
+                                       "em3_serving_impressions_in_flight") for p in audited)
                     if held == 0 or time.monotonic() > drain_deadline:
                         break
                     time.sleep(0.5)
                 drain_s = time.monotonic() - t_drain
         finally:
+            if baseline_pub and baseline_pub["process"].poll() is None:
+                baseline_pub["process"].kill()
+                baseline_pub["process"].wait(10)
             for proc, _, log_file in servers.values():
                 proc.terminate()
                 try:
@@ -495,6 +578,7 @@ def run(args: argparse.Namespace) -> dict:
         "failed": len(failures),
         "failure_examples": failures[:3],
         "swaps_during_run": swaps,
+        **swap_figures,
         "versions_published": len(published) - 1,
         "versions_served": len(set(versions)),
         "last_version_served": max(versions) if versions else None,
@@ -517,6 +601,7 @@ def run(args: argparse.Namespace) -> dict:
                         and all(i in on_topic for i in answered)),
         "server_log": str(run_dir / "server.log"),
         **_explain_figures(args, latencies, cycles, p50),
+        **_comparison(args, config, objective, baseline_dir, baseline_line, baseline_pub, cvr_off),
     }
 
 
@@ -538,6 +623,99 @@ def _baseline_tree(args: argparse.Namespace, run_dir: Path) -> Path | None:
     archive = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", args.baseline_ref],
                              check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
+def _objective(server_args: list[str]) -> str:
+    """The objective ``em3 serve`` ranks by with these extra flags (``ctr`` unless given)."""
+    for n, arg in enumerate(server_args):
+        if arg == "--objective" and n + 1 < len(server_args):
+            return server_args[n + 1]
+        if arg.startswith("--objective="):
+            return arg.split("=", 1)[1]
+    return "ctr"
+
+
+def _start_baseline_publisher(args: argparse.Namespace, code_dir: Path, run_dir: Path, info,
+                              clicks: list[tuple[str, str, float]]) -> dict[str, Any]:
+    """Start ``benchmarks/publish_line.py`` on the baseline's code (``PYTHONPATH=code_dir``):
+    it writes the histories where that code looks them up, publishes that code's model
+    on :data:`BASELINE_LINE` and waits for "go"; returns its process and ready line."""
+    rows = run_dir / "baseline-histories.json"
+    rows.write_text(json.dumps(clicks))
+    script = Path(__file__).resolve().parent / "publish_line.py"
+    cmd = [sys.executable, str(script), "--redis-url", info.redis_url, "--redis-prefix", "bench:",
+           "--line", BASELINE_LINE, "--config", args.config, "--seed", str(args.seed),
+           "--swap-interval", str(args.swap_interval), "--histories", str(rows)]
+    env = dict(os.environ, **info.env(), PYTHONPATH=str(code_dir), PYTHONUNBUFFERED="1")
+    log_file = open(run_dir / "baseline-publisher.log", "wb")
+    # The script's own folder is first on sys.path, then the baseline's tree: its em3.
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file, env=env,
+                            cwd=str(code_dir))
+    log_file.close()
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(10)
+        raise RuntimeError(f"the baseline's publisher ended before its first snapshot; see "
+                           f"{run_dir / 'baseline-publisher.log'}")
+    ready = json.loads(line)
+    log.info("baseline line %s: v%d from %s (%s config; histories by %s, %d written)", BASELINE_LINE,
+             ready["version"], code_dir, args.config, ready["history_keys"], ready["histories_written"])
+    return {"process": proc, "ready": ready}
+
+
+def _stop_baseline_publisher(proc: subprocess.Popen) -> dict[str, Any]:
+    """Close the publisher's stdin (it stops) and read its last line."""
+    proc.stdin.close()
+    out = proc.stdout.read().decode().strip().splitlines()
+    proc.wait(30)
+    return {"done": json.loads(out[-1]) if out else {}}
+
+
+def _config_diff(current: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    """How ``other`` differs from ``current``: keys only in one, and changed values."""
+    return {"only_current": {k: current[k] for k in sorted(current.keys() - other.keys())},
+            "only_baseline": {k: other[k] for k in sorted(other.keys() - current.keys())},
+            "changed": {k: [current[k], other[k]] for k in sorted(current.keys() & other.keys())
+                        if current[k] != other[k]}}
+
+
+def _comparison(args: argparse.Namespace, config, objective: str, baseline_dir: Path | None, baseline_line: str,
+                baseline_pub: dict[str, Any], cvr_off) -> dict:
+    """What the ``--explain`` comparison ran: the baseline's code, line and model, and
+    today's model's CVR head (whether plain requests pay for it)."""
+    if not args.explain:
+        return {}
+    current = snapshot.config_dict(config)
+    out: dict[str, Any] = {
+        "explain_on": ("its own server (this code, the same line and swaps): the plain server answers only plain "
+                       "requests" if args.explain_on == "own" else "the plain server (requests alternate)"),
+        "objective": objective,
+        "cvr_head": config.ctcvr_weight > 0,
+        "cvr_head_on_plain_requests": (
+            "runs" if objective != "ctr" and config.ctcvr_weight > 0 else
+            "head not run (ranking by ctr returns the click logit before it), but each request composes its item "
+            "rows (candidates and history) with the 2 CVR columns (item CVR statistic, log value) that ctr does not use"
+            if config.ctcvr_weight > 0 else "no CVR head"),
+    }
+    if cvr_off is not None:
+        out["cvr_off_line"] = CVR_OFF_LINE
+        out["cvr_off_config_diff"] = _config_diff(current, snapshot.config_dict(cvr_off[0]))["changed"]
+    if baseline_dir is None:
+        return out
+    out["baseline_code"] = str(baseline_dir) if args.baseline_code else f"git archive {args.baseline_ref}"
+    out["baseline_line"] = baseline_line
+    if baseline_pub:
+        ready = baseline_pub["ready"]
+        out["baseline_snapshots"] = (f"own line, published by the baseline's code ({args.config} model, seed "
+                                     f"{args.seed}, a version every {args.swap_interval} s)")
+        out["baseline_model_config_diff"] = _config_diff(current, ready["config"])
+        out["baseline_history_keys"] = ready["history_keys"]
+        out["baseline_histories_written"] = ready["histories_written"]
+        out["baseline_versions_published"] = baseline_pub.get("done", {}).get("published")
+    else:
+        out["baseline_snapshots"] = "shared: this benchmark's line and snapshots (today's model)"
+        out["baseline_model_config_diff"] = _config_diff(current, current)
     return out
 
 
@@ -566,6 +744,15 @@ def _explain_figures(args: argparse.Namespace, latencies: dict[str, list[float]]
                     "p50_vs_baseline": round(p50 / base_p50, 4),
                     "p50_vs_baseline_paired": paired("plain", "baseline"),
                     "p50_within_5pct_of_baseline": p50 <= 1.05 * base_p50})
+    off = latencies.get("cvr_off")
+    if off is not None:
+        off_p50 = _percentile(off, 50)
+        out.update({"cvr_off_requests": len(off), "cvr_off_p50_ms": round(off_p50, 2),
+                    "cvr_off_p99_ms": round(_percentile(off, 99), 2),
+                    "p50_vs_cvr_off": round(p50 / off_p50, 4), "p50_vs_cvr_off_paired": paired("plain", "cvr_off")})
+        if base is not None:
+            out.update({"cvr_off_vs_baseline": round(off_p50 / base_p50, 4),
+                        "cvr_off_vs_baseline_paired": paired("cvr_off", "baseline")})
     return out
 
 
@@ -596,6 +783,16 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"git ref whose code the baseline server runs with --explain (default {PRE_EXPLAIN_REF}, the "
                         "last commit before explanations; 'none' for no baseline)")
     p.add_argument("--baseline-code", default=None, help="a source tree for the baseline server instead of a ref")
+    p.add_argument("--baseline-snapshots", choices=["own", "shared"], default="own",
+                   help="own: the baseline serves its own line, published by its own code (benchmarks/publish_line.py "
+                        "on the baseline's tree: its default model, same seed and swap interval); shared: it serves "
+                        "this benchmark's line (only for a baseline that reads today's snapshots)")
+    p.add_argument("--explain-on", choices=["own", "same"], default="own",
+                   help="own: explained requests go to a second server of this code on the same line, so the plain "
+                        "server answers only plain requests, as the baseline does; same: to the plain server")
+    p.add_argument("--cvr-off-server", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --explain, a model with a CVR head and the ctr objective: also serve today's model "
+                        "without the CVR head (ctcvr_weight 0, its own line) in the rotation")
     p.add_argument("--broker-outage-s", type=float, default=0.0,
                    help="take the broker away this long during the load (0: no outage)")
     p.add_argument("--outage-mode", choices=["kill", "pause"], default="kill",
