@@ -426,10 +426,12 @@ class RankingService:
                 same_content[digests[n]] = row
         return torch.stack([same_content[d] for d in digests]) if digests else torch.empty(0, 0)
 
-    def representations(self, state: ServingState, item_ids: Sequence[str]) -> tuple[torch.Tensor, list[bool]]:
+    def representations(self, state: ServingState, item_ids: Sequence[str],
+                        objective: str | None = None) -> tuple[torch.Tensor, list[bool]]:
         """Rows ``(N, D)`` for ``item_ids``: their content rows from the line's table
         (computing misses) composed with the model's fast part; and whether each item
-        has registered content."""
+        has registered content. With ``objective`` the rows serve ranking (and
+        explaining) by that objective only (:meth:`RankingModel.compose`)."""
         now = time.monotonic()
         cache = state.content.cache
         rows, known, missing = cache.gather(item_ids, now)
@@ -445,7 +447,7 @@ class RankingService:
                 known[n] = flags[j]
         if rows is None:
             return torch.empty(0, 0), known
-        return state.model.compose(item_ids, rows), known  # (N, D)
+        return state.model.compose(item_ids, rows, objective), known  # (N, D)
 
     # -- requests -----------------------------------------------------------------
     def user_history(self, state: ServingState, user_id: str) -> list[str]:
@@ -484,14 +486,14 @@ class RankingService:
         t0 = time.perf_counter()
         history_ids = self.user_history(state, user_id)
         t1 = time.perf_counter()
-        cand_reps, known = self.representations(state, item_ids)  # (N, D)
+        cand_reps, known = self.representations(state, item_ids, objective)  # (N, D)
         unknown = [i for i, flag in zip(item_ids, known) if not flag]
         keep = list(range(len(item_ids)))
         if self.config.unknown_candidates == "drop" and unknown:
             keep = [n for n, flag in enumerate(known) if flag]
             cand_reps = cand_reps[keep]  # (N', D)
         if history_ids:
-            hist_reps, _ = self.representations(state, history_ids)  # (H, D)
+            hist_reps, _ = self.representations(state, history_ids, objective)  # (H, D)
         else:
             hist_reps = cand_reps.new_zeros((0, cand_reps.shape[1] if cand_reps.ndim == 2 else 0))
         t2 = time.perf_counter()

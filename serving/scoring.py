@@ -64,8 +64,11 @@ class RankingModel(Protocol):
         content part)."""
         ...
 
-    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
-        """Rows ``(N, D)`` for ``item_ids`` from their content rows ``(N, C)``; cheap."""
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor,
+                objective: str | None = None) -> torch.Tensor:
+        """Rows ``(N, D)`` for ``item_ids`` from their content rows ``(N, C)``; cheap.
+        With ``objective``, the rows serve only :meth:`score` by that objective: a
+        model may leave out columns it does not read (keeping the layout)."""
         ...
 
     def score(
@@ -200,9 +203,12 @@ class EM3RankingModel:
             return self.model.content_embeddings(list(item_ids), list(contents))  # (N, d)
 
     @torch.inference_mode()
-    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor,
+                objective: str | None = None) -> torch.Tensor:
         content = content_rows if self.model.config.use_content else None
-        return self.model.encode_items(list(item_ids), content=content).reps  # (N, R)
+        # Ranking by ctr reads no conversion column: zeros there skip their statistics.
+        cvr_columns = objective != "ctr"
+        return self.model.encode_items(list(item_ids), content=content, cvr_columns=cvr_columns).reps  # (N, R)
 
     def item_representations(
         self, item_ids: Sequence[str], contents: Sequence[ItemContent | None]

@@ -80,7 +80,8 @@ class ToyModel:
                 rows[n] = self.token_table[tok].mean(dim=0)
         return rows
 
-    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor) -> torch.Tensor:
+    def compose(self, item_ids: Sequence[str], content_rows: torch.Tensor,
+                objective: str | None = None) -> torch.Tensor:
         ids = torch.tensor([_bucket(i, self.config.buckets) for i in item_ids], dtype=torch.long)
         return self.item_table[ids] + content_rows  # (N, D)
 

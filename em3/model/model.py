@@ -640,16 +640,19 @@ class EM3Model(nn.Module):
         return self.content_norm(self.fusion(tokens, masks))  # (N, d)
 
     def encode_items(self, item_ids: Sequence[str], contents: Sequence[ItemContent | None] | None = None,
-                     content: torch.Tensor | None = None) -> ItemEncoding:
+                     content: torch.Tensor | None = None, cvr_columns: bool = True) -> ItemEncoding:
         """Representations of ``N`` unique items; ``contents`` aligned with ``item_ids``,
         or their content embeddings ``content`` ``(N, d)`` already computed (a learner's
-        cache of history items), which skips the encoders and fusion."""
+        cache of history items), which skips the encoders and fusion. Without
+        ``cvr_columns`` the conversion columns (with a CVR head) are zeros: rows for
+        ranking by ``ctr`` only, which never reads them (a server saves their
+        statistics on every request)."""
         buckets = self.item_emb.buckets_of(item_ids)
         ids = self.item_emb.table(buckets)  # (N, d)
         item_wide = self._item_wide(buckets)
         bias = [] if item_wide is None else [item_wide.unsqueeze(-1)]  # (N, 1)
         if self.config.has_cvr:
-            bias.append(self._item_cvr_columns(buckets))  # (N, 2)
+            bias.append(self._item_cvr_columns(buckets) if cvr_columns else ids.new_zeros((ids.shape[0], 2)))  # (N, 2)
         if not self.config.use_content:
             return ItemEncoding(torch.cat([ids] + bias, dim=-1) if bias else ids, None, ids, buckets)
         if content is None:

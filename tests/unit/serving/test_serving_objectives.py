@@ -75,6 +75,25 @@ def test_a_line_ranks_by_the_objective_its_arm_names(line):
     assert all(r.score < by[r.item_id] for r in ctcvr)  # P(click and conversion) < P(click)
 
 
+def test_rows_composed_for_one_objective_score_as_the_full_rows(line):
+    store, content, _ = line
+    service = RankingService(content, _NoHistory())
+    reloader = SnapshotReloader(store, EM3Loader(), service.prepare,
+                                ReloaderConfig("main", objectives=("ctr", "ctcvr", "value")))
+    assert reloader.check()
+    state = reloader.current
+    full, _ = service.representations(state, list("abcd"))
+    for objective in ("ctr", "ctcvr", "value"):
+        rows, _ = service.representations(state, list("abcd"), objective)
+        assert rows.shape == full.shape
+        want = state.model.score("u1", {}, full[:0], full, objective=objective)
+        got = state.model.score("u1", {}, rows[:0], rows, objective=objective)
+        torch.testing.assert_close(got, want)
+    # Rows for ctr leave the conversion columns out (zeros); the others keep them.
+    ctr_rows, _ = service.representations(state, list("abcd"), "ctr")
+    assert torch.all(ctr_rows[:, -2:] == 0) and not torch.all(full[:, -2:] == 0)
+
+
 def test_a_snapshot_without_the_cvr_head_is_refused_for_a_ctcvr_arm(line):
     _, content, config = line
     plain = config.replace(ctcvr_weight=0.0)
