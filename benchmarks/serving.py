@@ -694,8 +694,8 @@ def _comparison(args: argparse.Namespace, config, objective: str, baseline_dir: 
         "cvr_head": config.ctcvr_weight > 0,
         "cvr_head_on_plain_requests": (
             "runs" if objective != "ctr" and config.ctcvr_weight > 0 else
-            "head not run (ranking by ctr returns the click logit before it), but each request composes its item "
-            "rows (candidates and history) with the 2 CVR columns (item CVR statistic, log value) that ctr does not use"
+            "head not run (ranking by ctr returns the click logit before it); the item rows each request composes "
+            "carry zeros in the 2 CVR columns, which ctr does not read"
             if config.ctcvr_weight > 0 else "no CVR head"),
     }
     if cvr_off is not None:
