@@ -58,13 +58,18 @@ def line():
     return store, content, config
 
 
-def test_a_line_ranks_by_the_objective_its_arm_names(line):
+def _serve(line):
+    """A ranking service and the state of the line's snapshot, loaded for every objective."""
     store, content, _ = line
     service = RankingService(content, _NoHistory())
     reloader = SnapshotReloader(store, EM3Loader(), service.prepare,
                                 ReloaderConfig("main", objectives=("ctr", "ctcvr", "value")))
     assert reloader.check()
-    state = reloader.current
+    return service, reloader.current
+
+
+def test_a_line_ranks_by_the_objective_its_arm_names(line):
+    service, state = _serve(line)
     assert state.model.objectives == ("ctr", "ctcvr", "value")
     top = {o: [r.item_id for r in service.rank(state, "u1", list("abcd"), k=1, objective=o).items]
            for o in ("ctcvr", "value")}
@@ -76,12 +81,7 @@ def test_a_line_ranks_by_the_objective_its_arm_names(line):
 
 
 def test_rows_composed_for_one_objective_score_as_the_full_rows(line):
-    store, content, _ = line
-    service = RankingService(content, _NoHistory())
-    reloader = SnapshotReloader(store, EM3Loader(), service.prepare,
-                                ReloaderConfig("main", objectives=("ctr", "ctcvr", "value")))
-    assert reloader.check()
-    state = reloader.current
+    service, state = _serve(line)
     full, _ = service.representations(state, list("abcd"))
     for objective in ("ctr", "ctcvr", "value"):
         rows, _ = service.representations(state, list("abcd"), objective)
