@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 
 from em3.config import Settings
+from em3.retry import Backoff
 from learners import actor
 from learners.actor import ActorResources, start_aggregator_actor, start_learner_actor
 from learners.worker import LearnConfig
@@ -40,17 +41,6 @@ log = logging.getLogger(__name__)
 # Fleets of this process that hold actors, and whether a fleet (not the caller) started Ray.
 _LIVE_FLEETS: set[int] = set()
 _RAY_STARTED_BY_FLEETS = False
-
-
-class _Backoff:
-    """Exponential waits (0.2 s doubling to 2 s) between calls to an actor Ray is restarting."""
-
-    def __init__(self, first: float = 0.2, cap: float = 2.0) -> None:
-        self.first, self.cap, self.delay = first, cap, first
-
-    def sleep(self) -> None:
-        time.sleep(self.delay)
-        self.delay = min(self.cap, 2 * self.delay)
 
 
 class LearnerFleet:
@@ -178,14 +168,15 @@ class LearnerFleet:
         with exponential backoff; False if ``stop()`` turns true first. Calls made
         while the actor is restarting fail at once, so calling ``run`` again without
         this wait would spin, and count one death many times."""
-        wait = _Backoff()
+        backoff = Backoff(initial_s=0.2, max_s=2.0)
         while not stop():
             try:
                 actor.get(worker.pid.remote(), timeout=60)
                 return True
             except actor.RemoteError as exc:  # unavailable, or no answer yet: still restarting
-                log.debug("learner not back yet (%s); asking again in %.1f s", exc, wait.delay)
-                wait.sleep()
+                delay = backoff.next()
+                log.debug("learner not back yet (%s); asking again in %.1f s", exc, delay)
+                time.sleep(delay)
         return False
 
     def _run_fleet(self, stop: Callable[[], bool], max_rounds: int | None) -> int | None:
