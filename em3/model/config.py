@@ -166,6 +166,13 @@ class ModelConfig:
         Starting value of the content match's per-dimension weights ``w``: how
         strongly a new item is scored by content similarity before any training (a
         prior; see ``docs/model.md``).
+    content_fade : bool
+        Scale the content columns of the *target* item in the click head's MLP and
+        factorisation term by the same gate ``tau / (tau + n)`` (content variants with
+        the content match only): a new item is read by its content, a warm one by its
+        ID row and statistics (the warm-up idea of DropoutNet / MWUF). The content
+        match and the attended history are unchanged. On the tuning window (seeds
+        0-2) it gave +0.0017 GAUC for -0.0008 AUC and -0.0014 cold AUC.
     correction_mode : {"cancel", "positive"}
         How a late positive (``Sample.correction``: a late click, or a conversion)
         is learned; see :func:`em3.model.losses.weighted_bce`.
@@ -230,6 +237,7 @@ class ModelConfig:
     popularity_weight_init: FiniteFloat = 0.4
     content_match_impressions: NonNegFloat = 10.0
     content_match_init: FiniteFloat = 2.0
+    content_fade: bool = True
     correction_mode: CorrectionMode = "cancel"
     ctr_weight: FiniteNonNegFloat = 1.0
     ctcvr_weight: FiniteNonNegFloat = 1.0

@@ -185,7 +185,8 @@ class EM3Model(nn.Module):
             self.item_bias = HashEmbedding(config.item_buckets, 1, "item", init_std=0.0)
         self.attention = TargetAttention(config.item_dim, config.attention_hidden)
         self.head = ClickHead(d, config.item_dim, config.mlp_hidden, content_dim=d if config.content_match else 0,
-                              match_init=config.content_match_init)
+                              match_init=config.content_match_init,
+                              fade_content=config.content_match and config.content_fade)
         if config.content_match or config.stat_features:
             self.register_buffer("item_impressions", torch.zeros(config.item_buckets))
         if config.stat_features:

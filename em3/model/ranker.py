@@ -183,6 +183,10 @@ class ClickHead(nn.Module):
     and ``gate`` ``(B,)`` in ``[0, 1]`` the caller's per-target cold-start gate. A new
     item is then scored by how much its content resembles what the user engaged with;
     rows whose ``has_history`` ``(B,)`` is False get only ``gate * b``.
+
+    With ``fade_content``, the MLP and the factorisation term read the target's
+    content columns scaled by ``gate``: content speaks for a new item, its ID row
+    and statistics for a warm one (the match reads them unscaled).
     """
 
     #: ``b`` is stored divided by this, so Adam (whose steps are about ``lr`` whatever
@@ -191,8 +195,9 @@ class ClickHead(nn.Module):
     COLD_BIAS_STEP = 20.0
 
     def __init__(self, d: int, item_dim: int, hidden: Sequence[int], content_dim: int = 0,
-                 match_init: float = 2.0) -> None:
+                 match_init: float = 2.0, fade_content: bool = False) -> None:
         super().__init__()
+        self.fade_content = fade_content and content_dim > 0
         self.user_cross = nn.Linear(d, item_dim, bias=False)
         layers: list[nn.Module] = []
         width = 2 * d + 4 * item_dim
@@ -220,8 +225,12 @@ class ClickHead(nn.Module):
     def forward(self, user: torch.Tensor, context: torch.Tensor, target: torch.Tensor,
                 interest: torch.Tensor, gate: torch.Tensor | None = None,
                 has_history: torch.Tensor | None = None) -> torch.Tensor:
-        cross = self.user_cross(user) * target  # (B, R)
-        x = torch.cat([user, context, target, interest, target * interest, cross], dim=-1)  # (B, 2d + 4R)
+        read = target
+        if self.fade_content and gate is not None:
+            c = self.content_dim
+            read = torch.cat([target[:, :c] * gate.to(target.dtype).unsqueeze(-1), target[:, c:]], dim=-1)  # (B, R)
+        cross = self.user_cross(user) * read  # (B, R)
+        x = torch.cat([user, context, read, interest, read * interest, cross], dim=-1)  # (B, 2d + 4R)
         logit = self.mlp(x).squeeze(-1) + cross.sum(-1)  # (B,)
         if self.content_match is not None and gate is not None:
             c, dtype = self.content_dim, target.dtype
