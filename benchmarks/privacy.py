@@ -55,7 +55,7 @@ import httpx
 import numpy as np
 
 from em3.app.services import LocalServices, free_port, wait_until
-from em3.model import USER_ROW_STATE, user_rows
+from em3.model import USER_ROW_STATE, user_rows_in
 from em3.privacy import Pseudonymizer, is_pseudonym, tombstone_id
 from em3.redis_stores import RedisContentStore, RedisPrivacyStore, RedisSnapshotStore, connect, scan_values
 from em3.snapshot import load_state
@@ -200,10 +200,10 @@ class Follower(threading.Thread):
                     chain, state = self.store.get_chain(LINE, v), None
                 for manifest, blob in chain:
                     state = materialize([(manifest, blob)], base=state)
-                    rows = user_rows(int(manifest.config["user_buckets"]), self.users)
-                    self.zero_at[manifest.version] = {
-                        u: all(bool((state[n][r] == 0).all()) for n in USER_ROW_STATE if n in state)
-                        for u, r in zip(self.users, rows)}
+                    rows, own = user_rows_in(manifest.config, state, self.users)
+                    self.zero_at[manifest.version] = {  # a user holding an own row is not forgotten
+                        u: not o and all(bool((state[n][r] == 0).all()) for n in USER_ROW_STATE if n in state)
+                        for u, r, o in zip(self.users, rows, own)}
                 held_v = v
             except SnapshotError as exc:
                 self.errors += 1
@@ -240,6 +240,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variant", default="em3")
     parser.add_argument("--tiny", action="store_true", help="the tiny random-init config instead of the default")
     parser.add_argument("--runtime", choices=["ray", "in_process"], default="ray")
+    parser.add_argument("--id-table", choices=["hashed", "bounded"], default="hashed",
+                        help="the learner's ID tables (bounded: rows are looked up in the snapshot's map)")
     parser.add_argument("--snapshot-interval-s", type=float, default=1.0)
     parser.add_argument("--topic-sample", type=int, default=500_000, help="records read per topic")
     parser.add_argument("--complete-timeout-s", type=float, default=300.0)
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spawn("learner", ["-m", "em3", "-v", "learn", "--model-line", LINE, "--variant", args.variant,
                           *(["--tiny", "--lr", "0.01"] if args.tiny else []),
                           *(["--in-process"] if args.runtime == "in_process" else []),
+                          "--id-table", args.id_table,
                           "--snapshot-interval-s", str(args.snapshot_interval_s), "--batch-size", "256",
                           "--max-batch-wait-s", "0.05"])
         traffic = None
@@ -395,13 +398,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
             manifest, newest = load_state(store, LINE)
             chain = store.get_chain(LINE, manifest.version)
-            buckets = int(manifest.config["user_buckets"])
-            live_rows = {user_rows(buckets, [pid_of[u]])[0] for u in traffic.served if u not in requested}
+            live = [pid_of[u] for u in traffic.served if u not in requested]
+            live_rows = set(user_rows_in(manifest.config, newest, live)[0])
+            gone = list(requested)
             not_reset, shared = [], 0
-            for user in requested:
-                row = user_rows(buckets, [pid_of[user]])[0]
+            for user, row, own in zip(gone, *user_rows_in(manifest.config, newest, [pid_of[u] for u in gone])):
                 zero = all(bool((newest[n][row] == 0).all()) for n in USER_ROW_STATE if n in newest)
-                if not zero:
+                if own:  # a bounded table's map still gives the deleted user its own row
+                    not_reset.append(user)
+                elif not zero:
                     if row in live_rows:
                         shared += 1  # a live user in the same bucket trained it after the reset
                     else:
@@ -504,6 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variant": args.variant + (" (tiny)" if args.tiny else ""),
         "runtime": args.runtime,
         "model_user_buckets": int(manifest.config["user_buckets"]),
+        "id_table": manifest.config.get("id_table", "hashed"),
         "snapshot_interval_s": args.snapshot_interval_s,
     }
 

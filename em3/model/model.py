@@ -29,6 +29,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from em3.idtable import IdTable
 from em3.model.config import ModelConfig
 from em3.model.encoders import ImageEncoder, PrefixCache, TextEncoder, content_digest, decode_image
 from em3.model.fusion import FusionQFormer, MeanFusion
@@ -37,7 +38,7 @@ from em3.model.ranker import BoundedEmbedding, ClickHead, ConversionHead, HashEm
 from em3.types import ItemContent
 
 __all__ = ["EM3Model", "ItemEncoding", "COUNTER_STATE", "USER_ROW_STATE", "ITEM_ROW_STATE", "ID_MAP_STATE",
-           "user_rows", "reset_user_rows", "sum_terms"]
+           "user_rows", "user_rows_in", "reset_user_rows", "sum_terms"]
 
 # State learned from data but not by gradient: saved in snapshots with the trainable
 # tensors, and merged across data-parallel learners by summing changes.
@@ -78,6 +79,24 @@ def user_rows(user_buckets: int, user_ids: Sequence[str]) -> list[int]:
     True
     """
     return [stable_bucket(u, "user", user_buckets) for u in user_ids]
+
+
+def user_rows_in(config: Mapping, state: Mapping[str, torch.Tensor], user_ids: Sequence[str]
+                 ) -> tuple[list[int], list[bool]]:
+    """The rows of ``user_ids`` in a saved ``state`` of a model with ``config`` (a
+    snapshot manifest's config), and whether each holds an own row: with hashed tables
+    the hash buckets (never own); with bounded tables (``id_table="bounded"``) the
+    rows the state's map gives (:data:`ID_MAP_STATE`): an own row, or the fallback row.
+
+    >>> user_rows_in({"user_buckets": 16}, {}, ["a"]) == (user_rows(16, ["a"]), [False])
+    True
+    """
+    buckets = int(config["user_buckets"])
+    if config.get("id_table", "hashed") != "bounded":
+        return user_rows(buckets, user_ids), [False] * len(user_ids)
+    table = IdTable.from_arrays(*(state[f"user_emb.{a}"].cpu().numpy() for a in ("keys", "last_seen", "hits")),
+                                rows=buckets, fallback=int(config["id_fallback_buckets"]), salt="user")
+    return table.rows(user_ids).tolist(), table.owns(user_ids).tolist()
 
 
 @torch.no_grad()
