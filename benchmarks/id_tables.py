@@ -180,10 +180,14 @@ def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int, overri
         "collision_rate_hot_ids": hot_collide / hot_n, "hot_ids": hot_n,
         "collision_rate_hot_ids_by_quartile": [round(float(x), 4) for x in by_quartile / (hot_n / 4)],
         "config_overrides": overrides or {},
+        "sketch": {name: {"width": emb.ids.sketch.width, "depth": emb.ids.sketch.depth,
+                          "sample_size": emb.ids.sketch.sample_size}
+                   for name, emb in (("user", learner.model.user_emb), ("item", learner.model.item_emb))},
         "hashed_collision_rate_hot_ids": round(hashed_collide / hot_n, 4),
         "auc": round(auc(np.concatenate(labels), np.concatenate(probs)), 4),
         "model": "id_only", "variant": "id_only, id_table=bounded (defaults: "
-        f"fallback {cfg.id_fallback_buckets}, admit_after {cfg.id_admit_after}, expiry_s {cfg.id_expiry_s})",
+        f"fallback {cfg.id_fallback_buckets}, admit_after {cfg.id_admit_after}, expiry_s {cfg.id_expiry_s}, "
+        "TinyLFU admission)",
         "runtime": f"in-process OnlineLearner.learn_batch, cpu, {threads} thread(s), batch {batch_size}",
         "wall_s": round(wall, 1), "core_s": round(cpu, 1), "samples_per_s": round(n / wall),
     }
@@ -300,7 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "id_table": {"user_buckets": cfg.user_buckets, "item_buckets": cfg.item_buckets,
                                         "id_fallback_buckets": cfg.id_fallback_buckets,
                                         "id_admit_after": cfg.id_admit_after, "id_expiry_s": cfg.id_expiry_s,
-                                        "id_sketch_width": cfg.id_sketch_width},
+                                        "id_sketch_width": cfg.id_sketch_width,
+                                        "admission": "TinyLFU: every impression counted, halving after "
+                                                     "10 x own rows, strictly greater estimate than the "
+                                                     "SLRU victim"},
                            "ml_seeds": seeds, "ml_max_events": args.ml_max_events}}
     print(json.dumps(report))
     return report

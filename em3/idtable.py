@@ -16,17 +16,27 @@ snapshots carry them as tensors (safetensors, full or delta, no pickle), and a r
 rebuilds the index from them (:meth:`IdTable.from_arrays`), so a row serves the ID its
 ``keys`` entry names and no other, whatever that row served before.
 
-Admission (Monolith's frequency filter): the impressions of IDs without a row are
-counted in a count-min sketch (:class:`CountMinSketch`: conservative update, counters
-halved every ``width`` additions, TinyLFU's aging, so its memory is fixed and its
-overestimate stays small under an unbounded stream of new IDs); an ID whose estimate
-reaches ``admit_after`` takes a free own row. With none free, a row seen least recently
-(and not in this batch) is evicted for it: segmented LRU (SLRU, as in memcached and
-Caffeine's main region), which takes the least recently seen *probationary* row (its
-owner never came back after admission, ``hits == 0``) first and a *protected* one
-only when no probationary row is left, so a burst of IDs seen twice cannot flush the
-IDs that keep coming back. Rows unseen for ``expiry_s`` seconds of event time are freed
-(Monolith's expiring IDs). :meth:`IdTable.remove` frees the rows of deleted IDs.
+Admission is TinyLFU (Einziger, Friedman, Manes, ACM ToS 2017; Caffeine's
+``FrequencySketch`` and ``BoundedLocalCache.admit``) behind Monolith's frequency filter.
+Every trained-on impression of the table, admitted IDs included, is counted in a
+count-min sketch (:class:`CountMinSketch`: conservative update; all counters halved
+after ``W = 10 x capacity`` counted impressions, TinyLFU's sample size, so old counts
+fade and memory is fixed whatever the stream; width ``4 x`` the power of two >=
+capacity, Caffeine's number of counters, :func:`sketch_width_for`). An ID whose
+estimate reaches ``admit_after`` is a candidate: it takes a free own row if there is
+one. With none free, the segmented-LRU (SLRU, memcached, Caffeine's main region)
+victim is chosen: the least recently seen *probationary* row (its owner never came back
+after admission, ``hits == 0``) first, a *protected* one only when no probationary row is
+left, never a row seen in this batch; the candidate takes the victim's row **only if its
+estimate is strictly greater than the victim's owner's** (ties and lower: it stays on
+its fallback row, the victim keeps its row). Several candidates of one batch are taken
+by descending estimate (ties: first appearance), the strongest first to free rows, the
+others paired one to one with the victims in eviction order. As in Caffeine, a *warm*
+candidate (estimate >= 6) that loses is still admitted about once in 128 duels, so that
+IDs crafted to inflate a victim's cells cannot lock admission (:func:`_jitter`:
+deterministic in fingerprint and event time, so restarts and tests repeat exactly).
+Rows unseen for ``expiry_s`` seconds of event time are freed (Monolith's expiring
+IDs). :meth:`IdTable.remove` frees the rows of deleted IDs.
 
 >>> t = IdTable(rows=8, fallback=4, salt="item", admit_after=2)
 >>> int(t.rows(["a"])[0]) < 4          # not admitted yet: a fallback row
@@ -44,9 +54,18 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["fingerprint", "CountMinSketch", "TableUpdate", "IdTable"]
+__all__ = ["fingerprint", "sketch_width_for", "CountMinSketch", "TableUpdate", "IdTable"]
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+
+SAMPLE_PER_ROW = 10
+"""TinyLFU's sample size per cache entry: the sketch halves after ``10 x capacity``
+counted impressions (the paper's ``W/C`` and Caffeine's ``sampleSize = 10 * maximum``)."""
+ADMIT_WARM = 6
+"""A losing candidate at least this frequent may be admitted at random (Caffeine's
+``ADMIT_HASHDOS_THRESHOLD``)."""
+ADMIT_JITTER_BITS = 7
+"""That happens once in ``2**7 = 128`` duels (Caffeine's ``(random & 127) == 0``)."""
 
 
 # A small cache: hot IDs hit it, and its memory stays bounded under a stream of new IDs.
@@ -66,6 +85,34 @@ def fingerprint(key: str, salt: str) -> int:
     return fp or 1
 
 
+def sketch_width_for(capacity: int) -> int:
+    """Counters per row of a table's admission sketch: 4 x the power of two >= ``capacity``.
+
+    Caffeine sizes its sketch to the cache: a power of two >= capacity of 64-bit words,
+    16 four-bit counters each, which each of its 4 hash functions reaches 4 of; so
+    4 rows of ``4 x`` that power of two counters here (int32) hold as many counters.
+
+    >>> sketch_width_for(28_672), sketch_width_for(1)
+    (131072, 4)
+    """
+    return 4 * (1 << max(int(capacity) - 1, 0).bit_length())
+
+
+def _jitter(fps: np.ndarray, now: int) -> np.ndarray:
+    """``(N,)`` bool, True for about one in ``2**ADMIT_JITTER_BITS`` of the fingerprints
+    ``fps`` ``(N,)`` at event time ``now``: the admission's random fraction, as a hash so
+    that it repeats exactly (no generator state to checkpoint).
+
+    >>> hits = _jitter(np.arange(1, 128_001, dtype=np.int64), now=1_750_000_000)
+    >>> 800 < int(hits.sum()) < 1200
+    True
+    """
+    salt = np.uint64((int(now) * 0xC2B2AE3D27D4EB4F) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        h = (fps.astype(np.uint64) ^ salt) * np.uint64(0x9E3779B97F4A7C15)  # (N,), wraps mod 2^64
+    return (h >> np.uint64(64 - ADMIT_JITTER_BITS)) == 0
+
+
 def _fallback_row(key: str, salt: str, fallback: int) -> int:
     """The hashed fallback row; the same bucket :func:`em3.model.ranker.stable_bucket` gives."""
     return _digest(key, salt) % fallback
@@ -75,9 +122,10 @@ class CountMinSketch:
     """Approximate counts of int64 keys in fixed memory (``depth x width`` int32), and
     approximate sums of a value per key (``values``, float32, same cells).
 
-    Conservative update (only the smallest counters of a key grow), and every ``width``
-    additions all counters and sums are halved (TinyLFU's reset): old counts fade, and
-    an unbounded stream of distinct keys cannot saturate the table.
+    Conservative update (only the smallest counters of a key grow), and after every
+    ``sample_size`` counted additions (default: ``width``) all counters and sums are
+    halved (TinyLFU's reset): old counts fade, and an unbounded stream of distinct keys
+    cannot saturate the table.
 
     >>> s = CountMinSketch(width=64, depth=4)
     >>> s.add(np.array([7, 7, 9], dtype=np.int64)).tolist()
@@ -91,12 +139,15 @@ class CountMinSketch:
                       0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
                      dtype=np.uint64)
 
-    def __init__(self, width: int = 1 << 16, depth: int = 4) -> None:
+    def __init__(self, width: int = 1 << 16, depth: int = 4, sample_size: int | None = None) -> None:
         if not (isinstance(width, int) and width >= 1):
             raise ValueError(f"width must be an int >= 1, but {width!r} is given")
         if not (isinstance(depth, int) and 1 <= depth <= len(self._MULT)):
             raise ValueError(f"depth must be an int in [1, {len(self._MULT)}], but {depth!r} is given")
-        self.width, self.depth = width, depth
+        sample_size = width if sample_size is None else sample_size
+        if not (isinstance(sample_size, int) and sample_size >= 1):
+            raise ValueError(f"sample_size must be an int >= 1, but {sample_size!r} is given")
+        self.width, self.depth, self.sample_size = width, depth, sample_size
         self.table = np.zeros((depth, width), dtype=np.int32)
         self.values = np.zeros((depth, width), dtype=np.float32)
         self.additions = 0
@@ -127,7 +178,7 @@ class CountMinSketch:
         for r in range(self.depth):
             np.maximum.at(self.table[r], cells[r], target)
         self.additions += int(counts.sum())
-        if self.additions >= self.width:
+        if self.additions >= self.sample_size:
             self.table >>= 1
             self.values *= 0.5
             self.additions //= 2
@@ -157,7 +208,8 @@ class TableUpdate:
     (each must be reset before it is used; ``admitted_from`` ``(N,)`` the fallback row
     each such ID used until now; ``prior_impressions`` and ``prior_clicks`` ``(N,)`` the
     sketch's estimates of its impressions and clicks before this call, which its own
-    counters can start from), ``evicted`` rows whose owner left (expired, least
+    counters can start from: for a first admission those before it, for an ID that had
+    a row before, also those on that row, both aged by the same halvings), ``evicted`` rows whose owner left (expired, least
     recently used, or removed); a row can be in both (evicted, then reused)."""
 
     admitted: np.ndarray
@@ -186,19 +238,25 @@ class IdTable:
         Impressions after which an ID gets its own row (1: at its first).
     expiry_s : float
         Free rows whose owner was unseen this long (event time); 0: never expire.
-    sketch_width, sketch_depth : int
-        Size of the admission sketch (:class:`CountMinSketch`), allocated on the first
-        :meth:`observe` (a server that only reads the map never holds one).
+    sketch_width : int
+        Counters per row of the admission sketch (:class:`CountMinSketch`); 0 (the
+        default): :func:`sketch_width_for` the capacity. Whatever the width, the sketch
+        halves after ``10 x capacity`` counted impressions (:data:`SAMPLE_PER_ROW`).
+    sketch_depth : int
+        Rows of the admission sketch. It is allocated on the first :meth:`observe` (a
+        server that only reads the map never holds one).
     """
 
     def __init__(self, rows: int, fallback: int, salt: str, admit_after: int = 2, expiry_s: float = 0.0,
-                 sketch_width: int = 1 << 16, sketch_depth: int = 4) -> None:
+                 sketch_width: int = 0, sketch_depth: int = 4) -> None:
         if not (isinstance(fallback, int) and isinstance(rows, int) and 1 <= fallback < rows):
             raise ValueError(f"fallback must be an int in [1, rows), but {fallback!r} with rows={rows!r} is given")
         if not (isinstance(admit_after, int) and admit_after >= 1):
             raise ValueError(f"admit_after must be an int >= 1, but {admit_after!r} is given")
         if not expiry_s >= 0:
             raise ValueError(f"expiry_s must be >= 0, but {expiry_s!r} is given")
+        if not (isinstance(sketch_width, int) and sketch_width >= 0):
+            raise ValueError(f"sketch_width must be an int >= 0 (0: from the capacity), but {sketch_width!r} is given")
         self.rows_total, self.fallback, self.salt = rows, fallback, salt
         self.capacity = rows - fallback
         self.admit_after, self.expiry_s = admit_after, float(expiry_s)
@@ -207,10 +265,20 @@ class IdTable:
         self.last_seen = np.zeros(self.capacity, dtype=np.int64)  # event time (s) of the owner's last impression
         self.hits = np.zeros(self.capacity, dtype=np.int64)  # later batches the owner came back in
         self._index: dict[int, int] = {}  # fingerprint -> slot
-        self.sketch: CountMinSketch | None = None
+        self.sketch: CountMinSketch | None = None  # allocated on the first observe
         self.now = 0
 
     # ------------------------------------------------------------- reading
+    @property
+    def sketch_sample_size(self) -> int:
+        """Counted impressions between two halvings of the sketch: ``10 x capacity``."""
+        return SAMPLE_PER_ROW * self.capacity
+
+    def new_sketch(self, width: int | None = None) -> CountMinSketch:
+        """An empty admission sketch for this table (``width``: a loaded sketch's)."""
+        width = width or self.sketch_width or sketch_width_for(self.capacity)
+        return CountMinSketch(width, self.sketch_depth, self.sketch_sample_size)
+
     def settings(self) -> dict:
         return {"rows": self.rows_total, "fallback": self.fallback, "salt": self.salt,
                 "admit_after": self.admit_after, "expiry_s": self.expiry_s,
@@ -273,68 +341,73 @@ class IdTable:
         self.hits[slots] = 0
 
     def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
-        """Count one trained-on impression per entry of ``ids`` at event time ``now``:
-        expire stale rows, touch the rows of admitted IDs, admit the IDs whose count
-        reaches ``admit_after`` (evicting least recently seen rows when full)."""
+        """Count one trained-on impression per entry of ``ids`` at event time ``now``
+        (every ID, admitted or not): expire stale rows, touch the rows of admitted IDs,
+        and admit the IDs whose estimate reaches ``admit_after``: to free rows, else
+        to the SLRU victims' rows they out-count (see the module docstring)."""
         self.now = now = max(self.now, int(now))
-        fb = self.fallback
+        fb, salt = self.fallback, self.salt
         evicted: list[np.ndarray] = []
         if self.expiry_s > 0:
             stale = np.flatnonzero((self.keys != 0) & (self.last_seen < now - self.expiry_s))
             if len(stale):
                 self._free(stale)
                 evicted.append(stale + fb)
+        if not len(ids):
+            return TableUpdate(_EMPTY, _EMPTY, np.concatenate(evicted) if evicted else _EMPTY)
         # Unique IDs in order of first appearance: admission order is deterministic.
-        uniq = list(dict.fromkeys(ids))
-        fps = np.array([fingerprint(k, self.salt) for k in uniq], dtype=np.int64)
+        counts: dict[str, int] = {}
+        for key in ids:
+            counts[key] = counts.get(key, 0) + 1
+        uniq = list(counts)
+        fps = np.array([fingerprint(k, salt) for k in uniq], dtype=np.int64)  # (U,)
         slots = np.array([self._index.get(int(f), -1) for f in fps], dtype=np.int64)
         own = slots >= 0
         self.last_seen[slots[own]] = now
         self.hits[slots[own]] += 1
-        new_ids = [k for k, o in zip(uniq, own) if not o]
-        admitted, admitted_from, prior = [], [], []
-        if new_ids:
-            if self.sketch is None:
-                self.sketch = CountMinSketch(self.sketch_width, self.sketch_depth)
-            all_fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
-            is_new = ~np.isin(all_fps, fps[own])
-            uniq_sorted = np.unique(all_fps[is_new])
-            before = dict(zip(uniq_sorted.tolist(), self.sketch.estimate(uniq_sorted).tolist()))
-            est = dict(zip(uniq_sorted.tolist(), self.sketch.add(all_fps[is_new]).tolist()))
-            ready = [k for k in new_ids if est[fingerprint(k, self.salt)] >= self.admit_after]
-            if ready:
-                free = np.flatnonzero(self.keys == 0)
-                need = len(ready) - len(free)
-                victims = _EMPTY
-                if need > 0:
-                    # Probationary rows first, then protected; least recently seen first
-                    # within each (ties: lowest row); rows touched now are kept.
-                    old = np.flatnonzero((self.keys != 0) & (self.last_seen < now))
-                    order = old[np.lexsort((old, self.last_seen[old], self.hits[old] > 0))]
-                    victims = order[:need]
-                    self._free(victims)
-                    evicted.append(victims + fb)
-                for key, slot in zip(ready, np.concatenate([free, victims]).tolist()):
-                    fp = fingerprint(key, self.salt)
-                    self.keys[slot], self.last_seen[slot], self.hits[slot] = fp, now, 0
-                    self._index[fp] = slot
-                    admitted.append(fb + slot)
-                    admitted_from.append(_fallback_row(key, self.salt, fb))
-                    prior.append(fp)
-        prior_fps = np.array(prior, dtype=np.int64)
-        return TableUpdate(np.array(admitted, dtype=np.int64), np.array(admitted_from, dtype=np.int64),
-                           np.concatenate(evicted) if evicted else _EMPTY,
-                           np.array([before[f] for f in prior], dtype=np.int64),
-                           self.sketch.estimate_values(prior_fps) if prior else np.zeros(0, dtype=np.float32))
+        if self.sketch is None:
+            self.sketch = self.new_sketch()
+        sketch = self.sketch
+        before = sketch.estimate(fps)  # (U,) impressions counted before this call
+        sketch.add(np.repeat(fps, list(counts.values())))
+        after = sketch.estimate(fps)  # (U,) now, after a halving this call may have caused
+        reached = ~own & (before + np.fromiter(counts.values(), np.int64, len(uniq)) >= self.admit_after)
+        cand = np.flatnonzero(reached)
+        cand = cand[np.argsort(-after[cand], kind="stable")]  # strongest first; ties: first appearance
+        free = np.flatnonzero(self.keys == 0)
+        winners, rows = cand[: len(free)], free[: len(cand)]
+        duel = cand[len(free):]
+        if len(duel):
+            # SLRU order: probationary rows first, then protected; least recently seen
+            # first within each (ties: lowest row); rows touched now are never victims.
+            old = np.flatnonzero((self.keys != 0) & (self.last_seen < now))
+            victims = old[np.lexsort((old, self.last_seen[old], self.hits[old] > 0))][: len(duel)]
+            duel = duel[: len(victims)]
+            cand_est, victim_est = after[duel], sketch.estimate(self.keys[victims])
+            win = (cand_est > victim_est) | ((cand_est >= ADMIT_WARM) & _jitter(fps[duel], now))
+            victims = victims[win]
+            if len(victims):
+                self._free(victims)
+                evicted.append(victims + fb)
+            winners, rows = np.concatenate([winners, duel[win]]), np.concatenate([rows, victims])
+        for n, slot in zip(winners.tolist(), rows.tolist()):
+            fp = int(fps[n])
+            self.keys[slot], self.last_seen[slot], self.hits[slot] = fp, now, 0
+            self._index[fp] = slot
+        return TableUpdate(rows.astype(np.int64) + fb,
+                           np.array([_fallback_row(uniq[n], salt, fb) for n in winners.tolist()], dtype=np.int64),
+                           np.concatenate(evicted) if evicted else _EMPTY, before[winners],
+                           sketch.estimate_values(fps[winners]))
 
     def observe_labels(self, ids: Sequence[str], labels: Sequence[float]) -> None:
-        """Add the clicks ``labels`` of trained-on impressions of ``ids`` to the sketch
-        for the IDs without an own row (call after the step that learned them)."""
+        """Add the clicks ``labels`` of trained-on impressions of ``ids`` to the sketch's
+        click sums (every ID, as :meth:`observe` counts every impression; call after the
+        step that learned them): an ID's sums and counts cover the same impressions."""
         if self.sketch is None or not len(ids):
             return
         fps = np.array([fingerprint(k, self.salt) for k in ids], dtype=np.int64)
         y = np.asarray(labels, dtype=np.float32)
-        keep = np.array([int(f) not in self._index for f in fps], dtype=bool) & (y != 0)
+        keep = y != 0
         self.sketch.add_values(fps[keep], y[keep])
 
     def remove(self, ids: Sequence[str]) -> np.ndarray:

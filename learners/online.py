@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from em3.errors import EM3Warning
 from em3.model import EM3Model, ModelConfig
 from em3.model.model import ItemEncoding
 from em3.model.losses import ctcvr_bce, weighted_bce, within_group_bpr
@@ -461,7 +463,8 @@ class OnlineLearner:
             if table.sketch is not None:  # the admission counts (the map itself is in state_dict)
                 tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())  # (4, W) int32
                 tensors[f"idtable/{name}/sketch_clicks"] = torch.from_numpy(table.sketch.values.copy())  # (4, W)
-                meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now}
+                meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now,
+                                           "counts": "all"}  # TinyLFU: admitted IDs counted too
         return tensors, meta
 
     def _id_tables(self):
@@ -488,6 +491,11 @@ class OnlineLearner:
         steps = meta.get("steps")
         if not isinstance(steps, int) or steps < 0:
             raise ValueError(f"checkpoint's step counter must be an int >= 0, but {steps!r} is given")
+        for name, table in self._id_tables():
+            sketch = tensors.get(f"idtable/{name}/sketch")
+            if sketch is not None and (sketch.dim() != 2 or int(sketch.shape[0]) != table.sketch_depth):
+                raise ValueError(f"checkpoint's {name} admission sketch has shape {tuple(sketch.shape)}, "
+                                 f"this learner's has {table.sketch_depth} rows")
         load_optimizer_tensors(self.optimizer, self._names, "adam", tensors)
         if self.sparse_optimizer is not None:
             load_optimizer_tensors(self.sparse_optimizer, self._names, "sparse", tensors)
@@ -498,9 +506,14 @@ class OnlineLearner:
         for name, table in self._id_tables():
             sketch, info = tensors.get(f"idtable/{name}/sketch"), meta.get(f"idtable/{name}")
             if sketch is not None and isinstance(info, Mapping):
-                from em3.idtable import CountMinSketch
-
-                table.sketch = CountMinSketch(int(sketch.shape[1]), int(sketch.shape[0]))
+                if info.get("counts") != "all":
+                    warnings.warn(f"the checkpoint's {name} admission sketch predates TinyLFU admission (it "
+                                  "counted only IDs without an own row): it is kept, but IDs holding a row "
+                                  "have only their (aged) counts from before their admission, so until the "
+                                  "sketch has counted them again they lose their rows more easily",
+                                  EM3Warning, stacklevel=2)
+                # Its width is kept (counts are valid at any width); the halving follows this table.
+                table.sketch = table.new_sketch(int(sketch.shape[1]))
                 table.sketch.table[...] = sketch.numpy()
                 clicks = tensors.get(f"idtable/{name}/sketch_clicks")
                 if clicks is not None:

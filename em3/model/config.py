@@ -96,21 +96,24 @@ class ModelConfig:
         (distinct IDs may share a row, and its counters). ``bounded``
         (:mod:`em3.idtable`): the first ``id_fallback_buckets`` rows are a hashed
         fallback region, the others are own rows, one ID each: an ID gets one after
-        ``id_admit_after`` trained-on impressions, and loses it when unseen for
-        ``id_expiry_s`` or when it is the least recently seen and a new ID needs a
-        row. The map travels in snapshots (``*_emb.keys``, ``*_emb.last_seen``).
+        ``id_admit_after`` trained-on impressions (TinyLFU: when the table is full,
+        only by out-counting the least recently seen row's ID), and loses it when
+        unseen for ``id_expiry_s`` or to such an ID. The map travels in snapshots (``*_emb.keys``, ``*_emb.last_seen``).
         Context features stay hashed (few distinct values). Data-parallel
         aggregation (several learners per line) needs ``hashed``.
     id_fallback_buckets : int
         Rows of the hashed fallback region (``bounded``); fewer than the table's rows.
     id_admit_after : int
-        Impressions (counted by a count-min sketch) before an ID gets its own row.
+        Impressions (counted by a count-min sketch) before an ID may take an own row
+        (a free one, else that of an SLRU victim it out-counts: TinyLFU).
     id_expiry_s : float
         Free an own row whose ID was unseen this many seconds of event time
         (impression ``served_at``); 0: rows are freed only by LRU beyond capacity.
     id_sketch_width : int
-        Counters per row of the admission count-min sketch (4 rows, int32); it is
-        halved every this-many counted impressions.
+        Counters per row of the admission sketch (4 rows; 0: 4 x the power of two
+        >= the own rows, Caffeine's size); whatever the width, it halves after 10 x
+        own rows counted impressions. TinyLFU's sample size:
+        :func:`em3.idtable.sketch_width_for`, :data:`em3.idtable.SAMPLE_PER_ROW`.
     attention_hidden : int
         Hidden width of the DIN target-attention MLP.
     mlp_hidden : tuple of int
@@ -222,7 +225,7 @@ class ModelConfig:
     id_fallback_buckets: PositiveInt = 1 << 12
     id_admit_after: PositiveInt = 2
     id_expiry_s: FiniteNonNegFloat = 0.0
-    id_sketch_width: PositiveInt = 1 << 16
+    id_sketch_width: NonNegInt = 0
     attention_hidden: PositiveInt = 64
     mlp_hidden: tuple[PositiveInt, ...] = (128, 64)
     cic_weight: NonNegFloat = 0.0

@@ -82,7 +82,7 @@ class BoundedEmbedding(HashEmbedding):
     """
 
     def __init__(self, buckets: int, dim: int, salt: str, fallback: int, admit_after: int = 2,
-                 expiry_s: float = 0.0, sketch_width: int = 1 << 16, init_std: float = 0.1) -> None:
+                 expiry_s: float = 0.0, sketch_width: int = 0, init_std: float = 0.1) -> None:
         super().__init__(buckets, dim, salt, init_std)
         self.ids = IdTable(buckets, fallback, salt, admit_after, expiry_s, sketch_width)
         self.register_buffer("keys", torch.zeros(self.ids.capacity, dtype=torch.long))

@@ -3,8 +3,10 @@ publisher ships full and delta snapshots, and a server that reloads them scores 
 admitted ID with its own row and stops using a row as soon as it changes owner."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from em3.errors import EM3Warning
 from em3.idtable import fingerprint
 from em3.model import ModelConfig, user_rows_in
 from em3.stores import InMemoryContentStore
@@ -67,10 +69,10 @@ def test_a_server_scores_an_admitted_id_with_its_own_row_and_sees_its_eviction()
     assert torch.allclose(got, want, atol=1e-6)
     assert reloader.current.manifest.kind == "delta"
 
-    # A flood of new IDs (each seen twice) fills the 8 own rows; "hot" is the least
-    # recently seen and loses its row, which another ID takes.
+    # A flood of new IDs (each seen 4 times) fills the 8 own rows; "hot" (3 impressions)
+    # is the least recently seen protected row, out-counted, and loses its row to one of them.
     flood = [f"new{k}" for k in range(8)]
-    lrn.learn_batch(_batch(flood + flood, 1.75e9 + 100, "z"), [[]] * 16)
+    lrn.learn_batch(_batch(flood * 4, 1.75e9 + 100, "z"), [[]] * 32)
     assert lrn.model.item_emb.buckets_of(["hot"]).item() < FALLBACK
     publish_and_reload()
     served = _served(reloader)
@@ -100,6 +102,30 @@ def test_a_learner_restarted_from_state_and_checkpoint_keeps_the_map_and_the_adm
     # Its own counters start from the same sketched impressions and clicks in both.
     assert back.model.item_clicks[row] == lrn.model.item_clicks[row] > 0
     assert back.model.item_impressions[row] == lrn.model.item_impressions[row] == 3
+
+
+def test_a_checkpoint_from_before_tinylfu_loads_with_a_warning_and_keeps_its_counts():
+    cfg = ModelConfig.tiny("id_only", user_buckets=16, item_buckets=12, id_table="bounded",
+                           id_fallback_buckets=FALLBACK, id_admit_after=3)
+    content = InMemoryContentStore([])
+    lrn = OnlineLearner(cfg, content, device="cpu", seed=0)
+    lrn.learn_batch(_batch(["a", "a", "b", "b"], 1.75e9, "x"), [[]] * 4)
+    tensors, meta = lrn.checkpoint()
+    assert meta["idtable/item"]["counts"] == "all"
+    wide = {"idtable/item/sketch": torch.full((4, 64), 3, dtype=torch.int32),  # the old default was wider
+            "idtable/item/sketch_clicks": torch.ones(4, 64)}
+    old = {**tensors, **wide}
+    old_meta = {k: ({"additions": v["additions"], "now": v["now"]} if k.startswith("idtable/") else v)
+                for k, v in meta.items()}
+    back = OnlineLearner(cfg, content, device="cpu", seed=0)
+    back.load_state_dict(lrn.state_dict())
+    with pytest.warns(EM3Warning, match="predates TinyLFU"):
+        back.load_checkpoint(old, old_meta)
+    sketch = back.model.item_emb.ids.sketch
+    assert sketch.width == 64 and sketch.sample_size == 10 * back.model.item_emb.ids.capacity
+    assert (sketch.table == 3).all() and (sketch.values == 1).all() and sketch.additions == meta["idtable/item"]["additions"]
+    with pytest.raises(ValueError, match="admission sketch"):
+        back.load_checkpoint({**tensors, "idtable/item/sketch": tensors["idtable/item/sketch"][:2]}, meta)
 
 
 def test_deleting_a_user_frees_its_own_row_and_resets_it():

@@ -30,30 +30,92 @@ def test_repeats_within_one_batch_count():
     assert t.owns(["a", "b"]).tolist() == [True, False] and len(u.admitted) == 1
 
 
+def _est(t: IdTable, key: str) -> int:
+    return int(t.sketch.estimate(np.array([fingerprint(key, t.salt)], dtype=np.int64))[0])
+
+
 def test_lru_eviction_beyond_capacity_frees_the_least_recent_row():
-    t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
+    t = _table(rows=6, fallback=2, admit_after=1, sketch_width=1 << 10)  # 4 own rows; a wide sketch: exact counts
     for n, key in enumerate("abcd"):
         t.observe([key], now=n)
     t.observe(["a"], now=10)  # a came back (protected); b is the least recently seen probationary row
-    u = t.observe(["e"], now=11)
+    u = t.observe(["e", "e"], now=11)  # e (2 impressions) out-counts b (1)
     assert t.owns(list("abcde")).tolist() == [True, False, True, True, True]
     assert u.evicted.tolist() == u.admitted.tolist()  # b's row, reused by e
     assert t.rows(["b"])[0] < t.fallback  # b is served by its fallback row, never by e's
 
 
 def test_slru_evicts_probationary_rows_before_ids_that_came_back():
-    t = _table(rows=6, fallback=2, admit_after=1)  # 4 own rows
+    t = _table(rows=6, fallback=2, admit_after=1, sketch_width=1 << 10)  # 4 own rows
     t.observe(["hot"], now=0)
-    t.observe(["hot"], now=1)  # came back after admission: protected
+    t.observe(["hot"], now=1)  # came back after admission: protected (2 impressions)
     for n, key in enumerate("abc"):
         t.observe([key], now=2 + n)  # seen once each: probationary, all more recent than hot
-    t.observe(["d", "e"], now=10)  # two rows needed: the two oldest probationary rows go
+    t.observe(["d", "d", "e", "e"], now=10)  # two rows needed: the two oldest probationary rows go
     assert t.owns(["hot", "a", "b", "c", "d", "e"]).tolist() == [True, False, False, True, True, True]
-    t.observe(["f", "g", "h"], now=11)  # c, d, e are probationary: hot, the least recent, stays
+    t.observe(["f", "g", "h"] * 3, now=11)  # c, d, e are probationary: hot, the least recent, stays
     assert t.owns(["hot", "c", "d", "e", "f", "g", "h"]).tolist() == [True] + [False] * 3 + [True] * 3
     t.observe(["f"], now=12)  # f protected too; g, h probationary
-    t.observe(["i", "j", "k"], now=13)  # 2 probationary rows, then the least recent protected one: hot
+    t.observe(["i", "j", "k"] * 4, now=13)  # 2 probationary rows, then the least recent protected one: hot
     assert t.owns(["hot", "f", "i", "j", "k"]).tolist() == [False, True, True, True, True]
+
+
+def test_sketch_halves_after_ten_times_capacity_counted_impressions():
+    t = _table(admit_after=1)  # 8 own rows: the sketch halves after 80 counted impressions
+    t.observe(["a"] * 40, now=1)  # a takes a row in this batch, and its impressions still count
+    t.observe(["a"] * 39, now=2)
+    assert t.sketch.width == 32 and t.sketch.additions == 79 and _est(t, "a") == 79  # 4 x 8 counters a row
+    t.observe(["a"], now=3)
+    assert t.sketch.additions == 40 and _est(t, "a") == 40
+    assert t.sketch_sample_size == t.sketch.sample_size == 80
+
+
+def test_admitted_ids_are_counted():
+    t = _table(admit_after=2, sketch_width=1 << 10)
+    t.observe(["a", "a"], now=1)
+    assert t.owns(["a"])[0]
+    for n in range(5):
+        t.observe(["a"], now=2 + n)
+    assert _est(t, "a") == 7
+
+
+def test_a_full_table_admits_only_a_candidate_that_out_counts_the_victim():
+    t = _table(rows=4, fallback=2, admit_after=2, sketch_width=1 << 10)  # 2 own rows
+    t.observe(["b", "b"], now=1)
+    t.observe(["a", "a", "a"], now=2)  # full: b (2 impressions) is the victim, least recently seen
+    u = t.observe(["c", "c"], now=3)  # c ties b: refused, b keeps its row
+    assert not u.changed and t.owns(["a", "b", "c"]).tolist() == [True, True, False]
+    assert t.rows(["c"])[0] < t.fallback
+    row_b = t.rows(["b"])[0]
+    u = t.observe(["c"], now=4)  # 3 > 2: c takes b's row
+    assert t.owns(["a", "b", "c"]).tolist() == [True, False, True]
+    assert u.admitted.tolist() == u.evicted.tolist() == [row_b] and t.rows(["c"])[0] == row_b
+    assert u.prior_impressions.tolist() == [2]  # its impressions before this batch
+
+
+def test_candidates_of_one_batch_meet_victims_strongest_first():
+    t = _table(rows=4, fallback=2, admit_after=2, sketch_width=1 << 10)  # 2 own rows
+    t.observe(["x", "x"], now=1)
+    t.observe(["y"] * 5, now=2)  # eviction order: x (2), then y (5)
+    t.observe(["p"] * 3 + ["q"] * 5, now=3)  # q (5) meets x and wins; p (3) meets y and loses
+    assert t.owns(["x", "y", "p", "q"]).tolist() == [False, True, False, True]
+
+
+def test_a_warm_candidate_that_loses_is_admitted_once_in_128_duels():
+    from em3.idtable import ADMIT_WARM, _jitter
+
+    def duel(candidate: str, impressions: int, now: int) -> bool:
+        t = _table(rows=10, fallback=2, admit_after=2, sketch_width=1 << 10)  # 8 own rows, halving at 80
+        t.observe([f"v{k}" for k in range(8) for _ in range(9)], now=now - 1)  # full, 9 impressions each
+        t.observe([candidate] * impressions, now=now)
+        return bool(t.owns([candidate])[0])
+
+    lucky = [n for n in range(2000) if _jitter(np.array([fingerprint(f"c{n}", "item")]), 1000)[0]]
+    assert 5 <= len(lucky) <= 40  # about 2000 / 128
+    assert duel(f"c{lucky[0]}", ADMIT_WARM, 1000)  # loses 6 to 9, admitted by the jitter
+    assert not duel(f"c{lucky[0]}", ADMIT_WARM - 1, 1000)  # a cold candidate never is
+    unlucky = next(n for n in range(2000) if n not in lucky)
+    assert not duel(f"c{unlucky}", ADMIT_WARM, 1000)
 
 
 def test_rows_touched_in_the_batch_are_not_evicted():
@@ -99,6 +161,11 @@ def test_sketch_conservative_and_aging():
     assert s.additions == 4
     s.add(np.arange(4, 8, dtype=np.int64))  # 8 additions: every counter halves
     assert s.additions == 4 and s.table.max() <= 2
+    s = CountMinSketch(width=8, depth=2, sample_size=20)  # halving apart from the width
+    s.add(np.zeros(19, dtype=np.int64))
+    assert s.estimate(np.zeros(1, dtype=np.int64)).tolist() == [19]
+    s.add(np.zeros(1, dtype=np.int64))
+    assert s.estimate(np.zeros(1, dtype=np.int64)).tolist() == [10] and s.additions == 10
 
 
 # ---------------------------------------------------------------- properties
@@ -145,6 +212,6 @@ def test_memory_is_bounded_under_an_unbounded_stream_of_new_ids():
         fresh = [f"new{batch}-{i}" for i in range(500)]  # 100,000 distinct one-off IDs
         t.observe(fresh + list(rng.choice(hot, 100)), now=batch)
         sizes.append(t.nbytes)
-    cap = t.keys.nbytes + t.last_seen.nbytes + 100 * t.capacity + CountMinSketch(1 << 12, 4).nbytes
+    cap = t.keys.nbytes + t.last_seen.nbytes + t.hits.nbytes + 100 * t.capacity + CountMinSketch(1 << 12, 4).nbytes
     assert max(sizes) <= cap and len(t) <= t.capacity
     assert t.owns(hot).all()  # the hot IDs kept their rows through the flood
