@@ -55,7 +55,7 @@ import httpx
 import numpy as np
 
 from em3.app.services import LocalServices, free_port, wait_until
-from em3.model import USER_ROW_STATE, user_rows_in
+from em3.model import USER_ROW_STATE, user_rows, user_rows_in
 from em3.privacy import Pseudonymizer, is_pseudonym, tombstone_id
 from em3.redis_stores import RedisContentStore, RedisPrivacyStore, RedisSnapshotStore, connect, scan_values
 from em3.snapshot import load_state
@@ -400,6 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             chain = store.get_chain(LINE, manifest.version)
             live = [pid_of[u] for u in traffic.served if u not in requested]
             live_rows = set(user_rows_in(manifest.config, newest, live)[0])
+            if manifest.config.get("id_table") == "bounded":  # a live user trains its fallback row before admission
+                live_rows |= set(user_rows(int(manifest.config["id_fallback_buckets"]), live))
             gone = list(requested)
             not_reset, shared = [], 0
             for user, row, own in zip(gone, *user_rows_in(manifest.config, newest, [pid_of[u] for u in gone])):

@@ -309,11 +309,14 @@ class EM3Model(nn.Module):
     @torch.no_grad()
     def forget_users(self, user_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """Reset what the model learned from ``user_ids``: their rows of every
-        :data:`USER_ROW_STATE` tensor are zeroed (own rows of a bounded table are also
-        freed: the map no longer names them). Returns ``(rows, tensor names)``.
-        A hashed row (or a fallback row) is shared: its other users lose it too."""
+        :data:`USER_ROW_STATE` tensor are zeroed. With a bounded table, an own row is
+        also freed (the map no longer names the user), and the user's fallback row is
+        zeroed too: it learned the impressions before admission. Returns ``(rows,
+        tensor names)``. A hashed row (or a fallback row) is shared: its other users
+        lose it too."""
         rows = self.user_emb.buckets_of(list(user_ids)).tolist()
         if self.bounded:
+            rows += user_rows(self.user_emb.fallback, list(user_ids))
             self.user_emb.remove(list(user_ids))
         rows = sorted(set(rows))
         return rows, self._reset_rows(USER_ROW_STATE, rows)

@@ -8,7 +8,7 @@ import torch
 
 from em3.errors import EM3Warning
 from em3.idtable import fingerprint
-from em3.model import ModelConfig, user_rows_in
+from em3.model import ModelConfig, user_rows, user_rows_in
 from em3.stores import InMemoryContentStore
 from em3.types import Impression, Sample
 from learners import OnlineLearner
@@ -138,10 +138,13 @@ def test_deleting_a_user_frees_its_own_row_and_resets_it():
     assert row >= FALLBACK and lrn.model.user_impressions[row] > 0
     # An auditor reading a saved state (benchmarks/privacy.py) finds the same row.
     assert user_rows_in(cfg.to_dict(), lrn.state_dict(), ["u0"]) == ([row], [True])
-    assert lrn.forget_users(["u0"]) == [row]
+    fallback_row = user_rows(FALLBACK, ["u0"])[0]  # trained by u0's first batch, before admission
+    assert (lrn.state_dict()["user_emb.table.weight"][fallback_row] != 0).any()
+    assert lrn.forget_users(["u0"]) == [fallback_row, row]
     state = lrn.state_dict()
-    fallback_row = lrn.model.user_emb.buckets_of(["u0"]).item()
+    assert lrn.model.user_emb.buckets_of(["u0"]).item() == fallback_row
     assert user_rows_in(cfg.to_dict(), state, ["u0"]) == ([fallback_row], [False])
+    assert (state["user_emb.table.weight"][fallback_row] == 0).all() and state["user_impressions"][fallback_row] == 0
     assert state["user_emb.keys"][row - FALLBACK] == 0  # the map no longer names the user
     assert (state["user_emb.table.weight"][row] == 0).all() and state["user_impressions"][row] == 0
     assert lrn.model.user_emb.buckets_of(["u0"]).item() < FALLBACK
