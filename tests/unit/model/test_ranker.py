@@ -74,3 +74,26 @@ def test_attention_gradients_match_finite_differences():
     target = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     history = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(f, (target, history))
+
+
+def test_content_fade_silences_a_warm_targets_content_in_the_deep_part_only():
+    from em3.model.ranker import ClickHead
+
+    torch.manual_seed(0)
+    d, c = 4, 4  # item reps: [content (c) ; ID (d)]
+    user, ctx = torch.randn(2, d), torch.randn(2, d)
+    interest = torch.randn(2, c + d)
+    target = torch.randn(2, c + d)
+    other = torch.cat([torch.randn(2, c), target[:, c:]], dim=-1)  # same ID part, other content
+    no_history = torch.zeros(2, dtype=torch.bool)  # no match term: only the MLP and the FM term read content
+
+    def logits(fade: bool, gate: float, t: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(1)
+        head = ClickHead(d, c + d, (8,), content_dim=c, fade_content=fade)
+        return head(user, ctx, t, interest, torch.full((2,), gate), no_history)
+
+    # A warm target (gate 0): with the fade its content no longer moves the logit.
+    torch.testing.assert_close(logits(True, 0.0, target), logits(True, 0.0, other))
+    assert not torch.allclose(logits(False, 0.0, target), logits(False, 0.0, other))
+    # A new item (gate 1) is read as without the fade.
+    torch.testing.assert_close(logits(True, 1.0, target), logits(False, 1.0, target))
