@@ -249,7 +249,9 @@ class _PacedServer:
         self.http = http
         self.world = world
         self.t0 = t0
-        self.last_arrival_check = t0
+        # From the world's start, not the traffic's: an item that arrived before the
+        # first request is registered with it, never left without content.
+        self.last_arrival_check = min(t0, world.config.start_time)
         self.version_created = version_created
         self.check = check
         self.requests = 0
@@ -378,8 +380,10 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         snapshots = RedisSnapshotStore(redis, settings.redis_prefix, signing_key=settings.snapshot_key)
         stages["services_s"] = time.time() - t_start
 
-        world = _make_world(config, t0=time.time())
-        RedisContentStore(redis, settings.redis_prefix).put_many(world.catalog(world.config.start_time))
+        # The starting catalogue does not depend on the world's start time; the world
+        # the users live in starts with the traffic (_simulate), after the startup.
+        initial = _make_world(config, t0=time.time())
+        RedisContentStore(redis, settings.redis_prefix).put_many(initial.catalog(initial.config.start_time))
 
         env = {**os.environ, **info.env()}
         join_port = free_port()
@@ -418,7 +422,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
         startup = {k: round(v, 2) for k, v in stages.items()}
         processes = {"kafka": services.pids().get("kafka"), "redis": services.pids().get("redis"),
                      "join": join.proc.pid, "server": server.proc.pid, "ray_temp_dir": ray_temp_dir}
-        return _simulate(config, world, base_url, snapshots, check_all, join_port, progress, startup, processes,
+        return _simulate(config, base_url, snapshots, check_all, join_port, progress, startup, processes,
                          api_key=info.api_key)
     except KeyboardInterrupt:
         log.warning("interrupted: shutting down")
@@ -472,7 +476,7 @@ def _make_world(config: DemoConfig, t0: float) -> Any:
     ))
 
 
-def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, check_all: Callable[[], None],
+def _simulate(config: DemoConfig, base_url: str, snapshots: Any, check_all: Callable[[], None],
               join_port: int, progress: bool, startup: Mapping[str, float],
               processes: Mapping[str, Any], *, api_key: str = "") -> dict[str, Any]:
     from simulators.ab import ABConfig, ABRunner
@@ -492,6 +496,10 @@ def _simulate(config: DemoConfig, world: Any, base_url: str, snapshots: Any, che
         return created_at[key]
 
     t0 = time.time()
+    # The world's clock starts now, with the traffic, not when the services started: a
+    # slow startup (loaded machine, 70-115 s instead of ~30 s) would otherwise let items
+    # arrive before the first request and change how many cold-start items a run has.
+    world = _make_world(config, t0=t0)
     paced = _PacedServer(http, world, t0, version_created, check_all)
     cold = _ColdStartTracker(world, world.config.start_time, http.click_sink())
     deadline = t0 + config.minutes * 60.0
