@@ -298,6 +298,10 @@ class LocalServices:
         so they survive :meth:`restart_kafka` and a stop and start on the same
         ``run_dir``. If False (the default), they live in the broker's memory
         and a broker restart loses them all.
+    user_id_key : the HMAC key that pseudonymises user IDs (``EM3_USER_ID_KEY``);
+        a fresh random one when None. A simulation that wants its users bucketed
+        into the same arms on every run with a seed passes one derived from it
+        (:func:`em3.app.demo.demo_user_id_key`).
     """
 
     def __init__(
@@ -309,6 +313,7 @@ class LocalServices:
         detached: bool = False,
         durable: bool = False,
         start_timeout_s: float = 20.0,
+        user_id_key: str | None = None,
     ) -> None:
         if start_timeout_s <= 0:
             raise ValueError(f"start_timeout_s must be > 0, but {start_timeout_s} is given")
@@ -319,7 +324,7 @@ class LocalServices:
             redis_password=secrets.token_urlsafe(32),
             api_key=secrets.token_urlsafe(32),
             snapshot_key=secrets.token_urlsafe(32),
-            user_id_key=secrets.token_urlsafe(32),
+            user_id_key=user_id_key or secrets.token_urlsafe(32),
             durable=durable,
         )
         self.detached = detached

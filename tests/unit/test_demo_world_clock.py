@@ -47,3 +47,30 @@ def test_items_that_arrived_before_the_first_request_are_registered_with_it():
     paced.rank(request.user_id, request.candidates, {**request.context, "t": str(request.t)}, 10)
     assert set(before) <= set(http.registered)
     assert paced.new_items == len(http.registered) == len(world.arrivals_between(1_000.0, request.t))
+
+
+def _arms_of_the_users(seed: int, key: str) -> list[str]:
+    from em3.app.demo import _experiment
+    from em3.privacy import Pseudonymizer
+
+    config = DemoConfig(seed=seed)
+    experiment = _experiment(config)
+    pseudonym = Pseudonymizer(key)
+    world = _make_world(config, t0=0.0)
+    return [experiment.arm_for(pseudonym(user)).name for user in world.user_ids]
+
+
+def test_a_demo_seed_fixes_which_users_land_in_which_arm():
+    from em3.app.demo import demo_user_id_key
+    from em3.app.services import LocalServices
+    from em3.privacy import new_user_id_key
+
+    key = demo_user_id_key(0)
+    assert key == demo_user_id_key(0) != demo_user_id_key(1)
+    split = _arms_of_the_users(0, key)
+    assert split == _arms_of_the_users(0, demo_user_id_key(0))
+    assert 0.3 < split.count("em3") / len(split) < 0.7
+    # A random key (what the demo used to get) draws another split.
+    assert split != _arms_of_the_users(0, new_user_id_key())
+    assert LocalServices("/tmp/unused-services-dir", user_id_key=key).info.user_id_key == key
+    assert LocalServices("/tmp/unused-services-dir").info.user_id_key not in ("", key)
