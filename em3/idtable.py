@@ -410,6 +410,10 @@ class IdTable:
         keep = y != 0
         self.sketch.add_values(fps[keep], y[keep])
 
+    def fallback_rows(self, ids: Sequence[str]) -> np.ndarray:
+        """``(N,)`` int64 hashed fallback row of each ID, whether or not it holds an own row."""
+        return np.array([_fallback_row(k, self.salt, self.fallback) for k in ids], dtype=np.int64)
+
     def remove(self, ids: Sequence[str]) -> np.ndarray:
         """Free the own rows of ``ids`` (a deletion); returns those rows. IDs without
         one are untouched (their fallback rows are shared)."""

@@ -98,7 +98,8 @@ class ModelConfig:
         fallback region, the others are own rows, one ID each: an ID gets one after
         ``id_admit_after`` trained-on impressions (TinyLFU: when the table is full,
         only by out-counting the least recently seen row's ID), and loses it when
-        unseen for ``id_expiry_s`` or to such an ID. The map travels in snapshots (``*_emb.keys``, ``*_emb.last_seen``).
+        unseen for ``id_expiry_s`` or to such an ID. The map travels in snapshots
+        (``*_emb.keys``, ``*_emb.last_seen``).
         Context features stay hashed (few distinct values). Data-parallel
         aggregation (several learners per line) needs ``hashed``.
     id_fallback_buckets : int

@@ -316,7 +316,7 @@ class EM3Model(nn.Module):
         lose it too."""
         rows = self.user_emb.buckets_of(list(user_ids)).tolist()
         if self.bounded:
-            rows += user_rows(self.user_emb.fallback, list(user_ids))
+            rows += self.user_emb.ids.fallback_rows(list(user_ids)).tolist()
             self.user_emb.remove(list(user_ids))
         rows = sorted(set(rows))
         return rows, self._reset_rows(USER_ROW_STATE, rows)
