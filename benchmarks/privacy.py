@@ -399,12 +399,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             manifest, newest = load_state(store, LINE)
             chain = store.get_chain(LINE, manifest.version)
             live = [pid_of[u] for u in traffic.served if u not in requested]
-            live_rows = set(user_rows_in(manifest.config, newest, live)[0])
+            gone = list(requested)
+            rows, owns = user_rows_in(manifest.config, newest, live + [pid_of[u] for u in gone])  # one map rebuild
+            live_rows = set(rows[: len(live)])
             if manifest.config.get("id_table") == "bounded":  # a live user trains its fallback row before admission
                 live_rows |= set(user_rows(int(manifest.config["id_fallback_buckets"]), live))
-            gone = list(requested)
             not_reset, shared = [], 0
-            for user, row, own in zip(gone, *user_rows_in(manifest.config, newest, [pid_of[u] for u in gone])):
+            for user, row, own in zip(gone, rows[len(live):], owns[len(live):]):
                 zero = all(bool((newest[n][row] == 0).all()) for n in USER_ROW_STATE if n in newest)
                 if own:  # a bounded table's map still gives the deleted user its own row
                     not_reset.append(user)
