@@ -496,6 +496,10 @@ class OnlineLearner:
             if sketch is not None and (sketch.dim() != 2 or int(sketch.shape[0]) != table.sketch_depth):
                 raise ValueError(f"checkpoint's {name} admission sketch has shape {tuple(sketch.shape)}, "
                                  f"this learner's has {table.sketch_depth} rows")
+            clicks = tensors.get(f"idtable/{name}/sketch_clicks")
+            if clicks is not None and (sketch is None or clicks.shape != sketch.shape):
+                raise ValueError(f"checkpoint's {name} click sketch has shape {tuple(clicks.shape)}, "
+                                 f"its admission sketch {None if sketch is None else tuple(sketch.shape)}")
         load_optimizer_tensors(self.optimizer, self._names, "adam", tensors)
         if self.sparse_optimizer is not None:
             load_optimizer_tensors(self.sparse_optimizer, self._names, "sparse", tensors)

@@ -126,6 +126,9 @@ def test_a_checkpoint_from_before_tinylfu_loads_with_a_warning_and_keeps_its_cou
     assert (sketch.table == 3).all() and (sketch.values == 1).all() and sketch.additions == meta["idtable/item"]["additions"]
     with pytest.raises(ValueError, match="admission sketch"):
         back.load_checkpoint({**tensors, "idtable/item/sketch": tensors["idtable/item/sketch"][:2]}, meta)
+    with pytest.raises(ValueError, match="click sketch"):  # refused before anything is loaded
+        back.load_checkpoint({**tensors, "idtable/item/sketch_clicks": tensors["idtable/item/sketch_clicks"][:, :8]},
+                             meta)
 
 
 def test_deleting_a_user_frees_its_own_row_and_resets_it():
