@@ -36,7 +36,8 @@ from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, Open
                              PositiveInt, Probability, config_class)
 from em3.experiment import TrainingData
 
-__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality", "demo_user_id_key"]
+__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality", "demo_user_id_key",
+           "make_world", "ColdStartTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +339,7 @@ def mean_modality(explanations: Sequence[Mapping[str, Any] | None]) -> dict[str,
     return {key: round(sum(m[key] for m in masses) / len(masses), 4) for key in ("text", "image", "missing")}
 
 
-class _ColdStartTracker:
+class ColdStartTracker:
     """Counts impressions and clicks per arm on items that arrived after the start.
 
     Beside the totals, ``summary`` gives each arm's figures over the first
@@ -357,6 +358,7 @@ class _ColdStartTracker:
         self.seen: dict[tuple[str, str], int] = {}
         self.shown: dict[tuple[str, bool], int] = {}
         self.clicked: dict[tuple[str, bool], int] = {}
+        self.positions: dict[tuple[str, bool], int] = {}
 
     def __call__(self, event: Any) -> None:
         from em3.types import Click, Impression
@@ -368,6 +370,7 @@ class _ColdStartTracker:
                 key = (event.arm, n < self.FIRST_IMPRESSIONS)
                 self.arm_of[event.impression_id] = key
                 self.shown[key] = self.shown.get(key, 0) + 1
+                self.positions[key] = self.positions.get(key, 0) + event.position
         elif isinstance(event, Click):
             key = self.arm_of.get(event.impression_id)
             if key is not None:
@@ -388,7 +391,11 @@ class _ColdStartTracker:
             later = (self.shown.get((arm, False), 0), self.clicked.get((arm, False), 0))
             out[arm] = self._rate(first[0] + later[0], first[1] + later[1])
             out[arm]["items"] = sum(1 for a, _ in self.seen if a == arm)
+            out[arm]["mean_position"] = round(
+                (self.positions.get((arm, True), 0) + self.positions.get((arm, False), 0)) / max(1, sum(
+                    self.shown.get((arm, f), 0) for f in (True, False))), 3)
             out[arm]["first"] = self._rate(*first)
+            out[arm]["first"]["mean_position"] = round(self.positions.get((arm, True), 0) / max(1, first[0]), 3)
         return out
 
 
@@ -422,7 +429,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
 
         # The starting catalogue does not depend on the world's start time; the world
         # the users live in starts with the traffic (_simulate), after the startup.
-        initial = _make_world(config, t0=time.time())
+        initial = make_world(config, t0=time.time())
         RedisContentStore(redis, settings.redis_prefix).put_many(initial.catalog(initial.config.start_time))
 
         env = {**os.environ, **info.env()}
@@ -499,7 +506,9 @@ def _start_ray() -> str | None:
     return str(temp)
 
 
-def _make_world(config: DemoConfig, t0: float) -> Any:
+def make_world(config: DemoConfig, t0: float) -> Any:
+    """The demo's simulated world (:class:`simulators.world.World`) for ``config``,
+    starting at ``t0``."""
     from simulators.delays import LogNormalDelay
     from simulators.world import World, WorldConfig
 
@@ -540,9 +549,9 @@ def _simulate(config: DemoConfig, base_url: str, snapshots: Any, check_all: Call
     # The world's clock starts now, with the traffic, not when the services started: a
     # slow startup (loaded machine, 70-115 s instead of ~30 s) would otherwise let items
     # arrive before the first request and change how many cold-start items a run has.
-    world = _make_world(config, t0=t0)
+    world = make_world(config, t0=t0)
     paced = _PacedServer(http, world, t0, version_created, check_all)
-    cold = _ColdStartTracker(world, world.config.start_time, http.click_sink())
+    cold = ColdStartTracker(world, world.config.start_time, http.click_sink())
     deadline = t0 + config.minutes * 60.0
     learner_history: list[dict[str, Any]] = []
 
