@@ -481,6 +481,11 @@ class World:
         return Feedback(item_id, position, True, delay_s, True, after, value)
 
     # -- content ------------------------------------------------------------------------
+    def item_factors(self, item_ids: Sequence[str]) -> np.ndarray:
+        """The hidden latent factors ``v_i`` ``(N, dim)`` of ``item_ids``: ground truth, for
+        measuring how much of it a model's item representation carries."""
+        return self._item_vec[self._indices(item_ids)].copy()
+
     def item_genres(self, item_id: str) -> tuple[str, ...]:
         """Genres of an item."""
         row = self._item_genres[self._indices([item_id])[0]]

@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
-                             PositiveInt, config_class)
+                             PositiveInt, Probability, config_class)
 from em3.experiment import TrainingData
 
-__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality", "demo_user_id_key"]
+__all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality", "demo_user_id_key",
+           "make_world", "ColdStartTracker"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,9 @@ class DemoConfig:
         Simulated users and initial catalogue (MovieLens titles and genres).
     new_items_per_minute : float
         New items arriving during the run (cold start).
+    fresh_share : float
+        Share of each request's candidates drawn from the items that arrived during
+        the run (:class:`simulators.world.WorldConfig`'s ``fresh_share``).
     click_delay_median_s : float
         Median impression-to-click delay.
     window_s : float
@@ -117,6 +121,7 @@ class DemoConfig:
     n_users: PositiveInt = 200
     n_items: PositiveInt = 150
     new_items_per_minute: NonNegFloat = 10.0
+    fresh_share: Probability = 0.2
     click_delay_median_s: PositiveFloat = 1.5
     window_s: PositiveFloat = 10.0
     conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.2
@@ -334,38 +339,63 @@ def mean_modality(explanations: Sequence[Mapping[str, Any] | None]) -> dict[str,
     return {key: round(sum(m[key] for m in masses) / len(masses), 4) for key in ("text", "image", "missing")}
 
 
-class _ColdStartTracker:
-    """Counts impressions and clicks per arm on items that arrived after the start."""
+class ColdStartTracker:
+    """Counts impressions and clicks per arm on items that arrived after the start.
+
+    Beside the totals, ``summary`` gives each arm's figures over the first
+    ``FIRST_IMPRESSIONS`` impressions of each cold item in that arm (``first``): the
+    regime where a line knows the item by its content alone, before its own clicks
+    tell it (the cold-start gate's ``content_match_impressions``).
+    """
+
+    FIRST_IMPRESSIONS = 10
 
     def __init__(self, world: Any, t0: float, forward: Callable[[Any], None]) -> None:
         self.world = world
         self.t0 = t0
         self.forward = forward
-        self.arm_of: dict[str, str] = {}
-        self.shown: dict[str, int] = {}
-        self.clicked: dict[str, int] = {}
+        self.arm_of: dict[str, tuple[str, bool]] = {}
+        self.seen: dict[tuple[str, str], int] = {}
+        self.shown: dict[tuple[str, bool], int] = {}
+        self.clicked: dict[tuple[str, bool], int] = {}
+        self.positions: dict[tuple[str, bool], int] = {}
 
     def __call__(self, event: Any) -> None:
         from em3.types import Click, Impression
 
         if isinstance(event, Impression):
             if self.world.arrival_time(event.item_id) > self.t0:
-                self.arm_of[event.impression_id] = event.arm
-                self.shown[event.arm] = self.shown.get(event.arm, 0) + 1
+                n = self.seen.get((event.arm, event.item_id), 0)
+                self.seen[(event.arm, event.item_id)] = n + 1
+                key = (event.arm, n < self.FIRST_IMPRESSIONS)
+                self.arm_of[event.impression_id] = key
+                self.shown[key] = self.shown.get(key, 0) + 1
+                self.positions[key] = self.positions.get(key, 0) + event.position
         elif isinstance(event, Click):
-            arm = self.arm_of.get(event.impression_id)
-            if arm is not None:
-                self.clicked[arm] = self.clicked.get(arm, 0) + 1
+            key = self.arm_of.get(event.impression_id)
+            if key is not None:
+                self.clicked[key] = self.clicked.get(key, 0) + 1
         self.forward(event)
 
-    def summary(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for arm, shown in sorted(self.shown.items()):
-            clicks = self.clicked.get(arm, 0)
-            ctr = clicks / shown
-            half = 1.96 * math.sqrt(max(ctr * (1 - ctr), 1e-12) / shown)
-            out[arm] = {"impressions": shown, "clicks": clicks, "ctr": ctr,
-                        "ci_low": max(0.0, ctr - half), "ci_high": min(1.0, ctr + half)}
+    @staticmethod
+    def _rate(shown: int, clicks: int) -> dict[str, float]:
+        ctr = clicks / shown if shown else 0.0
+        half = 1.96 * math.sqrt(max(ctr * (1 - ctr), 1e-12) / max(shown, 1))
+        return {"impressions": shown, "clicks": clicks, "ctr": ctr,
+                "ci_low": max(0.0, ctr - half), "ci_high": min(1.0, ctr + half)}
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for arm in sorted({a for a, _ in self.shown}):
+            first = (self.shown.get((arm, True), 0), self.clicked.get((arm, True), 0))
+            later = (self.shown.get((arm, False), 0), self.clicked.get((arm, False), 0))
+            out[arm] = self._rate(first[0] + later[0], first[1] + later[1])
+            out[arm]["items"] = sum(1 for a, _ in self.seen if a == arm)
+            out[arm]["mean_position"] = round(
+                (self.positions.get((arm, True), 0) + self.positions.get((arm, False), 0)) / max(1, sum(
+                    self.shown.get((arm, f), 0) for f in (True, False))), 3)
+            out[arm]["first"] = self._rate(*first)
+            out[arm]["first"]["mean_position"] = round(self.positions.get((arm, True), 0) / max(1, first[0]), 3)
         return out
 
 
@@ -399,7 +429,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
 
         # The starting catalogue does not depend on the world's start time; the world
         # the users live in starts with the traffic (_simulate), after the startup.
-        initial = _make_world(config, t0=time.time())
+        initial = make_world(config, t0=time.time())
         RedisContentStore(redis, settings.redis_prefix).put_many(initial.catalog(initial.config.start_time))
 
         env = {**os.environ, **info.env()}
@@ -476,13 +506,16 @@ def _start_ray() -> str | None:
     return str(temp)
 
 
-def _make_world(config: DemoConfig, t0: float) -> Any:
+def make_world(config: DemoConfig, t0: float) -> Any:
+    """The demo's simulated world (:class:`simulators.world.World`) for ``config``,
+    starting at ``t0``."""
     from simulators.delays import LogNormalDelay
     from simulators.world import World, WorldConfig
 
     return World(WorldConfig(
         n_users=config.n_users, n_items=config.n_items, n_candidates=config.n_candidates, start_time=t0,
         horizon_s=config.minutes * 60.0 + 600.0, new_items_per_hour=config.new_items_per_minute * 60.0,
+        fresh_share=config.fresh_share,
         fresh_window_s=max(60.0, config.minutes * 60.0), drift_period_s=max(600.0, config.minutes * 120.0),
         delay=LogNormalDelay(median_s=config.click_delay_median_s, sigma=0.5, max_s=config.window_s * 3),
         conversion_rate=config.conversion_rate,
@@ -516,9 +549,9 @@ def _simulate(config: DemoConfig, base_url: str, snapshots: Any, check_all: Call
     # The world's clock starts now, with the traffic, not when the services started: a
     # slow startup (loaded machine, 70-115 s instead of ~30 s) would otherwise let items
     # arrive before the first request and change how many cold-start items a run has.
-    world = _make_world(config, t0=t0)
+    world = make_world(config, t0=t0)
     paced = _PacedServer(http, world, t0, version_created, check_all)
-    cold = _ColdStartTracker(world, world.config.start_time, http.click_sink())
+    cold = ColdStartTracker(world, world.config.start_time, http.click_sink())
     deadline = t0 + config.minutes * 60.0
     learner_history: list[dict[str, Any]] = []
 
@@ -730,6 +763,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rate", type=float, default=defaults.request_rate_per_s, help="simulated requests per second")
     p.add_argument("--users", type=int, default=defaults.n_users)
     p.add_argument("--items", type=int, default=defaults.n_items)
+    p.add_argument("--new-items-per-minute", type=float, default=defaults.new_items_per_minute,
+                   help="new items arriving during the run (cold start)")
     p.add_argument("--snapshot-interval-s", type=float, default=defaults.snapshot_interval_s)
     p.add_argument("--gpu", action="store_true", help="learners use CUDA when present")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -741,7 +776,8 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(
         minutes=args.minutes, out_dir=args.out, lines=tuple(x for x in args.lines.split(",") if x),
         model_scale="tiny" if args.tiny else "default", request_rate_per_s=args.rate, n_users=args.users,
-        n_items=args.items, snapshot_interval_s=args.snapshot_interval_s, gpu=args.gpu, seed=args.seed,
+        n_items=args.items, new_items_per_minute=args.new_items_per_minute,
+        snapshot_interval_s=args.snapshot_interval_s, gpu=args.gpu, seed=args.seed,
     )
     try:
         report = run_demo(config, progress=not args.no_progress)

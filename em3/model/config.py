@@ -86,6 +86,10 @@ class ModelConfig:
         Fusion-Q-Former, or a masked mean of all modality tokens (``no_fusion``).
     query_num, fusion_layers, fusion_heads : int
         Fusion-Q-Former: learned queries ``K``, layers ``L`` and attention heads.
+    fusion_pooled_skip : bool
+        Add a linear map of each modality's mean-pooled encoder output to the
+        Fusion-Q-Former's output (:class:`em3.model.fusion.FusionQFormer`), so the
+        content embedding carries the pretrained encoders' summary from the start.
     history_len : int
         Longest behaviour sequence the ranker attends over (newest first).
     user_buckets, item_buckets, context_buckets : int
@@ -218,6 +222,7 @@ class ModelConfig:
     query_num: PositiveInt = 4
     fusion_layers: PositiveInt = 1
     fusion_heads: PositiveInt = 4
+    fusion_pooled_skip: bool = True
     history_len: PositiveInt = 100
     user_buckets: PositiveInt = 1 << 15
     item_buckets: PositiveInt = 1 << 15

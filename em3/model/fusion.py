@@ -70,16 +70,42 @@ class _QFormerLayer(nn.Module):
         return q + self.ffn(self.norm_f(q))  # (N, K, d)
 
 
-class FusionQFormer(nn.Module):
-    """K queries x L layers over all modality tokens -> content embedding ``(N, d)``."""
+def pooled_tokens(tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(N, sum H_m)``: each modality's masked mean token, concatenated (zeros for an
+    item missing the modality): what a sentence encoder's mean pooling gives."""
+    out = []
+    for x, mask in zip(tokens, masks):
+        w = mask.to(x.dtype).unsqueeze(-1)  # (N, T_m, 1)
+        out.append((x * w).sum(1) / w.sum(1).clamp(min=1.0))  # (N, H_m)
+    return torch.cat(out, dim=-1)
 
-    def __init__(self, in_dims: Sequence[int], d: int, query_num: int, layers: int, heads: int) -> None:
+
+class FusionQFormer(nn.Module):
+    """K queries x L layers over all modality tokens -> content embedding ``(N, d)``.
+
+    With ``pooled_skip``, a linear map of each modality's mean-pooled encoder output
+    (:func:`pooled_tokens`, layer-normalised) is added to the queries' projection. The
+    queries start random, so at the start they read every token about equally and mix
+    them through random layers; the pooled path carries what the pretrained encoders
+    already know (a sentence encoder is trained for mean pooling) from the first
+    request. The queries' projection then starts at zero (as a residual branch
+    does) and learns what to add to the summary.
+    """
+
+    def __init__(self, in_dims: Sequence[int], d: int, query_num: int, layers: int, heads: int,
+                 pooled_skip: bool = False) -> None:
         super().__init__()
         self.tokens = ModalityTokens(in_dims, d)
         self.queries = nn.Parameter(torch.randn(query_num, d) * 0.02)
         self.layers = nn.ModuleList([_QFormerLayer(d, heads) for _ in range(layers)])
         self.out_norm = nn.LayerNorm(d)
         self.out = nn.Linear(query_num * d, d)
+        self.pooled: nn.Module | None = None
+        if pooled_skip:
+            self.pooled = nn.Sequential(nn.LayerNorm(sum(in_dims)), nn.Linear(sum(in_dims), d))
+            # The queries' part starts at zero and learns what to add to the summary.
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def query_outputs(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
         """The ``K`` query outputs ``(N, K, d)``."""
@@ -91,7 +117,10 @@ class FusionQFormer(nn.Module):
 
     def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
         q = self.query_outputs(tokens, masks)  # (N, K, d)
-        return self.out(q.flatten(1))  # (N, d)
+        out = self.out(q.flatten(1))  # (N, d)
+        if self.pooled is not None:
+            out = out + self.pooled(pooled_tokens(tokens, masks))
+        return out
 
     @torch.no_grad()
     def attention_mass(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -185,7 +185,8 @@ class EM3Model(nn.Module):
             self.content_norm = nn.LayerNorm(d)
             nn.init.constant_(self.content_norm.weight, 0.1)
             if config.fusion == "qformer":
-                self.fusion = FusionQFormer(in_dims, d, config.query_num, config.fusion_layers, config.fusion_heads)
+                self.fusion = FusionQFormer(in_dims, d, config.query_num, config.fusion_layers, config.fusion_heads,
+                                            pooled_skip=config.fusion_pooled_skip)
             else:
                 self.fusion = MeanFusion(in_dims, d)
         self.user_emb = self._id_table(config.user_buckets, d, "user", 0.1)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from em3.app.demo import DemoConfig, _make_world, _PacedServer
+from em3.app.demo import DemoConfig, make_world, _PacedServer
 
 
 class _FakeHTTP:
@@ -28,7 +28,7 @@ class _FakeHTTP:
 
 def test_the_world_does_not_depend_on_its_start_time_but_for_the_shift():
     config = DemoConfig(seed=0)
-    early, late = _make_world(config, t0=1_000.0), _make_world(config, t0=5_000.0)
+    early, late = make_world(config, t0=1_000.0), make_world(config, t0=5_000.0)
     assert early.item_ids == late.item_ids
     np.testing.assert_allclose(np.asarray(early._arrival) - 1_000.0, np.asarray(late._arrival) - 5_000.0)
     assert len(early.catalog(1_000.0)) == len(late.catalog(5_000.0)) == config.n_items
@@ -36,7 +36,7 @@ def test_the_world_does_not_depend_on_its_start_time_but_for_the_shift():
 
 def test_items_that_arrived_before_the_first_request_are_registered_with_it():
     config = DemoConfig(seed=0)
-    world = _make_world(config, t0=1_000.0)
+    world = make_world(config, t0=1_000.0)
     # The traffic starts 120 s after the world (a slow startup): items arrived meanwhile.
     traffic_t0 = 1_120.0
     before = world.arrivals_between(1_000.0, traffic_t0)
@@ -56,7 +56,7 @@ def _arms_of_the_users(seed: int, key: str) -> list[str]:
     config = DemoConfig(seed=seed)
     experiment = _experiment(config)
     pseudonym = Pseudonymizer(key)
-    world = _make_world(config, t0=0.0)
+    world = make_world(config, t0=0.0)
     return [experiment.arm_for(pseudonym(user)).name for user in world.user_ids]
 
 

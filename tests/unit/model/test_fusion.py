@@ -1,6 +1,6 @@
 import torch
 
-from em3.model.fusion import FusionQFormer, MeanFusion
+from em3.model.fusion import FusionQFormer, MeanFusion, pooled_tokens
 
 
 def _inputs(n=3, tt=5, ti=4, ht=12, hi=10):
@@ -21,7 +21,8 @@ def test_qformer_shapes_and_query_outputs():
 
 
 def test_missing_modality_and_padding_are_masked():
-    for f in (FusionQFormer([12, 10], 8, 4, 1, 2).eval(), MeanFusion([12, 10], 8).eval()):
+    for f in (FusionQFormer([12, 10], 8, 4, 1, 2).eval(), MeanFusion([12, 10], 8).eval(),
+              FusionQFormer([12, 10], 8, 4, 1, 2, pooled_skip=True).eval()):
         text, image, tmask, imask = _inputs()
         imask[0] = False  # item 0 has no image
         out = f([text, image], [tmask, imask])
@@ -50,3 +51,28 @@ def test_gradients_reach_queries_and_projections():
     f([text, image], [tmask, imask]).pow(2).sum().backward()
     assert f.queries.grad is not None and f.queries.grad.abs().sum() > 0
     assert all(p.grad.abs().sum() > 0 for p in f.tokens.proj.parameters())
+
+
+def test_pooled_tokens_is_the_masked_mean_per_modality():
+    text, image, tmask, imask = _inputs()
+    imask[0] = False  # item 0 has no image: its image part is zeros
+    pooled = pooled_tokens([text, image], [tmask, imask])
+    assert pooled.shape == (3, 12 + 10)
+    torch.testing.assert_close(pooled[1, :12], text[1, :3].mean(0))  # padding left out
+    torch.testing.assert_close(pooled[2, 12:], image[2].mean(0))
+    assert (pooled[0, 12:] == 0).all()
+
+
+def test_pooled_skip_starts_as_the_encoders_summary_and_the_queries_learn_to_add():
+    f = FusionQFormer([12, 10], 8, 4, 1, 2, pooled_skip=True)
+    text, image, tmask, imask = _inputs()
+    out = f([text, image], [tmask, imask])
+    # At the start the queries' part is zero: the embedding is the pooled summary's map.
+    torch.testing.assert_close(out, f.pooled(pooled_tokens([text, image], [tmask, imask])))
+    out.pow(2).sum().backward()
+    assert f.out.weight.grad.abs().sum() > 0  # the queries' projection learns first
+    with torch.no_grad():
+        f.out.weight.normal_()
+    f.zero_grad()
+    f([text, image], [tmask, imask]).pow(2).sum().backward()
+    assert f.queries.grad.abs().sum() > 0  # then the queries
