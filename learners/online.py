@@ -420,7 +420,8 @@ class OnlineLearner:
         """Mean share of the Fusion-Q-Former's cross-attention per modality (``text``,
         ``image``, ``missing`` = the null token; :func:`em3.model.explain.modality_mass`)
         over ``item_ids``; empty without a Fusion-Q-Former. Tells which modality the
-        content embedding is read from."""
+        queries read (the pooled skip's part is not apportioned here: explanations give
+        the whole embedding's share, :meth:`em3.model.fusion.FusionQFormer.modality_share`)."""
         from em3.model.explain import MODALITIES, modality_mass
 
         if not item_ids or not hasattr(self.model.fusion, "attention_mass"):
@@ -429,7 +430,7 @@ class OnlineLearner:
         total = torch.zeros(len(MODALITIES))
         for start in range(0, len(item_ids), 256):
             ids = list(item_ids[start:start + 256])
-            total += modality_mass(self.model, ids, self.content.get_many(ids)).sum(0)
+            total += modality_mass(self.model, ids, self.content.get_many(ids), attention_only=True).sum(0)
         return {n: round(float(v) / len(item_ids), 4) for n, v in zip(MODALITIES, total)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -153,17 +153,21 @@ def explain_candidates(model: Any, user_id: str, context: Mapping[str, str], his
 
 
 @torch.no_grad()
-def modality_mass(model: Any, item_ids: Sequence[str], contents: Sequence[ItemContent | None]) -> torch.Tensor | None:
-    """``(N, 3)``: the Fusion-Q-Former's attention mass per item on ``text``,
-    ``image`` and ``missing`` (:data:`MODALITIES`; a modality the model does not have
-    gets 0). Rows sum to 1. None for a model without a Fusion-Q-Former (``id_only``,
-    mean fusion). Uses the model's frozen-prefix cache: callers that share it
+def modality_mass(model: Any, item_ids: Sequence[str], contents: Sequence[ItemContent | None], *,
+                  attention_only: bool = False) -> torch.Tensor | None:
+    """``(N, 3)``: the share of each item's content embedding that ``text``, ``image``
+    and ``missing`` account for (:data:`MODALITIES`; a modality the model does not have
+    gets 0): the Fusion-Q-Former's attention mass, and with its pooled skip each
+    modality's pooled term (:meth:`em3.model.fusion.FusionQFormer.modality_share`);
+    ``attention_only``: the queries' attention mass alone. Rows sum to 1. None for a
+    model without a Fusion-Q-Former (``id_only``, mean fusion). Uses the model's frozen-prefix cache: callers that share it
     serialise the call."""
     fusion = getattr(model, "fusion", None)
     if fusion is None or not hasattr(fusion, "attention_mass"):
         return None
     tokens, masks = model.modality_tokens(list(item_ids), list(contents))
-    mass = fusion.attention_mass(tokens, masks).float()  # (N, 1 + M): null token, then each modality
+    share = fusion.attention_mass if attention_only else fusion.modality_share
+    mass = share(tokens, masks).float()  # (N, 1 + M): null token, then each modality
     out = torch.zeros(mass.shape[0], len(MODALITIES))
     out[:, 2] = mass[:, 0]
     col = 1

@@ -138,6 +138,33 @@ class FusionQFormer(nn.Module):
         return torch.stack([w[:, a:b].sum(1) for a, b in zip(edges[:-1], edges[1:])], dim=1)  # (N, 1 + M)
 
 
+    @torch.no_grad()
+    def modality_share(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``(N, 1 + M)``: how much of the content embedding each modality accounts for,
+        the null token ("missing") first. Without the pooled skip, the attention mass.
+        With it, the queries' part counts by its attention mass and the pooled part by
+        each modality's term, each weighted by the norm of what it adds to the
+        embedding; the term of an absent modality (the layer norm gives its empty slot
+        a value) counts as missing. Rows sum to 1."""
+        mass = self.attention_mass(tokens, masks)  # (N, 1 + M)
+        if self.pooled is None:
+            return mass
+        queries = self.out(self.query_outputs(tokens, masks).flatten(1)).norm(dim=-1)  # (N,)
+        share = mass * queries.unsqueeze(-1)  # (N, 1 + M)
+        layer_norm, linear = self.pooled[0], self.pooled[1]
+        x = layer_norm(pooled_tokens(tokens, masks))  # (N, sum H_m)
+        start = 0
+        for m, (t, mask) in enumerate(zip(tokens, masks)):
+            end = start + t.shape[-1]
+            term = (x[:, start:end] @ linear.weight[:, start:end].T).norm(dim=-1)  # (N,)
+            present = mask.any(1)
+            share[:, 1 + m] += torch.where(present, term, torch.zeros_like(term))
+            share[:, 0] += torch.where(present, torch.zeros_like(term), term)
+            start = end
+        total = share.sum(1, keepdim=True)  # (N, 1)
+        return torch.where(total > 0, share / total.clamp(min=1e-12), mass)  # nothing added: the attention
+
+
 class MeanFusion(nn.Module):
     """The ``no_fusion`` ablation: masked mean of all projected tokens, then a linear map."""
 

@@ -76,3 +76,23 @@ def test_pooled_skip_starts_as_the_encoders_summary_and_the_queries_learn_to_add
     f.zero_grad()
     f([text, image], [tmask, imask]).pow(2).sum().backward()
     assert f.queries.grad.abs().sum() > 0  # then the queries
+
+
+def test_modality_share_apportions_the_pooled_part_and_sums_to_one():
+    f = FusionQFormer([12, 10], 8, 4, 1, 2, pooled_skip=True).eval()
+    text, image, tmask, imask = _inputs()
+    imask[0] = False  # item 0 has no image
+    share = f.modality_share([text, image], [tmask, imask])
+    torch.testing.assert_close(share.sum(1), torch.ones(3))
+    assert (share >= 0).all()
+    # At the start the queries add nothing: the share is the pooled terms' norms alone.
+    x = f.pooled[0](pooled_tokens([text, image], [tmask, imask]))
+    w = f.pooled[1].weight
+    t, i = (x[:, :12] @ w[:, :12].T).norm(dim=-1), (x[:, 12:] @ w[:, 12:].T).norm(dim=-1)
+    torch.testing.assert_close(share[1:, 1], t[1:] / (t[1:] + i[1:]))
+    assert share[0, 2] == 0.0  # no image: no share on it; its empty slot's term counts as missing
+    torch.testing.assert_close(share[0, 0], i[0] / (t[0] + i[0]))
+    # Without the skip the share is the attention mass.
+    plain = FusionQFormer([12, 10], 8, 4, 1, 2).eval()
+    torch.testing.assert_close(plain.modality_share([text, image], [tmask, imask]),
+                               plain.attention_mass([text, image], [tmask, imask]))
