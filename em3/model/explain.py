@@ -160,8 +160,8 @@ def modality_mass(model: Any, item_ids: Sequence[str], contents: Sequence[ItemCo
     gets 0): the Fusion-Q-Former's attention mass, and with its pooled skip each
     modality's pooled term (:meth:`em3.model.fusion.FusionQFormer.modality_share`);
     ``attention_only``: the queries' attention mass alone. Rows sum to 1. None for a
-    model without a Fusion-Q-Former (``id_only``, mean fusion). Uses the model's frozen-prefix cache: callers that share it
-    serialise the call."""
+    model without a Fusion-Q-Former (``id_only``, mean fusion). Uses the model's
+    frozen-prefix cache: callers that share it serialise the call."""
     fusion = getattr(model, "fusion", None)
     if fusion is None or not hasattr(fusion, "attention_mass"):
         return None

@@ -107,12 +107,14 @@ class FusionQFormer(nn.Module):
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
 
-    def query_outputs(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The ``K`` query outputs ``(N, K, d)``."""
+    def query_outputs(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+                      weights_out: list | None = None) -> torch.Tensor:
+        """The ``K`` query outputs ``(N, K, d)``; each layer's cross-attention weights
+        ``(N, K, T)`` are appended to ``weights_out`` when one is given."""
         memory, valid = self.tokens(tokens, masks)  # (N, T, d), (N, T)
         q = self.queries.expand(memory.shape[0], -1, -1)  # (N, K, d)
         for layer in self.layers:
-            q = layer(q, memory, valid)
+            q = layer(q, memory, valid, weights_out)
         return self.out_norm(q)  # (N, K, d)
 
     def forward(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -122,21 +124,22 @@ class FusionQFormer(nn.Module):
             out = out + self.pooled(pooled_tokens(tokens, masks))
         return out
 
+    def _read_with_mass(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query outputs ``(N, K, d)`` and their attention mass ``(N, 1 + M)``, in one pass."""
+        weights: list[torch.Tensor] = []
+        q = self.query_outputs(tokens, masks, weights)
+        w = torch.stack(weights).mean(0).mean(1)  # (N, T)
+        bounds = [0, 1] + [m.shape[1] for m in masks]
+        edges = torch.tensor(bounds).cumsum(0).tolist()
+        return q, torch.stack([w[:, a:b].sum(1) for a, b in zip(edges[:-1], edges[1:])], dim=1)  # (N, 1 + M)
+
     @torch.no_grad()
     def attention_mass(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
         """``(N, 1 + M)``: the share of the queries' cross-attention (all layers, heads
         and queries averaged) on the null token and on each of the ``M`` modalities:
-        which modality the content embedding is read from."""
-        memory, valid = self.tokens(tokens, masks)
-        q = self.queries.expand(memory.shape[0], -1, -1)
-        weights: list[torch.Tensor] = []
-        for layer in self.layers:
-            q = layer(q, memory, valid, weights)
-        w = torch.stack(weights).mean(0).mean(1)  # (N, T)
-        bounds = [0, 1] + [m.shape[1] for m in masks]
-        edges = torch.tensor(bounds).cumsum(0).tolist()
-        return torch.stack([w[:, a:b].sum(1) for a, b in zip(edges[:-1], edges[1:])], dim=1)  # (N, 1 + M)
-
+        which modality the queries read."""
+        return self._read_with_mass(tokens, masks)[1]
 
     @torch.no_grad()
     def modality_share(self, tokens: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -146,10 +149,10 @@ class FusionQFormer(nn.Module):
         each modality's term, each weighted by the norm of what it adds to the
         embedding; the term of an absent modality (the layer norm gives its empty slot
         a value) counts as missing. Rows sum to 1."""
-        mass = self.attention_mass(tokens, masks)  # (N, 1 + M)
+        q, mass = self._read_with_mass(tokens, masks)  # (N, K, d), (N, 1 + M)
         if self.pooled is None:
             return mass
-        queries = self.out(self.query_outputs(tokens, masks).flatten(1)).norm(dim=-1)  # (N,)
+        queries = self.out(q.flatten(1)).norm(dim=-1)  # (N,)
         share = mass * queries.unsqueeze(-1)  # (N, 1 + M)
         layer_norm, linear = self.pooled[0], self.pooled[1]
         x = layer_norm(pooled_tokens(tokens, masks))  # (N, sum H_m)
