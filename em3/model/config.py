@@ -46,6 +46,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: Fields added after snapshots were first published, with the value each had before
+#: it existed (what a saved config without the field means; :meth:`ModelConfig.from_dict`).
+LEGACY_DEFAULTS: dict[str, Any] = {"ctcvr_weight": 0.0, "content_fade": False, "fusion_pooled_skip": False}
+
+
 @config_class
 class ModelConfig:
     """Everything that determines the parameters of an :class:`em3.model.EM3Model`.
@@ -348,8 +353,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
-        """Rebuild from :meth:`to_dict`; unknown keys are refused. A config saved before
-        the CVR head existed (no ``ctcvr_weight``) means a model without one.
+        """Rebuild from :meth:`to_dict`; unknown keys are refused. A field missing from a
+        config saved before it existed takes the value that gives the model that config
+        was saved from (:data:`LEGACY_DEFAULTS`: no CVR head, no content fade, no pooled
+        skip), not today's default, so an old snapshot loads and scores as it was trained.
 
         >>> ModelConfig.from_dict({"variant": "id_only", "use_content": False}).has_cvr
         False
@@ -358,4 +365,4 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig keys {unknown}; expected a subset of {sorted(known)}")
-        return cls(**{"ctcvr_weight": 0.0, **dict(data)})
+        return cls(**{**LEGACY_DEFAULTS, **dict(data)})

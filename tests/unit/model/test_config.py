@@ -49,3 +49,19 @@ def test_variants():
     assert not ModelConfig.tiny("text_only").has_image and ModelConfig.tiny("text_only").has_text
     assert not ModelConfig.tiny("image_only").has_text and ModelConfig.tiny("image_only").has_image
     assert ModelConfig.tiny("em3").has_text and ModelConfig.tiny("em3").has_image
+
+
+def test_a_config_saved_before_a_field_existed_rebuilds_the_model_it_was_saved_from():
+    from em3.model import EM3Model
+    from em3.model.config import LEGACY_DEFAULTS
+
+    old = ModelConfig.tiny("em3", **LEGACY_DEFAULTS).to_dict()
+    state = EM3Model(ModelConfig.from_dict(old)).state_dict()
+    for name in LEGACY_DEFAULTS:
+        del old[name]  # what a snapshot published before these fields carries
+    config = ModelConfig.from_dict(old)
+    assert (config.fusion_pooled_skip, config.content_fade, config.ctcvr_weight) == (False, False, 0.0)
+    EM3Model(config).load_state_dict(state)  # strict: the same tensors, none missing
+    # A config that names a field keeps its value, and today's defaults are unchanged.
+    assert ModelConfig.from_dict(ModelConfig.tiny("em3").to_dict()).fusion_pooled_skip is True
+    assert ModelConfig().fusion_pooled_skip and ModelConfig().content_fade
