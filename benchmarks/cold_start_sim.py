@@ -50,28 +50,27 @@ logger = logging.getLogger("benchmarks.cold_start_sim")
 class SimulatedLine:
     """One model line as an in-process :class:`simulators.rankers.LearningRanker`."""
 
-    def __init__(self, arm: str, variant: str, world: Any, *, seed: int, window_s: float, batch_every_s: float,
+    def __init__(self, arm: str, variant: str, content: Any, *, seed: int, window_s: float, batch_every_s: float,
                  model_overrides: Mapping[str, Any], model_scale: str = "default") -> None:
         from em3.model import ModelConfig
-        from em3.stores import InMemoryContentStore
         from learners import OnlineLearner
 
         self.arm, self.window_s, self.batch_every_s = arm, window_s, batch_every_s
         make = ModelConfig.tiny if model_scale == "tiny" else ModelConfig.for_variant
         config = make(variant, **{"seed": seed, **model_overrides})
-        content = InMemoryContentStore(world.item_content(i) for i in world.item_ids)
         self.learner = OnlineLearner(config, content, device="cpu", seed=seed)
         self.history_len = config.history_len
         self.served: deque = deque()  # impressions waiting for their label
         self.clicked: set[str] = set()
+        self.users: set[str] = set()  # every user this line ranked for
         self.clicks_of: dict[str, tuple[list[float], list[str]]] = defaultdict(lambda: ([], []))
         self.next_batch = None
         self.steps = 0
 
     def history(self, user_id: str, t: float) -> list[str]:
-        times, items = self.clicks_of[user_id]
+        times, items = self.clicks_of.get(user_id, ((), ()))
         n = bisect.bisect_left(times, t)
-        return items[max(0, n - self.history_len): n][::-1]
+        return list(items[max(0, n - self.history_len): n][::-1])
 
     def _learn_until(self, now: float) -> None:
         from em3.types import Sample
@@ -95,6 +94,7 @@ class SimulatedLine:
         from simulators.rankers import Ranking
 
         t = float(context["t"])
+        self.users.add(user_id)
         self._learn_until(t)
         ctx = {key: v for key, v in context.items() if key != "t"}
         imps = [Impression(f"c{j}", "r", user_id, c, 0, t, context=ctx) for j, c in enumerate(candidates)]
@@ -118,13 +118,13 @@ class SimulatedLine:
 
 
 def ranking_quality(line: SimulatedLine, world: Any, item_ids: Sequence[str], t: float, users: int = 40) -> float:
-    """Mean over up to ``users`` of the line's users (those it has clicks of) of the
+    """Mean over the first ``users`` of the line's users (those it ranked for) of the
     Spearman correlation between the line's scores of ``item_ids`` and the world's
     true attraction: how well the line orders those items, whatever it showed."""
     from em3.types import Impression
 
     out = []
-    for user in sorted(line.clicks_of)[:users]:
+    for user in sorted(line.users)[:users]:
         imps = [Impression(f"q{j}", "q", user, i, 0, t, context={"hour": "12", "device": "web"})
                 for j, i in enumerate(item_ids)]
         p = line.learner.score(imps, [line.history(user, t)] * len(imps))
@@ -137,12 +137,14 @@ def ranking_quality(line: SimulatedLine, world: Any, item_ids: Sequence[str], t:
 def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[str, Any],
              batch_every_s: float) -> dict[str, Any]:
     from em3.app.demo import DemoConfig, LINE_VARIANTS, ColdStartTracker, make_world
+    from em3.stores import InMemoryContentStore
     from simulators.ab import ABConfig, ABRunner
 
     config = DemoConfig(seed=seed, **overrides)
     t0 = 1.75e9
     world = make_world(config, t0)
-    lines = {line: SimulatedLine(line, LINE_VARIANTS[line], world, seed=seed, window_s=config.window_s,
+    content = InMemoryContentStore(world.item_content(i) for i in world.item_ids)  # posters drawn once
+    lines = {line: SimulatedLine(line, LINE_VARIANTS[line], content, seed=seed, window_s=config.window_s,
                                  batch_every_s=batch_every_s, model_overrides=model_overrides,
                                  model_scale=config.model_scale)
              for line in config.lines}
@@ -165,7 +167,8 @@ def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[s
     quality = {line: {"unseen_items": ranking_quality(s, world, unseen, t_end),
                       "cold_items": ranking_quality(s, world, new, t_end),
                       "catalogue": ranking_quality(s, world, old, t_end)} for line, s in lines.items()}
-    out = {"seed": seed, "requests": report.requests, "rank_spearman": quality, "wall_s": round(time.perf_counter() - started, 1),
+    out = {"seed": seed, "requests": report.requests, "rank_spearman": quality,
+           "wall_s": round(time.perf_counter() - started, 1),
            "cold_ctr_ratio": ratio(summary[first], summary[control]),
            "first_ctr_ratio": ratio(summary[first]["first"], summary[control]["first"]),
            "ctr": {a: round(s["ctr"], 4) for a, s in report.final.items()},
