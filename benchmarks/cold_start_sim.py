@@ -220,7 +220,8 @@ def content_alignment(seed: int, variants: Sequence[str], model_overrides: Mappi
                 out["pooled_text"] = corr(pooled_tokens(tokens[:1], masks[:1]).float().numpy())
                 out["pooled_image"] = corr(pooled_tokens(tokens[1:], masks[1:]).float().numpy())
                 both = pooled_tokens(tokens, masks).float()
-                out["pooled_both_layer_normalised"] = corr(torch.nn.functional.layer_norm(both, both.shape[-1:]).numpy())
+                normalised = torch.nn.functional.layer_norm(both, both.shape[-1:])
+                out["pooled_both_layer_normalised"] = corr(normalised.numpy())
     return out
 
 

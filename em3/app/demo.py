@@ -378,24 +378,20 @@ class ColdStartTracker:
         self.forward(event)
 
     @staticmethod
-    def _rate(shown: int, clicks: int) -> dict[str, float]:
+    def _rate(shown: int, clicks: int, positions: int) -> dict[str, float]:
         ctr = clicks / shown if shown else 0.0
         half = 1.96 * math.sqrt(max(ctr * (1 - ctr), 1e-12) / max(shown, 1))
         return {"impressions": shown, "clicks": clicks, "ctr": ctr,
-                "ci_low": max(0.0, ctr - half), "ci_high": min(1.0, ctr + half)}
+                "ci_low": max(0.0, ctr - half), "ci_high": min(1.0, ctr + half),
+                "mean_position": round(positions / max(shown, 1), 3)}
 
     def summary(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         for arm in sorted({a for a, _ in self.shown}):
-            first = (self.shown.get((arm, True), 0), self.clicked.get((arm, True), 0))
-            later = (self.shown.get((arm, False), 0), self.clicked.get((arm, False), 0))
-            out[arm] = self._rate(first[0] + later[0], first[1] + later[1])
-            out[arm]["items"] = sum(1 for a, _ in self.seen if a == arm)
-            out[arm]["mean_position"] = round(
-                (self.positions.get((arm, True), 0) + self.positions.get((arm, False), 0)) / max(1, sum(
-                    self.shown.get((arm, f), 0) for f in (True, False))), 3)
-            out[arm]["first"] = self._rate(*first)
-            out[arm]["first"]["mean_position"] = round(self.positions.get((arm, True), 0) / max(1, first[0]), 3)
+            first, later = ((self.shown.get(key, 0), self.clicked.get(key, 0), self.positions.get(key, 0))
+                            for key in ((arm, True), (arm, False)))
+            out[arm] = {**self._rate(*(a + b for a, b in zip(first, later))),
+                        "items": sum(1 for a, _ in self.seen if a == arm), "first": self._rate(*first)}
         return out
 
 
