@@ -24,6 +24,7 @@ Two parts, both through the real learner (:class:`learners.OnlineLearner`,
 
     python benchmarks/id_tables.py                       # everything (~10-20 min here)
     python benchmarks/id_tables.py --scales 10000 --ml-seeds 0 --ml-max-events 20000   # quick
+    python benchmarks/id_tables.py --tables-only --scales 1000000 --seeds 1,2,3 [--shift]  # admission alone
 
 The last line printed is one JSON object ``{"runs": [...], "ml100k": {...}, "model",
 "runtime", "settings"}``.
@@ -181,16 +182,62 @@ def run_scale(distinct: int, *, batch_size: int, seed: int, threads: int, overri
         "collision_rate_hot_ids_by_quartile": [round(float(x), 4) for x in by_quartile / (hot_n / 4)],
         "config_overrides": overrides or {},
         "sketch": {name: {"width": emb.ids.sketch.width, "depth": emb.ids.sketch.depth,
-                          "sample_size": emb.ids.sketch.sample_size}
+                          "sample_size": emb.ids.sketch.sample_size, "doorkeeper_bits": emb.ids.sketch.door_bits}
                    for name, emb in (("user", learner.model.user_emb), ("item", learner.model.item_emb))},
         "hashed_collision_rate_hot_ids": round(hashed_collide / hot_n, 4),
         "auc": round(auc(np.concatenate(labels), np.concatenate(probs)), 4),
         "model": "id_only", "variant": "id_only, id_table=bounded (defaults: "
         f"fallback {cfg.id_fallback_buckets}, admit_after {cfg.id_admit_after}, expiry_s {cfg.id_expiry_s}, "
-        "TinyLFU admission)",
+        "TinyLFU admission with a doorkeeper)",
         "runtime": f"in-process OnlineLearner.learn_batch, cpu, {threads} thread(s), batch {batch_size}",
         "wall_s": round(wall, 1), "core_s": round(cpu, 1), "samples_per_s": round(n / wall),
     }
+
+
+def run_tables(distinct: int, *, batch_size: int, seed: int, shift: bool = False) -> dict:
+    """The same stream as :func:`run_scale` (the same draws, batches and event times),
+    through two pure :class:`em3.idtable.IdTable` at the model's default sizes, with no
+    model: the admission policy alone, ~20 s for 10^6 IDs. The tool the admission
+    settings were chosen with (``--tables-only``, on seeds other than the reported one).
+
+    ``shift``: at half the stream the hot set is replaced by new IDs (the users' and items'
+    prefixes change), and ``new_hot_missing_after`` gives the fraction of the new hot IDs
+    without an own row 50,000 to 400,000 events later: how fast admission follows a
+    change of popularity; ``old_hot_held_end``: how many of the old ones still hold one."""
+    from em3 import idtable
+    from em3.model import ModelConfig
+
+    cfg = ModelConfig()
+    rng = np.random.default_rng(seed)
+    users, items = IdStream("u", distinct, rng), IdStream("i", distinct, rng)
+    tables = {name: idtable.IdTable(rows, cfg.id_fallback_buckets, name, cfg.id_admit_after)
+              for name, rows in (("user", cfg.user_buckets), ("item", cfg.item_buckets))}
+    half = int(0.5 * 0.99 * distinct / (P_NEW * (1 - P_HOT)))
+    old_hot = {"user": users.hot_ids(), "item": items.hot_ids()}
+    marks: dict[int, float] = {}
+    n, t0 = 0, time.perf_counter()
+    while not (users.done and items.done):
+        if shift and n >= half and users.prefix == "u":
+            users.prefix, items.prefix = "v", "j"
+        us, its = users.draw(batch_size), items.draw(batch_size)
+        rng.random(batch_size)  # the clicks' draw of run_scale: the same stream after it
+        for name, ids in (("user", us), ("item", its)):
+            tables[name].observe(ids, T0 + n / 100)
+        n += batch_size
+        for m in (50_000, 100_000, 200_000, 400_000):
+            if users.prefix == "v" and m not in marks and n - half >= m:
+                marks[m] = float(np.mean([~tables[k].owns(s.hot_ids()) for k, s in
+                                          (("user", users), ("item", items))]))
+    missing = np.concatenate([~tables[k].owns(s.hot_ids()) for k, s in (("user", users), ("item", items))])
+    out = {"seed": seed, "distinct_ids": distinct, "events": n, "hot_ids": len(missing),
+           "hot_missing": int(missing.sum()), "collision_rate_hot_ids": float(missing.mean()),
+           "rows": sum(len(t) for t in tables.values()),
+           "sample_per_row": idtable.SAMPLE_PER_ROW, "doorkeeper_bits_per_sample": idtable.DOOR_BITS_PER_SAMPLE,
+           "wall_s": round(time.perf_counter() - t0, 1)}
+    if shift:
+        out["new_hot_missing_after"] = {str(k): round(v, 4) for k, v in marks.items()}
+        out["old_hot_held_end"] = round(float(np.mean([tables[k].owns(old_hot[k]) for k in tables])), 4)
+    return out
 
 
 def _table_figures(learner) -> dict:
@@ -266,9 +313,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="ModelConfig override of the synthetic runs (diagnostics; the defaults are the figure)")
     p.add_argument("--one-scale", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tables-only", action="store_true",
+                   help="the admission policy alone: the scales' streams through pure IdTables, for --seeds")
+    p.add_argument("--seeds", default="1,2,3", help="with --tables-only: the streams' seeds (tuning: not 0)")
+    p.add_argument("--shift", action="store_true", help="with --tables-only: the hot set changes at mid-stream")
+    p.add_argument("--sample-per-row", type=int, default=None,
+                   help="with --tables-only: em3.idtable.SAMPLE_PER_ROW for this run (a diagnostic)")
+    p.add_argument("--doorkeeper-bits", type=int, default=None,
+                   help="with --tables-only: em3.idtable.DOOR_BITS_PER_SAMPLE (0: no doorkeeper; a diagnostic)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     overrides = {k: json.loads(v) for k, _, v in (item.partition("=") for item in args.set)}
+    if args.tables_only:
+        from em3 import idtable
+
+        if args.sample_per_row is not None:
+            idtable.SAMPLE_PER_ROW = args.sample_per_row
+        if args.doorkeeper_bits is not None:
+            idtable.DOOR_BITS_PER_SAMPLE = args.doorkeeper_bits
+        runs = [run_tables(int(d), batch_size=args.batch_size, seed=int(seed), shift=args.shift)
+                for d in args.scales.split(",") if d.strip() for seed in args.seeds.split(",") if seed.strip()]
+        for r in runs:
+            logger.info("%s", r)
+        report = {"tables_only": runs, "model": "none (pure em3.idtable.IdTable, the model's default sizes)",
+                  "runtime": "in-process, numpy, one thread", "settings": {"batch_size": args.batch_size,
+                                                                            "shift": args.shift}}
+        print(json.dumps(report))
+        return report
     if args.one_scale is not None:  # a child process: one scale, its own RSS
         report = run_scale(args.one_scale, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
                            overrides=overrides)
@@ -305,9 +376,9 @@ def main(argv: list[str] | None = None) -> dict:
                                         "id_fallback_buckets": cfg.id_fallback_buckets,
                                         "id_admit_after": cfg.id_admit_after, "id_expiry_s": cfg.id_expiry_s,
                                         "id_sketch_width": cfg.id_sketch_width,
-                                        "admission": "TinyLFU: every impression counted, halving after "
-                                                     "10 x own rows, strictly greater estimate than the "
-                                                     "SLRU victim"},
+                                        "admission": "TinyLFU: every impression counted behind a "
+                                                     "doorkeeper, halving after 80 x own rows, strictly "
+                                                     "greater estimate than the SLRU victim"},
                            "ml_seeds": seeds, "ml_max_events": args.ml_max_events}}
     print(json.dumps(report))
     return report

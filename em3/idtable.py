@@ -19,10 +19,13 @@ rebuilds the index from them (:meth:`IdTable.from_arrays`), so a row serves the 
 Admission is TinyLFU (Einziger, Friedman, Manes, ACM ToS 2017; Caffeine's
 ``FrequencySketch`` and ``BoundedLocalCache.admit``) behind Monolith's frequency filter.
 Every trained-on impression of the table, admitted IDs included, is counted in a
-count-min sketch (:class:`CountMinSketch`: conservative update; all counters halved
-after ``W = 10 x capacity`` counted impressions, TinyLFU's sample size, so old counts
-fade and memory is fixed whatever the stream; width ``4 x`` the power of two >=
-capacity, Caffeine's number of counters, :func:`sketch_width_for`). An ID whose
+count-min sketch (:class:`CountMinSketch`: conservative update; width ``4 x`` the power
+of two >= capacity, Caffeine's number of counters, :func:`sketch_width_for`) behind
+TinyLFU's *doorkeeper*, a Bloom filter that takes an ID's first impression, so that the
+flood of IDs seen once never reaches the counters (the estimate is the counters plus the
+doorkeeper's bit). All counters are halved, and the doorkeeper cleared, after
+``W = 80 x capacity`` impressions (:data:`SAMPLE_PER_ROW`), so old counts fade and
+memory is fixed whatever the stream. An ID whose
 estimate reaches ``admit_after`` is a candidate: it takes a free own row if there is
 one. With none free, the segmented-LRU (SLRU, memcached, Caffeine's main region)
 victim is chosen: the least recently seen *probationary* row (its owner never came back
@@ -58,9 +61,18 @@ __all__ = ["fingerprint", "sketch_width_for", "CountMinSketch", "TableUpdate", "
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
-SAMPLE_PER_ROW = 10
-"""TinyLFU's sample size per cache entry: the sketch halves after ``10 x capacity``
-counted impressions (the paper's ``W/C`` and Caffeine's ``sampleSize = 10 * maximum``)."""
+SAMPLE_PER_ROW = 80
+"""TinyLFU's sample size per own row: the sketch halves after ``80 x capacity`` counted
+impressions (the paper's ``W/C``). Caffeine uses 10, for a cache, where a miss costs one
+load; an evicted embedding row loses what it learned, so the tables remember frequency
+8 times longer. Affordable because of the doorkeeper (:data:`DOOR_BITS_PER_SAMPLE`):
+without it, the longer sample fills the counters with one-off IDs and noise evicts rare
+hot IDs; with it, an ID seen once per ~100,000 impressions keeps its row
+(``docs/results.md``, "Bounded ID tables": chosen on tuning streams, seeds 1-3)."""
+DOOR_BITS_PER_SAMPLE = 8
+"""Bits of the doorkeeper (a Bloom filter of 4 hashes) per impression of the sample:
+at most ``W`` distinct IDs enter it between two clearings, so false positives stay
+below ~2.5%. ``80 x 28,672 x 8`` bits are 2.3 MB a table at the default size."""
 ADMIT_WARM = 6
 """A losing candidate at least this frequent may be admitted at random (Caffeine's
 ``ADMIT_HASHDOS_THRESHOLD``)."""
@@ -125,21 +137,33 @@ class CountMinSketch:
     Conservative update (only the smallest counters of a key grow), and after every
     ``sample_size`` counted additions (default: ``width``) all counters and sums are
     halved (TinyLFU's reset): old counts fade, and an unbounded stream of distinct keys
-    cannot saturate the table.
+    cannot saturate the table. With ``doorkeeper_bits`` > 0, a key's first addition
+    since the last reset only sets its bits in a Bloom filter of that many bits (TinyLFU's
+    doorkeeper, cleared at each reset), later ones reach the counters, and an estimate
+    is the counters' plus 1 for a key the doorkeeper holds: the same counts, while keys
+    seen once leave the counters to the keys that repeat. Every addition counts toward
+    ``sample_size``, the doorkeeper's included (as in Ristretto's TinyLFU).
 
     >>> s = CountMinSketch(width=64, depth=4)
     >>> s.add(np.array([7, 7, 9], dtype=np.int64)).tolist()
     [2, 1]
     >>> s.estimate(np.array([7], dtype=np.int64)).tolist()
     [2]
+    >>> d = CountMinSketch(width=64, depth=4, doorkeeper_bits=256)
+    >>> d.add(np.array([7, 7, 9], dtype=np.int64)).tolist(), int(d.table.max())  # 9 only in the doorkeeper
+    ([2, 1], 1)
     """
 
     # Odd 64-bit multipliers of the multiply-shift hashes, one per row.
     _MULT = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                       0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53, 0x94D049BB133111EB, 0xBF58476D1CE4E5B9],
                      dtype=np.uint64)
+    # The doorkeeper's 4 hashes: other odd multipliers, so its bits are independent of the rows'.
+    _DOOR_MULT = np.array([0xA0761D6478BD642F, 0xE7037ED1A0B428DB, 0x8EBC6AF09C88C6E3, 0x589965CC75374CC3],
+                          dtype=np.uint64)
 
-    def __init__(self, width: int = 1 << 16, depth: int = 4, sample_size: int | None = None) -> None:
+    def __init__(self, width: int = 1 << 16, depth: int = 4, sample_size: int | None = None,
+                 doorkeeper_bits: int = 0) -> None:
         if not (isinstance(width, int) and width >= 1):
             raise ValueError(f"width must be an int >= 1, but {width!r} is given")
         if not (isinstance(depth, int) and 1 <= depth <= len(self._MULT)):
@@ -147,9 +171,13 @@ class CountMinSketch:
         sample_size = width if sample_size is None else sample_size
         if not (isinstance(sample_size, int) and sample_size >= 1):
             raise ValueError(f"sample_size must be an int >= 1, but {sample_size!r} is given")
+        if not (isinstance(doorkeeper_bits, int) and doorkeeper_bits >= 0):
+            raise ValueError(f"doorkeeper_bits must be an int >= 0 (0: none), but {doorkeeper_bits!r} is given")
         self.width, self.depth, self.sample_size = width, depth, sample_size
         self.table = np.zeros((depth, width), dtype=np.int32)
         self.values = np.zeros((depth, width), dtype=np.float32)
+        self.door_bits = -(-doorkeeper_bits // 8) * 8  # whole bytes
+        self.door = np.zeros(self.door_bits // 8, dtype=np.uint8)  # the doorkeeper's bits, packed
         self.additions = 0
 
     def _cells(self, keys: np.ndarray) -> np.ndarray:
@@ -158,12 +186,26 @@ class CountMinSketch:
             mixed = keys.astype(np.uint64)[None, :] * self._MULT[: self.depth, None]  # (depth, N), wraps mod 2^64
         return ((mixed >> np.uint64(32)) % np.uint64(self.width)).astype(np.int64)
 
+    def _door_bits_of(self, keys: np.ndarray) -> np.ndarray:
+        """``(4, N)`` the doorkeeper bit of each key under each of its hashes."""
+        with np.errstate(over="ignore"):
+            mixed = keys.astype(np.uint64)[None, :] * self._DOOR_MULT[:, None]  # (4, N), wraps mod 2^64
+        return ((mixed >> np.uint64(32)) % np.uint64(self.door_bits)).astype(np.int64)
+
+    def in_doorkeeper(self, keys: np.ndarray) -> np.ndarray:
+        """``(N,)`` bool: whether the doorkeeper holds each key (all False without one)."""
+        if not self.door_bits:
+            return np.zeros(len(keys), dtype=bool)
+        bits = self._door_bits_of(keys)
+        return ((self.door[bits >> 3] >> (bits & 7).astype(np.uint8)) & 1).all(axis=0).astype(bool)
+
     def estimate(self, keys: np.ndarray) -> np.ndarray:
         """``(N,)`` estimated counts (never below the true count since the last halving)."""
         if not len(keys):
             return _EMPTY
         cells = self._cells(keys)
-        return self.table[np.arange(self.depth)[:, None], cells].min(axis=0).astype(np.int64)
+        counted = self.table[np.arange(self.depth)[:, None], cells].min(axis=0).astype(np.int64)
+        return counted + self.in_doorkeeper(keys)
 
     def add(self, keys: np.ndarray) -> np.ndarray:
         """Count each entry of ``keys`` once; returns the estimates of ``np.unique(keys)``
@@ -173,16 +215,23 @@ class CountMinSketch:
         uniq, counts = np.unique(keys, return_counts=True)
         cells = self._cells(uniq)  # (depth, U)
         rows = np.arange(self.depth)[:, None]
-        est = self.table[rows, cells].min(axis=0).astype(np.int64) + counts  # (U,)
-        target = np.minimum(est, np.iinfo(np.int32).max).astype(np.int32)
+        grow = counts  # (U,) additions that reach the counters
+        if self.door_bits:
+            first = ~self.in_doorkeeper(uniq)  # first sightings since the last reset: doorkeeper only
+            bits = self._door_bits_of(uniq[first]).reshape(-1)
+            np.bitwise_or.at(self.door, bits >> 3, np.left_shift(1, bits & 7).astype(np.uint8))
+            grow = counts - first
+        counted = self.table[rows, cells].min(axis=0).astype(np.int64) + grow  # (U,)
+        target = np.minimum(counted, np.iinfo(np.int32).max).astype(np.int32)
         for r in range(self.depth):
             np.maximum.at(self.table[r], cells[r], target)
         self.additions += int(counts.sum())
         if self.additions >= self.sample_size:
             self.table >>= 1
             self.values *= 0.5
+            self.door[:] = 0
             self.additions //= 2
-        return est
+        return counted + (1 if self.door_bits else 0)
 
     def add_values(self, keys: np.ndarray, values: np.ndarray) -> None:
         """Add ``values`` ``(N,)`` to the sums of ``keys`` ``(N,)``."""
@@ -199,7 +248,7 @@ class CountMinSketch:
 
     @property
     def nbytes(self) -> int:
-        return int(self.table.nbytes + self.values.nbytes)
+        return int(self.table.nbytes + self.values.nbytes + self.door.nbytes)
 
 
 @dataclass(frozen=True)
@@ -241,7 +290,8 @@ class IdTable:
     sketch_width : int
         Counters per row of the admission sketch (:class:`CountMinSketch`); 0 (the
         default): :func:`sketch_width_for` the capacity. Whatever the width, the sketch
-        halves after ``10 x capacity`` counted impressions (:data:`SAMPLE_PER_ROW`).
+        halves after ``80 x capacity`` counted impressions (:data:`SAMPLE_PER_ROW`), and
+        its doorkeeper has :data:`DOOR_BITS_PER_SAMPLE` bits per impression of that.
     sketch_depth : int
         Rows of the admission sketch. It is allocated on the first :meth:`observe` (a
         server that only reads the map never holds one).
@@ -271,13 +321,14 @@ class IdTable:
     # ------------------------------------------------------------- reading
     @property
     def sketch_sample_size(self) -> int:
-        """Counted impressions between two halvings of the sketch: ``10 x capacity``."""
+        """Counted impressions between two halvings of the sketch: ``80 x capacity``."""
         return SAMPLE_PER_ROW * self.capacity
 
     def new_sketch(self, width: int | None = None) -> CountMinSketch:
         """An empty admission sketch for this table (``width``: a loaded sketch's)."""
         width = width or self.sketch_width or sketch_width_for(self.capacity)
-        return CountMinSketch(width, self.sketch_depth, self.sketch_sample_size)
+        return CountMinSketch(width, self.sketch_depth, self.sketch_sample_size,
+                              doorkeeper_bits=DOOR_BITS_PER_SAMPLE * self.sketch_sample_size)
 
     def settings(self) -> dict:
         return {"rows": self.rows_total, "fallback": self.fallback, "salt": self.salt,

@@ -464,6 +464,7 @@ class OnlineLearner:
             if table.sketch is not None:  # the admission counts (the map itself is in state_dict)
                 tensors[f"idtable/{name}/sketch"] = torch.from_numpy(table.sketch.table.copy())  # (4, W) int32
                 tensors[f"idtable/{name}/sketch_clicks"] = torch.from_numpy(table.sketch.values.copy())  # (4, W)
+                tensors[f"idtable/{name}/doorkeeper"] = torch.from_numpy(table.sketch.door.copy())  # (bits/8,) uint8
                 meta[f"idtable/{name}"] = {"additions": table.sketch.additions, "now": table.now,
                                            "counts": "all"}  # TinyLFU: admitted IDs counted too
         return tensors, meta
@@ -523,6 +524,11 @@ class OnlineLearner:
                 clicks = tensors.get(f"idtable/{name}/sketch_clicks")
                 if clicks is not None:
                     table.sketch.values[...] = clicks.numpy()
+                door = tensors.get(f"idtable/{name}/doorkeeper")
+                # A checkpoint from before the doorkeeper (or of another size) starts with an
+                # empty one: each ID then counts one impression less until it is seen again.
+                if door is not None and tuple(door.shape) == table.sketch.door.shape:
+                    table.sketch.door[...] = door.numpy()
                 table.sketch.additions = int(info.get("additions", 0))
                 table.now = max(table.now, int(info.get("now", 0)))
         self._history_content.clear()

@@ -3,6 +3,7 @@ publisher ships full and delta snapshots, and a server that reloads them scores 
 admitted ID with its own row and stops using a row as soon as it changes owner."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,6 +103,9 @@ def test_a_learner_restarted_from_state_and_checkpoint_keeps_the_map_and_the_adm
     # Its own counters start from the same sketched impressions and clicks in both.
     assert back.model.item_clicks[row] == lrn.model.item_clicks[row] > 0
     assert back.model.item_impressions[row] == lrn.model.item_impressions[row] == 3
+    # The doorkeeper travelled too: "a" and "b" (first impressions) are in both.
+    door, back_door = lrn.model.item_emb.ids.sketch.door, back.model.item_emb.ids.sketch.door
+    assert door.any() and np.array_equal(door, back_door)
 
 
 def test_a_checkpoint_from_before_tinylfu_loads_with_a_warning_and_keeps_its_counts():
@@ -114,7 +118,7 @@ def test_a_checkpoint_from_before_tinylfu_loads_with_a_warning_and_keeps_its_cou
     assert meta["idtable/item"]["counts"] == "all"
     wide = {"idtable/item/sketch": torch.full((4, 64), 3, dtype=torch.int32),  # the old default was wider
             "idtable/item/sketch_clicks": torch.ones(4, 64)}
-    old = {**tensors, **wide}
+    old = {**{k: v for k, v in tensors.items() if not k.endswith("/doorkeeper")}, **wide}  # no doorkeeper then
     old_meta = {k: ({"additions": v["additions"], "now": v["now"]} if k.startswith("idtable/") else v)
                 for k, v in meta.items()}
     back = OnlineLearner(cfg, content, device="cpu", seed=0)
@@ -122,7 +126,8 @@ def test_a_checkpoint_from_before_tinylfu_loads_with_a_warning_and_keeps_its_cou
     with pytest.warns(EM3Warning, match="predates TinyLFU"):
         back.load_checkpoint(old, old_meta)
     sketch = back.model.item_emb.ids.sketch
-    assert sketch.width == 64 and sketch.sample_size == 10 * back.model.item_emb.ids.capacity
+    assert sketch.width == 64 and sketch.sample_size == 80 * back.model.item_emb.ids.capacity
+    assert not sketch.door.any()  # it had no doorkeeper: an empty one
     assert (sketch.table == 3).all() and (sketch.values == 1).all() and sketch.additions == meta["idtable/item"]["additions"]
     with pytest.raises(ValueError, match="admission sketch"):
         back.load_checkpoint({**tensors, "idtable/item/sketch": tensors["idtable/item/sketch"][:2]}, meta)

@@ -60,14 +60,30 @@ def test_slru_evicts_probationary_rows_before_ids_that_came_back():
     assert t.owns(["hot", "f", "i", "j", "k"]).tolist() == [False, True, True, True, True]
 
 
-def test_sketch_halves_after_ten_times_capacity_counted_impressions():
-    t = _table(admit_after=1)  # 8 own rows: the sketch halves after 80 counted impressions
-    t.observe(["a"] * 40, now=1)  # a takes a row in this batch, and its impressions still count
-    t.observe(["a"] * 39, now=2)
-    assert t.sketch.width == 32 and t.sketch.additions == 79 and _est(t, "a") == 79  # 4 x 8 counters a row
+def test_sketch_halves_after_eighty_times_capacity_counted_impressions():
+    t = _table(admit_after=1)  # 8 own rows: the sketch halves after 640 counted impressions
+    t.observe(["a"] * 320, now=1)  # a takes a row in this batch, and its impressions still count
+    t.observe(["a"] * 319, now=2)
+    assert t.sketch.width == 32 and t.sketch.additions == 639 and _est(t, "a") == 639  # 4 x 8 counters a row
     t.observe(["a"], now=3)
-    assert t.sketch.additions == 40 and _est(t, "a") == 40
-    assert t.sketch_sample_size == t.sketch.sample_size == 80
+    # Counters halved (639 -> 319) and the doorkeeper, which held a's first impression, cleared.
+    assert t.sketch.additions == 320 and _est(t, "a") == 319
+    assert t.sketch_sample_size == t.sketch.sample_size == 640
+
+
+def test_ids_seen_once_stay_in_the_doorkeeper_and_out_of_the_counters():
+    t = _table(admit_after=2)
+    t.observe([f"once{i}" for i in range(50)] + ["twice", "twice"], now=1)
+    assert int(t.sketch.table.max()) == 1  # only twice's second impression reached a counter
+    assert [_est(t, k) for k in ("once0", "once49", "twice")] == [1, 1, 2]
+    assert t.owns(["twice", "once0"]).tolist() == [True, False]
+    assert t.sketch.door.nbytes == 8 * t.sketch_sample_size // 8  # 8 bits per impression of the sample
+
+
+def test_doorkeeper_off_counts_every_impression_in_the_counters():
+    s = CountMinSketch(width=1 << 10, depth=4)
+    s.add(np.arange(50, dtype=np.int64))
+    assert s.door.nbytes == 0 and int(s.table.max()) == 1 and s.in_doorkeeper(np.arange(3)).tolist() == [False] * 3
 
 
 def test_admitted_ids_are_counted():
@@ -212,6 +228,6 @@ def test_memory_is_bounded_under_an_unbounded_stream_of_new_ids():
         fresh = [f"new{batch}-{i}" for i in range(500)]  # 100,000 distinct one-off IDs
         t.observe(fresh + list(rng.choice(hot, 100)), now=batch)
         sizes.append(t.nbytes)
-    cap = t.keys.nbytes + t.last_seen.nbytes + t.hits.nbytes + 100 * t.capacity + CountMinSketch(1 << 12, 4).nbytes
+    cap = t.keys.nbytes + t.last_seen.nbytes + t.hits.nbytes + 100 * t.capacity + t.new_sketch().nbytes
     assert max(sizes) <= cap and len(t) <= t.capacity
     assert t.owns(hot).all()  # the hot IDs kept their rows through the flood
