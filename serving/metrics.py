@@ -69,6 +69,9 @@ class _ScrapeCollector:
         for store, n in data.get("store_errors", {}).items():
             errors.add_metric([store], float(n))
         yield errors
+        yield CounterMetricFamily("em3_serving_explain_errors",
+                                  "Rankings served without their explanations because explaining failed",
+                                  value=float(data.get("explain_errors", 0)))
 
 
 class ServingMetrics:

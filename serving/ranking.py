@@ -292,6 +292,8 @@ class RankingService:
         self._live_lock = threading.Lock()
         self.history_errors = 0
         self.content_errors = 0
+        #: Explanations that failed: the ranking was served with ``None`` explanations.
+        self.explain_errors = 0
         #: Skip a failing store for a cool-down instead of paying its timeout per request.
         self.history_breaker = Breaker()
         self.content_breaker = Breaker()
@@ -514,8 +516,13 @@ class RankingService:
         timings = {"history_s": t1 - t0, "reps_s": t2 - t1, "model_s": t3 - t2, "total_s": t3 - t0}
         if not explain:
             return RankResult(items, unknown, len(history_ids), timings)
-        explanations = self.explain(state, user_id, context or {}, history_ids, hist_reps, cand_reps[top],
-                                    [item.item_id for item in items], objective)
+        try:
+            explanations = self.explain(state, user_id, context or {}, history_ids, hist_reps, cand_reps[top],
+                                        [item.item_id for item in items], objective)
+        except Exception:  # noqa: BLE001 - the ranking stands without its explanations, counted
+            self.explain_errors += 1
+            logger.warning("explaining a ranking failed; served without explanations", exc_info=True)
+            explanations = [None] * len(items)
         timings["explain_s"] = time.perf_counter() - t3
         return RankResult(items, unknown, len(history_ids), timings, explanations)
 

@@ -410,6 +410,7 @@ class ServingRuntime:
                 "content": self.ranking.content_errors,
                 "baseline": self.baseline_errors,
             },
+            "explain_errors": self.ranking.explain_errors,
         }
 
     # -- requests ------------------------------------------------------------------------

@@ -136,6 +136,22 @@ def test_explanations_survive_a_content_store_outage(em3_runtime):
         assert e["content"] + e["id"] == pytest.approx(e["score"] - e["baseline_score"], abs=1e-5)
 
 
+def test_a_failing_explanation_serves_the_ranking_without_it_and_counts(em3_runtime):
+    runtime = em3_runtime()
+    client = TestClient(create_app(runtime))
+    plain = _rank(client)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("explain bug (test)")
+
+    runtime.ranking.explain = broken
+    out = _rank(client, explain=True)  # 200, the same ranking
+    assert [(i["item_id"], i["score"]) for i in out["items"]] == [(i["item_id"], i["score"]) for i in plain["items"]]
+    assert [i["explanation"] for i in out["items"]] == [None] * 5
+    assert runtime.ranking.explain_errors == 1
+    assert "em3_serving_explain_errors_total 1.0" in client.get("/metrics").text
+
+
 @pytest.mark.parametrize("objective, terms", [("ctr", {"click"}), ("ctcvr", {"click", "conversion", "odds"}),
                                               ("value", {"click", "conversion", "value"})])
 def test_the_explanation_describes_the_score_the_arm_ranks_by(em3_runtime, objective, terms):
