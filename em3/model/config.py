@@ -121,9 +121,10 @@ class ModelConfig:
         (impression ``served_at``); 0: rows are freed only by LRU beyond capacity.
     id_sketch_width : int
         Counters per row of the admission sketch (4 rows; 0: 4 x the power of two
-        >= the own rows, Caffeine's size); whatever the width, it halves after 10 x
-        own rows counted impressions. TinyLFU's sample size:
-        :func:`em3.idtable.sketch_width_for`, :data:`em3.idtable.SAMPLE_PER_ROW`.
+        >= the own rows, Caffeine's size); whatever the width, it halves after 80 x
+        own rows counted impressions, behind a doorkeeper that takes each ID's first
+        impression. TinyLFU's sample size: :func:`em3.idtable.sketch_width_for`,
+        :data:`em3.idtable.SAMPLE_PER_ROW`, :data:`em3.idtable.DOOR_BITS_PER_SAMPLE`.
     attention_hidden : int
         Hidden width of the DIN target-attention MLP.
     mlp_hidden : tuple of int
