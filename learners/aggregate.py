@@ -99,7 +99,7 @@ class Aggregator:
         self.world = world
         self.duty = duty
         self.publisher = publisher
-        self.window = PrequentialWindow(config.metrics_window)
+        self.window = PrequentialWindow(config.metrics_window, config.metrics_window_s)
         self.version: int | None = None
         self.state: dict[str, torch.Tensor] | None = None
         self.offsets: dict[str, int] = {}
@@ -154,6 +154,7 @@ class Aggregator:
             counters=merged_counters,
             labels=np.concatenate([r.labels for r in results]) if results else np.zeros(0),
             probs=np.concatenate([r.probs for r in results]) if results else np.zeros(0),
+            times=np.concatenate([r.times for r in results]) if results else np.zeros(0),
             loss_sum=sum(r.loss_sum for r in results),
             seconds=max((r.seconds for r in results), default=0.0),
         )
@@ -168,7 +169,7 @@ class Aggregator:
             rows = user_rows(user_buckets, list(owed.values()))
             reset_user_rows(state, rows)
         totals = {k: self.totals.get(k, 0) + merged_counters[k] for k in COUNTERS}
-        self.window.update(combined.labels, combined.probs)
+        self.window.update(combined.labels, combined.probs, combined.times)
         stats = cycle_stats(totals, self.window, combined, learners=self.world, round=self.rounds,
                             training_data=training_data_stats(self.config.loop))
         try:

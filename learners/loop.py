@@ -217,8 +217,9 @@ class CycleResult:
     ``batches`` the partition of each of them, batch by batch, in the order they were
     learned (with ``applied_ids`` it rebuilds every micro-batch:
     :func:`em3.stores.encode_batches`); ``labels`` and ``probs`` the prequential
-    pairs (non-correction samples); ``checkpoint`` what a learner needs beyond
-    ``state`` to continue exactly (fleet rounds).
+    pairs (non-correction samples) and ``times`` their impressions' ``served_at``
+    (event time; empty when a caller does not give them); ``checkpoint`` what a learner
+    needs beyond ``state`` to continue exactly (fleet rounds).
     """
 
     offsets: dict[str, int]
@@ -231,6 +232,7 @@ class CycleResult:
     state: Mapping[str, object] | None = field(default=None, repr=False)
     batches: list[list[str]] = field(default_factory=list, repr=False)
     checkpoint: tuple[Mapping[str, object], Mapping[str, Any]] | None = field(default=None, repr=False)
+    times: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float64), repr=False)
 
     @property
     def changed(self) -> bool:
@@ -300,6 +302,7 @@ class LearnerLoop:
         self._batches: list[list[str]] = []
         self._labels: list[np.ndarray] = []
         self._probs: list[np.ndarray] = []
+        self._times: list[np.ndarray] = []
         self._loss_sum = 0.0
 
     def reset(
@@ -447,6 +450,7 @@ class LearnerLoop:
         plain = np.array([not s.correction for s in samples], dtype=bool)
         self._labels.append(np.array([s.label for s in samples], dtype=np.int8)[plain])
         self._probs.append(probs[plain])
+        self._times.append(np.array([s.impression.served_at for s in samples], dtype=np.float64)[plain])
         counters["steps"] += 1
         counters["samples_applied"] += len(samples)
         counters["corrections_applied"] += int((~plain).sum())
@@ -481,6 +485,7 @@ class LearnerLoop:
             counters=dict(self._cycle_counters),
             labels=np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int8),
             probs=np.concatenate(self._probs) if self._probs else np.zeros(0, dtype=np.float64),
+            times=np.concatenate(self._times) if self._times else np.zeros(0, dtype=np.float64),
             loss_sum=self._loss_sum,
             seconds=seconds,
             batches=[list(b) for b in self._batches],

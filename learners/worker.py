@@ -62,6 +62,10 @@ class LearnConfig:
         Consumer group for committed offsets (default ``em3-learn-<line>``).
     metrics_window : int
         Samples in the sliding prequential window.
+    metrics_window_s : float or None
+        Also drop from it the pairs served more than this many seconds (event time)
+        before the newest one: the window is then "the last minute" (60), whatever the
+        rate; None (the default): the last ``metrics_window`` samples only.
     """
 
     model_line: Annotated[str, StringConstraints(min_length=1, pattern=r"^[^:]+$")]
@@ -75,6 +79,7 @@ class LearnConfig:
     publisher: PublisherConfig = PublisherConfig()
     group_id: str | None = None
     metrics_window: PositiveInt = 10_000
+    metrics_window_s: PositiveFloat | None = None
 
     def __post_init__(self) -> None:
         if self.loop.dedup_capacity != self.publisher.dedup_capacity:
@@ -91,26 +96,40 @@ class LearnConfig:
 class PrequentialWindow:
     """Sliding window of the last ``size`` (label, probability) pairs, scored before
     learning: window AUC, logloss and CTR (:func:`em3.metrics.auc`, :func:`em3.metrics.logloss`).
+    With ``seconds``, only the pairs served at most that long (event time) before the
+    newest one given are kept, and at most ``size`` of them.
 
     Bounded memory (``em3.metrics.PrequentialTracker`` also keeps every pair ever
     seen, which a learner that runs for days cannot afford). Undefined metrics
     are ``None`` so manifests stay strict JSON.
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seconds: float | None = None) -> None:
         if size <= 0:
             raise ValueError(f"size must be > 0, but {size} is given")
-        self.size = size
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"seconds must be > 0 or None, but {seconds!r} is given")
+        self.size, self.seconds = size, seconds
         self._labels = np.zeros(0, dtype=np.int8)
         self._probs = np.zeros(0, dtype=np.float64)
+        self._times = np.zeros(0, dtype=np.float64)
         self.count = 0
 
-    def update(self, labels: np.ndarray, probs: np.ndarray) -> None:
+    def update(self, labels: np.ndarray, probs: np.ndarray, times: np.ndarray | None = None) -> None:
+        """Add pairs (``times``: their served_at, needed with ``seconds``; pairs given
+        without them count as served now, at the newest time seen)."""
         labels, probs = np.asarray(labels, dtype=np.int8), np.asarray(probs, dtype=np.float64)
         if labels.shape != probs.shape:
             raise ValueError(f"labels and probs must align, but {labels.shape} and {probs.shape} are given")
+        newest = float(self._times.max()) if len(self._times) else -np.inf
+        times = np.full(labels.shape, newest) if times is None or len(times) != len(labels) else \
+            np.asarray(times, dtype=np.float64)
         self._labels = np.concatenate([self._labels, labels])[-self.size:]
         self._probs = np.concatenate([self._probs, probs])[-self.size:]
+        self._times = np.concatenate([self._times, times])[-self.size:]
+        if self.seconds is not None and len(self._times):
+            keep = self._times >= self._times.max() - self.seconds
+            self._labels, self._probs, self._times = self._labels[keep], self._probs[keep], self._times[keep]
         self.count += len(labels)
 
     def summary(self) -> dict[str, float | int | None]:
@@ -126,6 +145,7 @@ class PrequentialWindow:
             "window_ctr": finite(self._labels.mean()) if n else None,
             "window_mean_prob": finite(self._probs.mean()) if n else None,
             "window_n": n,
+            "window_s": self.seconds,
             "scored": self.count,
         }
 
@@ -184,7 +204,7 @@ class LineTrainer:
         self.duty = duty
         self.loop = LearnerLoop(learner, source, history, config.loop, history_len=history_len,
                                 transient=transient, on_quarantine=on_quarantine, tombstones=tombstones)
-        self.window = PrequentialWindow(config.metrics_window)
+        self.window = PrequentialWindow(config.metrics_window, config.metrics_window_s)
         self.version: int | None = None
         self.published = 0
         self._stop = threading.Event()
@@ -263,7 +283,7 @@ class LineTrainer:
         in-process simulation) calls it after :meth:`start`."""
         stop = should_stop or self._stop.is_set
         result = self.loop.run_cycle(self.config.policy, stop)
-        self.window.update(result.labels, result.probs)
+        self.window.update(result.labels, result.probs, result.times)
         if result.changed or self._owes_erasures():
             self._retrying(lambda: self._publish(result), "publish", stop)
         return result

@@ -201,7 +201,7 @@ class _LearnerLine:
         variant = LINE_VARIANTS[line]
         model = (ModelConfig.tiny(variant) if config.model_scale == "tiny" else ModelConfig.for_variant(variant))
         learn = LearnConfig(line, model.to_dict(), policy=SnapshotPolicy(interval_s=config.snapshot_interval_s),
-                            seed=config.seed, loop=LoopConfig(**policy))
+                            seed=config.seed, loop=LoopConfig(**policy), metrics_window_s=WINDOW_S)
         use_gpu = config.gpu and _cuda_available()
         self.line = line
         self.model_config = model.to_dict()
@@ -639,6 +639,9 @@ def _simulate(config: DemoConfig, base_url: str, snapshots: Any, check_all: Call
 #: What the demo must show (issue 10): every line learns visibly, content wins on
 #: cold items, and the stack keeps up with the traffic.
 HEADLINE_TARGETS = {"window_auc": 0.65, "cold_ctr_ratio": 1.2, "requests_per_s": 10.0}
+#: The learners' prequential window in the demo: the samples served in the last minute
+#: (issue 10's "prequential AUC over the last minute"), not the run since the start.
+WINDOW_S = 60.0
 
 
 def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
@@ -652,7 +655,7 @@ def _headline(extra: Mapping[str, Any], config: DemoConfig) -> dict[str, Any]:
     rate = extra["throughput"]["requests_per_s"]
     t = HEADLINE_TARGETS
     checks = {
-        f"every line's prequential AUC over the last window >= {t['window_auc']}":
+        f"every line's prequential AUC over the last minute >= {t['window_auc']}":
             all(a is not None and a >= t["window_auc"] for a in aucs.values()),
         f"{first} CTR on cold-start items >= {t['cold_ctr_ratio']}x {control}'s":
             ratio is not None and ratio >= t["cold_ctr_ratio"],

@@ -239,6 +239,15 @@ def _verdict(data: Mapping[str, Any]) -> Verdict:
 # --------------------------------------------------------------------------- learning
 
 
+def _window_name(data: Mapping[str, Any], line: str) -> str:
+    """What a line's prequential window covers: ``"minute"``, ``"30 s"``, or ``"window"``
+    (a count of samples, or an older report)."""
+    seconds = data.get("learners", {}).get(line, {}).get("prequential", {}).get("window_s")
+    if not seconds:
+        return "window"
+    return "minute" if seconds == 60 else f"{seconds:g} s"
+
+
 def _learning(data: Mapping[str, Any], clock: "_Clock") -> Learning:
     head = data["headline"]
     targets = head.get("targets")
@@ -248,7 +257,7 @@ def _learning(data: Mapping[str, Any], clock: "_Clock") -> Learning:
     checks = []
     t_auc = targets.get("window_auc")
     for line, auc in (head.get("window_auc", {}) if t_auc is not None else {}).items():
-        checks.append(Check(f"{line}: prequential AUC, last window", fmt.fixed(auc), f"≥ {t_auc:g}",
+        checks.append(Check(f"{line}: prequential AUC, last {_window_name(data, line)}", fmt.fixed(auc), f"≥ {t_auc:g}",
                             auc is not None and auc >= t_auc))
     lines = data.get("demo", {}).get("config", {}).get("lines") or list(head.get("window_auc", {}))
     if len(lines) >= 2 and "cold_ctr_ratio" in targets:

@@ -67,6 +67,25 @@ def test_each_batch_is_scored_before_it_is_learned():
     assert result.counters["steps"] == 3 and result.applied == 10
     assert result.offsets == {"t:0": 10}
     assert list(result.labels) == [k % 2 for k in range(10)]
+    assert list(result.times) == [1.7e9 + k for k in range(10)]  # each pair's served_at
+
+
+def test_a_prequential_window_in_seconds_keeps_the_last_seconds_served():
+    from learners.worker import PrequentialWindow
+
+    window = PrequentialWindow(size=1000, seconds=60.0)
+    t = np.arange(0, 300, 1.0)  # one pair a second for five minutes
+    early = (t < 239).astype(np.int8)  # before the last minute (239-299 s): probability and label disagree
+    window.update(np.where(early == 1, np.arange(300) % 2, 1 - np.arange(300) % 2), np.where(
+        np.arange(300) % 2 == 1, 0.1, 0.9), t)
+    summary = window.summary()
+    assert summary["window_n"] == 61 and summary["window_s"] == 60.0 and summary["scored"] == 300
+    assert summary["window_auc"] == 1.0  # only the last minute, where the two agree
+    counted = PrequentialWindow(size=50)  # no seconds: the last 50 pairs, whatever their times
+    counted.update(np.zeros(300, dtype=np.int8), np.zeros(300), t)
+    assert counted.summary()["window_n"] == 50 and counted.summary()["window_s"] is None
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        PrequentialWindow(10, seconds=0)
 
 
 def test_duplicates_are_dropped_within_a_batch_and_across_cycles():

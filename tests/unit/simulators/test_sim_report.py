@@ -185,6 +185,16 @@ def test_learning_checks_stand_beside_their_targets(demo):
     assert learning.chart is not None and "target 0.65" in learning.chart.svg
 
 
+def test_a_window_in_seconds_is_named_by_its_length(demo):
+    data = copy.deepcopy(demo)
+    for n, line in enumerate(data["headline"]["window_auc"]):
+        data["learners"].setdefault(line, {}).setdefault("prequential", {})["window_s"] = (60.0, 30.0)[n % 2]
+    labels = [c.label for c in build_page(data, "t").learning.checks]
+    lines = list(data["headline"]["window_auc"])
+    assert f"{lines[0]}: prequential AUC, last minute" in labels
+    assert f"{lines[1]}: prequential AUC, last 30 s" in labels
+
+
 def test_a_missed_target_is_marked_missed(demo, report_problems):
     data = copy.deepcopy(demo)
     data["headline"].update(window_auc={"em3": 0.61, "id_only": 0.7}, learning_shows=False)
