@@ -24,7 +24,9 @@ item's first 10 in the line (``first``), with their mean position, and the ratio
 the first line's to the second's; and ``rank_spearman``: at the end, how well each
 line orders, for its own users, the items nobody has seen yet (content only), the
 items that arrived during the run, and the initial catalogue, against the world's
-true attraction. ``--content-alignment`` measures instead how well each variant's
+true attraction; ``calibration``: each line's mean predicted probability against its
+CTR over its prequential pairs, the whole run and the last minute (the demo's window).
+``--content-alignment`` measures instead how well each variant's
 untrained content embedding tracks the world's hidden item factors.
 """
 from __future__ import annotations
@@ -66,6 +68,7 @@ class SimulatedLine:
         self.clicks_of: dict[str, tuple[list[float], list[str]]] = defaultdict(lambda: ([], []))
         self.next_batch = None
         self.steps = 0
+        self.prequential: list[tuple[float, int, float]] = []  # (served_at, label, probability before learning)
 
     def history(self, user_id: str, t: float) -> list[str]:
         times, items = self.clicks_of.get(user_id, ((), ()))
@@ -84,8 +87,10 @@ class SimulatedLine:
                 imp = self.served.popleft()
                 batch.append(Sample(imp, int(imp.impression_id in self.clicked), imp.served_at + self.window_s))
             if batch:
-                self.learner.learn_batch(batch, [self.history(s.impression.user_id, s.impression.served_at)
-                                                 for s in batch])
+                stats = self.learner.learn_batch(batch, [self.history(s.impression.user_id, s.impression.served_at)
+                                                         for s in batch], return_probs=True)
+                self.prequential.extend(zip((s.impression.served_at for s in batch), (s.label for s in batch),
+                                            np.asarray(stats["probs"], dtype=float).tolist()))
                 self.steps += 1
             self.next_batch += self.batch_every_s
 
@@ -115,6 +120,21 @@ class SimulatedLine:
                 n = bisect.bisect_right(times, e.clicked_at)
                 times.insert(n, e.clicked_at)
                 items.insert(n, e.item_id)
+
+
+def calibration(pairs: Sequence[tuple[float, int, float]], last_s: float = 60.0) -> dict[str, Any]:
+    """Mean predicted probability against the CTR of a line's prequential pairs
+    ``(served_at, label, probability)``: over the run and over its last ``last_s``
+    seconds (the demo's window)."""
+    if not pairs:
+        return {}
+    t, y, p = (np.array(x, dtype=float) for x in zip(*pairs))
+    last = t >= t.max() - last_s
+
+    def one(m: np.ndarray) -> dict[str, float]:
+        return {"n": int(m.sum()), "mean_prob": round(float(p[m].mean()), 4), "ctr": round(float(y[m].mean()), 4)}
+
+    return {"all": one(np.ones_like(last, dtype=bool)), "last_minute": one(last)}
 
 
 def ranking_quality(line: SimulatedLine, world: Any, item_ids: Sequence[str], t: float, users: int = 40) -> float:
@@ -172,7 +192,8 @@ def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[s
            "cold_ctr_ratio": ratio(summary[first], summary[control]),
            "first_ctr_ratio": ratio(summary[first]["first"], summary[control]["first"]),
            "ctr": {a: round(s["ctr"], 4) for a, s in report.final.items()},
-           "cold_start": summary, "steps": {line: s.steps for line, s in lines.items()}}
+           "cold_start": summary, "steps": {line: s.steps for line, s in lines.items()},
+           "calibration": {line: calibration(s.prequential) for line, s in lines.items()}}
     logger.info("seed %d: cold ratio %s, first-10 ratio %s, %.0f s", seed, out["cold_ctr_ratio"],
                 out["first_ctr_ratio"], out["wall_s"])
     return out

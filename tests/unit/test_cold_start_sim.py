@@ -53,3 +53,16 @@ def test_a_seed_in_simulated_time_is_deterministic_and_reports_each_line(capsys)
                for s in run["cold_start"].values())
     assert all(-1.0 <= v <= 1.0 for q in run["rank_spearman"].values() for v in q.values())
     assert all(steps > 0 for steps in run["steps"].values())  # both lines learned
+    for cal in run["calibration"].values():  # prequential pairs: mean prediction and CTR, run and last minute
+        assert cal["all"]["n"] >= cal["last_minute"]["n"] > 0 and 0 < cal["all"]["mean_prob"] < 1
+        assert 0 <= cal["all"]["ctr"] <= 1
+
+
+def test_calibration_compares_mean_prediction_with_ctr_overall_and_in_the_last_minute():
+    from benchmarks.cold_start_sim import calibration
+
+    pairs = [(t, int(t >= 100), 0.9 if t >= 100 else 0.2) for t in range(0, 130)]
+    cal = calibration(pairs)
+    assert cal["last_minute"] == {"n": 61, "mean_prob": round((31 * 0.2 + 30 * 0.9) / 61, 4),  # t 69-129
+                                  "ctr": round(30 / 61, 4)}
+    assert cal["all"]["n"] == 130 and calibration([]) == {}
