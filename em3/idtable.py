@@ -30,7 +30,8 @@ estimate reaches ``admit_after`` is a candidate: it takes a free own row if ther
 one. With none free, the segmented-LRU (SLRU, memcached, Caffeine's main region)
 victim is chosen: the least recently seen *probationary* row (its owner never came back
 after admission, ``hits == 0``) first, a *protected* one only when no probationary row is
-left, never a row seen in this batch; the candidate takes the victim's row **only if its
+left, never a row seen in this batch (at most :data:`PROTECTED_SHARE` of the rows are
+protected: beyond it the least recently seen protected rows are demoted, as in Caffeine); the candidate takes the victim's row **only if its
 estimate is strictly greater than the victim's owner's** (ties and lower: it stays on
 its fallback row, the victim keeps its row). Several candidates of one batch are taken
 by descending estimate (ties: first appearance), the strongest first to free rows, the
@@ -73,6 +74,10 @@ DOOR_BITS_PER_SAMPLE = 8
 """Bits of the doorkeeper (a Bloom filter of 4 hashes) per impression of the sample:
 at most ``W`` distinct IDs enter it between two clearings, so false positives stay
 below ~2.5%. ``80 x 28,672 x 8`` bits are 2.3 MB a table at the default size."""
+PROTECTED_SHARE = 0.8
+"""At most this share of the own rows is protected (Caffeine's ``PERCENT_MAIN_PROTECTED``):
+beyond it, the least recently seen protected rows are demoted to probation, so IDs that
+came back once long ago cannot hold the table against newcomers for ever."""
 ADMIT_WARM = 6
 """A losing candidate at least this frequent may be admitted at random (Caffeine's
 ``ADMIT_HASHDOS_THRESHOLD``)."""
@@ -391,6 +396,15 @@ class IdTable:
         self.last_seen[slots] = 0
         self.hits[slots] = 0
 
+    def _cap_protected(self) -> None:
+        """Demote the least recently seen protected rows (ties: lowest row) to probation
+        while more than :data:`PROTECTED_SHARE` of the own rows are protected."""
+        protected = np.flatnonzero((self.keys != 0) & (self.hits > 0))
+        excess = len(protected) - int(PROTECTED_SHARE * self.capacity)
+        if excess > 0:
+            oldest = protected[np.lexsort((protected, self.last_seen[protected]))][:excess]
+            self.hits[oldest] = 0
+
     def observe(self, ids: Sequence[str], now: float) -> TableUpdate:
         """Count one trained-on impression per entry of ``ids`` at event time ``now``
         (every ID, admitted or not): expire stale rows, touch the rows of admitted IDs,
@@ -416,6 +430,7 @@ class IdTable:
         own = slots >= 0
         self.last_seen[slots[own]] = now
         self.hits[slots[own]] += 1
+        self._cap_protected()
         if self.sketch is None:
             self.sketch = self.new_sketch()
         sketch = self.sketch

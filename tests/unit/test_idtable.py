@@ -60,6 +60,19 @@ def test_slru_evicts_probationary_rows_before_ids_that_came_back():
     assert t.owns(["hot", "f", "i", "j", "k"]).tolist() == [False, True, True, True, True]
 
 
+def test_at_most_four_fifths_of_the_rows_are_protected_the_oldest_demoted():
+    t = _table(rows=14, fallback=4, admit_after=1, sketch_width=1 << 10)  # 10 own rows: at most 8 protected
+    keys = [f"k{n}" for n in range(10)]
+    for n, key in enumerate(keys):
+        t.observe([key], now=n)  # admitted, probationary
+    for n, key in enumerate(keys):
+        t.observe([key], now=20 + n)  # each came back: protected, k0 the least recently seen
+    protected = t.hits[t.rows(keys) - t.fallback] > 0
+    assert protected.tolist() == [False, False] + [True] * 8  # k0 and k1 demoted to probation
+    t.observe(["new"] * 3, now=40)  # a candidate that out-counts k0 (3 > 2) takes the oldest probationary row
+    assert t.owns(["new", "k0", "k1"]).tolist() == [True, False, True]
+
+
 def test_sketch_halves_after_eighty_times_capacity_counted_impressions():
     t = _table(admit_after=1)  # 8 own rows: the sketch halves after 640 counted impressions
     t.observe(["a"] * 320, now=1)  # a takes a row in this batch, and its impressions still count
