@@ -117,13 +117,14 @@ class PrequentialWindow:
 
     def update(self, labels: np.ndarray, probs: np.ndarray, times: np.ndarray | None = None) -> None:
         """Add pairs (``times``: their served_at, needed with ``seconds``; pairs given
-        without them count as served now, at the newest time seen)."""
+        without them, or with times that do not align, as from a caller that keeps none,
+        count as served at the newest time seen)."""
         labels, probs = np.asarray(labels, dtype=np.int8), np.asarray(probs, dtype=np.float64)
         if labels.shape != probs.shape:
             raise ValueError(f"labels and probs must align, but {labels.shape} and {probs.shape} are given")
-        newest = float(self._times.max()) if len(self._times) else -np.inf
-        times = np.full(labels.shape, newest) if times is None or len(times) != len(labels) else \
-            np.asarray(times, dtype=np.float64)
+        if times is None or len(times) != len(labels):  # no times: served now, at the newest time seen
+            times = np.full(labels.shape, float(self._times.max()) if len(self._times) else -np.inf)
+        times = np.asarray(times, dtype=np.float64)
         self._labels = np.concatenate([self._labels, labels])[-self.size:]
         self._probs = np.concatenate([self._probs, probs])[-self.size:]
         self._times = np.concatenate([self._times, times])[-self.size:]
