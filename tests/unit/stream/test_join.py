@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from em3.types import Click, Impression, sample_id_for
-from stream.join import DONE, JoinConfig, JoinCore, expected_labels
+from stream.join import DONE, PENDING, JoinConfig, JoinCore, expected_labels
 
 EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite, 10 in the fast lane
 
@@ -252,7 +252,7 @@ def test_only_click_input_idle_lets_impressions_drive_the_watermark():
 
 
 def test_state_records_statuses():
-    core = JoinCore(CFG)
+    core = JoinCore(JoinConfig(**{**CFG.__dict__, "positive_timing": "click"}))
     imp = _imp(1, 0.0)
     core.add_impression(imp, raw=b"{}")
     core.add_click(Click(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 1))
@@ -260,6 +260,45 @@ def test_state_records_statuses():
     assert ch.records[imp.impression_id].status == DONE and ch.records[imp.impression_id].raw == b"{}"
     core.advance_watermark(math.inf)
     assert core.take_changes().records == {}  # evictions follow from the watermark
+
+
+def test_a_click_in_the_window_goes_out_when_the_window_closes_with_the_negatives_beside_it():
+    core = JoinCore(CFG)  # positive_timing="window_close", the default
+    clicked, shown = _imp(1, 0.0), _imp(2, 0.0)
+    for imp in (clicked, shown):
+        core.add_impression(imp, raw=b"{}")
+    core.add_click(Click(clicked.impression_id, clicked.user_id, clicked.item_id, clicked.served_at + 1))
+    core.add_click(Click(clicked.impression_id, clicked.user_id, clicked.item_id, clicked.served_at + 2))  # a repeat
+    core.advance_watermark(clicked.served_at + 5)  # the window (10 s) is still open
+    early = core.take_output()
+    assert early.samples == []
+    assert early.history == [(clicked.user_id, clicked.item_id, clicked.served_at + 1)]  # serving sees it now
+    record = core.take_changes().records[clicked.impression_id]
+    assert record.status == PENDING and len(record.held) == 2  # kept, restart-safe, until the window closes
+    core.advance_watermark(clicked.served_at + 10)
+    closed = core.take_output()
+    out = closed.samples
+    assert [(s.impression.impression_id, s.label, s.correction) for s in out] == [
+        (clicked.impression_id, 1, False), (shown.impression_id, 0, False)]
+    assert out[0].label_time == clicked.served_at + 1  # the first click
+    assert closed.history == []  # the history took the click once, when it came
+    assert core.counters["duplicate_click"] == 1 and core.pending == 0
+
+
+def test_a_conversion_before_the_window_closes_waits_for_its_clicks_positive():
+    from em3.types import Conversion
+
+    core = JoinCore(JoinConfig(**{**CFG.__dict__, "conversion_window_s": 3600.0}))
+    imp = _imp(1, 0.0)
+    core.add_impression(imp)
+    core.add_click(Click(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 1))
+    core.add_conversion(Conversion(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 3, value=2.0))
+    core.advance_watermark(imp.served_at + 6)  # past the conversion time, before the window closes
+    assert core.take_output().dead_letters == []
+    core.advance_watermark(imp.served_at + 10)
+    out = core.take_output()
+    assert [(s.label, s.conversion, s.value) for s in out.samples] == [(1, 0, 0.0), (1, 1, 2.0)]
+    assert out.dead_letters == []
 
 
 @pytest.mark.parametrize(

@@ -18,8 +18,10 @@ EXAMPLES = settings.default.max_examples  # the profile's: 100 in the full suite
 BASE = 1_700_000_000.0
 HOUR = 3600.0
 # Clicks within 10 s; conversions within 2 days of their click (long next to the click horizon of 30 s).
+# A click's positive goes out when the click comes (the conversions' timing is what is tested here;
+# tests/unit/stream/test_join.py covers "window_close", the default).
 CFG = JoinConfig(window_s=10.0, allowed_lateness_s=5.0, max_correction_delay_s=20.0, idle_timeout_s=None,
-                 conversion_window_s=48 * HOUR)
+                 conversion_window_s=48 * HOUR, positive_timing="click")
 
 
 def _imp(k: int, served: float, user: str | None = None) -> Impression:
@@ -161,7 +163,7 @@ def test_idle_conversions_input_stops_holding_the_conversion_watermark():
 
 def test_state_for_conversions_is_bounded():
     cfg = JoinConfig(window_s=10.0, allowed_lateness_s=0.0, max_correction_delay_s=0.0, idle_timeout_s=None,
-                     conversion_window_s=7 * 24 * HOUR, max_conversion_records=50)
+                     conversion_window_s=7 * 24 * HOUR, max_conversion_records=50, positive_timing="click")
     core = JoinCore(cfg)
     for k in range(500):
         imp = _imp(k, 60.0 * k)
