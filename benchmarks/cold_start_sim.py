@@ -17,6 +17,7 @@ reported, not the demo's figure: that comes from ``em3 demo`` itself (``docs/res
     python benchmarks/cold_start_sim.py --seeds 1,2,3
     python benchmarks/cold_start_sim.py --seeds 1 --set new_items_per_minute=40
     python benchmarks/cold_start_sim.py --seeds 1,2 --content-alignment [--model-set fusion_pooled_skip=false]
+    python benchmarks/cold_start_sim.py --seeds 1 --positive-timing click   # the join's old timing: calibration
 
 The last line printed is one JSON object: per seed and line, the CTR on cold-start
 items (those that arrived during the run), over all their impressions and over each
@@ -53,11 +54,16 @@ class SimulatedLine:
     """One model line as an in-process :class:`simulators.rankers.LearningRanker`."""
 
     def __init__(self, arm: str, variant: str, content: Any, *, seed: int, window_s: float, batch_every_s: float,
-                 model_overrides: Mapping[str, Any], model_scale: str = "default") -> None:
+                 model_overrides: Mapping[str, Any], model_scale: str = "default",
+                 positive_timing: str = "window_close") -> None:
         from em3.model import ModelConfig
         from learners import OnlineLearner
 
         self.arm, self.window_s, self.batch_every_s = arm, window_s, batch_every_s
+        # When a clicked impression's sample is learned: when its window closes, with the
+        # negatives served beside it (the join's default), or when the click comes ("click").
+        self.positive_timing = positive_timing
+        self.click_time: dict[str, float] = {}
         make = ModelConfig.tiny if model_scale == "tiny" else ModelConfig.for_variant
         config = make(variant, **{"seed": seed, **model_overrides})
         self.learner = OnlineLearner(config, content, device="cpu", seed=seed)
@@ -83,6 +89,15 @@ class SimulatedLine:
         while self.next_batch <= now:
             due = self.next_batch - self.window_s
             batch = []
+            if self.positive_timing == "click":
+                waiting = deque()
+                for imp in self.served:
+                    at = self.click_time.get(imp.impression_id)
+                    if at is not None and at <= self.next_batch:
+                        batch.append(Sample(imp, 1, at))
+                    else:
+                        waiting.append(imp)
+                self.served = waiting
             while self.served and self.served[0].served_at <= due:
                 imp = self.served.popleft()
                 batch.append(Sample(imp, int(imp.impression_id in self.clicked), imp.served_at + self.window_s))
@@ -116,6 +131,7 @@ class SimulatedLine:
                 self.served.append(e)
             elif isinstance(e, Click):
                 self.clicked.add(e.impression_id)
+                self.click_time.setdefault(e.impression_id, e.clicked_at)
                 times, items = self.clicks_of[e.user_id]
                 n = bisect.bisect_right(times, e.clicked_at)
                 times.insert(n, e.clicked_at)
@@ -155,7 +171,7 @@ def ranking_quality(line: SimulatedLine, world: Any, item_ids: Sequence[str], t:
 
 
 def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[str, Any],
-             batch_every_s: float) -> dict[str, Any]:
+             batch_every_s: float, positive_timing: str = "window_close") -> dict[str, Any]:
     from em3.app.demo import DemoConfig, LINE_VARIANTS, ColdStartTracker, make_world
     from em3.stores import InMemoryContentStore
     from simulators.ab import ABConfig, ABRunner
@@ -166,7 +182,7 @@ def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[s
     content = InMemoryContentStore(world.item_content(i) for i in world.item_ids)  # posters drawn once
     lines = {line: SimulatedLine(line, LINE_VARIANTS[line], content, seed=seed, window_s=config.window_s,
                                  batch_every_s=batch_every_s, model_overrides=model_overrides,
-                                 model_scale=config.model_scale)
+                                 model_scale=config.model_scale, positive_timing=positive_timing)
              for line in config.lines}
     cold = ColdStartTracker(world, t0, lambda e: None)
     n_requests = int(config.request_rate_per_s * config.minutes * 60)
@@ -262,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="a ModelConfig field for every line (a diagnostic)")
     p.add_argument("--batch-every-s", type=float, default=0.2,
                    help="event-time seconds between learner steps (the learner loop's max_batch_wait_s)")
+    p.add_argument("--positive-timing", choices=("window_close", "click"), default="window_close",
+                   help="when a click's sample is learned (stream.join.JoinConfig.positive_timing)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--content-alignment", action="store_true",
                    help="only measure how well untrained content embeddings track the world's item factors")
@@ -278,13 +296,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                           "model_overrides": model_overrides, "model": "ModelConfig.for_variant, untrained",
                           "runtime": "in-process OnlineLearner, cpu"}))
         return 0
-    runs = [run_seed(int(s), overrides, model_overrides, args.batch_every_s) for s in args.seeds.split(",")]
+    runs = [run_seed(int(s), overrides, model_overrides, args.batch_every_s, args.positive_timing)
+            for s in args.seeds.split(",")]
     ratios = [r["cold_ctr_ratio"] for r in runs if r["cold_ctr_ratio"] is not None]
     firsts = [r["first_ctr_ratio"] for r in runs if r["first_ctr_ratio"] is not None]
     print(json.dumps({"runs": runs, "mean_cold_ctr_ratio": round(float(np.mean(ratios)), 4) if ratios else None,
                       "mean_first_ctr_ratio": round(float(np.mean(firsts)), 4) if firsts else None,
                       "demo_overrides": overrides, "model_overrides": model_overrides,
-                      "batch_every_s": args.batch_every_s,
+                      "batch_every_s": args.batch_every_s, "positive_timing": args.positive_timing,
                       "model": "ModelConfig.for_variant per line (the demo's defaults)",
                       "runtime": "in-process OnlineLearner per line, simulated time, cpu"}))
     return 0

@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="a conversion up to this long after its click is attributed to it (0: none)")
     p.add_argument("--max-conversion-records", type=int, default=100_000,
                    help="clicked impressions kept per partition for their conversion window (bounds the state)")
+    p.add_argument("--positive-timing", choices=("window_close", "click"), default="window_close",
+                   help="a click's sample goes out when its window closes, beside the negatives served with it "
+                        "(calibrated learners), or when the click arrives")
     p.add_argument("--idle-timeout-s", type=float, default=5.0,
                    help="an input with no records this long stops holding the watermark (0: never)")
     p.add_argument("--idle-advance-rate", type=float, default=1.0,
@@ -100,6 +103,7 @@ def join_config_from_args(args: argparse.Namespace):
         idle_advance_rate=args.idle_advance_rate,
         conversion_window_s=args.conversion_window_s,
         max_conversion_records=args.max_conversion_records,
+        positive_timing=getattr(args, "positive_timing", "window_close"),
     )
 
 
