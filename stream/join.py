@@ -663,9 +663,16 @@ class JoinCore:
             self._changed.add(imp.impression_id)
             if click.clicked_at <= end and self.config.positive_timing == "window_close":
                 # The sample goes out when the window closes; the user's history (what
-                # serving reads) takes the first click now, as with "click".
-                if not self._click_waits(rec):
-                    self._out.history.append((imp.user_id, imp.item_id, click.clicked_at))
+                # serving reads) takes the first click now, as with "click". One in-window
+                # click is held (the earliest): repeats are counted, not kept, so a flood
+                # of clicks on one impression cannot grow its record.
+                waiting = [n for n, (c, _) in enumerate(rec.held) if c.clicked_at <= end]
+                if waiting:
+                    self._count("duplicate_click")
+                    if click.clicked_at < rec.held[waiting[0]][0].clicked_at:
+                        rec.held[waiting[0]] = (click, offset)
+                    return
+                self._out.history.append((imp.user_id, imp.item_id, click.clicked_at))
                 rec.held.append((click, offset))
                 return
             if click.clicked_at <= end:

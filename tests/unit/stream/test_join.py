@@ -274,7 +274,8 @@ def test_a_click_in_the_window_goes_out_when_the_window_closes_with_the_negative
     assert early.samples == []
     assert early.history == [(clicked.user_id, clicked.item_id, clicked.served_at + 1)]  # serving sees it now
     record = core.take_changes().records[clicked.impression_id]
-    assert record.status == PENDING and len(record.held) == 2  # kept, restart-safe, until the window closes
+    assert record.status == PENDING and len(record.held) == 1  # the first, restart-safe, until the window closes
+    assert core.counters["duplicate_click"] == 1  # the repeat is counted at once, not kept
     core.advance_watermark(clicked.served_at + 10)
     closed = core.take_output()
     out = closed.samples
@@ -283,6 +284,21 @@ def test_a_click_in_the_window_goes_out_when_the_window_closes_with_the_negative
     assert out[0].label_time == clicked.served_at + 1  # the first click
     assert closed.history == []  # the history took the click once, when it came
     assert core.counters["duplicate_click"] == 1 and core.pending == 0
+
+
+def test_a_flood_of_clicks_on_one_impression_holds_one_click_the_earliest():
+    core = JoinCore(CFG)
+    imp = _imp(1, 0.0)
+    core.add_impression(imp)
+    for k in range(1000):
+        core.add_click(Click(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 5 - k / 1000))
+    record = core.take_changes().records[imp.impression_id]
+    assert len(record.held) == 1 and record.held[0][0].clicked_at == imp.served_at + 5 - 999 / 1000
+    assert core.counters["duplicate_click"] == 999
+    core.advance_watermark(imp.served_at + 10)
+    out = core.take_output()
+    assert [(s.label, s.label_time) for s in out.samples] == [(1, imp.served_at + 5 - 999 / 1000)]
+    assert out.history == [(imp.user_id, imp.item_id, imp.served_at + 5)]  # once, the first to arrive
 
 
 def test_a_conversion_before_the_window_closes_waits_for_its_clicks_positive():
