@@ -201,7 +201,10 @@ class CountMinSketch:
         """``(N,)`` bool: whether the doorkeeper holds each key (all False without one)."""
         if not self.door_bits:
             return np.zeros(len(keys), dtype=bool)
-        bits = self._door_bits_of(keys)
+        return self._door_holds(self._door_bits_of(keys))
+
+    def _door_holds(self, bits: np.ndarray) -> np.ndarray:
+        """``(N,)`` bool: whether all of each key's doorkeeper ``bits`` ``(4, N)`` are set."""
         return ((self.door[bits >> 3] >> (bits & 7).astype(np.uint8)) & 1).all(axis=0).astype(bool)
 
     def estimate(self, keys: np.ndarray) -> np.ndarray:
@@ -222,9 +225,10 @@ class CountMinSketch:
         rows = np.arange(self.depth)[:, None]
         grow = counts  # (U,) additions that reach the counters
         if self.door_bits:
-            first = ~self.in_doorkeeper(uniq)  # first sightings since the last reset: doorkeeper only
-            bits = self._door_bits_of(uniq[first]).reshape(-1)
-            np.bitwise_or.at(self.door, bits >> 3, np.left_shift(1, bits & 7).astype(np.uint8))
+            bits = self._door_bits_of(uniq)  # (4, U)
+            first = ~self._door_holds(bits)  # first sightings since the last reset: doorkeeper only
+            new = bits[:, first].reshape(-1)
+            np.bitwise_or.at(self.door, new >> 3, np.left_shift(1, new & 7).astype(np.uint8))
             grow = counts - first
         counted = self.table[rows, cells].min(axis=0).astype(np.int64) + grow  # (U,)
         target = np.minimum(counted, np.iinfo(np.int32).max).astype(np.int32)
