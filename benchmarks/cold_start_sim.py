@@ -10,12 +10,15 @@ learners' defaults), but in-process and in simulated time: each line is an
 its arm's labelled impressions in micro-batches (every ``--batch-every-s`` seconds
 of event time, each impression labelled ``window_s`` after it was served, as the
 stream join does; the user's history is the items they clicked before it).
+Each line ranks with the server's slot for new items (``DemoConfig.fresh_slot``,
+:func:`serving.ranking.promote_fresh`); ``--set fresh_slot=null`` ranks by score alone.
 
 It is a tool for choosing the demo's world settings on seeds other than the ones
 reported, not the demo's figure: that comes from ``em3 demo`` itself (``docs/results.md``).
 
     python benchmarks/cold_start_sim.py --seeds 1,2,3
     python benchmarks/cold_start_sim.py --seeds 1 --set new_items_per_minute=40
+    python benchmarks/cold_start_sim.py --seeds 1,2,3,4,5 --set fresh_slot=null   # no slot for new items
     python benchmarks/cold_start_sim.py --seeds 1,2 --content-alignment [--model-set fusion_pooled_skip=false]
     python benchmarks/cold_start_sim.py --seeds 1 --positive-timing click   # the join's old timing: calibration
 
@@ -55,7 +58,7 @@ class SimulatedLine:
 
     def __init__(self, arm: str, variant: str, content: Any, *, seed: int, window_s: float, batch_every_s: float,
                  model_overrides: Mapping[str, Any], model_scale: str = "default",
-                 positive_timing: str = "window_close") -> None:
+                 positive_timing: str = "window_close", fresh_slot: int | None = None) -> None:
         from em3.model import ModelConfig
         from learners import OnlineLearner
 
@@ -63,6 +66,7 @@ class SimulatedLine:
         # When a clicked impression's sample is learned: when its window closes, with the
         # negatives served beside it (the join's default), or when the click comes ("click").
         self.positive_timing = positive_timing
+        self.fresh_slot = fresh_slot  # the server's slot for new items (serving.ranking.promote_fresh)
         self.click_time: dict[str, float] = {}
         make = ModelConfig.tiny if model_scale == "tiny" else ModelConfig.for_variant
         config = make(variant, **{"seed": seed, **model_overrides})
@@ -120,7 +124,15 @@ class SimulatedLine:
         imps = [Impression(f"c{j}", "r", user_id, c, 0, t, context=ctx) for j, c in enumerate(candidates)]
         history = self.history(user_id, t)
         p = self.learner.score(imps, [history] * len(imps))
-        order = np.argsort(-p, kind="stable")[:k]
+        order = np.argsort(-p, kind="stable").tolist()
+        if self.fresh_slot is not None:
+            from serving.ranking import RankingConfig, promote_fresh
+
+            counts = self.learner.model.impression_counts(list(candidates))
+            if counts is not None:
+                order, _ = promote_fresh(order, counts.tolist(), self.fresh_slot,
+                                         RankingConfig().fresh_impressions, k)
+        order = order[:k]
         return Ranking(tuple(candidates[i] for i in order), self.arm, scores=tuple(float(p[i]) for i in order))
 
     def observe(self, events: Sequence[Any], weights: Sequence[float] | None = None) -> None:
@@ -182,7 +194,8 @@ def run_seed(seed: int, overrides: Mapping[str, Any], model_overrides: Mapping[s
     content = InMemoryContentStore(world.item_content(i) for i in world.item_ids)  # posters drawn once
     lines = {line: SimulatedLine(line, LINE_VARIANTS[line], content, seed=seed, window_s=config.window_s,
                                  batch_every_s=batch_every_s, model_overrides=model_overrides,
-                                 model_scale=config.model_scale, positive_timing=positive_timing)
+                                 model_scale=config.model_scale, positive_timing=positive_timing,
+                                 fresh_slot=config.fresh_slot)
              for line in config.lines}
     cold = ColdStartTracker(world, t0, lambda e: None)
     n_requests = int(config.request_rate_per_s * config.minutes * 60)

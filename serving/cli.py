@@ -58,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--content-refresh-s", type=float, default=30.0,
                    help="least seconds between two background refreshes of a line's content rows (each "
                         "starts when a new version changed the content towers)")
+    p.add_argument("--fresh-slot", type=int, default=None, metavar="POSITION",
+                   help="show the best-scored new item (fewer than 10 learned impressions) at this position "
+                        "(0 is the top) when the model ranks it lower: cold-start exploration, the same in "
+                        "every line (default: rank by score alone)")
     p.add_argument("--max-future", type=float, default=300.0,
                    help="served_at/clicked_at further ahead of this server's clock than this many seconds get 422")
     p.add_argument("--allow-raw-user-ids", action="store_true",
@@ -101,7 +105,7 @@ def build_runtime(args: argparse.Namespace):
     ranking = RankingConfig(history_len=args.history_len, max_candidates=args.max_candidates,
                             unknown_candidates=args.unknown_candidates,
                             precompute_max_items=args.precompute_max_items,
-                            content_refresh_s=args.content_refresh_s)
+                            content_refresh_s=args.content_refresh_s, fresh_slot=args.fresh_slot)
     config = ServerConfig(experiment, ranking, poll_interval_s=args.poll_interval,
                           max_body_bytes=args.max_body_bytes, request_threads=args.torch_threads or None,
                           precompute_threads=args.precompute_threads or None,

@@ -72,6 +72,9 @@ class _ScrapeCollector:
         yield CounterMetricFamily("em3_serving_explain_errors",
                                   "Rankings served without their explanations because explaining failed",
                                   value=float(data.get("explain_errors", 0)))
+        yield CounterMetricFamily("em3_serving_fresh_promotions",
+                                  "Rankings in which the fresh slot showed a new item above its score's place",
+                                  value=float(data.get("fresh_promotions", 0)))
 
 
 class ServingMetrics:

@@ -38,7 +38,7 @@ from em3.model.encoders import content_digest
 from em3.retry import Breaker
 from em3.stores import ContentSource, HistorySource
 from em3.types import ItemContent, SnapshotManifest
-from serving.scoring import ExplainingModel, RankingModel
+from serving.scoring import CountingModel, ExplainingModel, RankingModel
 
 __all__ = [
     "RankingConfig",
@@ -50,6 +50,7 @@ __all__ = [
     "RankingService",
     "EXPLAIN_TOP_HISTORY",
     "UNKNOWN_POLICIES",
+    "promote_fresh",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,16 @@ class RankingConfig:
         request with a cold item waits at most one batch.
     unknown_candidates : {"score", "drop"}
         Rank unregistered candidates by their ID part, or leave them out.
+    fresh_slot : int or None
+        A slot for new items (cold-start exploration): the best-scored candidate that
+        the line's model has learned fewer than ``fresh_impressions`` impressions of
+        is shown at this position (0 is the top) when the model ranks it lower.
+        Every line gets the same slot, so an A/B test compares which new items each
+        model picks and how fast it learns them, at equal exposure. ``None`` (the
+        default): rank by score alone.
+    fresh_impressions : int
+        Below this many learned impressions an item is fresh (the cold-start gate's
+        ``content_match_impressions``, 10 by default).
     """
 
     history_len: PositiveInt = 100
@@ -96,6 +107,8 @@ class RankingConfig:
     unknown_ttl_s: NonNegFloat = 2.0
     rep_batch_size: PositiveInt = 64
     unknown_candidates: UnknownPolicy = "score"
+    fresh_slot: NonNegInt | None = None
+    fresh_impressions: PositiveInt = 10
 
 
 @dataclass
@@ -254,6 +267,30 @@ class RankedItem:
     item_id: str
     score: float
     position: int
+    promoted: bool = False  # shown at the fresh slot, above its score's place
+
+
+def promote_fresh(order: Sequence[int], counts: Sequence[float], slot: int, fresh_impressions: int,
+                  k: int) -> tuple[list[int], int | None]:
+    """The fresh slot (:class:`RankingConfig`): ``order`` (candidate indices, best
+    first) with its best-ranked fresh candidate (``counts[i] < fresh_impressions``)
+    moved up to position ``slot``, if it is below it and ``slot < k``; and that
+    candidate's index (None when nothing moved). Everything else keeps its order.
+
+    >>> promote_fresh([0, 1, 2, 3], [50, 40, 3, 0], slot=1, fresh_impressions=10, k=4)
+    ([0, 2, 1, 3], 2)
+    >>> promote_fresh([0, 1, 2], [50, 4, 0], slot=1, fresh_impressions=10, k=3)  # already there
+    ([0, 1, 2], None)
+    """
+    order = list(order)
+    if slot >= min(k, len(order)):
+        return order, None
+    fresh = next((pos for pos, i in enumerate(order) if counts[i] < fresh_impressions), None)
+    if fresh is None or fresh <= slot:
+        return order, None
+    chosen = order.pop(fresh)
+    order.insert(slot, chosen)
+    return order, chosen
 
 
 @dataclass(frozen=True)
@@ -294,6 +331,8 @@ class RankingService:
         self.content_errors = 0
         #: Explanations that failed: the ranking was served with ``None`` explanations.
         self.explain_errors = 0
+        #: Rankings in which the fresh slot moved a new item up (``RankingConfig.fresh_slot``).
+        self.fresh_promotions = 0
         #: Skip a failing store for a cool-down instead of paying its timeout per request.
         self.history_breaker = Breaker()
         self.content_breaker = Breaker()
@@ -506,13 +545,17 @@ class RankingService:
                 else:
                     scores = state.model.score(user_id, context or {}, hist_reps, cand_reps, objective=objective)
             scores = torch.nan_to_num(scores.float().reshape(-1), nan=-math.inf)
-            order = torch.argsort(scores, descending=True, stable=True)
-            top = order[: (k or len(keep))].tolist()
+            order = torch.argsort(scores, descending=True, stable=True).tolist()
+            promoted = self._promote_fresh(state, [item_ids[n] for n in keep], order, k or len(keep))
+            if promoted is not None:
+                order = promoted[0]
+            top = order[: (k or len(keep))]
             values = scores.tolist()
         else:
-            top, values = [], []
+            top, values, promoted = [], [], None
         t3 = time.perf_counter()
-        items = [RankedItem(item_ids[keep[j]], float(values[j]), pos) for pos, j in enumerate(top)]
+        chosen = None if promoted is None else promoted[1]
+        items = [RankedItem(item_ids[keep[j]], float(values[j]), pos, j == chosen) for pos, j in enumerate(top)]
         timings = {"history_s": t1 - t0, "reps_s": t2 - t1, "model_s": t3 - t2, "total_s": t3 - t0}
         if not explain:
             return RankResult(items, unknown, len(history_ids), timings)
@@ -525,6 +568,23 @@ class RankingService:
             explanations = [None] * len(items)
         timings["explain_s"] = time.perf_counter() - t3
         return RankResult(items, unknown, len(history_ids), timings, explanations)
+
+    def _promote_fresh(self, state: ServingState, item_ids: Sequence[str], order: list[int],
+                       k: int) -> tuple[list[int], int] | None:
+        """:func:`promote_fresh` with the line's model's impression counts, or None
+        (no slot configured, a model that does not count, or nothing moved)."""
+        slot = self.config.fresh_slot
+        if slot is None or not isinstance(state.model, CountingModel):
+            return None
+        counts = state.model.impression_counts(item_ids)  # (N,) or None
+        if counts is None:
+            return None
+        counts = counts.tolist()
+        order, chosen = promote_fresh(order, counts, slot, self.config.fresh_impressions, k)
+        if chosen is None:
+            return None
+        self.fresh_promotions += 1
+        return order, chosen
 
     def explain(
         self, state: ServingState, user_id: str, context: Mapping[str, str], history_ids: Sequence[str],

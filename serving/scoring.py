@@ -34,7 +34,7 @@ import torch
 from em3.errors import SnapshotError
 from em3.types import ItemContent, SnapshotManifest
 
-__all__ = ["RankingModel", "ExplainingModel", "ModelLoader", "EM3Loader", "EM3RankingModel",
+__all__ = ["RankingModel", "CountingModel", "ExplainingModel", "ModelLoader", "EM3Loader", "EM3RankingModel",
            "pinned_config_check"]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,17 @@ class RankingModel(Protocol):
         """Scores ``(N,)`` for ``candidate_reps`` ``(N, D)`` given ``history_reps``
         ``(H, D)`` (newest first; ``H`` may be 0): click logits for ``objective="ctr"``,
         else what :meth:`em3.model.EM3Model.score_candidates` says for it."""
+        ...
+
+
+@runtime_checkable
+class CountingModel(Protocol):
+    """A :class:`RankingModel` that knows how many impressions of each item its
+    learner had learned when the snapshot was taken (for the fresh slot,
+    :class:`serving.ranking.RankingConfig`)."""
+
+    def impression_counts(self, item_ids: Sequence[str]) -> torch.Tensor | None:
+        """Learned impressions ``(N,)`` of ``item_ids``; None when this model counts none."""
         ...
 
 
@@ -226,6 +237,10 @@ class EM3RankingModel:
         objective: str = "ctr",
     ) -> torch.Tensor:
         return self.model.score_candidates(user_id, dict(context), history_reps, candidate_reps, objective)  # (C,)
+
+    @torch.inference_mode()
+    def impression_counts(self, item_ids: Sequence[str]) -> torch.Tensor | None:
+        return self.model.impression_counts(list(item_ids))  # (N,) or None
 
     @torch.inference_mode()
     def explain_scores(

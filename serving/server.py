@@ -411,6 +411,7 @@ class ServingRuntime:
                 "baseline": self.baseline_errors,
             },
             "explain_errors": self.ranking.explain_errors,
+            "fresh_promotions": self.ranking.fresh_promotions,
         }
 
     # -- requests ------------------------------------------------------------------------

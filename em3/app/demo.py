@@ -32,8 +32,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, OpenProbability, PositiveFloat,
-                             PositiveInt, Probability, config_class)
+from em3.constraints import (Annotated, Field, Float, Literal, NonNegFloat, NonNegInt, OpenProbability,
+                             PositiveFloat, PositiveInt, Probability, config_class)
 from em3.experiment import TrainingData
 
 __all__ = ["DemoConfig", "ComponentFailed", "run_demo", "register", "mean_modality", "demo_user_id_key",
@@ -88,6 +88,11 @@ class DemoConfig:
     fresh_share : float
         Share of each request's candidates drawn from the items that arrived during
         the run (:class:`simulators.world.WorldConfig`'s ``fresh_share``).
+    fresh_slot : int or None
+        The server's slot for new items (:class:`serving.ranking.RankingConfig`),
+        the same in every line: the best-scored item its line has learned fewer
+        than 10 impressions of is shown at this position when it ranks lower.
+        ``None``: rank by score alone.
     click_delay_median_s : float
         Median impression-to-click delay.
     window_s : float
@@ -122,6 +127,7 @@ class DemoConfig:
     n_items: PositiveInt = 150
     new_items_per_minute: NonNegFloat = 10.0
     fresh_share: Probability = 0.2
+    fresh_slot: NonNegInt | None = 2
     click_delay_median_s: PositiveFloat = 1.5
     window_s: PositiveFloat = 10.0
     conversion_rate: Annotated[Float, Field(ge=0, lt=1)] = 0.2
@@ -454,8 +460,9 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
 
         (out / "experiment.json").write_text(json.dumps(experiment.to_dict(), indent=2))
         port = free_port()
-        server = _Subprocess("server", ["serve", "--experiment", str(out / "experiment.json"), "--port", str(port)],
-                             logs / "server.log", env)
+        fresh = [] if config.fresh_slot is None else ["--fresh-slot", str(config.fresh_slot)]
+        server = _Subprocess("server", ["serve", "--experiment", str(out / "experiment.json"), "--port", str(port),
+                                        *fresh], logs / "server.log", env)
         components.append(server)
         base_url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _http_ok(base_url + "/readyz"), config.startup_timeout_s,
@@ -764,6 +771,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=defaults.n_items)
     p.add_argument("--new-items-per-minute", type=float, default=defaults.new_items_per_minute,
                    help="new items arriving during the run (cold start)")
+    p.add_argument("--fresh-slot", type=lambda v: None if v == "none" else int(v), default=defaults.fresh_slot,
+                   metavar="POSITION|none",
+                   help=f"the server's slot for new items, the same in every line (default {defaults.fresh_slot}; "
+                        "none: rank by score alone)")
     p.add_argument("--snapshot-interval-s", type=float, default=defaults.snapshot_interval_s)
     p.add_argument("--gpu", action="store_true", help="learners use CUDA when present")
     p.add_argument("--seed", type=int, default=defaults.seed)
@@ -775,7 +786,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(
         minutes=args.minutes, out_dir=args.out, lines=tuple(x for x in args.lines.split(",") if x),
         model_scale="tiny" if args.tiny else "default", request_rate_per_s=args.rate, n_users=args.users,
-        n_items=args.items, new_items_per_minute=args.new_items_per_minute,
+        n_items=args.items, new_items_per_minute=args.new_items_per_minute, fresh_slot=args.fresh_slot,
         snapshot_interval_s=args.snapshot_interval_s, gpu=args.gpu, seed=args.seed,
     )
     try:

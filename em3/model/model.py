@@ -506,6 +506,14 @@ class EM3Model(nn.Module):
             counts = torch.where(buckets >= self.item_emb.fallback, counts, torch.zeros_like(counts))
         return counts
 
+    @torch.no_grad()
+    def impression_counts(self, item_ids: Sequence[str]) -> torch.Tensor | None:
+        """``(N,)`` learned impressions of ``item_ids`` as the cold-start gate reads them
+        (:meth:`_own_impressions`); None for a config that counts none."""
+        if not hasattr(self, "item_impressions"):
+            return None
+        return self._own_impressions(self.item_emb.buckets_of(list(item_ids)))
+
     def _split(self, reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """``(reps[..., :item_dim], gate or None, item wide logit or None)`` of
         representations from :meth:`encode_items` (the last two are extra columns)."""
