@@ -7,7 +7,8 @@ second; ``--runtime in_process --tiny --variant id_only`` for the small in-proce
 one) and a ranking server (``em3 serve``) as subprocesses, keeps a background
 stream of samples flowing, and every ``--probe-every-s`` produces a probe click: a
 positive labelled sample on the samples topic (``--through direct``, the learner's
-input; the join's own latency is measured by ``benchmarks/join.py``). Its
+input; with ``--through join`` an impression and its click go through ``em3 join``,
+whose window, 5 s here, holds the click's positive until the window closes). Its
 partition and offset come from the producer's delivery report. A poller asks
 ``/v1/rank`` every ``--poll-every-s`` and notes when each model version is first
 served. A probe's freshness is the time from its ``produce()`` call to the first
@@ -48,6 +49,10 @@ from em3.types import Click, sample_id_for
 from em3.app.services import LocalServices, free_port, wait_until
 from learners.testing import synthetic_items, synthetic_samples
 from stream.kafka import TopicPartition, ensure_topics, make_consumer, make_producer
+
+# The join's window and allowed lateness with ``--through join``: a click's positive
+# sample goes out when its impression's window closes (``JoinConfig.positive_timing``).
+JOIN_WINDOW_S, JOIN_LATENESS_S = 5.0, 1.0
 
 LINE = "fresh"
 
@@ -95,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         join = None
         if args.through == "join":
             join = subprocess.Popen(
-                [sys.executable, "-m", "em3", "-v", "join", "--engine", "plain", "--window-s", "5",
-                 "--allowed-lateness-s", "1", "--batch-size", "1000", *common],
+                [sys.executable, "-m", "em3", "-v", "join", "--engine", "plain", "--window-s", str(JOIN_WINDOW_S),
+                 "--allowed-lateness-s", str(JOIN_LATENESS_S), "--batch-size", "1000", *common],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(log_dir / "join.log", "wb"))
         server = None
         stop = threading.Event()
@@ -210,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
                 k += 1
                 time.sleep(args.probe_every_s)
             producer.flush(10)
-            time.sleep(args.snapshot_interval_s + 5.0)  # let the last probes reach the server
+            # Let the last probes reach the server; through the join a click's sample
+            # goes out when its impression's window closes.
+            held = JOIN_WINDOW_S + JOIN_LATENESS_S if args.through == "join" else 0.0
+            time.sleep(held + args.snapshot_interval_s + 5.0)
             stop.set()
             for probe in probes:
                 if "sample_id" in probe and probe["sample_id"] in locations:

@@ -129,10 +129,12 @@ def _rss_mb(pids: list[int], field: str = "VmHWM") -> float:
 class JoinProcess:
     """``em3 join`` as a subprocess in its own process group."""
 
-    def __init__(self, settings: Settings, workers: int, log_path: Path, verbose: bool = False) -> None:
+    def __init__(self, settings: Settings, workers: int, log_path: Path, verbose: bool = False,
+                 positive_timing: str = "window_close") -> None:
         self.argv = [
             sys.executable, "-m", "stream", *(["-v"] if verbose else []), "join", "--workers", str(workers),
             "--window-s", str(JOIN.window_s), "--allowed-lateness-s", str(JOIN.allowed_lateness_s),
+            "--positive-timing", positive_timing,
             "--max-correction-delay-s", str(JOIN.max_correction_delay_s),
             "--idle-timeout-s", "0.5", "--idle-advance-rate", "1000000", "--web-port", "0",
             "--bootstrap-servers", settings.kafka.bootstrap_servers, "--redis-url", settings.redis.url,
@@ -189,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         raw_rate = raw_consume(settings, events)
         log.info("raw confluent-kafka group consume: %.0f events/s", raw_rate)
 
-        join = JoinProcess(settings, args.workers, run_dir / "join.log", args.verbose)
+        join = JoinProcess(settings, args.workers, run_dir / "join.log", args.verbose, args.positive_timing)
         started = time.perf_counter()
         join.start()
         samples = make_consumer(settings.kafka, f"bench-samples-{time.time_ns()}")
@@ -280,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
             "impressions": len(impressions),
             "clicks": len(clicks),
             "workers": args.workers,
+            "positive_timing": args.positive_timing,
             "partitions": args.partitions,
             "join_events_per_s": round(events / elapsed, 1),
             "raw_consume_events_per_s": round(raw_rate, 1),
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--verbose", action="store_true", help="info-level join log (in the run directory)")
+    p.add_argument("--positive-timing", choices=("window_close", "click"), default="window_close",
+                   help="when the join emits a click's positive (JoinConfig.positive_timing)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     print(json.dumps(run(args)))

@@ -66,3 +66,32 @@ def test_calibration_compares_mean_prediction_with_ctr_overall_and_in_the_last_m
     assert cal["last_minute"] == {"n": 61, "mean_prob": round((31 * 0.2 + 30 * 0.9) / 61, 4),  # t 69-129
                                   "ctr": round(30 / 61, 4)}
     assert cal["all"]["n"] == 130 and calibration([]) == {}
+
+
+def test_a_simulated_line_ranks_with_the_servers_slot_for_new_items():
+    from em3.stores import InMemoryContentStore
+
+    line = cold_start_sim.SimulatedLine("em3", "id_only", InMemoryContentStore([]), seed=0, window_s=10.0,
+                                        batch_every_s=0.2, model_overrides={}, model_scale="tiny", fresh_slot=0)
+    known = [f"old{k}" for k in range(5)]
+    counted = [i for i in known for _ in range(20)]
+    line.learner.model.observe_impressions(counted, ["u0"] * len(counted), [1.0] * len(counted))  # all clicked
+    slot = line.rank("u1", [*known, "new"], {"t": "0"}, k=3)
+    line.fresh_slot = None
+    plain = line.rank("u1", [*known, "new"], {"t": "0"}, k=6)
+    assert list(plain.scores) == sorted(plain.scores, reverse=True)  # no slot: by score alone
+    assert plain.item_ids[-1] == "new"  # never shown, below items clicked every time
+    assert slot.item_ids[0] == "new"  # the only fresh candidate, at the slot
+    assert list(slot.item_ids[1:]) == [i for i in plain.item_ids if i != "new"][:2]  # the rest in score order
+
+
+def test_demo_cli_takes_a_slot_position_or_none():
+    import argparse
+
+    from em3.app import demo
+
+    parser = argparse.ArgumentParser()
+    demo.register(parser.add_subparsers())
+    assert parser.parse_args(["demo"]).fresh_slot == demo.DemoConfig().fresh_slot == 2
+    assert parser.parse_args(["demo", "--fresh-slot", "none"]).fresh_slot is None
+    assert parser.parse_args(["demo", "--fresh-slot", "0"]).fresh_slot == 0
