@@ -683,8 +683,19 @@ class JoinCore:
                 if rec.held:  # the later clicks it beat are repeats now
                     self._count("duplicate_click", len(rec.held))
                     rec.held = []
+            elif click.clicked_at > end + self.config.max_correction_delay_s:
+                # Past the correction horizon: no label can come of it, whatever the window says.
+                self._dead_too_late(click, offset, imp)
             else:
                 # After the window, but the window is still open: decide when it closes.
+                # Only the earliest such click can become the correction; later ones are
+                # repeats, counted now, so a flood of late clicks cannot grow the record.
+                late = [n for n, (c, _) in enumerate(rec.held) if c.clicked_at > end]
+                if late:
+                    self._count("duplicate_click")
+                    if click.clicked_at < rec.held[late[0]][0].clicked_at:
+                        rec.held[late[0]] = (click, offset)
+                    return
                 rec.held.append((click, offset))
             return
         if rec.status == NEGATIVE:
@@ -694,15 +705,18 @@ class JoinCore:
                 self._emit(rec, 1, click.clicked_at, True)
                 self._clicked_now(rec, click.clicked_at)
             else:
-                self._dead(
-                    "click_after_max_delay",
-                    f"clicked {click.clicked_at - imp.served_at:.1f} s after serving, past "
-                    f"window + max correction delay ({self.config.window_s + self.config.max_correction_delay_s} s)",
-                    click,
-                    offset,
-                )
+                self._dead_too_late(click, offset, imp)
             return
         self._count("duplicate_click")
+
+    def _dead_too_late(self, click: Click, offset: int, imp: Impression) -> None:
+        self._dead(
+            "click_after_max_delay",
+            f"clicked {click.clicked_at - imp.served_at:.1f} s after serving, past "
+            f"window + max correction delay ({self.config.window_s + self.config.max_correction_delay_s} s)",
+            click,
+            offset,
+        )
 
     def _update_watermark(self, imp_idle: bool = False, click_idle: bool = False) -> None:
         if imp_idle:

@@ -301,6 +301,24 @@ def test_a_flood_of_clicks_on_one_impression_holds_one_click_the_earliest():
     assert out.history == [(imp.user_id, imp.item_id, imp.served_at + 5)]  # once, the first to arrive
 
 
+def test_a_flood_of_late_clicks_while_the_window_is_open_holds_one_the_earliest():
+    core = JoinCore(CFG)  # window 10 s, corrections up to 20 s after it
+    imp = _imp(1, 0.0)
+    core.add_impression(imp)
+    for k in range(1000):  # after the window, arriving before it closes
+        core.add_click(Click(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 15 - k / 1000))
+    core.add_click(Click(imp.impression_id, imp.user_id, imp.item_id, imp.served_at + 31))  # past the horizon
+    record = core.take_changes().records[imp.impression_id]
+    assert [c.clicked_at for c, _ in record.held] == [imp.served_at + 15 - 999 / 1000]
+    assert core.counters["duplicate_click"] == 999
+    out = core.take_output()
+    assert [d.reason for d in out.dead_letters] == ["click_after_max_delay"]  # at once, not held
+    core.advance_watermark(imp.served_at + 20)
+    out = core.take_output()
+    assert [(s.label, s.correction, s.label_time) for s in out.samples] == [
+        (0, False, imp.served_at + 10), (1, True, imp.served_at + 15 - 999 / 1000)]
+
+
 def test_a_conversion_before_the_window_closes_waits_for_its_clicks_positive():
     from em3.types import Conversion
 
