@@ -1131,7 +1131,12 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
                 time.sleep(delay)
 
         # Forged snapshot: the latest blob and manifest under a new version, signature emptied.
+        # It comes once the learner has published from samples (the join holds a click's
+        # sample until its 20 s window closes), so the watch below asks whether the learner
+        # publishes over a forged pointer, not how soon its first samples come.
         at(0.08)
+        wait_until(lambda: (_latest_verified(store) or 0) >= 2, 120.0, "a version learned from samples",
+                   interval_s=0.5)
         manifest, blob = store.get(LINE)
         forged = store.next_version(LINE)
         forged_manifest = msgspec.structs.replace(manifest, version=forged, signature="")

@@ -546,7 +546,7 @@ class RankingService:
                     scores = state.model.score(user_id, context or {}, hist_reps, cand_reps, objective=objective)
             scores = torch.nan_to_num(scores.float().reshape(-1), nan=-math.inf)
             order = torch.argsort(scores, descending=True, stable=True).tolist()
-            promoted = self._promote_fresh(state, [item_ids[n] for n in keep], order, k or len(keep))
+            promoted = self._promote_fresh(state, [item_ids[n] for n in keep], scores, order, k or len(keep))
             if promoted is not None:
                 order = promoted[0]
             top = order[: (k or len(keep))]
@@ -569,17 +569,18 @@ class RankingService:
         timings["explain_s"] = time.perf_counter() - t3
         return RankResult(items, unknown, len(history_ids), timings, explanations)
 
-    def _promote_fresh(self, state: ServingState, item_ids: Sequence[str], order: list[int],
-                       k: int) -> tuple[list[int], int] | None:
+    def _promote_fresh(self, state: ServingState, item_ids: Sequence[str], scores: torch.Tensor,
+                       order: list[int], k: int) -> tuple[list[int], int] | None:
         """:func:`promote_fresh` with the line's model's impression counts, or None
-        (no slot configured, a model that does not count, or nothing moved)."""
+        (no slot configured, a model that does not count, or nothing moved). A
+        candidate without a finite score is never promoted."""
         slot = self.config.fresh_slot
         if slot is None or not isinstance(state.model, CountingModel):
             return None
         counts = state.model.impression_counts(item_ids)  # (N,) or None
         if counts is None:
             return None
-        counts = counts.tolist()
+        counts = torch.where(torch.isfinite(scores).cpu(), counts.float().cpu(), math.inf).tolist()
         order, chosen = promote_fresh(order, counts, slot, self.config.fresh_impressions, k)
         if chosen is None:
             return None

@@ -1,6 +1,8 @@
 """The fresh slot: a new item shown at a fixed position, the same in every line."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -71,6 +73,13 @@ def test_the_service_shows_a_fresh_item_at_the_slot_and_counts_it(content, histo
     # A model that does not count impressions is ranked by score, slot or not.
     uncounted = service.rank(_state(service, toy_config), "u1", ids, k=5)
     assert [r.item_id for r in uncounted.items] == by_score and service.fresh_promotions == 1
+
+
+def test_a_candidate_without_a_finite_score_is_never_promoted(content, history, toy_config):
+    service = RankingService(content, history, RankingConfig(fresh_slot=0))
+    state = _state(service, toy_config, CountingToy, {"a": 100.0, "b": 0.0, "c": 2.0})
+    scores = torch.tensor([1.0, -math.inf, 0.5])  # "b" is fresh but its score was NaN
+    assert service._promote_fresh(state, ["a", "b", "c"], scores, [0, 2, 1], k=3) == ([2, 0, 1], 2)
 
 
 def test_em3_counts_what_its_learner_learned():
