@@ -663,17 +663,9 @@ class JoinCore:
             self._changed.add(imp.impression_id)
             if click.clicked_at <= end and self.config.positive_timing == "window_close":
                 # The sample goes out when the window closes; the user's history (what
-                # serving reads) takes the first click now, as with "click". One in-window
-                # click is held (the earliest): repeats are counted, not kept, so a flood
-                # of clicks on one impression cannot grow its record.
-                waiting = [n for n, (c, _) in enumerate(rec.held) if c.clicked_at <= end]
-                if waiting:
-                    self._count("duplicate_click")
-                    if click.clicked_at < rec.held[waiting[0]][0].clicked_at:
-                        rec.held[waiting[0]] = (click, offset)
-                    return
-                self._out.history.append((imp.user_id, imp.item_id, click.clicked_at))
-                rec.held.append((click, offset))
+                # serving reads) takes the first click now, as with "click".
+                if self._hold_earliest(rec, click, offset, end):
+                    self._out.history.append((imp.user_id, imp.item_id, click.clicked_at))
                 return
             if click.clicked_at <= end:
                 rec.status = DONE
@@ -688,15 +680,7 @@ class JoinCore:
                 self._dead_too_late(click, offset, imp)
             else:
                 # After the window, but the window is still open: decide when it closes.
-                # Only the earliest such click can become the correction; later ones are
-                # repeats, counted now, so a flood of late clicks cannot grow the record.
-                late = [n for n, (c, _) in enumerate(rec.held) if c.clicked_at > end]
-                if late:
-                    self._count("duplicate_click")
-                    if click.clicked_at < rec.held[late[0]][0].clicked_at:
-                        rec.held[late[0]] = (click, offset)
-                    return
-                rec.held.append((click, offset))
+                self._hold_earliest(rec, click, offset, end)
             return
         if rec.status == NEGATIVE:
             if click.clicked_at <= end + self.config.max_correction_delay_s:
@@ -708,6 +692,22 @@ class JoinCore:
                 self._dead_too_late(click, offset, imp)
             return
         self._count("duplicate_click")
+
+    def _hold_earliest(self, rec: ImpressionState, click: Click, offset: int, end: float) -> bool:
+        """Hold ``click`` in ``rec`` until its window (ending at ``end``) closes, at most
+        one click on each side of ``end``: only the earliest in the window can make the
+        positive, and only the earliest after it the correction. A repeat keeps the
+        earlier of the two and is counted at once, so a flood of clicks on one
+        impression cannot grow its record. True when ``click`` is the first on its side."""
+        in_window = click.clicked_at <= end
+        for n, (held, _) in enumerate(rec.held):
+            if (held.clicked_at <= end) == in_window:
+                self._count("duplicate_click")
+                if click.clicked_at < held.clicked_at:
+                    rec.held[n] = (click, offset)
+                return False
+        rec.held.append((click, offset))
+        return True
 
     def _dead_too_late(self, click: Click, offset: int, imp: Impression) -> None:
         self._dead(
