@@ -1135,8 +1135,12 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
         # sample until its 20 s window closes), so the watch below asks whether the learner
         # publishes over a forged pointer, not how soon its first samples come.
         at(0.08)
-        wait_until(lambda: (_latest_verified(store) or 0) >= 2, 120.0, "a version learned from samples",
-                   interval_s=0.5)
+        try:
+            wait_until(lambda: (_latest_verified(store) or 0) >= 2, 120.0, "a version learned from samples",
+                       interval_s=0.5)
+            learned_before_forgery = True
+        except TimeoutError:  # forge anyway: the watch below then reports what happened
+            learned_before_forgery = False
         manifest, blob = store.get(LINE)
         forged = store.next_version(LINE)
         forged_manifest = msgspec.structs.replace(manifest, version=forged, signature="")
@@ -1148,7 +1152,7 @@ def _run(args: Any, tmp: Path, duration: float, n_http: int, n_kafka: int, outag
         client.publish(store.channel, json.dumps({"line": LINE, "version": forged}))
         forged_at = time.time()
         events.append({"event": "forged_snapshot", "version": forged, "from": manifest.version,
-                       "t": round(forged_at - t0, 1)})
+                       "t": round(forged_at - t0, 1), "learned_before": learned_before_forgery})
         # Does the line move on by itself (the learner publishes a signed version above
         # the forged one)? If not within the watch, an operator rolls the pointer back.
         watch_s = 10.0 if args.quick else 20.0
