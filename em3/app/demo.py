@@ -758,6 +758,16 @@ def _get_json(url: str) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- CLI
 
 
+def _slot_position(value: str) -> int | None:
+    """``--fresh-slot``: a position, or ``none``."""
+    if value == "none":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a position (0, 1, ...) or none, not {value!r}") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="run the whole system on embedded services with simulated users")
     defaults = DemoConfig()
@@ -771,7 +781,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--items", type=int, default=defaults.n_items)
     p.add_argument("--new-items-per-minute", type=float, default=defaults.new_items_per_minute,
                    help="new items arriving during the run (cold start)")
-    p.add_argument("--fresh-slot", type=lambda v: None if v == "none" else int(v), default=defaults.fresh_slot,
+    p.add_argument("--fresh-slot", type=_slot_position, default=defaults.fresh_slot,
                    metavar="POSITION|none",
                    help=f"the server's slot for new items, the same in every line (default {defaults.fresh_slot}; "
                         "none: rank by score alone)")
