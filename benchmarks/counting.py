@@ -158,22 +158,31 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+def log_prior_counts(ids: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Per row, ``log(1 + n)``, ``n`` the rows of the same id in earlier batches."""
+    out, seen = np.zeros(len(ids)), np.zeros(int(ids.max()) + 1)
+    for lo in range(0, len(ids), batch_size):
+        hi = min(len(ids), lo + batch_size)
+        out[lo:hi] = np.log1p(seen[ids[lo:hi]])
+        np.add.at(seen, ids[lo:hi], 1)
+    return out
+
+
 def user_scores(users: np.ndarray, labels: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Prequential per-row ``(user statistic, log(1 + the user's impressions so far))``:
     the user's smoothed click-rate logit against the running global rate."""
     n = len(users)
-    stat, activity = np.zeros(n), np.zeros(n)
+    stat = np.zeros(n)
     imps, clicks, total = np.zeros(int(users.max()) + 1), np.zeros(int(users.max()) + 1), np.zeros(2)
     for lo in range(0, n, batch_size):
         hi = min(n, lo + batch_size)
         u = users[lo:hi]
         p0 = (total[1] + 1) / (total[0] + 2)
         stat[lo:hi] = _logit((clicks[u] + USER_PSEUDO_COUNT * p0) / (imps[u] + USER_PSEUDO_COUNT)) - _logit(p0)
-        activity[lo:hi] = np.log1p(imps[u])
         np.add.at(imps, u, 1)
         np.add.at(clicks, u, labels[lo:hi])
         total += (hi - lo, labels[lo:hi].sum())
-    return stat, activity
+    return stat, log_prior_counts(users, batch_size)
 
 
 def stack_scores(features: np.ndarray, labels: np.ndarray, rate: float, batch_size: int = 512) -> np.ndarray:
@@ -195,12 +204,7 @@ def _frontier(c: dict, items: np.ndarray, users: np.ndarray, labels: np.ndarray,
     from em3.metrics import auc, gauc
 
     user, activity = user_scores(users, labels, batch_size)
-    item_n = np.zeros(len(items))
-    seen = np.zeros(int(items.max()) + 1)
-    for lo in range(0, len(items), batch_size):
-        hi = min(len(items), lo + batch_size)
-        item_n[lo:hi] = np.log1p(seen[items[lo:hi]])
-        np.add.at(seen, items[lo:hi], 1)
+    item_n = log_prior_counts(items, batch_size)
     uid = users.astype(str).astype(object)
     y = labels.astype(np.float64)
     scores = {}
